@@ -1,0 +1,82 @@
+"""The one small contract between the worker and every embedding provider.
+
+Providers know nothing of the database: texts go in, vectors (or a per-input error) and
+token counts come out. Limits arrive in a `ModelSpec`, which the caller reads from
+`pgembed.models`, so a provider never has to guess what its API accepts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class ProviderError(Exception):
+    """The whole call failed (after retries): nothing in it can be trusted, retry later."""
+
+
+class UnknownModelError(ValueError):
+    """The model name does not name a provider pgembed knows."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the caller knows of a model: its name and the limits of its API.
+
+    `model` is the full `provider:name` string; `dimensions` is the size the vectors must
+    have in the end (a Matryoshka model is asked for it; a local one is truncated to it).
+    """
+
+    model: str
+    dimensions: int
+    native_dimensions: int
+    max_input_tokens: int = 8191
+    max_batch_inputs: int = 2048
+    max_batch_tokens: int = 300_000
+
+    @property
+    def provider(self) -> str:
+        return self.model.split(":", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.model.split(":", 1)[1]
+
+
+@dataclass
+class EmbedResult:
+    """One vector or one error message per input, in input order, plus what it cost."""
+
+    vectors: list[list[float] | None]
+    errors: list[str | None]
+    tokens: int = 0
+    requests: int = 0
+    inputs_sent: int = 0
+    token_counts: list[int] = field(default_factory=list)
+
+
+class Provider(Protocol):
+    spec: ModelSpec
+
+    async def embed(self, texts: list[str]) -> EmbedResult:
+        """Embed every text; a bad input gets an error, never an exception for the batch."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def vector_problem(vector: list[float], dimensions: int) -> str | None:
+    """Why a vector from a provider must not be stored, or None when it is sound."""
+    if len(vector) != dimensions:
+        return f"provider returned {len(vector)} dimensions, expected {dimensions}"
+    if not all(math.isfinite(x) for x in vector):
+        return "provider returned a vector containing NaN or Infinity"
+    return None
+
+
+def truncate_and_normalise(vector: list[float], dimensions: int) -> list[float]:
+    """Matryoshka truncation for providers whose API cannot shorten vectors itself."""
+    head = vector[:dimensions]
+    norm = math.sqrt(sum(x * x for x in head))
+    return [x / norm for x in head] if norm > 0 else head
