@@ -1,0 +1,32 @@
+"""The first pgembed schema: tables, functions, views.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-22
+"""
+
+from alembic import op
+
+from pgembed.sqlfiles import read_sql
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def _execute(sql: str) -> None:
+    # Straight to psycopg: SQLAlchemy would read ":name" and "%" in plpgsql as parameters.
+    raw = op.get_bind().connection.dbapi_connection
+    with raw.cursor() as cur:
+        cur.execute(sql)
+
+
+def upgrade() -> None:
+    for name in ("schema.sql", "functions.sql", "views.sql"):
+        _execute(read_sql(name))
+
+
+def downgrade() -> None:
+    # Dropping the trigger functions drops the triggers on the application's tables too.
+    _execute("DROP SCHEMA pgembed CASCADE")

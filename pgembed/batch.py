@@ -1,0 +1,134 @@
+"""Turns one claimed batch into outcomes: chunks with vectors, or a reason per row.
+
+No database transaction is open while this runs: the provider call may take seconds, and
+DESIGN rule 1 says application writes never wait on it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from pgembed.cache import chunk_key, document_hash
+from pgembed.chunking import chunk_text
+from pgembed.providers import EmbedResult, Provider
+from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
+
+
+@dataclass
+class Embedded:
+    outcomes: list[Outcome]
+    new_cache: dict[bytes, tuple[np.ndarray, int]]
+    usage: list[Usage]
+
+
+def _texts(info: PipelineInfo, row: SourceRow) -> tuple[list[str], str | None]:
+    """The chunks of a row's content, or why it has none."""
+    if row.content is None:
+        return [], "content is NULL"
+    if not row.content.strip():
+        return [], "content is empty"
+    if info.chunk_tokens == 0:
+        return [row.content], None
+    return chunk_text(row.content, info.chunk_tokens, info.chunk_overlap), None
+
+
+def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
+          read_errors: dict[Key, str]) -> tuple[list[Outcome], dict[Key, list[tuple[str, bytes]]]]:
+    by_key = {r.key: r for r in rows}
+    outcomes, texts = [], {}
+    for claimed in batch.rows:
+        outcome = Outcome(claimed)
+        outcomes.append(outcome)
+        row = by_key.get(claimed.key)
+        if claimed.key in read_errors:
+            outcome.error = read_errors[claimed.key]
+        elif row is None or not row.found:
+            outcome.gone = True
+        else:
+            outcome.cost_center = row.cost_center
+            chunks, outcome.error = _texts(info, row)
+            if outcome.error is None:
+                outcome.content_hash = document_hash(row.content or "")
+                texts[claimed.key] = [
+                    (t, chunk_key(info.spec.model, info.spec.dimensions, t)) for t in chunks]
+    return outcomes, texts
+
+
+async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue,
+                      provider: Provider) -> Embedded:
+    rows, read_errors = await queue.read(info, [c.key for c in batch.rows])
+    outcomes, texts = _plan(info, batch, rows, read_errors)
+    wanted = {h: t for chunks in texts.values() for t, h in chunks}
+    cached = await queue.cached(list(wanted))
+    misses = [h for h in wanted if h not in cached]
+    result = await provider.embed([wanted[h] for h in misses]) if misses else EmbedResult([], [])
+    fresh: dict[bytes, np.ndarray] = {}
+    failed: dict[bytes, str] = {}
+    new_cache: dict[bytes, tuple[np.ndarray, int]] = {}
+    for i, h in enumerate(misses):
+        vector, error = result.vectors[i], result.errors[i]
+        if vector is None:
+            failed[h] = error or "provider returned no vector"
+            continue
+        fresh[h] = np.asarray(vector, dtype=np.float32)
+        tokens = result.token_counts[i] if i < len(result.token_counts) else 0
+        new_cache[h] = (fresh[h], tokens)
+    for outcome in outcomes:
+        chunks = texts.get(outcome.claimed.key)
+        if chunks is not None:
+            _assemble(outcome, chunks, cached, fresh, failed)
+    usage = _attribute(outcomes, texts, misses, cached, result)
+    return Embedded(outcomes, new_cache, usage)
+
+
+def _assemble(outcome: Outcome, chunks: list[tuple[str, bytes]], cached: dict[bytes, np.ndarray],
+              fresh: dict[bytes, np.ndarray], failed: dict[bytes, str]) -> None:
+    for seq, (text, h) in enumerate(chunks):
+        if h in failed:
+            where = f"chunk {seq}: " if len(chunks) > 1 else ""
+            outcome.error = f"{where}{failed[h]}"
+            outcome.chunks = []
+            return
+        vector = cached[h] if h in cached else fresh[h]
+        outcome.chunks.append(Chunk(seq, text, h, vector))
+
+
+def _attribute(outcomes: list[Outcome], texts: dict[Key, list[tuple[str, bytes]]],
+               misses: list[bytes], cached: dict[bytes, np.ndarray],
+               result: EmbedResult) -> list[Usage]:
+    """Splits the batch's cost by (purpose, cost center): each text is charged to the first
+    row that asked for it; the provider's own token total is what gets split, so usage adds
+    up to what the API billed."""
+    counts = dict(zip(misses, result.token_counts or [0] * len(misses), strict=False))
+    groups: dict[tuple[str, str | None], Usage] = {}
+    charged: set[bytes] = set()
+    weights: dict[tuple[str, str | None], int] = defaultdict(int)
+    for outcome in outcomes:
+        group = (outcome.claimed.purpose, outcome.cost_center)
+        usage = groups.setdefault(group, Usage(*group))
+        for _, h in texts.get(outcome.claimed.key, []):
+            if h in cached or h in charged or h not in counts:
+                usage.cache_hits += 1
+                continue
+            charged.add(h)
+            usage.cache_misses += 1
+            usage.inputs += 1
+            weights[group] += max(counts[h], 1)
+    if misses and groups:
+        _split_totals(groups, weights, result)
+    return [u for u in groups.values() if u.inputs or u.cache_hits or u.requests]
+
+
+def _split_totals(groups: dict[tuple[str, str | None], Usage],
+                  weights: dict[tuple[str, str | None], int], result: EmbedResult) -> None:
+    total_weight = sum(weights.values()) or 1
+    heaviest = max(groups, key=lambda g: weights.get(g, 0))
+    for group, usage in groups.items():
+        usage.tokens = result.tokens * weights.get(group, 0) // total_weight
+    groups[heaviest].tokens += result.tokens - sum(u.tokens for u in groups.values())
+    groups[heaviest].requests = result.requests
+    # inputs actually sent (retries, bisection) beyond one per text go to the heaviest too
+    groups[heaviest].inputs += result.inputs_sent - sum(u.inputs for u in groups.values())
