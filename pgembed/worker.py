@@ -8,6 +8,7 @@ fenced by the lease it was claimed under.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -122,10 +123,8 @@ class Worker:
     async def _idle(self) -> None:
         self._wake.clear()
         interval = 0.05 if self.config.until_empty else self.config.poll_interval
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), interval)
-        except TimeoutError:
-            pass
 
     async def _process(self, queue: Queue, batch: Batch) -> None:
         info = await self._pipeline(queue, batch.pipeline)

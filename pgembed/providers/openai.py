@@ -1,0 +1,460 @@
+"""`openai:NAME` — OpenAI's embeddings API, or any server that speaks it.
+
+Azure OpenAI, vLLM, TEI, Ollama and LM Studio are reached through the base URL. Settings
+come from the environment, so that keys never touch the database:
+
+* `PGEMBED_OPENAI_API_KEY` or `OPENAI_API_KEY`: the bearer key, required (any non-empty
+  value for a server that needs none).
+* `PGEMBED_OPENAI_BASE_URL` or `OPENAI_BASE_URL`: the API root, e.g.
+  `http://localhost:11434/v1`; OpenAI's when unset.
+* `PGEMBED_OPENAI_TIMEOUT`: seconds per HTTP request (60).
+* `PGEMBED_OPENAI_CONCURRENCY`: HTTP requests in flight per provider (4).
+* `PGEMBED_OPENAI_MAX_ATTEMPTS`: attempts per request, the first included (6).
+* `PGEMBED_OPENAI_BACKOFF_BASE` / `PGEMBED_OPENAI_BACKOFF_MAX`: exponential backoff in
+  seconds (0.5 / 20).
+* `PGEMBED_OPENAI_MAX_WAIT`: cap on any one wait, `Retry-After` included (60).
+
+What happens to a call:
+
+* Inputs are checked first: empty or whitespace-only text, or text over the model's token
+  limit, gets an error and is never sent (an API would reject it, and the whole batch
+  with it).
+* The rest is packed, in order, into requests within `max_batch_inputs` and
+  `max_batch_tokens` (counted with `pgembed.tokens.count_tokens`), sent concurrently.
+* Transient failures (429, 408, 409, 5xx, timeouts, connection errors) are retried by
+  tenacity with exponential backoff and jitter, or after the server's `retry-after-ms` /
+  `Retry-After`. When the attempts run out, `ProviderError` is raised: the whole call is
+  untrustworthy and the caller retries it later. Other statuses (401, 403, 404, ...) are a
+  configuration problem and raise `ProviderError` at once.
+* A request refused for its content (400, 413, 422) is split in halves until the bad
+  inputs are isolated: each gets the API's message, the others are embedded. One bad
+  input in a batch of n costs 2·log2(n) extra requests. Splitting has a budget per batch
+  (so that a request-level 400, e.g. an unsupported `dimensions`, does not cost 2n
+  requests): past it, the group being split gets the API's message as a whole.
+* A malformed success (body not JSON, no `data`, a vector count different from the
+  input count, bad `index` values) is NOT retried: the server answered, and asking again
+  usually gets the same answer, so every input of that request gets an error and the
+  worker's failure path retries them later, with its own backoff. A vector with the
+  wrong size or NaN/Infinity is an error for its input alone.
+
+The API key never appears in an error message: messages echoed from the API are redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import openai
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from pgembed.providers.base import EmbedResult, ModelSpec, ProviderError, vector_problem
+
+KEY_VARIABLES = ("PGEMBED_OPENAI_API_KEY", "OPENAI_API_KEY")
+URL_VARIABLES = ("PGEMBED_OPENAI_BASE_URL", "OPENAI_BASE_URL")
+
+_TRANSIENT_STATUS = frozenset({408, 409, 429})
+_REJECT_STATUS = frozenset({400, 413, 422})
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{3,}")
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class _Rejected(Exception):
+    """The API refused a request because of what was in it: split and try again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class _Run:
+    """What one `embed` call has gathered so far; tasks share it on one event loop."""
+
+    vectors: list[list[float] | None]
+    errors: list[str | None]
+    token_counts: list[int]
+    tokens: int = 0
+    requests: int = 0
+    inputs_sent: int = 0
+
+    def result(self) -> EmbedResult:
+        return EmbedResult(
+            vectors=self.vectors,
+            errors=self.errors,
+            tokens=self.tokens,
+            requests=self.requests,
+            inputs_sent=self.inputs_sent,
+            token_counts=self.token_counts,
+        )
+
+
+@dataclass
+class _SplitBudget:
+    """How many more rejected requests one batch may cost while isolating bad inputs."""
+
+    remaining: int
+
+    @classmethod
+    def for_batch(cls, size: int) -> _SplitBudget:
+        # Enough to isolate about four bad inputs anywhere in the batch.
+        return cls(remaining=8 * max(1, math.ceil(math.log2(max(size, 2)))) + 8)
+
+
+class OpenAIProvider:
+    """Embeds texts through the openai client; see the module docstring for the rules.
+
+    Every keyword argument overrides its environment variable; `sleep` replaces the
+    retry sleep (tests record waits without waiting), `token_counter` the tokenizer.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        max_attempts: int | None = None,
+        backoff_base: float | None = None,
+        backoff_max: float | None = None,
+        max_wait: float | None = None,
+        sleep: Sleep | None = None,
+        token_counter: Callable[[str], int] | None = None,
+    ) -> None:
+        self.spec = spec
+        key = api_key or _first_env(KEY_VARIABLES)
+        if not key:
+            raise ProviderError(
+                f"no API key for {spec.model}: set {KEY_VARIABLES[0]} or {KEY_VARIABLES[1]} "
+                "(any non-empty value for a server that needs none)"
+            )
+        self._key = key
+        self.timeout = _setting(timeout, "PGEMBED_OPENAI_TIMEOUT", 60.0)
+        self.concurrency = int(_setting(concurrency, "PGEMBED_OPENAI_CONCURRENCY", 4))
+        self.max_attempts = int(_setting(max_attempts, "PGEMBED_OPENAI_MAX_ATTEMPTS", 6))
+        self.backoff_base = _setting(backoff_base, "PGEMBED_OPENAI_BACKOFF_BASE", 0.5)
+        self.backoff_max = _setting(backoff_max, "PGEMBED_OPENAI_BACKOFF_MAX", 20.0)
+        self.max_wait = _setting(max_wait, "PGEMBED_OPENAI_MAX_WAIT", 60.0)
+        if self.concurrency < 1 or self.max_attempts < 1:
+            raise ProviderError("PGEMBED_OPENAI_CONCURRENCY and _MAX_ATTEMPTS must be >= 1")
+        self._sleep: Sleep = sleep or asyncio.sleep
+        self._count = token_counter or _default_token_counter()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._client = openai.AsyncOpenAI(
+            api_key=key,
+            base_url=base_url or _first_env(URL_VARIABLES) or None,
+            timeout=self.timeout,
+            max_retries=0,  # tenacity retries, with our limits and our accounting
+        )
+
+    async def __aenter__(self) -> OpenAIProvider:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # ------------------------------------------------------------------ embedding
+
+    async def embed(self, texts: list[str]) -> EmbedResult:
+        """One vector or one error per input, in input order; raises only ProviderError."""
+        counts = [self._count(text) for text in texts]
+        run = _Run(vectors=[None] * len(texts), errors=[None] * len(texts), token_counts=counts)
+        sendable = []
+        for i, (text, tokens) in enumerate(zip(texts, counts, strict=True)):
+            problem = self._input_problem(text, tokens)
+            if problem is None:
+                sendable.append(i)
+            else:
+                run.errors[i] = problem
+        batches = self._batches(sendable, counts)
+        await _gather(
+            self._embed_group(batch, texts, run, _SplitBudget.for_batch(len(batch)))
+            for batch in batches
+        )
+        return run.result()
+
+    def _input_problem(self, text: str, tokens: int) -> str | None:
+        if not text.strip():
+            return "empty text"
+        limit = self.spec.max_input_tokens
+        if tokens > limit:
+            return f"input has {tokens} tokens, over the model's limit of {limit}"
+        return None
+
+    def _batches(self, indices: list[int], counts: list[int]) -> list[list[int]]:
+        """Greedy, order-preserving packing under both of the API's per-request limits."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        tokens = 0
+        for i in indices:
+            full = len(current) >= self.spec.max_batch_inputs
+            if current and (full or tokens + counts[i] > self.spec.max_batch_tokens):
+                batches.append(current)
+                current, tokens = [], 0
+            current.append(i)
+            tokens += counts[i]
+        if current:
+            batches.append(current)
+        return batches
+
+    async def _embed_group(
+        self, indices: list[int], texts: list[str], run: _Run, budget: _SplitBudget
+    ) -> None:
+        """Embed one request's worth; on a content rejection, bisect to find the culprits."""
+        try:
+            response = await self._request([texts[i] for i in indices], run)
+        except _Rejected as rejected:
+            if len(indices) == 1 or budget.remaining <= 0:
+                note = (
+                    ""
+                    if len(indices) == 1
+                    else (
+                        f" (a request of {len(indices)} inputs was rejected; "
+                        "too many rejections in this batch to isolate the bad input)"
+                    )
+                )
+                for i in indices:
+                    run.errors[i] = rejected.message + note
+                return
+            budget.remaining -= 2
+            half = len(indices) // 2
+            await _gather(
+                self._embed_group(part, texts, run, budget)
+                for part in (indices[:half], indices[half:])
+            )
+            return
+        self._store(indices, response, run)
+
+    async def _request(self, texts: list[str], run: _Run) -> Any:
+        """One logical request: retried while transient, ProviderError when it gives up."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(_is_transient),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        attempts = 0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    return await self._post(texts, run)
+        except openai.APIError as exc:
+            raise ProviderError(self._failure_message(exc, attempts)) from None
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _post(self, texts: list[str], run: _Run) -> Any:
+        """Exactly one HTTP request, within the concurrency bound, counted."""
+        params: dict[str, Any] = {
+            "model": self.spec.name,
+            "input": texts,
+            # Asked for explicitly, so that the response is ours to decode and check.
+            "encoding_format": "base64",
+        }
+        if self.spec.dimensions != self.spec.native_dimensions:
+            params["dimensions"] = self.spec.dimensions
+        async with self._slots:
+            run.requests += 1
+            run.inputs_sent += len(texts)
+            try:
+                return await self._client.embeddings.create(**params)
+            except openai.APIStatusError as exc:
+                if exc.status_code in _REJECT_STATUS:
+                    raise _Rejected(
+                        f"rejected by the API (HTTP {exc.status_code}): {self._api_message(exc)}"
+                    ) from None
+                raise
+            except ValueError:
+                # The client could not read the body (declared JSON, but it is not).
+                return "<unreadable body>"
+
+    def _wait(self, state: RetryCallState) -> float:
+        """The server's Retry-After when it gives one, else backoff with equal jitter."""
+        exc = state.outcome.exception() if state.outcome is not None else None
+        hinted = _retry_after(exc)
+        if hinted is not None:
+            return min(max(hinted, 0.0), self.max_wait)
+        ceiling = min(self.backoff_max, self.backoff_base * 2 ** (state.attempt_number - 1))
+        return min(ceiling / 2 + random.uniform(0, ceiling / 2), self.max_wait)
+
+    # ------------------------------------------------------------------- results
+
+    def _store(self, indices: list[int], response: Any, run: _Run) -> None:
+        """Put each vector (or why it is unusable) in its input's place."""
+        counts = [run.token_counts[i] for i in indices]
+        usage = getattr(getattr(response, "usage", None), "prompt_tokens", None)
+        run.tokens += usage if isinstance(usage, int) and usage >= 0 else sum(counts)
+        items, problem = _ordered_items(response, len(indices))
+        if problem is not None:
+            for i in indices:
+                run.errors[i] = problem
+            return
+        for i, item in zip(indices, items, strict=True):
+            vector, problem = _decode(getattr(item, "embedding", None))
+            if problem is None and vector is not None:
+                problem = vector_problem(vector, self.spec.dimensions)
+            if problem is None:
+                run.vectors[i] = vector
+            else:
+                run.errors[i] = problem
+
+    # ------------------------------------------------------------------ messages
+
+    def _api_message(self, exc: openai.APIError) -> str:
+        """The API's own words (`error.message`), on one line, with any key redacted."""
+        body = exc.body
+        message = body.get("message") if isinstance(body, dict) else None
+        if not isinstance(message, str) or not message:
+            message = body if isinstance(body, str) and body else exc.message
+        return self._redact(" ".join(str(message).split())[:500])
+
+    def _failure_message(self, exc: openai.APIError, attempts: int) -> str:
+        where = f"{self.spec.model}: embeddings request"
+        if isinstance(exc, openai.APITimeoutError):
+            what = f"timed out after {self.timeout:g}s"
+        elif isinstance(exc, openai.APIConnectionError):
+            what = f"connection error: {self._api_message(exc)}"
+        elif isinstance(exc, openai.APIStatusError):
+            what = f"HTTP {exc.status_code}: {self._api_message(exc)}"
+        else:
+            what = self._api_message(exc)
+        if _is_transient(exc):
+            return f"{where} failed after {attempts} attempt(s): {what}"
+        return f"{where} failed: {what}"
+
+    def _redact(self, text: str) -> str:
+        if self._key:
+            text = text.replace(self._key, "***")
+        return _KEY_LIKE.sub("sk-***", text)
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _first_env(names: Iterable[str]) -> str | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def _setting(given: float | None, variable: str, default: float) -> float:
+    """A constructor argument, else the environment variable, else the default."""
+    if given is not None:
+        return float(given)
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ProviderError(f"{variable}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise ProviderError(f"{variable}={raw!r} must be a finite number >= 0")
+    return value
+
+
+def _default_token_counter() -> Callable[[str], int]:
+    from pgembed.tokens import count_tokens
+
+    return count_tokens
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth asking again: rate limits, overload, server faults, the network."""
+    if isinstance(exc, openai.APIConnectionError):  # timeouts included
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _TRANSIENT_STATUS or exc.status_code >= 500
+    return False
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait (`retry-after-ms`, then `Retry-After`)."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    raw = headers.get("retry-after")
+    if raw:
+        try:
+            return email.utils.parsedate_to_datetime(raw).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return None
+
+
+def _ordered_items(response: Any, expected: int) -> tuple[list[Any], str | None]:
+    """The `data` items in input order (by their `index`), or why that is impossible."""
+    if isinstance(response, str):
+        return [], "embedding API returned a body that is not a JSON embeddings response"
+    data = getattr(response, "data", None)
+    if not isinstance(data, list) or not data:
+        return [], "embedding API returned no embeddings (empty data)"
+    if len(data) != expected:
+        return [], f"embedding API returned {len(data)} embeddings for {expected} inputs"
+    slots: list[Any] = [None] * expected
+    for item in data:
+        index = getattr(item, "index", None)
+        if not isinstance(index, int) or not 0 <= index < expected or slots[index] is not None:
+            return [], f"embedding API returned a bad or duplicate index {index!r}"
+        slots[index] = item
+    return slots, None
+
+
+def _decode(embedding: Any) -> tuple[list[float] | None, str | None]:
+    """A vector from base64 (little-endian float32, what we ask for) or a float list."""
+    if isinstance(embedding, str):
+        try:
+            raw = base64.b64decode(embedding, validate=True)
+        except (binascii.Error, ValueError):
+            return None, "embedding API returned an embedding that is not valid base64"
+        if len(raw) % 4:
+            return None, "embedding API returned a base64 embedding of a broken length"
+        return np.frombuffer(raw, dtype="<f4").astype(float).tolist(), None
+    if isinstance(embedding, list) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in embedding
+    ):
+        return [float(x) for x in embedding], None
+    return None, "embedding API returned an embedding that is not a list of numbers"
+
+
+async def _gather(coroutines: Iterable[Awaitable[None]]) -> None:
+    """Run concurrently; the first failure cancels the others and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coroutine in coroutines:
+                group.create_task(coroutine)  # type: ignore[arg-type]
+    except BaseExceptionGroup as failures:
+        first: BaseException = failures
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from first.__cause__

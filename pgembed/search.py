@@ -1,0 +1,89 @@
+"""Nearest-neighbour search over a pipeline's destination table.
+
+The query text is embedded like any chunk: through the cache, and recorded in
+pgembed.usage with purpose `query` and the caller's cost center.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from pgembed import pipelines
+from pgembed.cache import chunk_key
+from pgembed.providers import ModelSpec, ProviderError, make_provider
+
+OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: dict[str, Any]
+    chunk: str
+    distance: float
+
+
+def model_spec(conn: psycopg.Connection, model: str, dimensions: int) -> ModelSpec:
+    row = conn.execute(
+        "SELECT dimensions, max_input_tokens, max_batch_inputs, max_batch_tokens "
+        "FROM pgembed.model_info(%s)", (model,)).fetchone()
+    assert row is not None
+    return ModelSpec(model, dimensions, row[0], row[1], row[2], row[3])
+
+
+async def _embed_one(spec: ModelSpec, text: str) -> tuple[list[float], int, int]:
+    provider = make_provider(spec)
+    try:
+        result = await provider.embed([text])
+    finally:
+        await provider.aclose()
+    vector, error = result.vectors[0], result.errors[0]
+    if vector is None:
+        raise ProviderError(f"cannot embed the query: {error}")
+    return vector, result.tokens, result.requests
+
+
+def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline: str | None,
+                 cost_center: str | None = None) -> np.ndarray:
+    h = chunk_key(spec.model, spec.dimensions, text)
+    row = conn.execute("SELECT embedding FROM pgembed.embedding_cache WHERE content_hash = %s",
+                       (h,)).fetchone()
+    hit = row is not None
+    if row is not None:
+        vector, tokens, requests = np.asarray(row[0], dtype=np.float32), 0, 0
+    else:
+        raw, tokens, requests = asyncio.run(_embed_one(spec, text))
+        vector = np.asarray(raw, dtype=np.float32)
+        conn.execute(
+            "INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (h, spec.model, spec.dimensions, vector, tokens))
+    conn.execute(
+        "INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inputs, "
+        "tokens, cache_hits, cache_misses) VALUES (%s, %s, 'query', %s, %s, %s, %s, %s, %s)",
+        (pipeline, spec.model, cost_center, requests, 0 if hit else 1, tokens,
+         int(hit), int(not hit)))
+    return vector
+
+
+def search(conn: psycopg.Connection, pipeline: str, text: str, k: int = 5,
+           cost_center: str | None = None) -> list[Hit]:
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    p = pipelines.get(conn, pipeline)
+    vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text,
+                          pipeline, cost_center)
+    keys = [str(c) for c in p["key_columns"]]
+    op = sql.SQL(OPERATORS[p["distance"]])
+    cur = conn.execute(
+        sql.SQL("SELECT {keys}, chunk, embedding {op} %(v)s AS distance FROM pgembed.{dest} "
+                "ORDER BY embedding {op} %(v)s LIMIT %(k)s").format(
+            keys=sql.SQL(", ").join(sql.Identifier(c) for c in keys), op=op,
+            dest=sql.Identifier(p["destination"])),
+        {"v": vector, "k": k})
+    return [Hit(dict(zip(keys, r[:-2], strict=True)), r[-2], float(r[-1])) for r in cur.fetchall()]
