@@ -55,7 +55,7 @@ def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline:
                        (h,)).fetchone()
     hit = row is not None
     if row is not None:
-        vector, tokens, requests = np.asarray(row[0], dtype=np.float32), 0, 0
+        vector, tokens, requests = row[0].to_numpy(), 0, 0
     else:
         raw, tokens, requests = asyncio.run(_embed_one(spec, text))
         vector = np.asarray(raw, dtype=np.float32)
