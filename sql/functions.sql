@@ -487,7 +487,7 @@ AS $$
         chunk_tokens, chunk_overlap, backfill, cost_center, name)
 $$;
 
--- The vector index of a destination table, named after it.
+-- The vector index of a destination table.
 CREATE OR REPLACE FUNCTION pgembed.create_vector_index(p pgembed.pipelines)
 RETURNS void
 LANGUAGE plpgsql
@@ -512,8 +512,9 @@ BEGIN
     END IF;
     SELECT string_agg(format('%s = %s', key, (value #>> '{}')::int), ', ')
       INTO opts FROM jsonb_each(p.index_options);
-    EXECUTE format('CREATE INDEX %I ON pgembed.%I USING %s (embedding %s.%s)%s',
-                   left(p.destination, 50) || '_embedding', p.destination, p.index_type,
+    -- unnamed: PostgreSQL picks a unique name even when long table names share a prefix
+    EXECUTE format('CREATE INDEX ON pgembed.%I USING %s (embedding %s.%s)%s',
+                   p.destination, p.index_type,
                    pgembed.vector_schema(), ops,
                    CASE WHEN opts IS NULL THEN '' ELSE ' WITH (' || opts || ')' END);
 END
