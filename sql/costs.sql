@@ -1,4 +1,4 @@
--- pgembed views for DBAs. Re-runnable: CREATE OR REPLACE.
+-- pgembed cost and cache views. Re-runnable: CREATE OR REPLACE.
 
 -- What the embeddings cost, per day, pipeline and purpose. Spend uses today's price in
 -- pgembed.models, so a corrected price corrects history too.

@@ -1,0 +1,1 @@
+-- pgembed consistency: gap views, audit runs. (Filled in by the audit work.)

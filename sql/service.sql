@@ -1,0 +1,1 @@
+-- pgembed worker fleet: heartbeats, shared rate limits. (Filled in by the service work.)
