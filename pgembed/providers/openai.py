@@ -46,6 +46,7 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import json
 import math
 import os
 import random
@@ -66,6 +67,7 @@ URL_VARIABLES = ("PGEMBED_OPENAI_BASE_URL", "OPENAI_BASE_URL")
 
 _TRANSIENT_STATUS = frozenset({408, 409, 429})
 _REJECT_STATUS = frozenset({400, 413, 422})
+_COUNT_INLINE_CHARS = 200_000
 _KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{3,}")
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -151,7 +153,7 @@ class OpenAIProvider:
         self.max_wait = _setting(max_wait, "PGEMBED_OPENAI_MAX_WAIT", 60.0)
         if self.concurrency < 1 or self.max_attempts < 1:
             raise ProviderError("PGEMBED_OPENAI_CONCURRENCY and _MAX_ATTEMPTS must be >= 1")
-        self._sleep: Sleep = sleep or asyncio.sleep
+        self._sleep: Sleep = asyncio.sleep if sleep is None else sleep
         self._count = token_counter or _default_token_counter()
         self._slots = asyncio.Semaphore(self.concurrency)
         self._client = openai.AsyncOpenAI(
@@ -174,7 +176,7 @@ class OpenAIProvider:
 
     async def embed(self, texts: list[str]) -> EmbedResult:
         """One vector or one error per input, in input order; raises only ProviderError."""
-        counts = [self._count(text) for text in texts]
+        counts = await self._count_all(texts)
         run = _Run(vectors=[None] * len(texts), errors=[None] * len(texts), token_counts=counts)
         sendable = []
         for i, (text, tokens) in enumerate(zip(texts, counts, strict=True)):
@@ -184,11 +186,14 @@ class OpenAIProvider:
             else:
                 run.errors[i] = problem
         batches = self._batches(sendable, counts)
-        await _gather(
-            self._embed_group(batch, texts, run, _SplitBudget.for_batch(len(batch)))
-            for batch in batches
-        )
+        await _gather(self._embed_group(batch, texts, run, _SplitBudget.for_batch(len(batch))) for batch in batches)
         return run.result()
+
+    async def _count_all(self, texts: list[str]) -> list[int]:
+        """Token counts; a big batch is counted off the event loop, which must stay live."""
+        if sum(map(len, texts)) < _COUNT_INLINE_CHARS:
+            return [self._count(text) for text in texts]
+        return await asyncio.to_thread(lambda: [self._count(text) for text in texts])
 
     def _input_problem(self, text: str, tokens: int) -> str | None:
         if not text.strip():
@@ -214,9 +219,7 @@ class OpenAIProvider:
             batches.append(current)
         return batches
 
-    async def _embed_group(
-        self, indices: list[int], texts: list[str], run: _Run, budget: _SplitBudget
-    ) -> None:
+    async def _embed_group(self, indices: list[int], texts: list[str], run: _Run, budget: _SplitBudget) -> None:
         """Embed one request's worth; on a content rejection, bisect to find the culprits."""
         try:
             response = await self._request([texts[i] for i in indices], run)
@@ -235,10 +238,7 @@ class OpenAIProvider:
                 return
             budget.remaining -= 2
             half = len(indices) // 2
-            await _gather(
-                self._embed_group(part, texts, run, budget)
-                for part in (indices[:half], indices[half:])
-            )
+            await _gather(self._embed_group(part, texts, run, budget) for part in (indices[:half], indices[half:]))
             return
         self._store(indices, response, run)
 
@@ -278,11 +278,9 @@ class OpenAIProvider:
                 return await self._client.embeddings.create(**params)
             except openai.APIStatusError as exc:
                 if exc.status_code in _REJECT_STATUS:
-                    raise _Rejected(
-                        f"rejected by the API (HTTP {exc.status_code}): {self._api_message(exc)}"
-                    ) from None
+                    raise _Rejected(f"rejected by the API (HTTP {exc.status_code}): {self._api_message(exc)}") from None
                 raise
-            except ValueError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 # The client could not read the body (declared JSON, but it is not).
                 return "<unreadable body>"
 
@@ -440,9 +438,7 @@ def _decode(embedding: Any) -> tuple[list[float] | None, str | None]:
         if len(raw) % 4:
             return None, "embedding API returned a base64 embedding of a broken length"
         return np.frombuffer(raw, dtype="<f4").astype(float).tolist(), None
-    if isinstance(embedding, list) and all(
-        isinstance(x, int | float) and not isinstance(x, bool) for x in embedding
-    ):
+    if isinstance(embedding, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding):
         return [float(x) for x in embedding], None
     return None, "embedding API returned an embedding that is not a list of numbers"
 

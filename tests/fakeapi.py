@@ -1,0 +1,489 @@
+"""A local OpenAI-compatible embeddings server that misbehaves on request.
+
+Tests run the real `openai` client against it, so what is exercised is the HTTP the
+provider really sends (base64 encoding, headers, timeouts), not a mock's idea of it.
+Standard library only; vectors are `hash_vector`, so they are deterministic.
+
+In-process::
+
+    with FakeAPI() as api:
+        api.fail_next(2, status=429, retry_after=0.01)
+        ... OpenAIProvider(spec, base_url=api.base_url, api_key="sk-test") ...
+        assert api.requests == 3
+
+As a process (benchmarks, reliability tests)::
+
+    python -m tests.fakeapi --port 8765 --latency 0.05
+
+then `POST /_control` with JSON such as `{"fail_next": {"n": 3, "status": 429,
+"retry_after": 1}}`, `{"always_reject": "POISON"}`, `{"latency": 0.1}`,
+`{"hang": {"n": 1, "seconds": 5}}`, `{"garbage": {"kind": "nan", "n": 1}}`,
+`{"reverse_data": true}` or `{"reset": true}`; `GET /_stats` returns the counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import math
+import signal
+import socket
+import struct
+import threading
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from pgembed.providers.hashing import hash_vector
+
+GARBAGE_KINDS = ("wrong_dims", "nan", "wrong_count", "empty_data", "not_json")
+
+#: Native sizes of the real OpenAI models; any other model uses `default_dimensions`.
+NATIVE_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+
+
+def fake_token_count(text: str) -> int:
+    """Deterministic and deliberately different from tiktoken: whitespace words + 1.
+
+    Being different lets tests tell the API's `usage` apart from the client's own count.
+    """
+    return len(text.split()) + 1
+
+
+class _Fault:
+    """One queue of injected behaviour: how many more requests it applies to, and how."""
+
+    def __init__(self) -> None:
+        self.remaining = 0
+        self.params: dict[str, Any] = {}
+
+    def arm(self, n: int, **params: Any) -> None:
+        self.remaining = n
+        self.params = params
+
+    def take(self) -> dict[str, Any] | None:
+        if self.remaining <= 0:
+            return None
+        self.remaining -= 1
+        return dict(self.params)
+
+
+class FakeAPI:
+    """The server and its controls; every control and counter is guarded by one lock.
+
+    Counters: `requests`, `inputs` (texts received), `tokens` (billed in 200 answers),
+    `received` (every text, in arrival order), `statuses` (status -> count), `log` (per
+    request: model, dimensions, encoding_format, input), `in_flight`, `max_in_flight`.
+    Controls: `fail_next`, `always_reject`, `latency`, `hang`, `garbage`, `reverse_data`
+    (answer `data` in reverse order, with correct `index` values), `reset`.
+    With `api_key` set, a request with another bearer token gets 401.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        latency: float = 0.0,
+        api_key: str | None = None,
+        default_dimensions: int = 1536,
+        dimensions: dict[str, int] | None = None,
+    ) -> None:
+        self._address = (host, port)
+        self.api_key = api_key
+        self.default_dimensions = default_dimensions
+        self.native_dimensions = {**NATIVE_DIMENSIONS, **(dimensions or {})}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._base_latency = latency
+        self.in_flight = 0  # not reset: requests may be in flight during a reset
+        self.reset()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> FakeAPI:
+        handler = type("_BoundHandler", (_Handler,), {"api": self})
+        server = ThreadingHTTPServer(self._address, handler)
+        # Handler threads are joined on stop (they are woken first), so none outlives us.
+        server.daemon_threads = False
+        server.block_on_close = True
+        self._server = server
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+            name="fakeapi",
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, wake sleeping handlers, cut kept-alive connections, join all."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> FakeAPI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "FakeAPI is not started"
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        """What to give the openai client: it appends `/embeddings` itself."""
+        host = self._address[0]
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.port}/v1"
+
+    # ------------------------------------------------------------------ controls
+
+    def reset(self) -> None:
+        """Forget counters and every injected fault; keep the constructor's settings."""
+        with self._lock:
+            self.requests = 0
+            self.inputs = 0
+            self.tokens = 0
+            self.received: list[str] = []
+            self.statuses: Counter[int] = Counter()
+            self.log: list[dict[str, Any]] = []
+            self.max_in_flight = 0
+            self._fail = _Fault()
+            self._hang = _Fault()
+            self._garbage = _Fault()
+            self._reject: Callable[[str], bool] | None = None
+            self._reject_message = ""
+            self.latency_seconds = self._base_latency
+            self.reverse_data = False
+
+    def fail_next(self, n: int, status: int = 500, retry_after: float | None = None) -> None:
+        """The next n requests get `status` (429 with `retry-after(-ms)` when given)."""
+        with self._lock:
+            self._fail.arm(n, status=status, retry_after=retry_after)
+
+    def always_reject(
+        self,
+        match: str | Callable[[str], bool] | None,
+        message: str | None = None,
+    ) -> None:
+        """Answer 400 to any batch holding a matching input, as OpenAI does for bad input.
+
+        `match` is a substring or a predicate; None stops rejecting.
+        """
+        if match is None:
+            predicate = None
+        elif isinstance(match, str):
+            needle = match
+
+            def predicate(text: str) -> bool:
+                return needle in text
+        else:
+            predicate = match
+        with self._lock:
+            self._reject = predicate
+            self._reject_message = message or ("Invalid 'input': this input was rejected by the test server.")
+
+    def latency(self, seconds: float) -> None:
+        """Every request waits this long before it is answered."""
+        with self._lock:
+            self.latency_seconds = seconds
+
+    def hang(self, n: int, seconds: float = 10.0) -> None:
+        """The next n requests sleep `seconds` (past the client's timeout) before answering.
+
+        Stopping the server wakes them, so a hang never delays the end of a test.
+        """
+        with self._lock:
+            self._hang.arm(n, seconds=seconds)
+
+    def garbage(self, kind: str, n: int = 1) -> None:
+        """The next n successful answers are malformed in the way `kind` says."""
+        if kind not in GARBAGE_KINDS:
+            raise ValueError(f"unknown garbage kind {kind!r}; one of {GARBAGE_KINDS}")
+        with self._lock:
+            self._garbage.arm(n, kind=kind)
+
+    def stats(self) -> dict[str, Any]:
+        """The counters as plain JSON-able values (what `GET /_stats` returns)."""
+        with self._lock:
+            return {
+                "requests": self.requests,
+                "inputs": self.inputs,
+                "tokens": self.tokens,
+                "received": len(self.received),
+                "max_in_flight": self.max_in_flight,
+                "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            }
+
+    def control(self, command: dict[str, Any]) -> None:
+        """Apply a `POST /_control` body: each key names a control method."""
+        for name, arg in command.items():
+            if name == "reset":
+                if arg:
+                    self.reset()
+            elif name == "fail_next":
+                self.fail_next(**arg)
+            elif name == "always_reject":
+                if isinstance(arg, dict):
+                    self.always_reject(arg.get("match"), arg.get("message"))
+                else:
+                    self.always_reject(arg)
+            elif name == "latency":
+                self.latency(float(arg))
+            elif name == "hang":
+                if isinstance(arg, dict):
+                    self.hang(**arg)
+                else:
+                    self.hang(int(arg))
+            elif name == "garbage":
+                self.garbage(**arg)
+            elif name == "reverse_data":
+                with self._lock:
+                    self.reverse_data = bool(arg)
+            else:
+                raise ValueError(f"unknown control {name!r}")
+
+    # ------------------------------------------------------------ request logic
+
+    def _track(self, conn: socket.socket, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+    def handle_embeddings(self, body: Any, auth: str | None) -> tuple[int, dict[str, str], bytes]:
+        """Answer one embeddings request: (status, headers, body)."""
+        texts, model, dims, fmt = _parse_request(body)
+        with self._lock:
+            self.requests += 1
+            self.inputs += len(texts)
+            self.received.extend(texts)
+            self.log.append({"model": model, "dimensions": dims, "encoding_format": fmt, "input": texts})
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            latency = self.latency_seconds
+            hang = self._hang.take()
+        try:
+            self._sleep(latency)
+            if hang is not None:
+                self._sleep(hang["seconds"])
+            status, headers, payload = self._answer(texts, model, dims, fmt, auth)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        with self._lock:
+            self.statuses[status] += 1
+        return status, headers, payload
+
+    def _answer(
+        self, texts: list[str], model: str, dims: int | None, fmt: str, auth: str | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        if self.api_key is not None and auth != f"Bearer {self.api_key}":
+            given = (auth or "").removeprefix("Bearer ")
+            return _error(401, f"Incorrect API key provided: {given}.", "invalid_request_error")
+        with self._lock:
+            fail = self._fail.take()
+            reject, reject_message = self._reject, self._reject_message
+        if fail is not None:
+            return _failure(fail["status"], fail["retry_after"])
+        if not texts:
+            return _error(400, "'input' must not be empty.", "invalid_request_error")
+        if reject is not None and any(reject(t) for t in texts):
+            return _error(400, reject_message, "invalid_request_error")
+        if any(not t for t in texts):
+            return _error(400, "'$.input' is invalid: empty string.", "invalid_request_error")
+        if dims is not None and model == "text-embedding-ada-002":
+            return _error(400, "This model does not support specifying dimensions.", "invalid_request_error")
+        size = dims or self.native_dimensions.get(model, self.default_dimensions)
+        with self._lock:
+            garbage = self._garbage.take()
+            reverse = self.reverse_data
+        kind = garbage["kind"] if garbage else None
+        if kind == "not_json":
+            return 200, {"Content-Type": "text/html"}, b"<html>502 Bad Gateway</html>"
+        vectors = [hash_vector(t, size + 3 if kind == "wrong_dims" else size) for t in texts]
+        if kind == "nan" and vectors:
+            vectors[0][0] = math.nan
+        data = [_item(i, v, fmt) for i, v in enumerate(vectors)]
+        if kind == "wrong_count":
+            data = data[:-1]
+        elif kind == "empty_data":
+            data = []
+        if reverse:
+            data.reverse()
+        tokens = sum(fake_token_count(t) for t in texts)
+        with self._lock:
+            self.tokens += tokens
+        body = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+def _parse_request(body: Any) -> tuple[list[str], str, int | None, str]:
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("'input' must be a string or a list of strings")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ValueError("'model' is required")
+    dims = body.get("dimensions")
+    if dims is not None and (not isinstance(dims, int) or dims < 1):
+        raise ValueError("'dimensions' must be a positive integer")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise ValueError("'encoding_format' must be 'float' or 'base64'")
+    return texts, model, dims, fmt
+
+
+def _item(index: int, vector: list[float], fmt: str) -> dict[str, Any]:
+    """One `data` element; base64 is little-endian float32, as OpenAI sends it."""
+    if fmt == "base64":
+        packed = struct.pack(f"<{len(vector)}f", *vector)
+        embedding: Any = base64.b64encode(packed).decode("ascii")
+    else:
+        embedding = vector
+    return {"object": "embedding", "index": index, "embedding": embedding}
+
+
+def _error(status: int, message: str, kind: str) -> tuple[int, dict[str, str], bytes]:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return status, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+def _failure(status: int, retry_after: float | None) -> tuple[int, dict[str, str], bytes]:
+    kinds = {429: ("Rate limit reached for requests", "requests")}
+    message, kind = kinds.get(status, ("The server had an error processing your request.", "server_error"))
+    code, headers, body = _error(status, message, kind)
+    if retry_after is not None:
+        headers["retry-after-ms"] = str(round(retry_after * 1000))
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    return code, headers, body
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, as the openai client (httpx) expects."""
+
+    api: FakeAPI
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.api._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        self.api._track(self.connection, add=False)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: test output is for test failures."""
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/_stats":
+            self._send(200, {"Content-Type": "application/json"}, json.dumps(self.api.stats()).encode())
+        else:
+            self._send(*_error(404, f"no route {self.path}", "not_found"))
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        except (ValueError, UnicodeDecodeError):
+            self._send(*_error(400, "body is not valid JSON", "invalid_request_error"))
+            return
+        try:
+            if path in ("/v1/embeddings", "/embeddings"):
+                answer = self.api.handle_embeddings(body, self.headers.get("Authorization"))
+            elif path == "/_control":
+                self.api.control(body)
+                answer = (200, {"Content-Type": "application/json"}, b'{"ok": true}')
+            else:
+                answer = _error(404, f"no route {path}", "not_found")
+        except (ValueError, TypeError) as exc:
+            answer = _error(400, str(exc), "invalid_request_error")
+        self._send(*answer)
+
+    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            # The client gave up (timeout) and closed the connection: nothing to tell it.
+            self.close_connection = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="OpenAI-compatible fake embeddings API")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--api-key", default=None, help="require this bearer token")
+    parser.add_argument(
+        "--dimensions",
+        type=int,
+        default=1536,
+        help="vector size for models not named after a real OpenAI model",
+    )
+    args = parser.parse_args(argv)
+    api = FakeAPI(
+        args.host,
+        args.port,
+        latency=args.latency,
+        api_key=args.api_key,
+        default_dimensions=args.dimensions,
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with api:
+        print(f"fakeapi listening on {api.base_url}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not done.wait(0.1):  # a timed wait lets the signal handler run promptly
+                pass
+
+
+if __name__ == "__main__":
+    main()
