@@ -34,10 +34,11 @@ def _validate(max_tokens: int, overlap: int) -> None:
         raise ValueError(f"max_tokens must be >= 0 (0 means no chunking), got {max_tokens}")
     if overlap < 0:
         raise ValueError(f"overlap must be >= 0, got {overlap}")
+    if max_tokens == 0 and overlap > 0:
+        raise ValueError(f"overlap ({overlap}) needs chunking: set max_tokens > 0 or overlap to 0")
     if max_tokens > 0 and overlap >= max_tokens:
         raise ValueError(
-            f"overlap ({overlap}) must be smaller than max_tokens ({max_tokens}), "
-            "or no window would move forward"
+            f"overlap ({overlap}) must be smaller than max_tokens ({max_tokens}), or no window would move forward"
         )
 
 

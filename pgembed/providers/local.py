@@ -25,6 +25,7 @@ from typing import Any
 from pgembed.providers.base import (
     EmbedResult,
     ModelSpec,
+    ProviderError,
     UnknownModelError,
     truncate_and_normalise,
     vector_problem,
@@ -38,10 +39,16 @@ INSTALL_HINT = (
 
 _models: dict[str, Any] = {}
 _load_lock = threading.Lock()
+# torch already spreads one batch over every core; concurrent batches would only thrash.
+_encode_lock = threading.Lock()
 
 
-class LocalModelError(UnknownModelError):
-    """The local model cannot be found or loaded; retrying will not help, configuring will."""
+class LocalModelError(ProviderError, UnknownModelError):
+    """The local model cannot be found or loaded: a configuration problem, not a bad row.
+
+    A ProviderError, so a worker keeps the rows queued (rather than failing each one) and
+    logs this message until the operator installs the model; loading is retried then.
+    """
 
 
 def resolve_model(name: str) -> str:
@@ -80,9 +87,7 @@ def load_model(source: str) -> Any:
         if source not in _models:
             st = _import_sentence_transformers()
             try:
-                _models[source] = st.SentenceTransformer(
-                    source, device="cpu", local_files_only=True
-                )
+                _models[source] = st.SentenceTransformer(source, local_files_only=True)
             except Exception as error:
                 raise LocalModelError(
                     f"cannot load local model {source!r} without network access: {INSTALL_HINT} "
@@ -107,44 +112,44 @@ def token_counts(model: Any, texts: list[str]) -> list[int]:
     return [len(ids) for ids in encoded["input_ids"]]
 
 
+def input_error(text: str, count: int, limit: int) -> str | None:
+    """Why one input must not be embedded, or None; whitespace counts as empty."""
+    if not text.strip():
+        return "empty text"
+    if count > limit:
+        return f"text has {count} tokens, more than the model's limit of {limit}"
+    return None
+
+
 class LocalProvider:
     """Provider protocol over one sentence-transformers model shared by the process."""
 
     def __init__(self, spec: ModelSpec) -> None:
+        # Nothing is resolved or loaded here: a missing model surfaces from embed(), as a
+        # ProviderError the caller already handles, and loading costs nothing until used.
         self.spec = spec
-        self.source = resolve_model(spec.name)
 
     def input_limit(self, model: Any) -> int:
         """The smaller of the catalogue's limit and what the model reads before cutting."""
         model_limit = model.max_seq_length or self.spec.max_input_tokens
         return min(self.spec.max_input_tokens, model_limit)
 
-    def _input_errors(self, texts: list[str], counts: list[int], limit: int) -> list[str | None]:
-        return [
-            "empty text"
-            if not text.strip()
-            else f"text has {count} tokens, more than the model's limit of {limit}"
-            if count > limit
-            else None
-            for text, count in zip(texts, counts, strict=True)
-        ]
-
     def _vectors(self, model: Any, texts: list[str]) -> list[list[float]]:
         """Unit vectors of the requested size: Matryoshka-truncated when it is smaller."""
         if not texts:
             return []
-        array = model.encode(
-            texts, batch_size=32, show_progress_bar=False, normalize_embeddings=True
-        )
+        with _encode_lock:
+            array = model.encode(texts, batch_size=32, show_progress_bar=False, normalize_embeddings=True)
         vectors = [row.tolist() for row in array]
         if self.spec.dimensions < native_dimensions(model):
             return [truncate_and_normalise(v, self.spec.dimensions) for v in vectors]
         return vectors
 
     def _embed_sync(self, texts: list[str]) -> EmbedResult:
-        model = load_model(self.source)
+        model = load_model(resolve_model(self.spec.name))
         counts = token_counts(model, texts)
-        errors = self._input_errors(texts, counts, self.input_limit(model))
+        limit = self.input_limit(model)
+        errors = [input_error(t, n, limit) for t, n in zip(texts, counts, strict=True)]
         todo = [i for i, error in enumerate(errors) if error is None]
         vectors: list[list[float] | None] = [None] * len(texts)
         for i, vector in zip(todo, self._vectors(model, [texts[i] for i in todo]), strict=True):
