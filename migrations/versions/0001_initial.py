@@ -23,7 +23,7 @@ def _execute(sql: str) -> None:
 
 
 def upgrade() -> None:
-    for name in ("schema.sql", "functions.sql", "audit.sql", "costs.sql", "service.sql"):
+    for name in ("schema.sql", "functions.sql", "audit.sql", "costs.sql", "service.sql", "ratelimit.sql"):
         _execute(read_sql(name))
 
 

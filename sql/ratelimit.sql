@@ -1,0 +1,1 @@
+-- pgembed shared rate limits: one token budget per API key, kept in PostgreSQL. (Filled in by the rate-limit work.)
