@@ -55,3 +55,19 @@ def test_the_installed_command_prints_no_traceback_for_a_dead_server(tmp_path):
     assert done.returncode == 1
     assert "cannot connect to PostgreSQL" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_init_is_repeatable_and_explains_a_missing_pgvector(empty_dsn, monkeypatch):
+    assert cli("init", "--dsn", empty_dsn).exit_code == 0
+    again = cli("init", "--dsn", empty_dsn)
+    assert again.exit_code == 0 and "revision" in again.output
+    # a server without pgvector: the same CREATE EXTENSION fails as it would there
+    from pgembed import migrate, sqlfiles
+
+    monkeypatch.setattr(sqlfiles, "read_sql", lambda name: "CREATE EXTENSION no_such_vector_ext")
+    migrate.downgrade(empty_dsn)
+    failed = cli("init", "--dsn", empty_dsn)
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    assert 'extension "no_such_vector_ext" is not available' in failed.output
+    down = cli("init", "--dsn", "host=/nonexistent dbname=x")
+    assert down.exit_code == 1 and "cannot connect to PostgreSQL" in down.output
