@@ -186,14 +186,17 @@ def search(
 
 @app.command()
 @friendly
-def quickstart(dsn: DsnOption = None) -> None:
+def quickstart(
+    model: Annotated[str | None, typer.Option(help="Model to use (default: the best available).")] = None,
+    dsn: DsnOption = None,
+) -> None:
     """Semantic search in one command: sample data, a pipeline, a drain, two searches.
 
     Example: pgembed quickstart
     """
     from pgembed import quickstart as qs
 
-    qs.run(target(dsn), out)
+    qs.run(target(dsn), out, model)
     status_table = globals().get("status")
     if callable(status_table):
         out.print()

@@ -15,7 +15,7 @@ from importlib import resources
 import psycopg
 from rich.console import Console
 
-from pgembed import migrate, pipelines
+from pgembed import db, migrate, pipelines
 from pgembed.progress import drain
 from pgembed.search import Hit, search
 from pgembed.worker import WorkerConfig
@@ -60,13 +60,11 @@ def show_hits(console: Console, question: str, hits: list[Hit]) -> None:
         console.print(f"  {hit.distance:.3f}  #{hit.key['id']:<3} {title}", highlight=False)
 
 
-def run(dsn: str, console: Console) -> str:
+def run(dsn: str, console: Console, model: str | None = None) -> str:
     migrate.upgrade(dsn)
-    model, warning = choose_model()
+    model, warning = (model, None) if model else choose_model()
     if warning:
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    from pgembed import db
-
     with db.connect(dsn) as conn:
         count = load_sample(conn)
         name = ensure_pipeline(conn, model)
