@@ -80,7 +80,7 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue,
         chunks = texts.get(outcome.claimed.key)
         if chunks is not None:
             _assemble(outcome, chunks, cached, fresh, failed)
-    usage = _attribute(outcomes, texts, misses, cached, result)
+    usage = _attribute(outcomes, texts, misses, cached, failed, result)
     return Embedded(outcomes, new_cache, usage)
 
 
@@ -98,7 +98,7 @@ def _assemble(outcome: Outcome, chunks: list[tuple[str, bytes]], cached: dict[by
 
 def _attribute(outcomes: list[Outcome], texts: dict[Key, list[tuple[str, bytes]]],
                misses: list[bytes], cached: dict[bytes, np.ndarray],
-               result: EmbedResult) -> list[Usage]:
+               failed: dict[bytes, str], result: EmbedResult) -> list[Usage]:
     """Splits the batch's cost by (purpose, cost center): each text is charged to the first
     row that asked for it; the provider's own token total is what gets split, so usage adds
     up to what the API billed."""
@@ -106,6 +106,8 @@ def _attribute(outcomes: list[Outcome], texts: dict[Key, list[tuple[str, bytes]]
     groups: dict[tuple[str, str | None], Usage] = {}
     charged: set[bytes] = set()
     weights: dict[tuple[str, str | None], int] = defaultdict(int)
+    # when every text failed but the answers were billed anyway (garbage), split by asks
+    fallback: dict[tuple[str, str | None], int] = defaultdict(int)
     for outcome in outcomes:
         group = (outcome.claimed.purpose, outcome.cost_center)
         usage = groups.setdefault(group, Usage(*group))
@@ -115,11 +117,14 @@ def _attribute(outcomes: list[Outcome], texts: dict[Key, list[tuple[str, bytes]]
                 continue
             charged.add(h)
             usage.cache_misses += 1
+            fallback[group] += max(counts[h], 1)
+            if h in failed:
+                continue  # never billed; re-sends are added to the heaviest group below
             usage.inputs += 1
             weights[group] += max(counts[h], 1)
     if misses and groups:
-        _split_totals(groups, weights, result)
-    return [u for u in groups.values() if u.inputs or u.cache_hits or u.requests]
+        _split_totals(groups, weights if any(weights.values()) else fallback, result)
+    return [u for u in groups.values() if u.inputs or u.cache_hits or u.cache_misses or u.requests]
 
 
 def _split_totals(groups: dict[tuple[str, str | None], Usage],

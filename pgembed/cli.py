@@ -201,3 +201,208 @@ def quickstart(
     if callable(status_table):
         out.print()
         status_table(dsn=dsn)
+
+
+from pgembed.costs import Grouping as CostGrouping  # noqa: E402  (kept with its commands)
+
+
+def _usd(value: Any) -> str:
+    if value is None:
+        return ""
+    return "<0.000001" if 0 < value < 0.0000005 else f"{value:,.6f}"
+
+
+def _count(value: Any) -> str:
+    return "" if value is None else f"{round(value):,}"
+
+
+def _rate(hits: int, misses: int) -> str:
+    return f"{hits / (hits + misses):.1%}" if hits + misses else ""
+
+
+@app.command()
+@friendly
+def costs(
+    days: Annotated[int, typer.Option(min=1, help="Calendar days to cover, today included.")] = 7,
+    by: Annotated[CostGrouping, typer.Option(help="Group by purpose or by cost center.")] = CostGrouping.purpose,
+    dsn: DsnOption = None,
+) -> None:
+    """What embeddings cost (current prices in pgembed.models), anomalies today, cache savings.
+
+    Example: pgembed costs --days 30 --by cost-center
+    """
+    from pgembed import costs as cost_views
+
+    with db.connect(target(dsn)) as conn:
+        rows = cost_views.spend(conn, days, by)
+        anomalies = cost_views.anomalies(conn)
+        cache = cost_views.cache(conn)
+    keys = ["pipeline", "model", "purpose"] if by is CostGrouping.purpose else \
+        ["cost_center", "pipeline", "purpose"]
+    sums = {c: sum(r[c] or 0 for r in rows) for c in ("requests", "inputs", "tokens", "cache_hits",
+                                                     "cache_misses", "usd")}
+    body = [[*(r[k] if r[k] is not None or k != "cost_center" else "(none)" for k in keys),
+             _count(r["requests"]), _count(r["inputs"]), _count(r["tokens"]),
+             _count(r["cache_hits"]), _rate(r["cache_hits"], r["cache_misses"]), _usd(r["usd"])]
+            for r in rows]
+    body.append(["total", "", "", _count(sums["requests"]), _count(sums["inputs"]),
+                 _count(sums["tokens"]), _count(sums["cache_hits"]),
+                 _rate(sums["cache_hits"], sums["cache_misses"]), _usd(sums["usd"])])
+    out.print(table(f"spend, last {days} day{'s' if days > 1 else ''}, by {by.value}",
+                    [k.replace("_", " ") for k in keys]
+                    + ["requests", "inputs", "tokens", "cache hits", "hit rate", "usd"], body))
+    if anomalies:
+        out.print(table("[red]spend far above the 7-day daily average today[/red]",
+                        ["pipeline", "purpose", "measure", "today", "daily avg (7d)", "ratio"],
+                        ([a["pipeline"], a["purpose"], a["measure"],
+                          *(_usd(v) if a["measure"] == "usd" else _count(v)
+                            for v in (a["today"], a["daily_avg_7d"])),
+                          a["ratio"] or "new"] for a in anomalies)))
+    out.print(table("cache", ["model", "entries", "hits", "hit rate", "tokens saved", "usd saved"],
+                    ([c["model"], _count(c["entries"]), _count(c["cache_hits"]),
+                      _rate(c["cache_hits"], c["cache_misses"]), _count(c["tokens_saved"]),
+                      _usd(c["usd_saved"])] for c in cache)))
+
+
+@app.command()
+@friendly
+def failures(
+    pipeline: Annotated[str | None, typer.Option(help="Only this pipeline's failures.")] = None,
+    retry: Annotated[bool, typer.Option("--retry", help="Re-queue the parked rows.")] = False,
+    dsn: DsnOption = None,
+) -> None:
+    """Rows that could not be embedded; --retry puts the parked ones back in the queue.
+
+    Example: pgembed failures --pipeline articles_te3s --retry
+    """
+    from pgembed import costs as cost_views
+
+    def when(value: Any) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+    with db.connect(target(dsn)) as conn:
+        rows = cost_views.failures(conn, pipeline)
+        requeued = cost_views.retry_failures(conn, pipeline) if retry else None
+    out.print(table("failures", ["pipeline", "key", "error", "attempts", "first failed",
+                                 "last failed", "parked"],
+                    ([r["pipeline"], ", ".join(str(k) for k in r["key"]), r["error"], r["attempts"],
+                      when(r["first_failed_at"]), when(r["last_failed_at"]),
+                      when(r["parked_at"]) or "no, retrying"] for r in rows)))
+    if requeued is not None:
+        out.print(f"{requeued} parked row{'' if requeued == 1 else 's'} re-queued")
+
+
+# --- status and audit: consistency of the destination tables (sql/audit.sql) ---------------
+
+from rich.console import Group  # noqa: E402  (kept with its commands)
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _age(value: Any) -> str:
+    """An interval as a person reads it: 42s, 3m 05s, 2h 10m, 4d 3h."""
+    if value is None:
+        return ""
+    seconds = int(value.total_seconds())
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def _num(value: int | None) -> str:
+    return "" if value is None else f"{value:,}"
+
+
+def _gap_count(value: int | None) -> str:
+    return f"[red]{value:,}[/red]" if value else "0"
+
+
+def _print_warnings(conn: psycopg.Connection) -> None:
+    """The audit SQL warns rather than fails (a dropped source table, a content expression
+    that raises for some row): show those warnings to the person at the terminal."""
+
+    def show(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized == "WARNING":
+            err.print(f"[yellow]warning:[/yellow] {diag.message_primary}", highlight=False)
+
+    conn.add_notice_handler(show)
+
+
+def _pipeline_status_section(conn: psycopg.Connection) -> Group | str:
+    """pgembed.pipeline_status as three narrow tables, so each fits an 80-column terminal."""
+    from pgembed import audit as audits
+
+    rows = audits.status(conn)
+    if not rows:
+        return "no pipelines yet: pgembed pipeline create TABLE CONTENT --model MODEL"
+    return Group(
+        table("pipelines", ["pipeline", "model", "source rows", "embedded", "last embedded"],
+              ([r["pipeline"], r["model"], _num(r["source_rows"]), _num(r["embedded_rows"]),
+                _when(r["last_embedded_at"])] for r in rows)),
+        table("queue", ["pipeline", "queued", "in flight", "retrying"],
+              ([r["pipeline"], _num(r["queued"]), _num(r["in_flight"]),
+                _num(r["retrying"])] for r in rows)),
+        table("gaps", ["pipeline", "failed", "missing", "orphaned", "stale", "oldest gap"],
+              ([r["pipeline"], _gap_count(r["failed"]), _gap_count(r["missing"]),
+                _gap_count(r["orphaned"]), _gap_count(r["stale"]), _age(r["oldest_gap"])]
+               for r in rows)),
+    )
+
+
+# What `pgembed status` prints, in order; each section gets the open connection and returns
+# something rich can print (or None to print nothing). Other parts add theirs here, e.g. the
+# scheduler's next runs: STATUS_SECTIONS.append(next_runs_section).
+STATUS_SECTIONS: list[Callable[[psycopg.Connection], Any]] = [_pipeline_status_section]
+
+
+@app.command()
+@friendly
+def status(dsn: DsnOption = None) -> None:
+    """Health of every pipeline: rows, queue, gaps (missing, orphaned, stale, failed), lag.
+
+    Example: pgembed status --dsn postgresql://admin@db/app
+    """
+    with db.connect(target(dsn)) as conn:
+        _print_warnings(conn)
+        for section in STATUS_SECTIONS:
+            rendered = section(conn)
+            if rendered is not None:
+                out.print(rendered)
+
+
+@app.command()
+@friendly
+def audit(
+    repair: Annotated[bool, typer.Option(
+        "--repair", help="Queue missing and stale rows, delete orphaned vectors.")] = False,
+    pipeline: Annotated[str | None, typer.Option(help="Only this pipeline.")] = None,
+    dsn: DsnOption = None,
+) -> None:
+    """Find rows whose vectors are missing, orphaned, stale or failed; record the run.
+
+    Example: pgembed audit --repair --pipeline articles_te3s
+    """
+    from pgembed import audit as audits
+
+    with db.connect(target(dsn)) as conn:
+        _print_warnings(conn)
+        run = audits.run_audit(conn, repair=repair, pipeline=pipeline)
+    actions = {"missing": "queued", "stale": "queued", "orphaned": "vectors deleted",
+               "failed": "left for pgembed failures --retry"}
+    out.print(f"audit #{run['id']} of {pipeline or 'all pipelines'}", highlight=False)
+    out.print(table("gaps", ["kind", "rows"] + (["repair"] if repair else []),
+                    ([kind, _gap_count(run[kind])] + ([actions[kind]] if repair else [])
+                     for kind in audits.GAP_KINDS)))
+    if run["oldest_gap"] is not None:
+        out.print(f"oldest gap: {_age(run['oldest_gap'])} (since {_when(run['oldest_gap_since'])})")
+    if repair:
+        out.print(f"{run['requeued']:,} rows queued for the worker, "
+                  f"{run['orphans_deleted']:,} orphaned rows' vectors deleted")
+    elif any(run[kind] for kind in ("missing", "stale", "orphaned")):
+        out.print("repair with: pgembed audit --repair, then a worker")

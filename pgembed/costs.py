@@ -1,0 +1,83 @@
+"""Reads of the cost views (sql/costs.sql) and of the dead-letter table, for the CLI.
+
+The SQL views are the interface DBAs use; these functions only pick a period and an
+order, so `pgembed costs` shows exactly what `SELECT … FROM pgembed.cost_daily` would.
+Failures live here too: after "what did it cost" the next question an operator asks is
+"what did not get embedded", and both are small reads of pgembed's bookkeeping.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgembed import pipelines
+
+
+class Grouping(StrEnum):
+    """How `pgembed costs` groups spend: what it was for, or who pays."""
+
+    purpose = "purpose"
+    cost_center = "cost-center"
+
+
+_TOTALS = ("sum(requests)::bigint AS requests, sum(inputs)::bigint AS inputs, "
+           "sum(tokens)::bigint AS tokens, sum(cache_hits)::bigint AS cache_hits, "
+           "sum(cache_misses)::bigint AS cache_misses, sum(usd) AS usd")
+
+# Fixed texts, chosen by an Enum member: nothing the user typed reaches the SQL.
+_GROUPS: dict[Grouping, tuple[str, str]] = {
+    Grouping.purpose: ("pgembed.cost_daily", "pipeline, model, purpose"),
+    Grouping.cost_center: ("pgembed.cost_by_cost_center", "cost_center, pipeline, purpose"),
+}
+
+
+def _rows(conn: psycopg.Connection, query: str, params: Any = None) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return cur.fetchall()
+
+
+def spend(conn: psycopg.Connection, days: int = 7,
+          by: Grouping | str = Grouping.purpose) -> list[dict[str, Any]]:
+    """Usage and spend over the last `days` calendar days (today included), most expensive
+    first; `by` picks the view: per pipeline × model × purpose, or per cost center."""
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    view, keys = _GROUPS[Grouping(by)]
+    return _rows(conn, f"SELECT {keys}, {_TOTALS} FROM {view} "
+                       f"WHERE day > current_date - %s GROUP BY {keys} "
+                       f"ORDER BY usd DESC, tokens DESC, {keys}", (days,))
+
+
+def anomalies(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Today's runaway spenders, with the view's default thresholds."""
+    return _rows(conn, "SELECT * FROM pgembed.cost_anomalies")
+
+
+def cache(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Per model: cache size, hit rate and what the cache saved."""
+    return _rows(conn, "SELECT * FROM pgembed.cache_stats ORDER BY usd_saved DESC, model")
+
+
+def failures(conn: psycopg.Connection, pipeline: str | None = None) -> list[dict[str, Any]]:
+    """Rows that could not be embedded, parked ones first, newest failure first.
+    Naming an unknown pipeline is an error, not an empty list that looks like good news."""
+    if pipeline is not None:
+        pipelines.get(conn, pipeline)
+    return _rows(conn, "SELECT pipeline, key, error, attempts, first_failed_at, last_failed_at, "
+                       "parked_at FROM pgembed.failures "
+                       "WHERE %(p)s::text IS NULL OR pipeline = %(p)s "
+                       "ORDER BY parked_at IS NULL, last_failed_at DESC, pipeline, key",
+                 {"p": pipeline})
+
+
+def retry_failures(conn: psycopg.Connection, pipeline: str | None = None) -> int:
+    """Re-queues parked failures (all pipelines, or one) and returns how many went back."""
+    if pipeline is not None:
+        pipelines.get(conn, pipeline)
+    row = conn.execute("SELECT pgembed.retry_failures(%s)", (pipeline,)).fetchone()
+    return int(row[0]) if row else 0
