@@ -15,9 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pgembed import db, migrate, pipelines
+from pgembed import db, logs, migrate, pipelines
+from pgembed.metrics import MetricsUnavailable
 from pgembed.pipelines import PipelineError, PipelineOptions
 from pgembed.providers import ProviderError, UnknownModelError
+from pgembed.scheduler import ScheduleConfig, parse_duration
 from pgembed.search import search as run_search
 from pgembed.worker import Worker, WorkerConfig
 
@@ -136,6 +138,21 @@ def pipeline_drop(name: str, dsn: DsnOption = None) -> None:
     out.print(f"pipeline {name} dropped")
 
 
+def _duration(option: str, value: str, *, allow_off: bool = True) -> float | None:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from None
+    if seconds is None and not allow_off:
+        raise ValueError(f"{option} must be a positive duration, not {value!r}")
+    return seconds
+
+
+def _every(help_text: str, env: str) -> Any:
+    return typer.Option(envvar=env, show_envvar=True, rich_help_panel="Scheduled jobs",
+                        help=f"{help_text} Duration like 30s, 15m, 6h, 1d; 'off' disables.")
+
+
 @app.command()
 @friendly
 def worker(
@@ -146,20 +163,91 @@ def worker(
     lease_seconds: Annotated[float, typer.Option(help="How long a claim is held.")] = 300.0,
     max_attempts: Annotated[int, typer.Option(min=1, help="Failures before a row is parked.")] = 5,
     retry_base: Annotated[float, typer.Option(help="First retry delay of a failed row (s).")] = 10.0,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    name: Annotated[str | None, typer.Option(
+        envvar="PGEMBED_WORKER_NAME", show_envvar=True, rich_help_panel="Service",
+        help="This worker's name in pgembed.workers, leases and job runs (default host:pid).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0, envvar="PGEMBED_SHUTDOWN_TIMEOUT", show_envvar=True, rich_help_panel="Service",
+        help="On SIGTERM/SIGINT, seconds batches in flight get to finish; then their rows are "
+             "given back to the queue. A second signal gives them back at once.")] = 30.0,
+    heartbeat_interval: Annotated[float, typer.Option(
+        min=0, envvar="PGEMBED_HEARTBEAT_INTERVAL", show_envvar=True, rich_help_panel="Service",
+        help="Seconds between updates of this worker's pgembed.workers row; 0 keeps no row.")] = 10.0,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=0, max=65535, envvar="PGEMBED_METRICS_PORT", show_envvar=True, rich_help_panel="Service",
+        help="Serve Prometheus metrics on this port (/metrics); needs prometheus-client.")] = None,
+    metrics_address: Annotated[str, typer.Option(
+        envvar="PGEMBED_METRICS_ADDRESS", show_envvar=True, rich_help_panel="Service",
+        help="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus).")] = "127.0.0.1",
+    log_format: Annotated[str, typer.Option(
+        envvar="PGEMBED_LOG_FORMAT", show_envvar=True, rich_help_panel="Service",
+        help="human: one line per record; json: one JSON object per line (ts, level, message, "
+             "action, ...).")] = "human",
+    log_level: Annotated[str, typer.Option(
+        envvar="PGEMBED_LOG_LEVEL", show_envvar=True, rich_help_panel="Service",
+        help="Least severe level logged: debug, info, warning or error; --verbose means info.")] = "warning",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every batch (level info).")] = False,
+    scheduler: Annotated[bool, typer.Option(
+        envvar="PGEMBED_SCHEDULER", show_envvar=True, rich_help_panel="Scheduled jobs",
+        help="Run the periodic jobs below (each runs once per period across all workers). "
+             "Never with --until-empty.")] = True,
+    audit_every: Annotated[str, _every("Consistency audit (pgembed.audit()).", "PGEMBED_AUDIT_EVERY")] = "1h",
+    audit_repair: Annotated[bool, typer.Option(
+        envvar="PGEMBED_AUDIT_REPAIR", show_envvar=True, rich_help_panel="Scheduled jobs",
+        help="Let the scheduled audit queue missing/stale rows and delete orphaned vectors.")] = True,
+    cleanup_every: Annotated[str, _every("Cache and bookkeeping clean-up.", "PGEMBED_CLEANUP_EVERY")] = "6h",
+    cache_max_age: Annotated[str, typer.Option(
+        envvar="PGEMBED_CACHE_MAX_AGE", show_envvar=True, rich_help_panel="Scheduled jobs",
+        help="Clean-up deletes cache entries not used for this long (e.g. 30d).")] = "30d",
+    retry_every: Annotated[str, _every("Re-queue parked failures that are due.", "PGEMBED_RETRY_EVERY")] = "15m",
+    retry_parked_after: Annotated[str, typer.Option(
+        envvar="PGEMBED_RETRY_PARKED_AFTER", show_envvar=True, rich_help_panel="Scheduled jobs",
+        help="A parked failure is first retried after this long; then after as long again as "
+             "it has been failing (doubling).")] = "1h",
+    retry_parked_max: Annotated[str, typer.Option(
+        envvar="PGEMBED_RETRY_PARKED_MAX", show_envvar=True, rich_help_panel="Scheduled jobs",
+        help="Longest wait between retries of a parked failure.")] = "7d",
+    index_every: Annotated[str, _every("IVFFlat index upkeep.", "PGEMBED_INDEX_EVERY")] = "10m",
+    ivfflat_min_rows: Annotated[int, typer.Option(
+        min=1, envvar="PGEMBED_IVFFLAT_MIN_ROWS", show_envvar=True, rich_help_panel="Scheduled jobs",
+        help="Vectors a pipeline needs before its IVFFlat index is trained (lists = rows/1000, min 10).")] = 1000,
+    ivfflat_rebuild_factor: Annotated[float, typer.Option(
+        min=1.1, envvar="PGEMBED_IVFFLAT_REBUILD_FACTOR", show_envvar=True, rich_help_panel="Scheduled jobs",
+        help="Log that an IVFFlat index needs a rebuild once its table grew this many times.")] = 4.0,
     dsn: DsnOption = None,
 ) -> None:
-    """Embed queued rows; runs until stopped, or with --until-empty until the queue is drained.
+    """Embed queued rows; runs until stopped (SIGTERM/SIGINT drain it gracefully), or with
+    --until-empty until the queue is drained. Under systemd it reports READY, WATCHDOG and
+    STOPPING (see deploy/pgembed-worker.service).
 
-    Example: pgembed worker --until-empty --concurrency 4
+    Example: pgembed worker --concurrency 4 --metrics-port 9464 --log-format json
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logs.setup(log_format, logging.INFO if verbose else log_level, stream=sys.stderr)
+    schedule = None
+    if scheduler and not until_empty:
+        schedule = ScheduleConfig(
+            audit_every=_duration("--audit-every", audit_every), audit_repair=audit_repair,
+            cleanup_every=_duration("--cleanup-every", cleanup_every),
+            cache_max_age=_duration("--cache-max-age", cache_max_age, allow_off=False) or 0,
+            retry_every=_duration("--retry-every", retry_every),
+            retry_parked_after=_duration("--retry-parked-after", retry_parked_after, allow_off=False) or 0,
+            retry_parked_max=_duration("--retry-parked-max", retry_parked_max, allow_off=False) or 0,
+            index_every=_duration("--index-every", index_every),
+            ivfflat_min_rows=ivfflat_min_rows, ivfflat_rebuild_factor=ivfflat_rebuild_factor)
     config = WorkerConfig(concurrency=concurrency, batch_size=batch_size,
                           poll_interval=poll_interval, lease_seconds=lease_seconds,
                           until_empty=until_empty, max_attempts=max_attempts,
-                          retry_base=retry_base)
-    stats = asyncio.run(Worker(target(dsn), config).run())
+                          retry_base=retry_base, shutdown_timeout=shutdown_timeout,
+                          heartbeat_interval=heartbeat_interval, handle_signals=True,
+                          schedule=schedule, metrics_port=metrics_port,
+                          metrics_address=metrics_address)
+    if name:
+        config.name = name
+    try:
+        stats = asyncio.run(Worker(target(dsn), config).run())
+    except MetricsUnavailable as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from None
     out.print(f"{stats.written} rows embedded, {stats.removed} removed, {stats.failed} failed "
               f"in {stats.batches} batches")
 
