@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from pgembed import db, migrate, pipelines
+from pgembed import audit, db, migrate, pipelines
 from pgembed.pipelines import PipelineOptions
 from pgembed.search import Hit, search
 from pgembed.worker import Worker, WorkerConfig, WorkerStats
@@ -54,6 +54,10 @@ class Client:
     def sync(self, **config: Any) -> WorkerStats:
         """Run a worker until the queue is empty (`pgembed worker --until-empty`)."""
         return asyncio.run(Worker(self.dsn, WorkerConfig(until_empty=True, **config)).run())
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per pipeline from pgembed.pipeline_status: counts, gaps, freshness."""
+        return audit.status(self.conn)
 
     def search(self, pipeline: str, text: str, k: int = 5,
                cost_center: str | None = None) -> list[Hit]:

