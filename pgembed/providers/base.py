@@ -66,6 +66,19 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
+class RateLimiter(Protocol):
+    """A budget shared by everyone who uses one API key; a provider asks it before each HTTP
+    request it sends, retries included.
+
+    `acquire` returns once `requests` requests carrying `tokens` tokens may be sent now,
+    sleeping as long as the budget needs; the grant is already counted when it returns. It
+    raises ProviderError when the budget cannot be consulted. Providers hold one only as
+    this protocol; `pgembed.ratelimit.BucketLimiter` keeps the budget in PostgreSQL.
+    """
+
+    async def acquire(self, requests: int, tokens: int) -> None: ...
+
+
 def vector_problem(vector: list[float], dimensions: int) -> str | None:
     """Why a vector from a provider must not be stored, or None when it is sound."""
     if len(vector) != dimensions:

@@ -37,6 +37,13 @@ What happens to a call:
   worker's failure path retries them later, with its own backoff. A vector with the
   wrong size or NaN/Infinity is an error for its input alone.
 
+* With a `limiter` (a `RateLimiter`, e.g. `pgembed.ratelimit.BucketLimiter`), every HTTP
+  request, each retry included, first acquires one request and its tokens (as counted
+  here) from the budget shared by everyone using the key, waiting while it is spent. The
+  wait happens inside the concurrency bound, right before the request goes out, so that
+  what the API sees stays within the budget. A limiter that cannot be consulted fails the
+  call with `ProviderError`. Without a limiter nothing changes.
+
 The API key never appears in an error message: messages echoed from the API are redacted.
 """
 
@@ -60,7 +67,7 @@ import numpy as np
 import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from pgembed.providers.base import EmbedResult, ModelSpec, ProviderError, vector_problem
+from pgembed.providers.base import EmbedResult, ModelSpec, ProviderError, RateLimiter, vector_problem
 
 KEY_VARIABLES = ("PGEMBED_OPENAI_API_KEY", "OPENAI_API_KEY")
 URL_VARIABLES = ("PGEMBED_OPENAI_BASE_URL", "OPENAI_BASE_URL")
@@ -119,7 +126,8 @@ class OpenAIProvider:
     """Embeds texts through the openai client; see the module docstring for the rules.
 
     Every keyword argument overrides its environment variable; `sleep` replaces the
-    retry sleep (tests record waits without waiting), `token_counter` the tokenizer.
+    retry sleep (tests record waits without waiting), `token_counter` the tokenizer;
+    `limiter` is the shared rate-limit budget, asked before every HTTP request.
     """
 
     def __init__(
@@ -136,8 +144,10 @@ class OpenAIProvider:
         max_wait: float | None = None,
         sleep: Sleep | None = None,
         token_counter: Callable[[str], int] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.spec = spec
+        self.limiter = limiter
         key = api_key or _first_env(KEY_VARIABLES)
         if not key:
             raise ProviderError(
@@ -221,8 +231,9 @@ class OpenAIProvider:
 
     async def _embed_group(self, indices: list[int], texts: list[str], run: _Run, budget: _SplitBudget) -> None:
         """Embed one request's worth; on a content rejection, bisect to find the culprits."""
+        tokens = sum(run.token_counts[i] for i in indices)
         try:
-            response = await self._request([texts[i] for i in indices], run)
+            response = await self._request([texts[i] for i in indices], tokens, run)
         except _Rejected as rejected:
             if len(indices) == 1 or budget.remaining <= 0:
                 note = (
@@ -242,7 +253,7 @@ class OpenAIProvider:
             return
         self._store(indices, response, run)
 
-    async def _request(self, texts: list[str], run: _Run) -> Any:
+    async def _request(self, texts: list[str], tokens: int, run: _Run) -> Any:
         """One logical request: retried while transient, ProviderError when it gives up."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_attempts),
@@ -256,13 +267,13 @@ class OpenAIProvider:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    return await self._post(texts, run)
+                    return await self._post(texts, tokens, run)
         except openai.APIError as exc:
             raise ProviderError(self._failure_message(exc, attempts)) from None
         raise AssertionError("unreachable: tenacity either returns or raises")
 
-    async def _post(self, texts: list[str], run: _Run) -> Any:
-        """Exactly one HTTP request, within the concurrency bound, counted."""
+    async def _post(self, texts: list[str], tokens: int, run: _Run) -> Any:
+        """Exactly one HTTP request, within the concurrency bound and the budget, counted."""
         params: dict[str, Any] = {
             "model": self.spec.name,
             "input": texts,
@@ -272,6 +283,8 @@ class OpenAIProvider:
         if self.spec.dimensions != self.spec.native_dimensions:
             params["dimensions"] = self.spec.dimensions
         async with self._slots:
+            if self.limiter is not None:
+                await self._acquire(tokens)
             run.requests += 1
             run.inputs_sent += len(texts)
             try:
@@ -283,6 +296,16 @@ class OpenAIProvider:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 # The client could not read the body (declared JSON, but it is not).
                 return "<unreadable body>"
+
+    async def _acquire(self, tokens: int) -> None:
+        """Wait for the shared budget to allow one request of `tokens` tokens."""
+        assert self.limiter is not None
+        try:
+            await self.limiter.acquire(1, tokens)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise ProviderError(f"{self.spec.model}: rate limiter failed: {self._redact(str(exc))}") from None
 
     def _wait(self, state: RetryCallState) -> float:
         """The server's Retry-After when it gives one, else backoff with equal jitter."""
