@@ -2,13 +2,26 @@
 
 The only part of the worker that runs queries. Every call is a short transaction; none is
 held across an embedding request (DESIGN rule 1).
+
+A call that fails because the database went away (restart, failover, a terminated
+session, a deadlock or lock timeout: psycopg's OperationalError) is run again on a fresh
+connection, with backoff, for a while: `reconnect_for` seconds, and an acknowledgement
+only while its lease lasts, since after that it would write nothing. Every call is safe to
+repeat: a claim whose answer was lost leaves rows leased to nobody, which come back when
+the lease expires; reads change nothing; an acknowledgement re-checks its lease and the
+versions, so one that did commit before the connection broke finds nothing left to do.
+Without this, a batch embedded during a restart would be thrown away and paid for again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import psycopg
@@ -20,6 +33,8 @@ from pgembed.providers import ModelSpec
 from pgembed.sqlfiles import query
 
 Key = tuple[str, ...]
+T = TypeVar("T")
+log = logging.getLogger("pgembed.queue")
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,8 @@ class Batch:
     pipeline: str
     lease: uuid.UUID
     rows: list[Claimed]
+    # time.monotonic() at which the lease runs out (a little before the database's clock says)
+    expires: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,8 @@ class AckResult:
     failed: int = 0
     changed: int = 0
     lost: int = 0
+    # rows `held` did not return: deleted, taken by another lease, or locked at that instant
+    skipped: list[Key] = field(default_factory=list)
 
 
 def _keys(keys: Sequence[Key]) -> list[Jsonb]:
@@ -107,14 +126,51 @@ def _keys(keys: Sequence[Key]) -> list[Jsonb]:
 
 
 class Queue:
-    def __init__(self, pool: AsyncConnectionPool, worker: str) -> None:
+    def __init__(self, pool: AsyncConnectionPool, worker: str, *, reconnect_for: float = 30.0) -> None:
         self.pool = pool
         self.worker = worker
+        self.reconnect_for = reconnect_for
+        self._unavailable_since: float | None = None
+
+    async def _retrying(self, what: str, call: Callable[[float], Awaitable[T]],
+                        deadline: float | None = None) -> T:
+        """Runs `call(timeout)` until it gets through, the database having gone away in
+        between, or until `deadline` (monotonic) or `reconnect_for` seconds have passed;
+        then raises the last error. One warning when the database goes away, one info line
+        when it is back."""
+        give_up = min(deadline if deadline is not None else float("inf"),
+                      time.monotonic() + self.reconnect_for)
+        delay = 0.2
+        while True:
+            timeout = max(give_up - time.monotonic(), 0.5)
+            try:
+                result = await call(timeout)
+            except psycopg.OperationalError as error:
+                now = time.monotonic()
+                if now + delay >= give_up:
+                    raise
+                if self._unavailable_since is None:
+                    self._unavailable_since = now
+                    log.warning("database unavailable during %s (%s); retrying on a new connection",
+                                what, _one_line(error), extra={"action": "db_unavailable", "during": what})
+                else:
+                    log.debug("%s failed again: %s", what, _one_line(error), extra={"action": "db_retry"})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._unavailable_since is not None:
+                log.info("database reachable again after %.1fs", time.monotonic() - self._unavailable_since,
+                         extra={"action": "db_available"})
+                self._unavailable_since = None
+            return result
 
     async def pipelines(self) -> dict[str, PipelineInfo]:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(query("pipelines"))
-            rows = await cur.fetchall()
+        async def call(timeout: float) -> list[tuple]:
+            async with self.pool.connection(timeout) as conn:
+                cur = await conn.execute(query("pipelines"))
+                return await cur.fetchall()
+
+        rows = await self._retrying("pipelines", call)
         return {
             r[0]: PipelineInfo(
                 name=r[0], id=r[1], chunk_tokens=r[4], chunk_overlap=r[5],
@@ -127,28 +183,42 @@ class Queue:
 
     async def claim(self, limit: int, lease_seconds: float, after: str) -> Batch | None:
         lease = uuid.uuid4()
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(query("claim"), {
-                "worker": self.worker, "lease": lease, "limit": limit,
-                "lease_seconds": lease_seconds, "after": after,
-            })
-            rows = await cur.fetchall()
+
+        async def call(timeout: float) -> tuple[float, list[tuple]]:
+            async with self.pool.connection(timeout) as conn:
+                started = time.monotonic()
+                cur = await conn.execute(query("claim"), {
+                    "worker": self.worker, "lease": lease, "limit": limit,
+                    "lease_seconds": lease_seconds, "after": after,
+                })
+                return started, await cur.fetchall()
+
+        started, rows = await self._retrying("claim", call)
         if not rows:
             return None
-        return Batch(rows[0][0], lease, [Claimed(tuple(r[1]), r[2], r[3], r[4]) for r in rows])
+        return Batch(rows[0][0], lease, [Claimed(tuple(r[1]), r[2], r[3], r[4]) for r in rows],
+                     expires=started + lease_seconds)
 
     async def read(self, info: PipelineInfo, keys: list[Key]) -> tuple[list[SourceRow], dict[Key, str]]:
         """Current content of the rows. A content expression that raises for some rows
         (division by zero, a bad cast) is bisected so that only those rows fail."""
-        try:
-            async with self.pool.connection() as conn:
+        async def call(timeout: float) -> list[tuple]:
+            async with self.pool.connection(timeout) as conn:
                 cur = await conn.execute(
                     sql.SQL("SELECT key, found, content, cost_center FROM {}(%s)").format(
                         info.read_function), (Jsonb([list(k) for k in keys]),))
-                rows = await cur.fetchall()
+                return await cur.fetchall()
+
+        try:
+            rows = await self._retrying("read", call)
             return [SourceRow(tuple(r[0]), r[1], r[2], r[3]) for r in rows], {}
         except (psycopg.DataError, psycopg.errors.ProgrammingError,
                 psycopg.errors.InternalError_) as error:
+            if isinstance(error, psycopg.errors.UndefinedFunction) and not await self._exists(info):
+                # dropped since the claim: its reader and its outbox rows went with it, so
+                # there is nothing to read and nothing to bisect (a function missing *inside*
+                # the content expression, on the other hand, is the rows' failure, below)
+                return [], {}
             if len(keys) == 1:
                 message = error.diag.message_primary or str(error)
                 return [], {keys[0]: f"content expression failed: {message}"}
@@ -157,22 +227,38 @@ class Queue:
             right, right_errors = await self.read(info, keys[half:])
             return left + right, {**left_errors, **right_errors}
 
+    async def _exists(self, info: PipelineInfo) -> bool:
+        async def call(timeout: float) -> bool:
+            async with self.pool.connection(timeout) as conn:
+                cur = await conn.execute("SELECT 1 FROM pgembed.pipelines WHERE name = %s AND id = %s",
+                                         (info.name, info.id))
+                return await cur.fetchone() is not None
+
+        return await self._retrying("pipeline check", call)
+
     async def cached(self, hashes: list[bytes]) -> dict[bytes, np.ndarray]:
         if not hashes:
             return {}
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(query("cache_get"), {"hashes": hashes})
-            found = {bytes(h): v for h, v in await cur.fetchall()}
-            if found:
-                await conn.execute(query("cache_touch"), {"hashes": list(found)})
-        return found
+
+        async def call(timeout: float) -> dict[bytes, np.ndarray]:
+            async with self.pool.connection(timeout) as conn:
+                cur = await conn.execute(query("cache_get"), {"hashes": hashes})
+                found = {bytes(h): v for h, v in await cur.fetchall()}
+                if found:
+                    await conn.execute(query("cache_touch"), {"hashes": list(found)})
+            return found
+
+        return await self._retrying("cache look-up", call)
 
     async def release(self, batch: Batch, keys: list[Key], delay: float) -> None:
-        async with self.pool.connection() as conn:
-            await conn.execute(query("release"), {
-                "pipeline": batch.pipeline, "lease": batch.lease, "keys": _keys(keys),
-                "delay": delay,
-            })
+        async def call(timeout: float) -> None:
+            async with self.pool.connection(timeout) as conn:
+                await conn.execute(query("release"), {
+                    "pipeline": batch.pipeline, "lease": batch.lease, "keys": _keys(keys),
+                    "delay": delay,
+                })
+
+        await self._retrying("release", call, deadline=batch.expires)
 
     async def acknowledge(
         self, info: PipelineInfo, batch: Batch, outcomes: list[Outcome],
@@ -180,9 +266,49 @@ class Queue:
         *, max_attempts: int, retry_base: float,
     ) -> AckResult:
         """One short transaction: keep the new cache entries whatever happens, then write
-        only the rows this worker still holds at the version it read."""
+        only the rows this worker still holds at the version it read. Retried across a
+        reconnect while the lease lasts."""
+
+        async def call(timeout: float) -> AckResult:
+            return await self._acknowledge(info, batch, outcomes, new_cache, usage, timeout,
+                                           max_attempts=max_attempts, retry_base=retry_base)
+
+        result = await self._retrying("acknowledge", call, deadline=batch.expires)
+        if result.skipped:
+            await self._release_unlocked(batch, result.skipped)
+        return result
+
+    async def _release_unlocked(self, batch: Batch, keys: list[Key]) -> None:
+        """Rows skipped by the acknowledgement because they were locked (an application
+        write at that very moment) are still ours: give them back as soon as the lock is
+        gone, trying for about a second, so that they do not wait for the lease to expire.
+        A row locked longer (an open application transaction) waits for the lease."""
+        params = {"pipeline": batch.pipeline, "lease": batch.lease, "keys": _keys(keys)}
+        delay = 0.05
+        while True:
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(query("release_unlocked"), params)
+                    cur = await conn.execute(query("still_leased"), params)
+                    left = [tuple(k) for (k,) in await cur.fetchall()]
+            except psycopg.OperationalError as error:  # the acknowledgement itself is done
+                log.debug("giving back skipped rows failed (%s); they return when the lease ends",
+                          _one_line(error), extra={"action": "release_skipped_failed"})
+                return
+            if not left or delay > 1.0 or time.monotonic() + delay >= batch.expires:
+                return
+            params["keys"] = _keys(left)
+            await asyncio.sleep(delay)
+            delay *= 2
+
+    async def _acknowledge(
+        self, info: PipelineInfo, batch: Batch, outcomes: list[Outcome],
+        new_cache: dict[bytes, tuple[np.ndarray, int]], usage: list[Usage], timeout: float,
+        *, max_attempts: int, retry_base: float,
+    ) -> AckResult:
         result = AckResult()
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self.pool.connection(timeout) as conn, conn.transaction():
+            await conn.execute(query("ack_begin"))
             await self._cache_put(conn, info, new_cache)
             cur = await conn.execute(query("held"), {
                 "pipeline": batch.pipeline, "lease": batch.lease,
@@ -208,6 +334,7 @@ class Queue:
         result.failed = len(bad)
         result.changed = len(changed)
         result.lost = len(outcomes) - len(current) - len(changed)
+        result.skipped = [o.claimed.key for o in outcomes if o.claimed.key not in held]
         return result
 
     async def _cache_put(self, conn: psycopg.AsyncConnection, info: PipelineInfo,
@@ -271,3 +398,8 @@ class Queue:
             cur = await conn.execute(query("ready_count"))
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

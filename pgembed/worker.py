@@ -3,6 +3,18 @@
 NOTIFY only wakes; a poll interval guarantees progress when a notification is missed. Any
 number of workers may run against one database: claims use SKIP LOCKED and every write is
 fenced by the lease it was claimed under.
+
+Shutdown (stop(), SIGTERM, SIGINT): no new claims; batches in flight get
+`shutdown_timeout` seconds to finish and be acknowledged; past that (or on a second
+signal) their embedding is cancelled and their rows are given back at once, so another
+worker takes them without waiting for the lease to expire. Acknowledgements and releases
+run as shielded tasks that the worker awaits before it closes its pool: cancellation
+never loses one (only a database that stays unreachable past WRITE_GRACE does, and then
+the lease brings the rows back). Side tasks (listener, heartbeat, watchdog) are
+supervised: if one dies, the worker stops rather than run half-alive.
+
+Around the work (pgembed/service.py, scheduler.py, metrics.py): a `pgembed.workers` row
+per worker, sd_notify for systemd, the fleet's periodic jobs, Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -12,20 +24,39 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, TypeVar
 
 import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg_pool import AsyncConnectionPool
 
-from pgembed.batch import embed_batch
+from pgembed.batch import Embedded, embed_batch
 from pgembed.db import SESSION_OPTIONS
-from pgembed.providers import Provider, ProviderError, make_provider
+from pgembed.metrics import Metrics, MetricsServer
+from pgembed.providers import EmbedResult, Provider, ProviderError, make_provider
 from pgembed.queue import AckResult, Batch, PipelineInfo, Queue
+from pgembed.scheduler import ScheduleConfig, Scheduler
+from pgembed.service import Heartbeat, Notifier, install_signal_handlers, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("pgembed.worker")
 CHANNEL = "pgembed"
+# After the shutdown bound, how long releases of cancelled batches get before the slots
+# themselves are cancelled (only a database that stopped answering takes that long).
+SHUTDOWN_GRACE = 5.0
+# How long run() waits, at the very end, for acknowledgements and releases still running.
+WRITE_GRACE = 30.0
+T = TypeVar("T")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pgembed")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass
@@ -39,6 +70,13 @@ class WorkerConfig:
     retry_base: float = 10.0
     outage_backoff: float = 30.0
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # service
+    shutdown_timeout: float = 30.0
+    heartbeat_interval: float = 10.0  # 0: no pgembed.workers row
+    handle_signals: bool = False  # SIGTERM/SIGINT -> graceful stop (the CLI sets it)
+    schedule: ScheduleConfig | None = None  # None: no scheduled jobs in this worker
+    metrics_port: int | None = None  # 0 picks a free port (tests)
+    metrics_address: str = "127.0.0.1"
 
 
 @dataclass
@@ -50,6 +88,7 @@ class WorkerStats:
     changed: int = 0
     lost: int = 0
     provider_errors: int = 0
+    released: int = 0  # rows given back unfinished at shutdown
 
     def add(self, result: AckResult) -> None:
         self.batches += 1
@@ -60,6 +99,28 @@ class WorkerStats:
         self.lost += result.lost
 
 
+class _TimedProvider:
+    """Measures each provider.embed call for the API latency histogram."""
+
+    def __init__(self, inner: Provider, metrics: Metrics) -> None:
+        self.inner = inner
+        self.spec = inner.spec
+        self.metrics = metrics
+
+    async def embed(self, texts: list[str]) -> EmbedResult:
+        started = time.perf_counter()
+        try:
+            result = await self.inner.embed(texts)
+        except ProviderError:
+            self.metrics.api_call(self.spec.model, time.perf_counter() - started, ok=False)
+            raise
+        self.metrics.api_call(self.spec.model, time.perf_counter() - started, ok=True)
+        return result
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class Worker:
     def __init__(self, dsn: str, config: WorkerConfig | None = None,
                  on_batch: Callable[[AckResult], None] | None = None) -> None:
@@ -67,86 +128,327 @@ class Worker:
         self.config = config or WorkerConfig()
         self.on_batch = on_batch
         self.stats = WorkerStats()
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
+        self.notifier = Notifier.from_env()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._force = asyncio.Event()
+        self._listening = asyncio.Event()
         self._busy = 0
         self._after = ""
         self._pipelines: dict[str, PipelineInfo] = {}
         self._providers: dict[tuple[str, int], Provider] = {}
+        self._embedding: dict[asyncio.Task[Embedded], Batch] = {}
+        self._protected: set[asyncio.Task[Any]] = set()
+        self._state = "running"
+        self._heartbeat: Heartbeat | None = None
+        self._scheduler: Scheduler | None = None
 
     def stop(self) -> None:
-        """Stop claiming; batches in flight are finished and acknowledged."""
+        """Stop claiming; batches in flight are finished and acknowledged (within the
+        shutdown timeout)."""
         self._stopping.set()
         self._wake.set()
 
+    def abort(self) -> None:
+        """Stop now: batches in flight are given back instead of finished."""
+        self._force.set()
+        self.stop()
+
+    def _on_signal(self, name: str) -> None:
+        if self._stopping.is_set():
+            log.warning("%s again: giving back the batches in flight now", name,
+                        extra={"action": "shutdown_now", "signal": name})
+            self.abort()
+            return
+        log.info("%s: stopping; batches in flight get up to %gs to finish", name,
+                 self.config.shutdown_timeout, extra={"action": "shutdown", "signal": name})
+        self.stop()
+
+    # ------------------------------------------------------------------ lifecycle
+
     async def run(self) -> WorkerStats:
+        undo_signals = (install_signal_handlers(asyncio.get_running_loop(), self._on_signal)
+                        if self.config.handle_signals else None)
         pool = AsyncConnectionPool(
-            self.dsn, min_size=1, max_size=self.config.concurrency + 1, open=False,
-            kwargs={"autocommit": True, "application_name": "pgembed-worker",
-                    "options": SESSION_OPTIONS},
+            self.dsn, min_size=1, max_size=self.config.concurrency + 2, open=False,
+            kwargs={"autocommit": True, "application_name": "pgembed-worker", "options": SESSION_OPTIONS},
             configure=register_vector_async,
         )
-        await pool.open(wait=True)
-        queue = Queue(pool, self.config.name)
-        listener = asyncio.create_task(self._listen())
-        log.info("worker %s started", self.config.name, extra={"action": "start"})
+        server: MetricsServer | None = None
+        scheduler: Scheduler | None = None
+        side: dict[str, asyncio.Task[Any]] = {}
+        ready: asyncio.Task[None] | None = None
+        slots: list[asyncio.Task[None]] = []
+        crash: BaseException | None = None
         try:
-            slots = [asyncio.create_task(self._slot(queue)) for _ in range(self.config.concurrency)]
-            await asyncio.gather(*slots)
+            if self.config.metrics_port is not None:
+                server = MetricsServer(self.config.metrics_address, self.config.metrics_port)
+                self.metrics, self.metrics_port = server.metrics, server.port
+            await pool.open(wait=True)
+            queue = Queue(pool, self.config.name)
+            if self.config.heartbeat_interval > 0:
+                self._heartbeat = Heartbeat(pool, self.config.name, self.config.concurrency, _version())
+                await self._heartbeat.beat("running", self.stats, starting=True)
+                side["heartbeat"] = asyncio.create_task(self._beat_loop(), name="pgembed-heartbeat")
+            side["listener"] = asyncio.create_task(self._listen(), name="pgembed-listener")
+            interval = watchdog_interval() if self.notifier.enabled else None
+            if interval:
+                side["watchdog"] = asyncio.create_task(watchdog_loop(self.notifier, interval),
+                                                       name="pgembed-watchdog")
+            if self.config.schedule is not None:
+                scheduler = self._scheduler = Scheduler(self.dsn, self.config.name, self.config.schedule,
+                                                        on_run=self.metrics.job)
+                await scheduler.start()
+            log.info("worker %s started (concurrency %d, batch size %d)", self.config.name,
+                     self.config.concurrency, self.config.batch_size,
+                     extra={"action": "start", "worker": self.config.name})
+            ready = asyncio.create_task(self._announce_ready(), name="pgembed-ready")
+            slots = [asyncio.create_task(self._slot(queue), name=f"pgembed-slot-{i}")
+                     for i in range(self.config.concurrency)]
+            crash = await self._supervise(slots, side)
         finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            for task in [*slots, ready]:
+                if task is not None and not task.done():
+                    task.cancel()  # only when run() itself was cancelled; releases are protected
+            if slots:
+                await asyncio.gather(*slots, return_exceptions=True)
+            if scheduler is not None:
+                await scheduler.stop(0)  # a no-op after _drain; cancels runs if run() was cancelled
+            for task in side.values():
+                task.cancel()
+            await asyncio.gather(*side.values(), return_exceptions=True)
+            await self._settle()
+            if self._heartbeat is not None and not pool.closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._heartbeat.goodbye(), 5)
             for provider in self._providers.values():
                 await provider.aclose()
             await pool.close()
-        log.info("worker %s stopped: %s", self.config.name, self.stats, extra={"action": "stop"})
+            if server is not None:
+                server.close()
+            if undo_signals:
+                undo_signals()
+        st = self.stats
+        log.info("worker %s stopped: %d batches, %d rows written, %d removed, %d failed, %d given back",
+                 self.config.name, st.batches, st.written, st.removed, st.failed, st.released,
+                 extra={"action": "stop", "worker": self.config.name, "batches": self.stats.batches,
+                        "written": self.stats.written, "released": self.stats.released})
+        if crash is not None:
+            raise crash
         return self.stats
 
-    async def _slot(self, queue: Queue) -> None:
-        while not self._stopping.is_set():
-            batch = await queue.claim(self.config.batch_size, self.config.lease_seconds,
-                                      self._after)
-            if batch is None:
-                if self.config.until_empty and self._busy == 0:
+    async def _supervise(self, slots: list[asyncio.Task[None]],
+                         side: dict[str, asyncio.Task[Any]]) -> BaseException | None:
+        """Waits for the slots to end, a stop, or a side task to die; then drains within
+        the shutdown bound. Returns the error that stopped the worker, if one did."""
+        crash: BaseException | None = None
+        stop_wait = asyncio.create_task(self._stopping.wait())
+        watched = {*slots, *side.values(), stop_wait}
+        while not self._stopping.is_set() and not all(s.done() for s in slots):
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            watched -= done
+            for task in done:
+                if task is stop_wait or task.cancelled():
+                    continue
+                error = task.exception()
+                if task in side.values() or error is not None:
+                    name = next((k for k, v in side.items() if v is task), task.get_name())
+                    crash = error or RuntimeError(f"the worker's {name} ended unexpectedly")
+                    log.error("%s failed (%s); stopping the worker", name, crash,
+                              exc_info=error, extra={"action": "crash", "task": name})
                     self.stop()
-                    return
-                await self._idle()
-                continue
-            self._after = batch.pipeline
-            self._busy += 1
+        stop_wait.cancel()
+        await self._drain(slots)
+        return crash
+
+    async def _drain(self, slots: list[asyncio.Task[None]]) -> None:
+        """Lets batches in flight finish within the shutdown bound, then cancels their
+        embedding (the rows are given back) and, a little later, whatever still hangs."""
+        pending = {s for s in slots if not s.done()}
+        self._state = "stopping"
+        self.notifier.stopping(f"stopping: {len(self._embedding)} batches in flight")
+        if self._embedding:
+            log.info("finishing %d batches in flight", len(self._embedding), extra={"action": "draining"})
+        # scheduled jobs under way share the same bound
+        jobs = (asyncio.create_task(self._scheduler.stop(self.config.shutdown_timeout))
+                if self._scheduler is not None else None)
+        if pending and self._heartbeat is not None:
+            self._track(asyncio.create_task(self._beat_quietly()))
+        pending = await self._wait(pending, self.config.shutdown_timeout, until_forced=True)
+        if pending:
+            log.warning("giving back %d batches in flight", len(self._embedding),
+                        extra={"action": "shutdown_timeout"})
+            for task in list(self._embedding):
+                task.cancel()
+            # releases are quick; a slot stuck on an unreachable database is not waited for
+            for slot in await self._wait(pending, SHUTDOWN_GRACE):
+                slot.cancel()
+        await asyncio.gather(*slots, return_exceptions=True)  # errors were reported by _supervise
+        if jobs is not None:
+            await jobs
+
+    async def _wait(self, tasks: set[asyncio.Task[None]], timeout: float,
+                    until_forced: bool = False) -> set[asyncio.Task[None]]:
+        """Waits for the tasks up to `timeout` (or until abort()); returns those still running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        force_wait = asyncio.create_task(self._force.wait())
+        try:
+            while tasks and not (until_forced and self._force.is_set()):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                watched = {*tasks, force_wait} if until_forced else tasks
+                await asyncio.wait(watched, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                tasks = {t for t in tasks if not t.done()}
+        finally:
+            force_wait.cancel()
+        return tasks
+
+    async def _settle(self) -> None:
+        """Acknowledgements and releases started before the stop must land before the pool
+        closes. They take milliseconds; only an unreachable database (the queue retries
+        for a while) makes one wait, and then not past WRITE_GRACE: its lease guards it."""
+        if not self._protected:
+            return
+        _, late = await asyncio.wait(set(self._protected), timeout=WRITE_GRACE)
+        if late:
+            log.warning("%d acknowledgements or releases could not be written; their rows come "
+                        "back when the lease expires", len(late), extra={"action": "write_lost"})
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _announce_ready(self) -> None:
+        await self._listening.wait()
+        self.notifier.ready(f"embedding, {self.config.concurrency} slots")
+        log.info("connected and listening on channel %s", CHANNEL, extra={"action": "ready"})
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
             try:
-                await asyncio.shield(self._process(queue, batch))
-            finally:
-                self._busy -= 1
-                self._wake.set()
+                await self._beat_now()
+            except psycopg.Error as error:
+                log.warning("heartbeat failed: %s", error, extra={"action": "heartbeat_failed"})
+
+    async def _beat_quietly(self) -> None:
+        """Says 'stopping' in pgembed.workers, without holding up the shutdown on it."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._beat_now(), 5)
+
+    async def _beat_now(self) -> None:
+        if self._heartbeat is None:
+            return
+        await self._heartbeat.beat(self._state, self.stats)
+        if self.metrics.enabled or self.notifier.enabled:
+            ready, leased, waiting = await self._heartbeat.queue_depth()
+            self.metrics.queue_depth(ready, leased, waiting)
+            self.notifier.status(f"{self._state}: {self.stats.written} rows embedded in "
+                                 f"{self.stats.batches} batches; queue: {ready} ready, {leased} leased")
+
+    # ---------------------------------------------------------------- the work
+
+    async def _protect(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs a write that must not be lost to cancellation; run() awaits it before
+        closing the pool even if the caller was cancelled."""
+        return await asyncio.shield(self._track(asyncio.create_task(coro)))
+
+    def _track(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        self._protected.add(task)
+        task.add_done_callback(self._protected.discard)
+        return task
+
+    async def _slot(self, queue: Queue) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self._step(queue)
+                delay = 0.5
+            except psycopg.OperationalError as error:
+                if self.config.until_empty:
+                    raise
+                # a PostgreSQL restart or network blip: leases protect what was claimed
+                log.warning("database unavailable (%s); retrying in %.1fs", error, delay,
+                            extra={"action": "db_retry"})
+                await self._sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _step(self, queue: Queue) -> None:
+        batch = await queue.claim(self.config.batch_size, self.config.lease_seconds, self._after)
+        if batch is None:
+            if self.config.until_empty and self._busy == 0:
+                self.stop()
+                return
+            await self._idle()
+            return
+        if self._stopping.is_set():  # claimed while the stop came: give it straight back
+            await self._protect(queue.release(batch, [c.key for c in batch.rows], 0))
+            return
+        self._after = batch.pipeline
+        self._busy += 1
+        self.metrics.batches_in_flight(self._busy)
+        try:
+            await self._process(queue, batch)
+        finally:
+            self._busy -= 1
+            self.metrics.batches_in_flight(self._busy)
+            self._wake.set()
 
     async def _idle(self) -> None:
         self._wake.clear()
         interval = 0.05 if self.config.until_empty else self.config.poll_interval
+        await self._sleep(interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleeps, but wakes on a notification or a stop."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), interval)
+            await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _process(self, queue: Queue, batch: Batch) -> None:
         info = await self._pipeline(queue, batch.pipeline)
         if info is None:  # dropped since the claim: its outbox rows went with it
             return
-        provider = self._provider(info)
+        keys = [c.key for c in batch.rows]
+        embedding = asyncio.create_task(embed_batch(info, batch, queue, self._provider(info)))
+        self._embedding[embedding] = batch
         try:
-            embedded = await embed_batch(info, batch, queue, provider)
+            embedded = await embedding
+        except asyncio.CancelledError:
+            # cut short by the shutdown bound (or the worker is cancelled): the rows go
+            # back now rather than when the lease expires
+            await self._protect(queue.release(batch, keys, 0))
+            self.stats.released += len(keys)
+            log.warning("pipeline %s: %d rows given back unfinished", info.name, len(keys),
+                        extra={"action": "release", "pipeline": info.name, "rows": len(keys)})
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return
         except ProviderError as error:
             self.stats.provider_errors += 1
             log.warning("pipeline %s: provider failed, %d rows back in %.0fs: %s",
-                        info.name, len(batch.rows), self.config.outage_backoff, error,
-                        extra={"action": "provider_error"})
-            await queue.release(batch, [c.key for c in batch.rows], self.config.outage_backoff)
+                        info.name, len(keys), self.config.outage_backoff, error,
+                        extra={"action": "provider_error", "pipeline": info.name})
+            await self._protect(queue.release(batch, keys, self.config.outage_backoff))
             return
-        result = await queue.acknowledge(
+        finally:
+            self._embedding.pop(embedding, None)
+        result = await self._protect(queue.acknowledge(
             info, batch, embedded.outcomes, embedded.new_cache, embedded.usage,
-            max_attempts=self.config.max_attempts, retry_base=self.config.retry_base)
+            max_attempts=self.config.max_attempts, retry_base=self.config.retry_base))
         self.stats.add(result)
+        self.metrics.batch(info.name, {"written": result.written, "removed": result.removed,
+                                       "failed": result.failed, "changed": result.changed,
+                                       "lost": result.lost})
+        for u in embedded.usage:
+            self.metrics.usage(info.spec.model, u.requests, u.tokens, u.cache_hits, u.cache_misses)
         log.info("pipeline %s: %d written, %d removed, %d failed, %d changed, %d lost",
                  info.name, result.written, result.removed, result.failed, result.changed,
-                 result.lost, extra={"action": "batch"})
+                 result.lost, extra={"action": "batch", "pipeline": info.name, "written": result.written,
+                                     "removed": result.removed, "failed": result.failed})
         if self.on_batch:
             self.on_batch(result)
 
@@ -158,7 +460,8 @@ class Worker:
     def _provider(self, info: PipelineInfo) -> Provider:
         key = (info.spec.model, info.spec.dimensions)
         if key not in self._providers:
-            self._providers[key] = make_provider(info.spec)
+            provider = make_provider(info.spec)
+            self._providers[key] = _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
         return self._providers[key]
 
     async def _listen(self) -> None:
@@ -170,6 +473,7 @@ class Worker:
                         self.dsn, autocommit=True, application_name="pgembed-listener") as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     delay = 0.5
+                    self._listening.set()
                     self._wake.set()  # anything sent while we were away
                     async for _ in conn.notifies():
                         self._wake.set()

@@ -111,6 +111,30 @@ BEGIN
         RAISE EXCEPTION 'pgembed: the % expression may read only columns of %, not %',
             p_what, p_source, others;
     END IF;
+    -- Workers evaluate the expression with their own rights, on every row, for as long as the
+    -- pipeline lives. So it may call only functions that cannot write (IMMUTABLE or STABLE:
+    -- the same text for the same row is also what the cache relies on), owned by the creator
+    -- or a superuser: a function another role owns could be replaced later by one that runs
+    -- statements as the worker. Every function and operator the expression calls, built-in or
+    -- not, is a funcid/opfuncid in the probe view's stored query tree.
+    SELECT string_agg(DISTINCT format('%s (%s)', f.oid::regprocedure,
+                      CASE WHEN f.provolatile = 'v' THEN 'VOLATILE'
+                           ELSE 'owned by ' || f.proowner::regrole::text END), ', ')
+      INTO others
+      FROM pg_catalog.pg_rewrite r
+     CROSS JOIN LATERAL pg_catalog.regexp_matches(r.ev_action::text, ':(?:funcid|opfuncid) ([0-9]+)', 'g')
+                AS m(id)
+      JOIN pg_catalog.pg_proc f ON f.oid = m.id[1]::oid
+     WHERE r.ev_class = format('pg_temp.%I', probe_view)::regclass
+       AND (f.provolatile = 'v'
+            OR NOT (f.proowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)
+                    OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = f.proowner)));
+    IF others IS NOT NULL THEN
+        EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
+        RAISE EXCEPTION 'pgembed: the % expression may call only IMMUTABLE or STABLE functions owned by you or a superuser, not %',
+            p_what, others
+            USING HINT = 'Declare your function IMMUTABLE or STABLE and own it (ALTER FUNCTION ... OWNER TO ...).';
+    END IF;
     -- refobjsubid 0 is a whole-row reference: then every column counts
     SELECT array_agg(a.attname ORDER BY a.attnum) INTO cols
       FROM pg_catalog.pg_attribute a
@@ -210,8 +234,13 @@ BEGIN
         INSERT INTO pgembed.outbox AS q (pipeline, key)
         SELECT %1$L, %2$s FROM new_rows n /*rows*/
         ON CONFLICT (pipeline, key) DO UPDATE
+           -- A row waiting in line keeps its place (LEAST): moving it to the back on every
+           -- change would starve a hot row behind any backlog, and leaving the indexed
+           -- available_at alone lets the bump be a HOT update. A row backing off after a
+           -- failure becomes ready now; a leased row keeps its lease's expiry.
            SET version = q.version + 1, changed_at = now(), attempts = 0,
-               available_at = CASE WHEN q.lease_id IS NULL THEN now() ELSE q.available_at END;
+               available_at = CASE WHEN q.lease_id IS NULL THEN LEAST(q.available_at, now())
+                                   ELSE q.available_at END;
         GET DIAGNOSTICS queued = ROW_COUNT;$q$, p.name, key_json_n);
 
     EXECUTE format($f$
@@ -534,6 +563,12 @@ BEGIN
         RAISE EXCEPTION 'pgembed: no pipeline named "%"', name
             USING HINT = 'pgembed pipeline list shows the pipelines.';
     END IF;
+    -- The queue first: this waits for a worker acknowledging rows of this pipeline (it
+    -- holds their row locks and is about to write the destination) and makes any later
+    -- acknowledgement skip them. Dropping the destination first would take its lock while
+    -- that worker needs it: a deadlock.
+    DELETE FROM pgembed.outbox q WHERE q.pipeline = p.name;
+    DELETE FROM pgembed.failures q WHERE q.pipeline = p.name;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = p.source) THEN
         FOREACH ev IN ARRAY '{insert,update,delete,truncate}'::text[] LOOP
             EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'pgembed_' || p.id || '_' || ev, p.source);

@@ -1,5 +1,7 @@
 -- Named queries the worker runs. A block starts with "-- name --"; the loader in
 -- pgembed/sqlfiles.py maps names to statements. Parameters are bound, never spliced.
+-- Built-in functions are called as pg_catalog.f(): a lookalike earlier on the worker's
+-- search_path (a schema named after its role, say) must not decide what now() is.
 
 -- claim --
 -- Lease up to `limit` ready rows of one pipeline (round robin after `after`).
@@ -18,25 +20,50 @@ SELECT content_hash, embedding FROM pgembed.embedding_cache WHERE content_hash =
 
 -- cache_touch --
 -- Marks entries as used, at most once an hour each, so hits stay nearly write-free.
-UPDATE pgembed.embedding_cache SET last_used_at = now()
- WHERE content_hash = ANY(%(hashes)s) AND last_used_at < now() - interval '1 hour'
+UPDATE pgembed.embedding_cache SET last_used_at = pg_catalog.now()
+ WHERE content_hash = ANY(%(hashes)s) AND last_used_at < pg_catalog.now() - interval '1 hour'
 
 -- cache_put --
--- Sorted by hash so that two workers storing overlapping sets never deadlock.
+-- Sorted by hash so that two workers storing overlapping sets never deadlock. (unnest with
+-- several arrays is FROM-clause syntax, not a function call, so it cannot be qualified.)
 INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens)
 SELECT h, %(model)s, %(dimensions)s, e, t
   FROM unnest(%(hashes)s::bytea[], %(embeddings)s::vector[], %(tokens)s::int[]) AS u(h, e, t)
  ORDER BY h
 ON CONFLICT (content_hash) DO NOTHING
 
+-- ack_begin --
+-- First statement of an acknowledgement. Its statements go back to back; a session idle
+-- inside one for seconds belongs to a worker that is paused (SIGSTOP, a VM freeze) or
+-- stuck, and its row locks make every other worker skip those rows. End such a session
+-- soon (its lease fencing makes that safe) instead of after the session-wide timeout.
+SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', '5s', true)
+
 -- held --
 -- The rows of a batch this worker still holds: same lease, lease not expired. Rows an
 -- application transaction is changing right now are skipped: they come round again.
 SELECT key, version FROM pgembed.outbox
- WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND available_at > now()
+ WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND available_at > pg_catalog.now()
    AND key = ANY(%(keys)s::jsonb[])
  ORDER BY key
    FOR UPDATE SKIP LOCKED
+
+-- release_unlocked --
+-- Gives back rows of a batch that `held` skipped because someone held their row lock at that
+-- instant (an application statement changing them: they need embedding again). Without
+-- this they would wait for the lease to expire. Rows still locked are skipped again.
+UPDATE pgembed.outbox o
+   SET lease_id = NULL, leased_by = NULL, available_at = LEAST(o.queued_at, pg_catalog.now())
+  FROM (SELECT q.pipeline, q.key FROM pgembed.outbox q
+         WHERE q.pipeline = %(pipeline)s AND q.lease_id = %(lease)s AND q.key = ANY(%(keys)s::jsonb[])
+           FOR UPDATE SKIP LOCKED) AS free
+ WHERE o.pipeline = free.pipeline AND o.key = free.key
+RETURNING o.key
+
+-- still_leased --
+-- Which of these rows are still leased under this lease (without waiting for any lock).
+SELECT key FROM pgembed.outbox
+ WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(%(keys)s::jsonb[])
 
 -- done --
 DELETE FROM pgembed.outbox WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)s::jsonb[])
@@ -45,10 +72,14 @@ DELETE FROM pgembed.outbox WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)s:
 DELETE FROM pgembed.failures WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)s::jsonb[])
 
 -- release --
--- Gives rows back, e.g. changed while they were embedded, or after an API outage.
+-- Gives rows back, e.g. changed while they were embedded, or after an API outage. Without a
+-- delay a row goes back to its place in line (when it was first queued), not to the back:
+-- a row that keeps changing while it is embedded would otherwise wait behind every backlog.
 UPDATE pgembed.outbox
    SET lease_id = NULL, leased_by = NULL,
-       available_at = now() + make_interval(secs => %(delay)s)
+       available_at = CASE WHEN %(delay)s::float8 > 0
+                           THEN pg_catalog.now() + pg_catalog.make_interval(secs => %(delay)s::float8)
+                           ELSE LEAST(queued_at, pg_catalog.now()) END
  WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(%(keys)s::jsonb[])
 
 -- fail --
@@ -62,4 +93,4 @@ VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(i
         %(tokens)s, %(cache_hits)s, %(cache_misses)s, %(worker)s)
 
 -- ready_count --
-SELECT count(*) FROM pgembed.outbox WHERE available_at <= now()
+SELECT pg_catalog.count(*) FROM pgembed.outbox WHERE available_at <= pg_catalog.now()
