@@ -1,0 +1,86 @@
+"""3. API-bound: the fake OpenAI-compatible API (a subprocess, with `latency` per request)
+against the bound `batch size × concurrency / latency`, what a worker would reach if
+everything but the API call were free.
+
+The worker is pgembed's, in-process, with its default concurrency and batch size, the real
+`openai` client and provider; each claimed batch is one request (64 short texts is far
+below the API's input and token limits). The destination has no vector index, so the
+database is not what limits the rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from benchmarks.harness import (
+    Bench,
+    Result,
+    at_least,
+    connect,
+    copy_docs,
+    corpus,
+    count,
+    cpu_now,
+    create_docs,
+    create_pipeline,
+    drain,
+    ratio,
+    vacuum,
+    worker_config,
+)
+
+NAME = "api_bound"
+MODEL = "openai:text-embedding-3-small"
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run(bench: Bench) -> list[Result]:
+    s = bench.scale
+    rows, latency = s.api_rows, s.api_latency
+    bench.log(f"  {NAME}: {rows:,} rows, {latency * 1000:.0f} ms per request")
+    api = bench.fake_api(latency)
+    config = worker_config(s)
+    with bench.database() as dsn, connect(dsn) as conn, environment(api.env()):
+        create_docs(conn)
+        destination = create_pipeline(conn, MODEL, dimensions=s.api_dims, index="none")
+        copy_docs(conn, corpus(rows))
+        vacuum(conn, "pgembed.outbox")
+        api.reset(latency)
+        before = cpu_now(bench)
+        drained = drain(dsn, config)
+        used = cpu_now(bench) - before
+        stats = api.stats()
+        stored = count(conn, destination)
+    figure = stored / drained.seconds
+    bound = config.batch_size * config.concurrency / latency
+    r = ratio(figure, bound)
+    notes = []
+    if stored != rows:
+        notes.append(f"only {stored} of {rows} rows embedded")
+    if stats["inputs"] != rows:
+        notes.append(f"the API received {stats['inputs']} inputs for {rows} rows")
+    return [Result(
+        NAME, f"{latency * 1000:.0f}ms", figure, "rows/s", bound, "rows/s",
+        f"{config.batch_size} × {config.concurrency} / {latency:g}s", r, "≥ 0.85 × bound",
+        at_least(r, 0.85) and stored == rows, note="; ".join(notes),
+        details={"rows": rows, "stored": stored, "latency_s": latency, "batch_size": config.batch_size,
+                 "concurrency": config.concurrency, "api": stats, "worker_runs": drained.runs,
+                 "inputs_per_request": round(stats["inputs"] / max(stats["requests"], 1), 1),
+                 "seconds_per_batch": round(drained.seconds / max(stats["requests"], 1) * config.concurrency, 4),
+                 **used.as_dict(drained.seconds)},
+    )]
