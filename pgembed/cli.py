@@ -175,7 +175,8 @@ def worker(
         help="Seconds between updates of this worker's pgembed.workers row; 0 keeps no row.")] = 10.0,
     metrics_port: Annotated[int | None, typer.Option(
         min=0, max=65535, envvar="PGEMBED_METRICS_PORT", show_envvar=True, rich_help_panel="Service",
-        help="Serve Prometheus metrics on this port (/metrics); needs prometheus-client.")] = None,
+        help="Serve Prometheus metrics on this port (/metrics); "
+             "needs the metrics extra: pip install 'pgembed[metrics]'.")] = None,
     metrics_address: Annotated[str, typer.Option(
         envvar="PGEMBED_METRICS_ADDRESS", show_envvar=True, rich_help_panel="Service",
         help="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus).")] = "127.0.0.1",

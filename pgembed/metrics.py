@@ -99,7 +99,7 @@ class MetricsServer:
             from prometheus_client import CollectorRegistry, start_http_server
         except ImportError as error:
             raise MetricsUnavailable(
-                "--metrics-port needs the prometheus-client package: pip install prometheus-client"
+                "--metrics-port needs the prometheus-client package: pip install 'pgembed[metrics]'"
             ) from error
         self.metrics = Metrics(CollectorRegistry(auto_describe=True))
         try:
