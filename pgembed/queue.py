@@ -242,7 +242,9 @@ class Queue:
 
         async def call(timeout: float) -> dict[bytes, np.ndarray]:
             async with self.pool.connection(timeout) as conn:
-                cur = await conn.execute(query("cache_get"), {"hashes": hashes})
+                # binary results: parsing vectors from text is the slow part of a hit
+                cur = conn.cursor(binary=True)
+                await cur.execute(query("cache_get"), {"hashes": hashes})
                 found = {bytes(h): v for h, v in await cur.fetchall()}
                 if found:
                     await conn.execute(query("cache_touch"), {"hashes": list(found)})
@@ -363,8 +365,9 @@ class Queue:
                 hashes.append(c.hash if c else None)
                 vectors.append(c.vector if c else None)
         await conn.execute(
-            sql.SQL("SELECT {}(%s::jsonb[], %s::int[], %s::text[], %s::bytea[], %s::bytea[], "
-                    "%s::vector[])").format(info.store_function),
+            # binary parameters: text-formatting thousands of floats costs more than the write
+            sql.SQL("SELECT {}(%b::jsonb[], %b::int[], %b::text[], %b::bytea[], %b::bytea[], "
+                    "%b::vector[])").format(info.store_function),
             (keys, seqs, texts, doc_hashes, hashes, vectors))
 
     async def _finish(self, conn: psycopg.AsyncConnection, pipeline: str, keys: list[Key]) -> None:

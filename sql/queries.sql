@@ -16,19 +16,20 @@ SELECT p.name, p.id, p.model, p.dimensions, p.chunk_tokens, p.chunk_overlap,
   CROSS JOIN LATERAL pgembed.model_info(p.model) AS m
 
 -- cache_get --
-SELECT content_hash, embedding FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hashes)s)
+SELECT content_hash, embedding FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hashes)b::bytea[])
 
 -- cache_touch --
 -- Marks entries as used, at most once an hour each, so hits stay nearly write-free.
 UPDATE pgembed.embedding_cache SET last_used_at = pg_catalog.now()
- WHERE content_hash = ANY(%(hashes)s) AND last_used_at < pg_catalog.now() - interval '1 hour'
+ WHERE content_hash = ANY(%(hashes)b::bytea[]) AND last_used_at < pg_catalog.now() - interval '1 hour'
 
 -- cache_put --
 -- Sorted by hash so that two workers storing overlapping sets never deadlock. (unnest with
 -- several arrays is FROM-clause syntax, not a function call, so it cannot be qualified.)
+-- The arrays travel in binary: formatting vectors as text costs more than the insert.
 INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens)
 SELECT h, %(model)s, %(dimensions)s, e, t
-  FROM unnest(%(hashes)s::bytea[], %(embeddings)s::vector[], %(tokens)s::int[]) AS u(h, e, t)
+  FROM unnest(%(hashes)b::bytea[], %(embeddings)b::vector[], %(tokens)b::int[]) AS u(h, e, t)
  ORDER BY h
 ON CONFLICT (content_hash) DO NOTHING
 
@@ -44,7 +45,7 @@ SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', '5s', true)
 -- application transaction is changing right now are skipped: they come round again.
 SELECT key, version FROM pgembed.outbox
  WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND available_at > pg_catalog.now()
-   AND key = ANY(%(keys)s::jsonb[])
+   AND key = ANY(%(keys)b::jsonb[])
  ORDER BY key
    FOR UPDATE SKIP LOCKED
 
@@ -55,7 +56,7 @@ SELECT key, version FROM pgembed.outbox
 UPDATE pgembed.outbox o
    SET lease_id = NULL, leased_by = NULL, available_at = LEAST(o.queued_at, pg_catalog.now())
   FROM (SELECT q.pipeline, q.key FROM pgembed.outbox q
-         WHERE q.pipeline = %(pipeline)s AND q.lease_id = %(lease)s AND q.key = ANY(%(keys)s::jsonb[])
+         WHERE q.pipeline = %(pipeline)s AND q.lease_id = %(lease)s AND q.key = ANY(%(keys)b::jsonb[])
            FOR UPDATE SKIP LOCKED) AS free
  WHERE o.pipeline = free.pipeline AND o.key = free.key
 RETURNING o.key
@@ -63,13 +64,13 @@ RETURNING o.key
 -- still_leased --
 -- Which of these rows are still leased under this lease (without waiting for any lock).
 SELECT key FROM pgembed.outbox
- WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(%(keys)s::jsonb[])
+ WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(%(keys)b::jsonb[])
 
 -- done --
-DELETE FROM pgembed.outbox WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)s::jsonb[])
+DELETE FROM pgembed.outbox WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)b::jsonb[])
 
 -- clear_failures --
-DELETE FROM pgembed.failures WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)s::jsonb[])
+DELETE FROM pgembed.failures WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)b::jsonb[])
 
 -- release --
 -- Gives rows back, e.g. changed while they were embedded, or after an API outage. Without a
@@ -80,10 +81,10 @@ UPDATE pgembed.outbox
        available_at = CASE WHEN %(delay)s::float8 > 0
                            THEN pg_catalog.now() + pg_catalog.make_interval(secs => %(delay)s::float8)
                            ELSE LEAST(queued_at, pg_catalog.now()) END
- WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(%(keys)s::jsonb[])
+ WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(%(keys)b::jsonb[])
 
 -- fail --
-SELECT pgembed.record_failures(%(pipeline)s, %(lease)s, %(keys)s::jsonb[], %(errors)s::text[],
+SELECT pgembed.record_failures(%(pipeline)s, %(lease)s, %(keys)b::jsonb[], %(errors)b::text[],
                                %(max_attempts)s, %(retry_base)s)
 
 -- usage --

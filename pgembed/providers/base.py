@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 
 class ProviderError(Exception):
     """The whole call failed (after retries): nothing in it can be trusted, retry later."""
@@ -48,7 +50,7 @@ class ModelSpec:
 class EmbedResult:
     """One vector or one error message per input, in input order, plus what it cost."""
 
-    vectors: list[list[float] | None]
+    vectors: list[list[float] | np.ndarray | None]
     errors: list[str | None]
     tokens: int = 0
     requests: int = 0
