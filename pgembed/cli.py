@@ -495,3 +495,97 @@ def audit(
                   f"{run['orphans_deleted']:,} orphaned rows' vectors deleted")
     elif any(run[kind] for kind in ("missing", "stale", "orphaned")):
         out.print("repair with: pgembed audit --repair, then a worker")
+
+
+# --- ratelimit: the per-key budget every worker shares (sql/ratelimit.sql) -----------------
+
+from pgembed import ratelimit  # noqa: E402  (kept with its commands)
+
+ratelimit_app = typer.Typer(no_args_is_help=True,
+                            help="Set and show the API rate limit that all workers share.")
+app.add_typer(ratelimit_app, name="ratelimit")
+
+BucketOption = Annotated[str | None, typer.Option(
+    help="The budget's bucket, as `pgembed ratelimit show` lists it; default: the bucket of "
+         "PGEMBED_OPENAI_API_KEY and PGEMBED_OPENAI_BASE_URL in this environment, as a worker "
+         "here would use them (the key itself never reaches the database).")]
+
+
+def _bucket(bucket: str | None) -> tuple[str, str | None, str | None]:
+    """(bucket, base URL, key fingerprint): the one named, else the environment's key's."""
+    if bucket:
+        return bucket, None, None
+    try:
+        key, url = ratelimit.openai_endpoint()
+    except ProviderError as error:
+        raise ValueError(f"{error} as the workers have it, or name the budget with --bucket") from None
+    return ratelimit.bucket_name(url, key), url, ratelimit.key_fingerprint(key)
+
+
+def _limit(value: int | None) -> str:
+    return "no limit" if value is None else f"{value:,}"
+
+
+@ratelimit_app.command("set")
+@friendly
+def ratelimit_set(
+    requests_per_minute: Annotated[int | None, typer.Option(
+        min=1, help="Requests per minute, summed over every worker and search.")] = None,
+    tokens_per_minute: Annotated[int | None, typer.Option(
+        min=1, help="Tokens per minute, summed over every worker and search.")] = None,
+    burst_seconds: Annotated[float, typer.Option(
+        min=0.001, max=60, help="How many seconds' worth of the budget may be sent at once.")] = 1.0,
+    bucket: BucketOption = None,
+    dsn: DsnOption = None,
+) -> None:
+    """Limit what one API key is sent per minute, by all workers on all hosts together.
+
+    Example: pgembed ratelimit set --requests-per-minute 3000 --tokens-per-minute 1000000
+    """
+    if requests_per_minute is None and tokens_per_minute is None:
+        raise ValueError("give --requests-per-minute, --tokens-per-minute or both "
+                         "(`pgembed ratelimit clear` removes a budget)")
+    budget = ratelimit.Budget.per_minute(requests_per_minute, tokens_per_minute, burst_seconds)
+    name, base_url, fingerprint = _bucket(bucket)
+    with db.connect(target(dsn)) as conn:
+        ratelimit.set_budget(conn, name, budget, base_url=base_url, key_fingerprint=fingerprint)
+    out.print(f"budget of {name}: {_limit(requests_per_minute)} requests and "
+              f"{_limit(tokens_per_minute)} tokens per minute; running workers apply it within "
+              f"{ratelimit.UNLIMITED_RECHECK:g} seconds", highlight=False)
+
+
+@ratelimit_app.command("show")
+@friendly
+def ratelimit_show(dsn: DsnOption = None) -> None:
+    """Every budget and what is being spent of it (pgembed.rate_limit_status).
+
+    Example: pgembed ratelimit show
+    """
+    with db.connect(target(dsn)) as conn:
+        rows = ratelimit.status(conn)
+    if not rows:
+        out.print("no budgets: no API key is rate limited; set one with "
+                  "pgembed ratelimit set --requests-per-minute N --tokens-per-minute N")
+        return
+    for r in rows:  # one small table per bucket: a bucket's name alone is half a terminal wide
+        t = table(r["bucket"], [f"per {r['per_seconds']:g}s", "budget", "in window now", "granted in all"],
+                  [["requests", _limit(r["max_requests"]), _num(r["window_requests"]), _num(r["granted_requests"])],
+                   ["tokens", _limit(r["max_tokens"]), _num(r["window_tokens"]), _num(r["granted_tokens"])]])
+        t.caption = f"waited {_num(r['waits'])} times; last grant {_when(r['last_grant_at']) or 'never'}"
+        t.caption_justify = "left"
+        out.print(t)
+
+
+@ratelimit_app.command("clear")
+@friendly
+def ratelimit_clear(bucket: BucketOption = None, dsn: DsnOption = None) -> None:
+    """Remove a budget: that API key is no longer limited (workers see it at once).
+
+    Example: pgembed ratelimit clear --bucket 'key:3f2a9c1b7d4e5f60@https://api.openai.com/v1'
+    """
+    name, _, _ = _bucket(bucket)
+    with db.connect(target(dsn)) as conn:
+        removed = ratelimit.clear_budget(conn, name)
+    if not removed:
+        raise ValueError(f"no budget for {name}; `pgembed ratelimit show` lists them")
+    out.print(f"budget of {name} removed: no longer rate limited", highlight=False)

@@ -13,8 +13,11 @@ it answers, then asks again. The guarantee, the pacing that spreads the budget o
 rule for a request bigger than the whole budget (granted alone in its window, so never a
 deadlock) are described at the top of `sql/ratelimit.sql`.
 
-A bucket without a budget is not limited. Budgets are set with `set_budget` (or
-`pgembed.set_rate_limit(...)` in SQL) and shown by the `pgembed.rate_limit_status` view.
+A bucket without a budget is not limited, and costs next to nothing: `take_budget` writes
+nothing for it, and a limiter that found its bucket unlimited stops asking for
+`UNLIMITED_RECHECK` seconds (5), so a budget set on a busy key applies within that long.
+Budgets are set with `set_budget` (or `pgembed.set_rate_limit(...)` in SQL, or
+`pgembed ratelimit set`) and shown by the `pgembed.rate_limit_status` view.
 When PostgreSQL cannot be reached, `acquire` raises `RateLimitUnavailable`, a
 `ProviderError`: the worker puts the batch back and tries later, as for an API outage.
 """
@@ -32,17 +35,25 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from pgembed.providers.base import ModelSpec, ProviderError
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+#: Seconds a limiter takes a bucket it found without a budget to still have none.
+UNLIMITED_RECHECK = 5.0
 
 #: The limiter's own session: losing the last grants in a crash is harmless, so commits
 #: need not wait for the disk; a lock is held for microseconds, a longer wait is a fault.
 SESSION_OPTIONS = "-c synchronous_commit=off -c lock_timeout=5s -c statement_timeout=30s"
 
-_TAKE = "SELECT pgembed.take_budget(%s, %s, %s)"
+_LIMITED = (
+    "EXISTS (SELECT FROM pgembed.rate_limits WHERE bucket = %(bucket)s "
+    "AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))"
+)
+# The grant and, in the same round trip, whether the bucket has a budget at all.
+_TAKE = f"SELECT pgembed.take_budget(%(bucket)s, %(requests)s, %(tokens)s), {_LIMITED}"
 _SET = (
     "SELECT bucket FROM pgembed.set_rate_limit(%(bucket)s, %(max_requests)s, %(max_tokens)s, "
     "%(per_seconds)s, %(burst_seconds)s, %(base_url)s, %(key_fingerprint)s)"
@@ -186,6 +197,13 @@ def clear_budget(conn: psycopg.Connection, bucket: str) -> bool:
     return conn.execute(_CLEAR, (bucket,)).rowcount > 0
 
 
+def is_limited(conn: psycopg.Connection, bucket: str) -> bool:
+    """Whether the bucket has a budget. Only reads, so it is safe inside the caller's
+    transaction (unlike `take_budget`, whose row lock would last as long as it)."""
+    row = conn.execute(f"SELECT {_LIMITED}", {"bucket": bucket}).fetchone()
+    return bool(row and row[0])
+
+
 def status(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Every budget and what is being spent of it (`pgembed.rate_limit_status`)."""
     with conn.cursor(row_factory=dict_row) as cur:
@@ -200,6 +218,8 @@ class RateLimits:
     and reopened after a failure, shared by the limiter of every bucket.
 
     `max_sleep` caps one sleep, so that a raised budget is noticed within that long;
+    `unlimited_recheck` is how long a bucket found without a budget is taken to have none
+    (no query at all meanwhile), so that a new budget is noticed within that long;
     `sleep` replaces asyncio.sleep.
     """
 
@@ -208,14 +228,25 @@ class RateLimits:
         dsn: str,
         *,
         max_sleep: float = 5.0,
+        unlimited_recheck: float = UNLIMITED_RECHECK,
         sleep: Sleep | None = None,
     ) -> None:
         self.dsn = dsn
         self.max_sleep = max_sleep
+        self.unlimited_recheck = unlimited_recheck
         self._sleep: Sleep = asyncio.sleep if sleep is None else sleep
         self._conn: psycopg.AsyncConnection | None = None
         self._opening = asyncio.Lock()
         self._limiters: dict[str, BucketLimiter] = {}
+
+    @classmethod
+    def beside(cls, conn: psycopg.Connection, **options: Any) -> RateLimits:
+        """Budgets on a connection of their own to the database `conn` is connected to, so
+        that a grant's row lock never lasts as long as the caller's transaction."""
+        dsn = conn.info.dsn
+        if conn.info.password:  # never part of info.dsn
+            dsn = make_conninfo(dsn, password=conn.info.password)
+        return cls(dsn, **options)
 
     async def _connect(self) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(
@@ -238,6 +269,11 @@ class RateLimits:
 
     async def take(self, bucket: str, requests: int, tokens: int) -> float:
         """One `pgembed.take_budget`: 0 when granted, else seconds to wait."""
+        wait, _ = await self.ask(bucket, requests, tokens)
+        return wait
+
+    async def ask(self, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
+        """`take`, and whether the bucket has a budget at all (False: it grants anything)."""
         for attempt in (1, 2):
             try:
                 conn = await self._connection()
@@ -307,6 +343,7 @@ class LimiterStats:
     grants: int = 0
     waits: int = 0
     waited_seconds: float = 0.0
+    unasked: int = 0  # grants answered from memory: the bucket had no budget a moment ago
 
 
 class BucketLimiter:
@@ -316,13 +353,21 @@ class BucketLimiter:
         self.limits = limits
         self.bucket = bucket
         self.stats = LimiterStats()
+        self._unlimited_until = -math.inf
 
     async def acquire(self, requests: int, tokens: int) -> None:
         """Return once the budget grants `requests` requests of `tokens` tokens in all."""
         started = time.monotonic()
+        if started < self._unlimited_until:
+            # No budget a moment ago: a round trip per request would buy nothing.
+            self.stats.grants += 1
+            self.stats.unasked += 1
+            return
         while True:
-            wait = await self.limits.take(self.bucket, requests, tokens)
+            wait, limited = await self.limits.ask(self.bucket, requests, tokens)
             if wait <= 0:
+                if not limited:
+                    self._unlimited_until = time.monotonic() + self.limits.unlimited_recheck
                 break
             self.stats.waits += 1
             # A little jitter, so that waiters woken by the same slot do not all collide.
@@ -334,10 +379,12 @@ class BucketLimiter:
         return f"BucketLimiter({self.bucket!r})"
 
 
-async def _take(conn: psycopg.AsyncConnection, bucket: str, requests: int, tokens: int) -> float:
-    cur = await conn.execute(_TAKE, (bucket, requests, tokens))
+async def _take(conn: psycopg.AsyncConnection, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
+    cur = await conn.execute(_TAKE, {"bucket": bucket, "requests": requests, "tokens": tokens})
     row = await cur.fetchone()
-    return float(row[0]) if row and row[0] is not None else 0.0
+    if row is None:
+        return 0.0, True
+    return (float(row[0]) if row[0] is not None else 0.0), bool(row[1])
 
 
 def _first_line(error: BaseException) -> str:

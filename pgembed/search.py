@@ -1,12 +1,16 @@
 """Nearest-neighbour search over a pipeline's destination table.
 
 The query text is embedded like any chunk: through the cache, and recorded in
-pgembed.usage with purpose `query` and the caller's cost center.
+pgembed.usage with purpose `query` and the caller's cost center. A query that reaches an
+API spends the same per-key budget as the workers (pgembed.rate_limits): when the key has
+one, the request waits for its grant, asked on a connection of its own so that the caller's
+transaction never holds the budget's row lock. A key without a budget costs one read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +18,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from pgembed import pipelines
+from pgembed import pipelines, ratelimit
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, ProviderError, make_provider
 
@@ -36,12 +40,24 @@ def model_spec(conn: psycopg.Connection, model: str, dimensions: int) -> ModelSp
     return ModelSpec(model, dimensions, row[0], row[1], row[2], row[3])
 
 
-async def _embed_one(spec: ModelSpec, text: str) -> tuple[list[float], int, int]:
-    provider = make_provider(spec)
-    try:
+def _budget(conn: psycopg.Connection, spec: ModelSpec) -> ratelimit.RateLimits | None:
+    """Where the query's request must be granted; None when its API key has no budget (or
+    the model calls no API), so that an unlimited key opens no connection."""
+    if spec.provider != "openai":
+        return None
+    return ratelimit.RateLimits.beside(conn) if ratelimit.is_limited(conn, ratelimit.openai_bucket()) else None
+
+
+async def _embed_one(spec: ModelSpec, text: str,
+                     limits: ratelimit.RateLimits | None = None) -> tuple[list[float], int, int]:
+    async with contextlib.AsyncExitStack() as stack:
+        limiter = None
+        if limits is not None:
+            stack.push_async_callback(limits.aclose)
+            limiter = limits.for_spec(spec)
+        provider = make_provider(spec, limiter=limiter)
+        stack.push_async_callback(provider.aclose)
         result = await provider.embed([text])
-    finally:
-        await provider.aclose()
     vector, error = result.vectors[0], result.errors[0]
     if vector is None:
         raise ProviderError(f"cannot embed the query: {error}")
@@ -57,7 +73,7 @@ def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline:
     if row is not None:
         vector, tokens, requests = row[0].to_numpy(), 0, 0
     else:
-        raw, tokens, requests = asyncio.run(_embed_one(spec, text))
+        raw, tokens, requests = asyncio.run(_embed_one(spec, text, _budget(conn, spec)))
         vector = np.asarray(raw, dtype=np.float32)
         conn.execute(
             "INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens) "

@@ -39,6 +39,7 @@ from pgembed.db import SESSION_OPTIONS
 from pgembed.metrics import Metrics, MetricsServer
 from pgembed.providers import EmbedResult, Provider, ProviderError, make_provider
 from pgembed.queue import AckResult, Batch, PipelineInfo, Queue
+from pgembed.ratelimit import RateLimits
 from pgembed.scheduler import ScheduleConfig, Scheduler
 from pgembed.service import Heartbeat, Notifier, install_signal_handlers, watchdog_interval, watchdog_loop
 
@@ -139,6 +140,9 @@ class Worker:
         self._after = ""
         self._pipelines: dict[str, PipelineInfo] = {}
         self._providers: dict[tuple[str, int], Provider] = {}
+        # The API key's budget is shared by every worker on every host, so it is kept in
+        # PostgreSQL (pgembed.rate_limits); one connection of its own, opened on first use.
+        self._limits = RateLimits(dsn)
         self._embedding: dict[asyncio.Task[Embedded], Batch] = {}
         self._protected: set[asyncio.Task[Any]] = set()
         self._state = "running"
@@ -225,6 +229,7 @@ class Worker:
                     await asyncio.wait_for(self._heartbeat.goodbye(), 5)
             for provider in self._providers.values():
                 await provider.aclose()
+            await self._limits.aclose()
             await pool.close()
             if server is not None:
                 server.close()
@@ -460,7 +465,7 @@ class Worker:
     def _provider(self, info: PipelineInfo) -> Provider:
         key = (info.spec.model, info.spec.dimensions)
         if key not in self._providers:
-            provider = make_provider(info.spec)
+            provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec))
             self._providers[key] = _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
         return self._providers[key]
 

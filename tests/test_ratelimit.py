@@ -32,12 +32,15 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgembed import ratelimit
+from pgembed import pipelines, ratelimit
 from pgembed.providers import make_provider
 from pgembed.providers.base import ModelSpec, ProviderError
 from pgembed.providers.openai import OpenAIProvider
 from pgembed.ratelimit import BucketLimiter, Budget, InvalidBudget, RateLimits, RateLimitUnavailable
+from pgembed.search import search
+from tests.conftest import drain
 from tests.fakeapi import FakeAPI, fake_token_count
+from tests.test_cli import cli
 
 KEY = "sk-test-ratelimit-9Zq7SECRETkeyMaterial4242"
 SPEC = ModelSpec("openai:tiny", dimensions=8, native_dimensions=8, max_batch_inputs=3)
@@ -564,3 +567,150 @@ def test_many_clients_in_many_processes_share_one_budget(api: TimedAPI, dsn: str
         f"token budget; heaviest {WINDOW:g}s window granted {granted}, received {received} "
         f"(budget {MAX_REQUESTS}, {MAX_TOKENS})"
     )
+
+
+# ------------------------------------------------------- the worker, search, the CLI
+
+MODEL = "openai:text-embedding-3-small"
+
+
+def _notes(conn: psycopg.Connection, rows: int) -> str:
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO notes SELECT g, 'note number ' || g FROM generate_series(1, %s) g", (rows,))
+    return pipelines.create(conn, "notes", "body", MODEL, pipelines.PipelineOptions(dimensions=64))
+
+
+def _limiter_sessions(conn: psycopg.Connection) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE application_name = 'pgembed-ratelimit' AND datname = current_database()"
+    ).fetchone()
+    return row[0] if row else 0
+
+
+def test_the_worker_spends_the_budget_of_its_key_and_closes_its_connection(
+    conn: psycopg.Connection, dsn: str, fake_api: FakeAPI
+) -> None:
+    _notes(conn, 12)
+    bucket = ratelimit.set_openai_budget(conn, Budget(max_requests=1000, per_seconds=1))
+    stats = drain(dsn, batch_size=4)
+    assert stats.written == 12
+    [row] = ratelimit.status(conn)
+    assert row["bucket"] == bucket
+    assert row["granted_requests"] == fake_api.requests == 3  # every request, asked first
+    deadline = time.monotonic() + 5  # a closed session leaves pg_stat_activity a moment later
+    while _limiter_sessions(conn) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _limiter_sessions(conn) == 0, "the worker left its budget connection open"
+
+
+def test_a_budget_that_cannot_be_consulted_puts_the_batch_back_like_an_api_outage(
+    conn: psycopg.Connection, dsn: str, fake_api: FakeAPI
+) -> None:
+    name = _notes(conn, 10)
+    conn.execute("ALTER FUNCTION pgembed.take_budget(text, int, bigint) RENAME TO take_budget_gone")
+    stats = drain(dsn, batch_size=10, outage_backoff=60)
+    assert stats.provider_errors == 1 and stats.written == 0
+    assert fake_api.requests == 0, "nothing may be sent without a grant"
+    queued, later, leased = conn.execute(
+        "SELECT count(*), bool_and(available_at > now() + interval '30 seconds'), count(lease_id) "
+        "FROM pgembed.outbox"
+    ).fetchone()
+    assert (queued, later, leased) == (10, True, 0), "put back, with the outage backoff"
+    assert conn.execute("SELECT count(*) FROM pgembed.failures").fetchone() == (0,), "not the rows' fault"
+
+    conn.execute("ALTER FUNCTION pgembed.take_budget_gone(text, int, bigint) RENAME TO take_budget")
+    conn.execute("UPDATE pgembed.outbox SET available_at = now()")
+    assert drain(dsn, batch_size=10).written == 10
+    assert conn.execute(f'SELECT count(*) FROM pgembed."{name}"').fetchone() == (10,)
+
+
+class CountingLimits(RateLimits):
+    """RateLimits that counts its round trips to PostgreSQL."""
+
+    asked = 0
+
+    async def ask(self, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
+        self.asked += 1
+        return await super().ask(bucket, requests, tokens)
+
+
+def test_a_bucket_without_a_budget_is_not_asked_per_request(dsn: str, conn: psycopg.Connection) -> None:
+    recheck = 0.5
+
+    async def go() -> None:
+        async with CountingLimits(dsn, unlimited_recheck=recheck) as limits:
+            limiter = limits.limiter("free")
+            for _ in range(50):
+                await limiter.acquire(1, 100)
+            assert (limits.asked, limiter.stats.grants, limiter.stats.unasked) == (1, 50, 49)
+            ratelimit.set_budget(conn, "free", Budget(max_requests=1, per_seconds=60))
+            await limiter.acquire(1, 0)  # the new budget is not known yet...
+            assert limits.asked == 1
+            await asyncio.sleep(recheck)
+            await limiter.acquire(1, 0)  # ...and is within `recheck`: the first of 1 a minute
+            assert limits.asked == 2
+            with pytest.raises(TimeoutError):  # the second must wait a minute
+                await asyncio.wait_for(limiter.acquire(1, 0), 0.3)
+
+    asyncio.run(go())
+    assert conn.execute("SELECT granted_requests FROM pgembed.rate_limit_state").fetchone() == (1,)
+
+
+def test_a_search_query_spends_the_same_budget_outside_the_callers_transaction(
+    conn: psycopg.Connection, dsn: str, fake_api: FakeAPI
+) -> None:
+    name = _notes(conn, 3)
+    drain(dsn)
+    before = fake_api.requests
+    assert search(conn, name, "no budget yet", k=1)
+    assert fake_api.requests == before + 1
+    assert conn.execute("SELECT count(*) FROM pgembed.rate_limit_state").fetchone() == (0,)
+
+    bucket = ratelimit.set_openai_budget(conn, Budget(max_requests=100, per_seconds=1))
+    with conn.transaction():
+        assert search(conn, name, "with a budget", k=1)
+        # the grant was taken on a connection of its own: its row lock is not ours to hold
+        with psycopg.connect(dsn, autocommit=True, options="-c lock_timeout=2s") as other:
+            assert take(other, bucket) == 0
+    assert ratelimit.status(conn)[0]["granted_requests"] == 2
+    assert fake_api.requests == before + 2
+
+
+def test_the_command_line_sets_shows_and_clears_a_budget(
+    dsn: str, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGEMBED_OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("PGEMBED_OPENAI_BASE_URL", "http://localhost:8000/v1/")
+    bucket = ratelimit.bucket_name("http://localhost:8000/v1", KEY)
+    assert "no budgets" in cli("ratelimit", "show", "--dsn", dsn).output
+
+    done = cli("ratelimit", "set", "--requests-per-minute", "3000", "--tokens-per-minute", "1000000",
+               "--dsn", dsn)
+    assert done.exit_code == 0, done.output
+    assert bucket in done.output and KEY not in done.output
+    [row] = ratelimit.status(conn)
+    assert (row["bucket"], row["max_requests"], row["max_tokens"], row["per_seconds"]) == (bucket, 3000, 1_000_000, 60)
+    assert (row["base_url"], row["key_fingerprint"]) == ("http://localhost:8000/v1", ratelimit.key_fingerprint(KEY))
+
+    shown = cli("ratelimit", "show", "--dsn", dsn)
+    assert shown.exit_code == 0, shown.output
+    assert bucket in shown.output and "3,000" in shown.output and "1,000,000" in shown.output
+
+    tokens_only = cli("ratelimit", "set", "--tokens-per-minute", "500", "--bucket", "other", "--dsn", dsn)
+    assert tokens_only.exit_code == 0, tokens_only.output
+    assert {r["bucket"]: r["max_requests"] for r in ratelimit.status(conn)} == {bucket: 3000, "other": None}
+
+    cleared = cli("ratelimit", "clear", "--dsn", dsn)
+    assert cleared.exit_code == 0 and "removed" in cleared.output
+    assert [r["bucket"] for r in ratelimit.status(conn)] == ["other"]
+
+    monkeypatch.delenv("PGEMBED_OPENAI_API_KEY")
+    for args, message in {
+        ("set", "--dsn", dsn): "give --requests-per-minute, --tokens-per-minute or both",
+        ("set", "--requests-per-minute", "10", "--dsn", dsn): "or name the budget with --bucket",
+        ("clear", "--bucket", "nope", "--dsn", dsn): "no budget for nope",
+    }.items():
+        failed = cli("ratelimit", *args)
+        assert failed.exit_code == 1 and message in failed.output, (args, failed.output)
+        assert "Traceback" not in failed.output

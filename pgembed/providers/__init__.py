@@ -7,6 +7,7 @@ from pgembed.providers.base import (
     ModelSpec,
     Provider,
     ProviderError,
+    RateLimiter,
     UnknownModelError,
 )
 
@@ -15,13 +16,19 @@ __all__ = [
     "ModelSpec",
     "Provider",
     "ProviderError",
+    "RateLimiter",
     "UnknownModelError",
     "make_provider",
 ]
 
 
-def make_provider(spec: ModelSpec) -> Provider:
-    """Build the provider for a model; heavy imports happen only for the one asked for."""
+def make_provider(spec: ModelSpec, *, limiter: RateLimiter | None = None) -> Provider:
+    """Build the provider for a model; heavy imports happen only for the one asked for.
+
+    `limiter` is the budget of the API key, asked before every HTTP request; providers that
+    call no API (`hash:`, `local:`) have nothing to ask it for and ignore it. The caller
+    builds it (the worker, from PostgreSQL), so that providers stay free of the database.
+    """
     if spec.provider == "hash":
         from pgembed.providers.hashing import HashProvider
 
@@ -29,7 +36,7 @@ def make_provider(spec: ModelSpec) -> Provider:
     if spec.provider == "openai":
         from pgembed.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(spec)
+        return OpenAIProvider(spec, limiter=limiter)
     if spec.provider == "local":
         from pgembed.providers.local import LocalProvider
 

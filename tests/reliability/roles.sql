@@ -16,6 +16,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgembed.failures TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE ON pgembed.embedding_cache TO pgembed_worker;
 GRANT INSERT ON pgembed.usage TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgembed.workers TO pgembed_worker;  -- its heartbeat row
+-- the API key's rate-limit budget, shared by every worker (pgembed.take_budget runs with
+-- the caller's rights; without these, every batch is put back as in an API outage)
+GRANT SELECT ON pgembed.rate_limits TO pgembed_worker;
+GRANT SELECT, INSERT, UPDATE ON pgembed.rate_limit_state TO pgembed_worker;
 -- the destination tables and per-pipeline read/store functions that create_pipeline makes
 -- from now on (run this as the role that creates pipelines)
 ALTER DEFAULT PRIVILEGES IN SCHEMA pgembed GRANT SELECT, INSERT, DELETE ON TABLES TO pgembed_worker;
