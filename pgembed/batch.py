@@ -6,14 +6,15 @@ DESIGN rule 1 says application writes never wait on it.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pgembed.cache import chunk_key, document_hash
 from pgembed.chunking import chunk_text
-from pgembed.providers import EmbedResult, Provider
+from pgembed.providers import EmbedResult, Provider, ProviderError
 from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
 
 
@@ -22,6 +23,7 @@ class Embedded:
     outcomes: list[Outcome]
     new_cache: dict[bytes, tuple[np.ndarray, int]]
     usage: list[Usage]
+    sent: list[bytes] = field(default_factory=list)  # hashes this batch asked the provider for
 
 
 def _texts(info: PipelineInfo, row: SourceRow) -> tuple[list[str], str | None]:
@@ -57,18 +59,80 @@ def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
     return outcomes, texts
 
 
-async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue,
-                      provider: Provider) -> Embedded:
+class InFlight:
+    """The texts a worker is embedding, from the request until the acknowledgement has put
+    them in the cache. Two of its batches that need the same text in that window send it
+    once: the second waits for the first's answer, and counts it as a cache hit."""
+
+    def __init__(self) -> None:
+        # hash -> (vector, the text's error, the whole request's error)
+        self._answers: dict[bytes, asyncio.Future[tuple[np.ndarray | None, str | None, str | None]]] = {}
+
+    def claim(self, hashes: list[bytes]) -> tuple[list[bytes], dict[bytes, asyncio.Future]]:
+        """Splits hashes into those this batch sends and those another batch is sending."""
+        mine = [h for h in hashes if h not in self._answers]
+        theirs = {h: self._answers[h] for h in hashes if h in self._answers}
+        loop = asyncio.get_running_loop()
+        for h in mine:
+            self._answers[h] = loop.create_future()
+        return mine, theirs
+
+    def settle(self, mine: list[bytes], fresh: dict[bytes, np.ndarray], failed: dict[bytes, str],
+               outage: str | None = None) -> None:
+        for h in mine:
+            answer = self._answers[h]
+            if not answer.done():
+                answer.set_result((fresh.get(h), failed.get(h), outage))
+
+    def forget(self, hashes: list[bytes]) -> None:
+        """Once the cache holds them (or the request failed), later batches look there."""
+        for h in hashes:
+            self._answers.pop(h, None)
+
+
+async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: Provider,
+                      requests: asyncio.Semaphore, inflight: InFlight) -> Embedded:
+    """`requests` bounds the provider calls in flight; reading and the cache look-up run
+    outside it, so the next batch is ready when a request slot frees up."""
     rows, read_errors = await queue.read(info, [c.key for c in batch.rows])
     outcomes, texts = _plan(info, batch, rows, read_errors)
     wanted = {h: t for chunks in texts.values() for t, h in chunks}
     cached = await queue.cached(list(wanted))
-    misses = [h for h in wanted if h not in cached]
-    result = await provider.embed([wanted[h] for h in misses]) if misses else EmbedResult([], [])
+    mine, theirs = inflight.claim([h for h in wanted if h not in cached])
+    result = EmbedResult([], [])
+    try:
+        if mine:
+            async with requests:
+                result = await provider.embed([wanted[h] for h in mine])
+    except BaseException as error:
+        inflight.settle(mine, {}, {}, outage=str(error) or type(error).__name__)
+        inflight.forget(mine)
+        raise
+    fresh, failed, new_cache = _collect(mine, result)
+    inflight.settle(mine, fresh, failed)
+    for h, answer in theirs.items():
+        vector, error, outage = await answer
+        if outage is not None:
+            raise ProviderError(f"the request that was embedding the same text failed: {outage}")
+        if vector is None:
+            failed[h] = error or "provider returned no vector"
+        else:
+            cached[h] = vector
+    for outcome in outcomes:
+        chunks = texts.get(outcome.claimed.key)
+        if chunks is not None:
+            _assemble(outcome, chunks, cached, fresh, failed)
+    usage = _attribute(outcomes, texts, mine, cached, failed, result)
+    return Embedded(outcomes, new_cache, usage, sent=mine)
+
+
+def _collect(sent: list[bytes], result: EmbedResult) -> tuple[
+        dict[bytes, np.ndarray], dict[bytes, str], dict[bytes, tuple[np.ndarray, int]]]:
+    """The provider's answer per hash: vectors, per-text errors, and the new cache entries."""
     fresh: dict[bytes, np.ndarray] = {}
     failed: dict[bytes, str] = {}
     new_cache: dict[bytes, tuple[np.ndarray, int]] = {}
-    for i, h in enumerate(misses):
+    for i, h in enumerate(sent):
         vector, error = result.vectors[i], result.errors[i]
         if vector is None:
             failed[h] = error or "provider returned no vector"
@@ -76,12 +140,7 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue,
         fresh[h] = np.asarray(vector, dtype=np.float32)
         tokens = result.token_counts[i] if i < len(result.token_counts) else 0
         new_cache[h] = (fresh[h], tokens)
-    for outcome in outcomes:
-        chunks = texts.get(outcome.claimed.key)
-        if chunks is not None:
-            _assemble(outcome, chunks, cached, fresh, failed)
-    usage = _attribute(outcomes, texts, misses, cached, failed, result)
-    return Embedded(outcomes, new_cache, usage)
+    return fresh, failed, new_cache
 
 
 def _assemble(outcome: Outcome, chunks: list[tuple[str, bytes]], cached: dict[bytes, np.ndarray],

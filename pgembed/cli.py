@@ -157,7 +157,9 @@ def _every(help_text: str, env: str) -> Any:
 @friendly
 def worker(
     until_empty: Annotated[bool, typer.Option(help="Drain the queue, then exit.")] = False,
-    concurrency: Annotated[int, typer.Option(min=1, help="Batches in flight at once.")] = 2,
+    concurrency: Annotated[int, typer.Option(min=1, help="Embedding requests in flight at once.")] = 2,
+    prefetch: Annotated[int, typer.Option(
+        min=0, help="Batches read ahead while requests are out (more throughput when the API is slow).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per claim.")] = 64,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls when idle.")] = 5.0,
     lease_seconds: Annotated[float, typer.Option(help="How long a claim is held.")] = 300.0,
@@ -235,7 +237,7 @@ def worker(
             retry_parked_max=_duration("--retry-parked-max", retry_parked_max, allow_off=False) or 0,
             index_every=_duration("--index-every", index_every),
             ivfflat_min_rows=ivfflat_min_rows, ivfflat_rebuild_factor=ivfflat_rebuild_factor)
-    config = WorkerConfig(concurrency=concurrency, batch_size=batch_size,
+    config = WorkerConfig(concurrency=concurrency, prefetch=prefetch, batch_size=batch_size,
                           poll_interval=poll_interval, lease_seconds=lease_seconds,
                           until_empty=until_empty, max_attempts=max_attempts,
                           retry_base=retry_base, shutdown_timeout=shutdown_timeout,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
 import psycopg
 from alembic import command
@@ -52,9 +53,49 @@ def downgrade(dsn: str, revision: str = "base") -> None:
         raise _explained(error) from error
 
 
+_HAS_VERSIONS = f"SELECT to_regclass('public.{VERSION_TABLE}') IS NOT NULL"
+_REVISION = f"SELECT version_num FROM public.{VERSION_TABLE}"
+
+
+class SchemaMismatch(DatabaseError):
+    """The database's pgembed schema is not the one this package was made for."""
+
+
 def current_revision(conn: psycopg.Connection) -> str | None:
-    exists = conn.execute("SELECT to_regclass(%s)", (f"public.{VERSION_TABLE}",)).fetchone()
-    if not exists or exists[0] is None:
+    exists = conn.execute(_HAS_VERSIONS).fetchone()
+    if not exists or not exists[0]:
         return None
-    row = conn.execute(f"SELECT version_num FROM public.{VERSION_TABLE}").fetchone()
+    row = conn.execute(_REVISION).fetchone()
     return row[0] if row else None
+
+
+async def current_revision_async(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """current_revision on an async connection: what a worker checks before it starts."""
+    exists = await (await conn.execute(_HAS_VERSIONS)).fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = await (await conn.execute(_REVISION)).fetchone()
+    return row[0] if row else None
+
+
+def check_revision(found: str | None) -> None:
+    """Raises SchemaMismatch, in one sentence that says what to do, unless `found` is the
+    revision this package's migrations end at.
+
+    A worker calls it at start only: its SQL and its idea of the tables are this package's,
+    so against an older schema it would fail on missing objects mid-batch, and against one
+    newer than any revision it knows it could write rows the new schema no longer means.
+    A worker already running when a compatible migration lands keeps going: refusing then
+    would turn every routine `pgembed init` into an outage."""
+    head = head_revision()
+    if found == head:
+        return
+    if found is None:
+        raise SchemaMismatch("this database has no pgembed schema: run `pgembed init` first")
+    script = ScriptDirectory.from_config(alembic_config(""))
+    if found in {rev.revision for rev in script.walk_revisions()}:
+        raise SchemaMismatch(f"the pgembed schema is at revision {found}, older than this pgembed "
+                             f"({head}): run `pgembed init` to upgrade it, then start the worker")
+    raise SchemaMismatch(f"the pgembed schema is at revision {found}, newer than this pgembed knows "
+                         f"(it ends at {head}): upgrade pgembed on this host to the version that "
+                         f"ran `pgembed init` before starting workers")

@@ -34,7 +34,8 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg_pool import AsyncConnectionPool
 
-from pgembed.batch import Embedded, embed_batch
+from pgembed import indexes, migrate
+from pgembed.batch import Embedded, InFlight, embed_batch
 from pgembed.db import SESSION_OPTIONS
 from pgembed.metrics import Metrics, MetricsServer
 from pgembed.providers import EmbedResult, Provider, ProviderError, make_provider
@@ -50,6 +51,8 @@ CHANNEL = "pgembed"
 SHUTDOWN_GRACE = 5.0
 # How long run() waits, at the very end, for acknowledgements and releases still running.
 WRITE_GRACE = 30.0
+# How often a worker whose queue runs short looks for deferred indexes to build.
+INDEX_CHECK_INTERVAL = 5.0
 T = TypeVar("T")
 
 
@@ -62,8 +65,14 @@ def _version() -> str:
 
 @dataclass
 class WorkerConfig:
-    concurrency: int = 2
+    concurrency: int = 2  # embedding requests in flight
     batch_size: int = 64
+    # batches claimed, read and looked up in the cache ahead, while the requests are out:
+    # without them each request waits for its slot's database work, and an API-bound
+    # worker reaches only latency / (latency + database time) of its bound
+    prefetch: int = 0
+    # for building a vector index put off during a large backfill (pgembed/indexes.py)
+    index_memory: str = "1GB"
     lease_seconds: float = 300.0
     poll_interval: float = 5.0
     until_empty: bool = False
@@ -122,6 +131,30 @@ class _TimedProvider:
         await self.inner.aclose()
 
 
+async def _check_schema(dsn: str) -> None:
+    """Refuses to start on a schema this package does not know (migrate.check_revision), in
+    one sentence: a worker that started anyway would fail mid-batch, or write what a newer
+    schema no longer means.
+
+    On a connection of its own, before the pool opens: the pool registers pgvector's types on
+    every connection, which never succeeds where `pgembed init` never ran, so the pool would
+    spend its whole timeout before saying anything. A server that does not answer is left to
+    the pool, which waits for it as it always did."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="pgembed-worker",
+                                                     options=SESSION_OPTIONS)
+    except psycopg.OperationalError:
+        return
+    async with conn:
+        try:
+            found = await migrate.current_revision_async(conn)
+        except psycopg.errors.InsufficientPrivilege as error:
+            raise migrate.SchemaMismatch(
+                f"cannot read the pgembed schema revision ({error.diag.message_primary}): make this "
+                "worker's role a member of pgembed_worker (README: Privileges and roles)") from None
+    migrate.check_revision(found)
+
+
 class Worker:
     def __init__(self, dsn: str, config: WorkerConfig | None = None,
                  on_batch: Callable[[AckResult], None] | None = None) -> None:
@@ -133,10 +166,17 @@ class Worker:
         self.metrics_port: int | None = None
         self.notifier = Notifier.from_env()
         self._wake = asyncio.Event()
+        self._requests = asyncio.Semaphore(self.config.concurrency)
+        self._inflight = InFlight()
+        self._building = False
+        self._pool: AsyncConnectionPool | None = None
+        self._next_index_check = 0.0
+        self._index_failed: set[str] = set()
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
         self._listening = asyncio.Event()
         self._busy = 0
+        self._claiming = 0
         self._after = ""
         self._pipelines: dict[str, PipelineInfo] = {}
         self._providers: dict[tuple[str, int], Provider] = {}
@@ -190,8 +230,10 @@ class Worker:
             if self.config.metrics_port is not None:
                 server = MetricsServer(self.config.metrics_address, self.config.metrics_port)
                 self.metrics, self.metrics_port = server.metrics, server.port
+            await _check_schema(self.dsn)
             await pool.open(wait=True)
             queue = Queue(pool, self.config.name)
+            self._pool = pool
             if self.config.heartbeat_interval > 0:
                 self._heartbeat = Heartbeat(pool, self.config.name, self.config.concurrency, _version())
                 await self._heartbeat.beat("running", self.stats, starting=True)
@@ -210,7 +252,7 @@ class Worker:
                      extra={"action": "start", "worker": self.config.name})
             ready = asyncio.create_task(self._announce_ready(), name="pgembed-ready")
             slots = [asyncio.create_task(self._slot(queue), name=f"pgembed-slot-{i}")
-                     for i in range(self.config.concurrency)]
+                     for i in range(self.config.concurrency + self.config.prefetch)]
             crash = await self._supervise(slots, side)
         finally:
             for task in [*slots, ready]:
@@ -382,9 +424,16 @@ class Worker:
                 delay = min(delay * 2, 30.0)
 
     async def _step(self, queue: Queue) -> None:
-        batch = await queue.claim(self.config.batch_size, self.config.lease_seconds, self._after)
+        # a claim under way counts: it may be about to take the rows this slot's claim
+        # skipped, so --until-empty must not call the queue empty before it returns
+        self._claiming += 1
+        try:
+            batch = await queue.claim(self.config.batch_size, self.config.lease_seconds, self._after)
+        finally:
+            self._claiming -= 1
         if batch is None:
-            if self.config.until_empty and self._busy == 0:
+            await self._build_indexes(force=self.config.until_empty)
+            if self.config.until_empty and self._busy == 0 and self._claiming == 0:
                 self.stop()
                 return
             await self._idle()
@@ -397,10 +446,27 @@ class Worker:
         self.metrics.batches_in_flight(self._busy)
         try:
             await self._process(queue, batch)
+            if len(batch.rows) < self.config.batch_size:  # the queue ran short: a backfill may be over
+                await self._build_indexes(force=False)
         finally:
             self._busy -= 1
             self.metrics.batches_in_flight(self._busy)
             self._wake.set()
+
+    async def _build_indexes(self, force: bool) -> None:
+        """Builds the vector indexes put off for backfills that are over. Counted as busy,
+        so that an --until-empty worker does not stop in the middle of a build."""
+        now = time.monotonic()
+        if self._building or (now < self._next_index_check and not force):
+            return
+        self._building = True
+        self._busy += 1
+        try:
+            self._next_index_check = now + INDEX_CHECK_INTERVAL
+            await indexes.build_ready(self.dsn, self.config.index_memory, self._index_failed, self._pool)
+        finally:
+            self._busy -= 1
+            self._building = False
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -417,7 +483,8 @@ class Worker:
         if info is None:  # dropped since the claim: its outbox rows went with it
             return
         keys = [c.key for c in batch.rows]
-        embedding = asyncio.create_task(embed_batch(info, batch, queue, self._provider(info)))
+        embedding = asyncio.create_task(embed_batch(info, batch, queue, self._provider(info),
+                                                    self._requests, self._inflight))
         self._embedding[embedding] = batch
         try:
             embedded = await embedding
@@ -441,9 +508,12 @@ class Worker:
             return
         finally:
             self._embedding.pop(embedding, None)
-        result = await self._protect(queue.acknowledge(
-            info, batch, embedded.outcomes, embedded.new_cache, embedded.usage,
-            max_attempts=self.config.max_attempts, retry_base=self.config.retry_base))
+        try:
+            result = await self._protect(queue.acknowledge(
+                info, batch, embedded.outcomes, embedded.new_cache, embedded.usage,
+                max_attempts=self.config.max_attempts, retry_base=self.config.retry_base))
+        finally:
+            self._inflight.forget(embedded.sent)
         self.stats.add(result)
         self.metrics.batch(info.name, {"written": result.written, "removed": result.removed,
                                        "failed": result.failed, "changed": result.changed,

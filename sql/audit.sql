@@ -13,8 +13,9 @@
 -- recorded a change, so the audit finds what triggers never saw (triggers disabled, session_replication_role = replica,
 -- restores, hand-made edits). Each pipeline has its own source table and content
 -- expression, hence per-pipeline dynamic SQL: identifiers come from pgembed.pipelines and
--- the catalogs and go through format('%I'); the only user-written SQL is `content`, the
--- expression create_pipeline validated and the generated reader runs too.
+-- the catalogs and go through format('%I'); the only user-written SQL is the content
+-- expression, as create_pipeline validated and bound it (content_bound, see gaps() below
+-- for why that matters here).
 --
 -- Re-runnable: the table is CREATE ... IF NOT EXISTS, functions and views CREATE OR REPLACE.
 
@@ -59,8 +60,9 @@ $$;
 --   source       its primary key
 --   outbox       PRIMARY KEY (pipeline, key), key = jsonb array of the key columns as text
 --   failures     PRIMARY KEY (pipeline, key)
--- It must run on the pipeline's search_path (the stale query evaluates `content`); what it
--- names itself is qualified. pgembed.explain_gaps() shows the plans.
+-- It runs on search_path pg_catalog, pg_temp: what it names itself is qualified, and the
+-- stale query evaluates content_bound, whose names were bound when the pipeline was
+-- created. pgembed.explain_gaps() shows the plans.
 CREATE OR REPLACE FUNCTION pgembed.gap_sql(p pgembed.pipelines, p_kind text)
 RETURNS text
 LANGUAGE plpgsql STABLE
@@ -105,9 +107,9 @@ SELECT %1$s AS key, d.embedded_at AS since
    AND %5$s$q$,
             key_d, dest, src, same_key, format(not_queued, p.name, key_d));
     WHEN 'stale' THEN
-        -- `content` is evaluated in a subquery over the source table alone, unaliased, so it
-        -- reads exactly as in the generated reader (columns, even table.column, never clash
-        -- with the destination's); the planner flattens the subquery into the join.
+        -- the content is evaluated in a subquery over the source table alone, unaliased, so
+        -- it reads exactly as in the generated reader (columns, even table.column, never
+        -- clash with the destination's); the planner flattens the subquery into the join.
         RETURN format($q$
 SELECT %1$s AS key, d.embedded_at AS since
   FROM (SELECT %2$s,
@@ -118,7 +120,7 @@ SELECT %1$s AS key, d.embedded_at AS since
  WHERE s.pgembed_current_hash IS DISTINCT FROM d.content_hash
    AND %7$s
    AND %8$s$q$,
-            key_s, pgembed.sql_list('%1$I', p.key_columns), p.content, src, dest, same_key,
+            key_s, pgembed.sql_list('%1$I', p.key_columns), p.content_bound, src, dest, same_key,
             format(not_queued, p.name, key_s), format(not_failed, p.name, key_s));
     ELSE
         RAISE EXCEPTION 'pgembed: gap kind must be missing, orphaned or stale, not %', p_kind;
@@ -143,9 +145,36 @@ BEGIN
 END
 $$;
 
--- Every gap of one pipeline, or of all. SECURITY INVOKER: the caller needs SELECT on the
--- source tables, as the worker does. Each query runs on the pipeline's stored search_path
--- (set local to this call; the SET clause restores the caller's path on exit).
+-- Every gap of one pipeline, or of all.
+--
+-- SECURITY DEFINER, so that a DBA in pgembed_reader, who may read the views and nothing
+-- else, can read consistency_gaps and pipeline_status without SELECT on the queue, the
+-- vectors or the application's tables. EXECUTE is revoked from PUBLIC (privileges.sql grants
+-- it to pgembed_reader); the search_path is pinned like everywhere here; row_security is off,
+-- so that a source table's row-level security policies (code of the table's owner) never
+-- run with our rights: such a table is an error here, not a silent subset.
+--
+-- The hazard is the stale check: it evaluates a pipeline's content expression, SQL a user
+-- wrote, with the rights of pgembed's owner. What makes that safe:
+--   * It evaluates content_bound, not content: the expression with every name bound when
+--     the pipeline was created (pgembed.probe_expression), on search_path pg_catalog,
+--     pg_temp. A function, operator or type planted later in a schema of the creator's
+--     search_path (by whoever may create objects there) is never called.
+--   * create_pipeline refused anything but one expression over the source table's own
+--     columns (no subquery, no other table) calling IMMUTABLE or STABLE functions owned by
+--     the creator or a superuser; creating a pipeline needs the owner's rights on schema
+--     pgembed anyway.
+--   * Before each evaluation, every function it calls (content_functions) must still exist
+--     and belong to a superuser or to a role that already has our privileges
+--     (pg_has_role(owner, current_user, 'USAGE')): no one else's code may run as us. A
+--     function given to another role later, or created by a pipeline creator other than
+--     pgembed's owner, stops the stale check of that pipeline with a WARNING that says so;
+--     the rest of the answer stands.
+--   * The caller gets keys and timestamps. The error text of a failing expression, which
+--     may quote row data, only goes to a caller who may read the source table.
+-- Left to the owners of types and operators: code they attach to them (a domain's CHECK, an
+-- operator dropped and made again over another function) runs with our rights if a content
+-- expression uses them; keep those owned by pgembed's owner or a superuser.
 --
 -- A content expression that raises for some row (a bad cast, division by zero) would sink
 -- the whole answer; instead that pipeline's stale check is skipped with a WARNING naming
@@ -153,11 +182,14 @@ $$;
 CREATE OR REPLACE FUNCTION pgembed.gaps(p_pipeline text DEFAULT NULL)
 RETURNS TABLE (pipeline text, key jsonb, kind text, since timestamptz)
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET row_security = off
 AS $$
 #variable_conflict use_column
 DECLARE
     p pgembed.pipelines;
+    untrusted text;
     stale_keys jsonb[];
     stale_since timestamptz[];
 BEGIN
@@ -171,7 +203,6 @@ BEGIN
             CONTINUE;
         END IF;
 
-        PERFORM pg_catalog.set_config('search_path', p.search_path, true);
         RETURN QUERY EXECUTE format('SELECT %L::pg_catalog.text, g.key, %L::pg_catalog.text, g.since FROM (%s) g',
                                     p.name, 'missing', pgembed.gap_sql(p, 'missing'));
         RETURN QUERY EXECUTE format('SELECT %L::pg_catalog.text, g.key, %L::pg_catalog.text, g.since FROM (%s) g',
@@ -179,15 +210,30 @@ BEGIN
         -- collected first, so that a failing expression leaves no half-returned rows
         stale_keys := NULL;
         stale_since := NULL;
-        BEGIN
-            EXECUTE format('SELECT pg_catalog.array_agg(g.key), pg_catalog.array_agg(g.since) '
-                           'FROM (%s) g', pgembed.gap_sql(p, 'stale'))
-               INTO stale_keys, stale_since;
-        EXCEPTION WHEN OTHERS THEN  -- not a cancel or statement_timeout: those still stop us
-            RAISE WARNING 'pgembed: pipeline "%": stale rows not checked, the content expression failed: %',
-                p.name, SQLERRM;
-        END;
-        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        SELECT string_agg(format('%s (%s)', f.fn, coalesce('owned by ' || pr.proowner::regrole::text,
+                                                             'dropped')), ', ')
+          INTO untrusted
+          FROM unnest(p.content_functions) AS f(fn)
+          LEFT JOIN pg_catalog.pg_proc pr ON pr.oid = pg_catalog.to_regprocedure(f.fn)
+         WHERE pr.oid IS NULL
+            OR NOT (pg_catalog.pg_has_role(pr.proowner, current_user, 'USAGE')
+                    OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = pr.proowner));
+        IF untrusted IS NOT NULL THEN
+            RAISE WARNING 'pgembed: pipeline "%": stale rows not checked: its content expression calls functions that may not run with the rights of %: %',
+                p.name, current_user, untrusted
+                USING HINT = format('Make %s or a superuser own the function (ALTER FUNCTION ... OWNER TO ...), '
+                                    'or create the pipeline again.', current_user);
+        ELSE
+            BEGIN
+                EXECUTE format('SELECT pg_catalog.array_agg(g.key), pg_catalog.array_agg(g.since) '
+                               'FROM (%s) g', pgembed.gap_sql(p, 'stale'))
+                   INTO stale_keys, stale_since;
+            EXCEPTION WHEN OTHERS THEN  -- not a cancel or statement_timeout: those still stop us
+                RAISE WARNING 'pgembed: pipeline "%": stale rows not checked, the content expression failed: %',
+                    p.name, CASE WHEN pg_catalog.has_table_privilege(session_user, p.source, 'SELECT')
+                                 THEN SQLERRM ELSE 'SQLSTATE ' || SQLSTATE END;
+            END;
+        END IF;
         RETURN QUERY
             SELECT p.name, u.key, 'stale'::text, u.since
               FROM unnest(stale_keys, stale_since) AS u(key, since);
@@ -195,8 +241,11 @@ BEGIN
 END
 $$;
 
+REVOKE ALL ON FUNCTION pgembed.gaps(text) FROM PUBLIC;
+
 -- EXPLAIN (FORMAT JSON) of each gap query of a pipeline, run the way gaps() runs it: what a
--- DBA reads to check that the anti-joins use the indexes on a big table.
+-- DBA reads to check that the anti-joins use the indexes on a big table. Unlike gaps() it
+-- runs with the caller's rights (with p_analyze it runs the queries).
 CREATE OR REPLACE FUNCTION pgembed.explain_gaps(p_pipeline text, p_analyze boolean DEFAULT false)
 RETURNS TABLE (kind text, plan json)
 LANGUAGE plpgsql
@@ -208,7 +257,6 @@ DECLARE
     k text;
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines_named(coalesce(p_pipeline, ''));
-    PERFORM pg_catalog.set_config('search_path', p.search_path, true);
     FOREACH k IN ARRAY '{missing,orphaned,stale}'::text[] LOOP
         kind := k;
         EXECUTE format('EXPLAIN (FORMAT JSON, ANALYZE %s) %s', p_analyze::text, pgembed.gap_sql(p, k))
@@ -218,13 +266,17 @@ BEGIN
 END
 $$;
 
--- Source rows, embedded rows and the last write of one pipeline's tables.
+-- Source rows, embedded rows and the last write of one pipeline's tables. SECURITY DEFINER
+-- for pipeline_status, like gaps() (EXECUTE for pgembed_reader only); it runs no user-written
+-- SQL, only count(*) and max() over tables named from the catalogs.
 CREATE OR REPLACE FUNCTION pgembed.pipeline_counts(p_pipeline text,
                                                    OUT source_rows bigint,
                                                    OUT embedded_rows bigint,
                                                    OUT last_embedded_at timestamptz)
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET row_security = off
 AS $$
 DECLARE
     p pgembed.pipelines;
@@ -238,6 +290,8 @@ BEGIN
        INTO source_rows, embedded_rows, last_embedded_at;
 END
 $$;
+
+REVOKE ALL ON FUNCTION pgembed.pipeline_counts(text) FROM PUBLIC;
 
 -- One row per gap, all pipelines. For one pipeline, SELECT * FROM pgembed.gaps('name')
 -- computes only that one.

@@ -58,21 +58,38 @@ AS $$
     WHERE i.indrelid = p_source AND i.indisprimary
 $$;
 
--- Checks that `content` is one SQL expression over the columns of `source` and returns the
--- columns it reads. A cursor can only be opened on a single query, which is how stacked
--- statements ("x); DROP TABLE ...; --") are refused before anything runs; the probe view
--- then tells, from pg_depend, which columns and relations the expression touches.
-CREATE OR REPLACE FUNCTION pgembed.content_columns(p_source regclass, p_content text,
-                                                   p_path text, p_what text DEFAULT 'content')
-RETURNS name[]
+-- Checks that `p_content` is one SQL expression over the columns of `p_source`, read on
+-- search_path `p_path`, and returns the columns it reads and the functions it calls. A
+-- cursor can only be opened on a single query, which is how stacked statements
+-- ("x); DROP TABLE ...; --") are refused before anything runs; the probe view then tells,
+-- from pg_depend and its stored query tree, which columns, relations and functions the
+-- expression touches.
+--
+-- With p_bind it also returns `bound`: the same expression with every name bound to the
+-- object it means now. The probe view's query tree is deparsed on search_path pg_catalog,
+-- so every function, operator and type outside pg_catalog comes out schema-qualified (as
+-- pg_dump prints a view). That text is checked again on its own, and must read the same
+-- columns and call the same functions; from then on nobody can change what it calls by
+-- creating a lookalike in a schema of the creator's path.
+CREATE OR REPLACE FUNCTION pgembed.probe_expression(p_source regclass, p_content text, p_path text,
+                                                    p_what text DEFAULT 'content',
+                                                    p_bind boolean DEFAULT false,
+                                                    OUT columns name[], OUT functions text[],
+                                                    OUT bound text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    probe refcursor;
     probe_view text := 'pgembed_probe_' || pg_backend_pid();
-    cols name[];
+    probe refcursor;
+    probe_oid oid;
+    fns oid[];
     others text;
+    shape text;
+    whole text;
+    head text;
+    tail text;
+    again record;
 BEGIN
     IF p_content IS NULL OR btrim(p_content) = '' THEN
         RAISE EXCEPTION 'pgembed: % must be a SQL expression over the columns of %',
@@ -83,7 +100,7 @@ BEGIN
     BEGIN
         OPEN probe FOR EXECUTE format('SELECT (%s)::text FROM %s WHERE false', p_content, p_source);
         CLOSE probe;
-        EXECUTE format('CREATE TEMP VIEW %I AS SELECT (%s)::text FROM %s WHERE false',
+        EXECUTE format('CREATE TEMP VIEW %I AS SELECT (%s)::text AS pgembed_content FROM %s WHERE false',
                        probe_view, p_content, p_source);
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'pgembed: invalid % expression for %: %', p_what, p_source, SQLERRM
@@ -91,20 +108,27 @@ BEGIN
                          'title || '' '' || body.';
     END;
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    probe_oid := format('pg_temp.%I', probe_view)::regclass;
     SELECT string_agg(DISTINCT d.refobjid::regclass::text, ', ')
       INTO others
       FROM pg_catalog.pg_depend d
       JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
-     WHERE r.ev_class = format('pg_temp.%I', probe_view)::regclass
+     WHERE r.ev_class = probe_oid
        AND d.classid = 'pg_catalog.pg_rewrite'::regclass
        AND d.refclassid = 'pg_catalog.pg_class'::regclass
        AND d.refobjid NOT IN (p_source, r.ev_class);
     -- system catalogs leave no trace in pg_depend, so subqueries are refused outright
     IF others IS NULL AND EXISTS (
         SELECT 1 FROM pg_catalog.pg_rewrite r
-         WHERE r.ev_class = format('pg_temp.%I', probe_view)::regclass
-           AND r.ev_action::text LIKE '%{SUBLINK%') THEN
+         WHERE r.ev_class = probe_oid AND r.ev_action::text LIKE '%{SUBLINK%') THEN
         others := 'a subquery';
+    END IF;
+    -- nor is an aggregate or a window function a function of the one row being read
+    IF others IS NULL AND EXISTS (
+        SELECT 1 FROM pg_catalog.pg_rewrite r
+         WHERE r.ev_class = probe_oid
+           AND (r.ev_action::text LIKE '%:hasAggs true%' OR r.ev_action::text LIKE '%:hasWindowFuncs true%')) THEN
+        others := 'an aggregate or window function';
     END IF;
     IF others IS NOT NULL THEN
         EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
@@ -112,20 +136,24 @@ BEGIN
             p_what, p_source, others;
     END IF;
     -- Workers evaluate the expression with their own rights, on every row, for as long as the
-    -- pipeline lives. So it may call only functions that cannot write (IMMUTABLE or STABLE:
-    -- the same text for the same row is also what the cache relies on), owned by the creator
-    -- or a superuser: a function another role owns could be replaced later by one that runs
-    -- statements as the worker. Every function and operator the expression calls, built-in or
-    -- not, is a funcid/opfuncid in the probe view's stored query tree.
+    -- pipeline lives (and the audit with the owner's, see pgembed.gaps). So it may call only
+    -- functions that cannot write (IMMUTABLE or STABLE: the same text for the same row is
+    -- also what the cache relies on), owned by the creator or a superuser: a function another
+    -- role owns could be replaced later by one that runs statements as the worker. Every
+    -- function, operator, aggregate and window function the expression calls, built-in or
+    -- not, is a funcid/opfuncid/aggfnoid/winfnoid in the probe view's stored query tree.
+    SELECT coalesce(array_agg(DISTINCT m.id[1]::oid), '{}')
+      INTO fns
+      FROM pg_catalog.pg_rewrite r
+     CROSS JOIN LATERAL pg_catalog.regexp_matches(r.ev_action::text,
+                ':(?:funcid|opfuncid|aggfnoid|winfnoid) ([0-9]+)', 'g') AS m(id)
+     WHERE r.ev_class = probe_oid;
     SELECT string_agg(DISTINCT format('%s (%s)', f.oid::regprocedure,
                       CASE WHEN f.provolatile = 'v' THEN 'VOLATILE'
                            ELSE 'owned by ' || f.proowner::regrole::text END), ', ')
       INTO others
-      FROM pg_catalog.pg_rewrite r
-     CROSS JOIN LATERAL pg_catalog.regexp_matches(r.ev_action::text, ':(?:funcid|opfuncid) ([0-9]+)', 'g')
-                AS m(id)
-      JOIN pg_catalog.pg_proc f ON f.oid = m.id[1]::oid
-     WHERE r.ev_class = format('pg_temp.%I', probe_view)::regclass
+      FROM pg_catalog.pg_proc f
+     WHERE f.oid = ANY (fns)
        AND (f.provolatile = 'v'
             OR NOT (f.proowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)
                     OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = f.proowner)));
@@ -135,18 +163,44 @@ BEGIN
             p_what, others
             USING HINT = 'Declare your function IMMUTABLE or STABLE and own it (ALTER FUNCTION ... OWNER TO ...).';
     END IF;
+    -- (on our pinned path, regprocedure prints every function outside pg_catalog qualified)
+    SELECT coalesce(array_agg(f::regprocedure::text ORDER BY f::regprocedure::text), '{}')
+      INTO functions FROM unnest(fns) AS f;
     -- refobjsubid 0 is a whole-row reference: then every column counts
-    SELECT array_agg(a.attname ORDER BY a.attnum) INTO cols
+    SELECT coalesce(array_agg(a.attname ORDER BY a.attnum), '{}') INTO columns
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = p_source AND a.attnum > 0 AND NOT a.attisdropped
        AND EXISTS (
            SELECT 1 FROM pg_catalog.pg_depend d
              JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
-            WHERE r.ev_class = format('pg_temp.%I', probe_view)::regclass
+            WHERE r.ev_class = probe_oid
               AND d.refobjid = p_source
               AND d.refobjsubid IN (0, a.attnum));
+    IF p_bind THEN
+        -- The deparsed probe is "<head><expression><tail>"; a probe of NULL::text over the
+        -- same table shows what head and tail look like.
+        EXECUTE format('CREATE TEMP VIEW %I AS SELECT NULL::text AS pgembed_content FROM %s WHERE false',
+                       probe_view || '_shape', p_source);
+        shape := pg_catalog.pg_get_viewdef(format('pg_temp.%I', probe_view || '_shape')::regclass, false);
+        whole := pg_catalog.pg_get_viewdef(probe_oid, false);
+        EXECUTE format('DROP VIEW pg_temp.%I', probe_view || '_shape');
+        head := left(shape, strpos(shape, 'NULL::text') - 1);
+        tail := substr(shape, strpos(shape, 'NULL::text') + length('NULL::text'));
+        IF strpos(shape, 'NULL::text') = 0 OR left(whole, length(head)) <> head
+           OR right(whole, length(tail)) <> tail OR length(whole) <= length(head) + length(tail) THEN
+            RAISE EXCEPTION 'pgembed: cannot bind the names of the % expression for % (deparsed as %)',
+                p_what, p_source, whole;
+        END IF;
+        bound := substr(whole, length(head) + 1, length(whole) - length(head) - length(tail));
+    END IF;
     EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
-    RETURN coalesce(cols, '{}');
+    IF p_bind THEN
+        SELECT * INTO again FROM pgembed.probe_expression(p_source, bound, 'pg_catalog, pg_temp', p_what);
+        IF again.columns IS DISTINCT FROM columns OR again.functions IS DISTINCT FROM functions THEN
+            RAISE EXCEPTION 'pgembed: the % expression for % does not mean the same once its names are bound (%)',
+                p_what, p_source, bound;
+        END IF;
+    END IF;
 END
 $$;
 
@@ -350,8 +404,30 @@ REVOKE ALL ON FUNCTION pgembed.%1$I(jsonb[], int[], text[], bytea[], bytea[], %4
         pgembed.key_casts(p, 'o.k'),
         pgembed.key_casts(p, 'r.key'),
         pgembed.sql_list('d.%1$I', p.key_columns));
+    PERFORM pgembed.grant_pipeline_to_workers(p);
 END
 $gen$;
+
+-- What a worker needs of one pipeline's own objects, granted to the group role
+-- pgembed_worker (see privileges.sql): its destination table and its generated read and
+-- store functions. The source table is the DBA's to grant (GRANT SELECT ON ... TO
+-- pgembed_worker): pgembed does not hand out rights on the application's tables. Skipped
+-- when the role does not exist (dropped by a DBA who grants by hand).
+CREATE OR REPLACE FUNCTION pgembed.grant_pipeline_to_workers(p pgembed.pipelines)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgembed_worker') THEN
+        RETURN;
+    END IF;
+    EXECUTE format('GRANT SELECT, INSERT, DELETE ON pgembed.%I TO pgembed_worker', p.destination);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgembed.%I(jsonb) TO pgembed_worker', 'p' || p.id || '_read');
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgembed.%I(jsonb[], int[], text[], bytea[], bytea[], %s.vector[]) '
+                   'TO pgembed_worker', 'p' || p.id || '_store', pgembed.vector_schema());
+END
+$$;
 
 -- Queues every row of a pipeline's source table (backfill, repair).
 CREATE OR REPLACE FUNCTION pgembed.queue_all(p_pipeline text, p_purpose text DEFAULT 'backfill')
@@ -402,6 +478,7 @@ DECLARE
     p pgembed.pipelines;
     reserved name[] := '{chunk_seq,chunk,content_hash,chunk_hash,embedding,embedded_at}';
     clash name;
+    queued bigint := 0;
 BEGIN
     IF (SELECT relkind FROM pg_catalog.pg_class WHERE oid = source) NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'pgembed: % is not a table', source;
@@ -446,10 +523,12 @@ BEGIN
     p.source := source;
     p.content := content;
     p.search_path := search_path;
-    p.content_columns := pgembed.content_columns(source, content, search_path);
+    SELECT e.columns, e.bound, e.functions
+      INTO p.content_columns, p.content_bound, p.content_functions
+      FROM pgembed.probe_expression(source, content, search_path, p_bind => true) AS e;
     p.cost_center := cost_center;
     IF cost_center IS NOT NULL THEN
-        PERFORM pgembed.content_columns(source, cost_center, search_path, 'cost_center');
+        PERFORM pgembed.probe_expression(source, cost_center, search_path, 'cost_center');
     END IF;
     p.model := m.model;
     p.dimensions := dims;
@@ -462,10 +541,12 @@ BEGIN
     p.index_options := coalesce(index_options, '{}');
     p.distance := distance;
 
-    INSERT INTO pgembed.pipelines (name, source, content, content_columns, cost_center, model,
+    INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
+        content_functions, cost_center, model,
         dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
         index_type, index_options, distance, search_path)
-    VALUES (p.name, p.source, p.content, p.content_columns, p.cost_center, p.model,
+    VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
+        p.content_functions, p.cost_center, p.model,
         p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
         p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path)
     RETURNING * INTO p;
@@ -478,10 +559,24 @@ BEGIN
                    (SELECT string_agg(format('%I %s NOT NULL', c, t), ', ' ORDER BY i)
                       FROM unnest(pk.columns, pk.types) WITH ORDINALITY AS u(c, t, i)),
                    pgembed.vector_schema(), dims, pgembed.sql_list('%1$I', pk.columns));
-    PERFORM pgembed.create_vector_index(p);
+    -- Past about 500 dimensions a vector is TOASTed. Float vectors do not compress, so the
+    -- default EXTENDED only burns CPU trying; EXTERNAL stores them out of line as they are
+    -- (half again faster inserts at 768-d).
+    EXECUTE format('ALTER TABLE pgembed.%I ALTER COLUMN embedding SET STORAGE EXTERNAL', p.destination);
     PERFORM pgembed.generate_pipeline_code(p);
     IF backfill THEN
-        PERFORM pgembed.queue_all(p.name, 'backfill');
+        queued := pgembed.queue_all(p.name, 'backfill');
+    END IF;
+    -- Inserting into an HNSW graph row by row is some 40 times slower than building it once
+    -- over the loaded rows: a large backfill goes in first and a worker builds the index
+    -- when it is done (pgembed.deferred_indexes). Until then searches scan, exactly.
+    IF p.index_type = 'hnsw' AND queued >= pgembed.defer_index_rows() THEN
+        PERFORM pgembed.vector_index_sql(p);  -- bad index options are refused now, not later
+        INSERT INTO pgembed.deferred_indexes (pipeline, rows_queued) VALUES (p.name, queued);
+        RAISE NOTICE 'pgembed: the HNSW index of pgembed.% is built once its % rows are embedded',
+            p.destination, queued;
+    ELSE
+        PERFORM pgembed.create_vector_index(p);
     END IF;
     RETURN p.name;
 END
@@ -517,9 +612,11 @@ AS $$
 $$;
 
 -- The vector index of a destination table.
-CREATE OR REPLACE FUNCTION pgembed.create_vector_index(p pgembed.pipelines)
-RETURNS void
-LANGUAGE plpgsql
+-- The CREATE INDEX statement of a pipeline's vector index (NULL for index 'none').
+-- CONCURRENTLY for a build while the application writes: its deletes remove vectors.
+CREATE OR REPLACE FUNCTION pgembed.vector_index_sql(p pgembed.pipelines, p_concurrently boolean DEFAULT false)
+RETURNS text
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -531,7 +628,7 @@ DECLARE
     bad text;
 BEGIN
     IF p.index_type = 'none' THEN
-        RETURN;
+        RETURN NULL;
     END IF;
     SELECT string_agg(k, ', ') INTO bad
       FROM jsonb_object_keys(p.index_options) AS k WHERE k <> ALL (allowed);
@@ -542,10 +639,24 @@ BEGIN
     SELECT string_agg(format('%s = %s', key, (value #>> '{}')::int), ', ')
       INTO opts FROM jsonb_each(p.index_options);
     -- unnamed: PostgreSQL picks a unique name even when long table names share a prefix
-    EXECUTE format('CREATE INDEX ON pgembed.%I USING %s (embedding %s.%s)%s',
-                   p.destination, p.index_type,
-                   pgembed.vector_schema(), ops,
-                   CASE WHEN opts IS NULL THEN '' ELSE ' WITH (' || opts || ')' END);
+    RETURN format('CREATE INDEX %sON pgembed.%I USING %s (embedding %s.%s)%s',
+                  CASE WHEN p_concurrently THEN 'CONCURRENTLY ' ELSE '' END,
+                  p.destination, p.index_type, pgembed.vector_schema(), ops,
+                  CASE WHEN opts IS NULL THEN '' ELSE ' WITH (' || opts || ')' END);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgembed.create_vector_index(p pgembed.pipelines)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ddl text := pgembed.vector_index_sql(p);
+BEGIN
+    IF ddl IS NOT NULL THEN
+        EXECUTE ddl;
+    END IF;
 END
 $$;
 

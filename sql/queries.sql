@@ -95,3 +95,22 @@ VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(i
 
 -- ready_count --
 SELECT pg_catalog.count(*) FROM pgembed.outbox WHERE available_at <= pg_catalog.now()
+
+-- deferred_ready --
+-- HNSW indexes put off for a backfill that is now over (see pgembed.deferred_index_plan).
+SELECT pipeline, create_sql, drop_sql FROM pgembed.deferred_index_plan()
+
+-- index_lock --
+-- One builder per index in the whole fleet, for as long as its session holds the lock.
+SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pgembed.index'), pg_catalog.hashtext(%(pipeline)s))
+
+-- index_unlock --
+SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pgembed.index'), pg_catalog.hashtext(%(pipeline)s))
+
+-- index_session --
+-- A build takes minutes on millions of rows; with the memory it builds the graph in RAM.
+SELECT pg_catalog.set_config('maintenance_work_mem', %(memory)s, false),
+       pg_catalog.set_config('statement_timeout', '0', false)
+
+-- index_built --
+DELETE FROM pgembed.deferred_indexes WHERE pipeline = %(pipeline)s

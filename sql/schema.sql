@@ -38,6 +38,13 @@ CREATE TABLE pgembed.pipelines (
     content         text NOT NULL,
     -- columns the content expression reads: an UPDATE queues a row only if one changed
     content_columns name[] NOT NULL,
+    -- `content` with every name bound when the pipeline was created (deparsed on search_path
+    -- pg_catalog: whatever is not in pg_catalog is schema-qualified), and the functions it
+    -- calls (regprocedure text). The audit evaluates this text with the owner's rights, so a
+    -- function planted later on the creator's search_path can never slip into it; see
+    -- pgembed.gaps() in audit.sql.
+    content_bound   text NOT NULL,
+    content_functions text[] NOT NULL DEFAULT '{}',
     cost_center     text,
     model           text NOT NULL,
     dimensions      int NOT NULL CHECK (dimensions > 0),
@@ -102,6 +109,9 @@ CREATE TABLE pgembed.embedding_cache (
     created_at      timestamptz NOT NULL DEFAULT now(),
     last_used_at    timestamptz NOT NULL DEFAULT now()
 );
+
+-- vectors do not compress: store them out of line as they are (see create_pipeline)
+ALTER TABLE pgembed.embedding_cache ALTER COLUMN embedding SET STORAGE EXTERNAL;
 
 CREATE INDEX embedding_cache_last_used ON pgembed.embedding_cache (last_used_at);
 

@@ -330,3 +330,43 @@ AS $$
        SET index_name = excluded.index_name, lists = excluded.lists,
            rows_at_build = excluded.rows_at_build, built_at = now(), built_by = excluded.built_by;
 $$;
+
+-- HNSW indexes put off while a large backfill loads: create_pipeline decides (at least
+-- pgembed.defer_index_rows() rows queued), a worker builds the index CONCURRENTLY once the
+-- pipeline has no backfill rows left, then deletes the row.
+CREATE TABLE pgembed.deferred_indexes (
+    pipeline        text PRIMARY KEY REFERENCES pgembed.pipelines ON DELETE CASCADE,
+    rows_queued     bigint NOT NULL CHECK (rows_queued >= 0),
+    deferred_at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- Below this many rows a backfill goes straight into the index: building it afterwards
+-- saves little, and the index is there at once.
+CREATE OR REPLACE FUNCTION pgembed.defer_index_rows()
+RETURNS bigint
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 10000::bigint $$;
+
+-- Deferred indexes whose backfill is over, with the statements that build them (outside a
+-- transaction: CONCURRENTLY) and that first drop what an interrupted build left (an
+-- INVALID index of the same kind on the destination).
+CREATE OR REPLACE FUNCTION pgembed.deferred_index_plan()
+RETURNS TABLE (pipeline text, create_sql text, drop_sql text[])
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.name, pgembed.vector_index_sql(p, true),
+           ARRAY(SELECT format('DROP INDEX CONCURRENTLY IF EXISTS pgembed.%I', c.relname)
+                   FROM pg_catalog.pg_index i
+                   JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+                   JOIN pg_catalog.pg_am am ON am.oid = c.relam
+                  WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
+                    AND am.amname = p.index_type AND NOT i.indisvalid
+                  ORDER BY c.relname)
+      FROM pgembed.deferred_indexes d
+      JOIN pgembed.pipelines p ON p.name = d.pipeline
+     WHERE NOT EXISTS (SELECT 1 FROM pgembed.outbox o
+                        WHERE o.pipeline = d.pipeline AND o.purpose = 'backfill')
+     ORDER BY p.name;
+$$;

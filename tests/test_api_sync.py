@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from pgembed import pipelines
 from pgembed.worker import Worker, WorkerConfig
 from tests.conftest import drain
@@ -14,12 +16,15 @@ MODEL = "openai:text-embedding-3-small"
 SMALL = pipelines.PipelineOptions(dimensions=64)
 
 
-def test_identical_text_is_embedded_once_across_tables(conn, dsn, fake_api):
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_identical_text_is_embedded_once_across_tables(conn, dsn, fake_api, prefetch):
+    """With batches read ahead, several ask for the text before any has cached it: the
+    worker still sends it once (the others wait for that answer)."""
     for table in ("a", "b"):
         conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, body text)")
         conn.execute(f"INSERT INTO {table} SELECT g, 'the same sentence' FROM generate_series(1, 500) g")
         pipelines.create(conn, table, "body", MODEL, SMALL)
-    drain(dsn, batch_size=100)
+    drain(dsn, batch_size=100, prefetch=prefetch)
     assert fake_api.inputs == 1
     assert conn.execute("SELECT count(*) FROM pgembed.a_te3s_64").fetchone()[0] == 500
     assert conn.execute("SELECT count(*) FROM pgembed.b_te3s_64").fetchone()[0] == 500

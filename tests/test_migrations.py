@@ -1,10 +1,15 @@
-"""`pgembed init` is repeatable; `alembic downgrade base` removes everything it made."""
+"""`pgembed init` is repeatable; `alembic downgrade base` removes everything it made but the
+cluster-wide roles; a worker starts only on the schema revision its package knows."""
 
 from __future__ import annotations
 
 import psycopg
+from typer.testing import CliRunner
 
 from pgembed import migrate, pipelines
+from pgembed.cli import app
+
+runner = CliRunner()
 
 
 def objects(conn: psycopg.Connection) -> tuple:
@@ -30,3 +35,38 @@ def test_init_twice_then_downgrade_and_upgrade_again(empty_dsn):
         migrate.upgrade(empty_dsn)
         assert migrate.current_revision(conn) == migrate.head_revision()
         assert pipelines.list_all(conn) == []
+
+
+def test_roles_serve_every_database_and_outlive_a_downgrade(empty_dsn, dsn):
+    """pgembed_reader and pgembed_worker belong to the cluster: a second init reuses them,
+    and downgrading one database leaves them, and the other database's grants, alone."""
+    migrate.upgrade(empty_dsn)  # `dsn` was cloned from a template that made the roles already
+    migrate.downgrade(empty_dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname IN ('pgembed_reader', "
+                            "'pgembed_worker') AND NOT rolcanlogin").fetchone() == (2,)
+        assert conn.execute("SELECT has_function_privilege('pgembed_reader', 'pgembed.gaps(text)', "
+                            "'EXECUTE'), has_table_privilege('pgembed_reader', 'pgembed.pipeline_status', "
+                            "'SELECT'), has_table_privilege('pgembed_worker', 'pgembed.outbox', 'UPDATE'), "
+                            "has_table_privilege('pgembed_reader', 'pgembed.outbox', 'SELECT')"
+                            ).fetchone() == (True, True, True, False)
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT has_function_privilege('pgembed_reader', 'pgembed.gaps(text)', "
+                            "'EXECUTE'), has_function_privilege('public', 'pgembed.gaps(text)', 'EXECUTE')"
+                            ).fetchone() == (True, False)
+
+
+def test_a_worker_starts_only_on_the_schema_revision_it_knows(empty_dsn, monkeypatch):
+    def worker() -> str:
+        result = runner.invoke(app, ["worker", "--until-empty", "--no-scheduler", "--dsn", empty_dsn])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        return " ".join(result.output.split())
+
+    assert "this database has no pgembed schema: run `pgembed init` first" in worker()
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        found = migrate.current_revision(conn)
+    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")  # as a later pgembed would
+    assert (f"the pgembed schema is at revision {found}, older than this pgembed (0002): "
+            "run `pgembed init`") in worker()

@@ -23,10 +23,15 @@ def _execute(sql: str) -> None:
 
 
 def upgrade() -> None:
-    for name in ("schema.sql", "functions.sql", "audit.sql", "costs.sql", "service.sql", "ratelimit.sql"):
+    # privileges.sql last: it grants on what the others made (every later revision ends by
+    # executing it again, so that new views and functions get their grants too)
+    for name in ("schema.sql", "functions.sql", "audit.sql", "costs.sql", "service.sql", "ratelimit.sql",
+                 "privileges.sql"):
         _execute(read_sql(name))
 
 
 def downgrade() -> None:
-    # Dropping the trigger functions drops the triggers on the application's tables too.
+    # Dropping the trigger functions drops the triggers on the application's tables too, and
+    # the grants go with the objects. The roles pgembed_reader and pgembed_worker stay: roles
+    # belong to the cluster, and other databases in it may still use them.
     _execute("DROP SCHEMA pgembed CASCADE")

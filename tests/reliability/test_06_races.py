@@ -87,13 +87,16 @@ def test_pipeline_dropped_while_a_worker_holds_and_writes_its_rows(dsn, db, api,
 
     # (2) dropped while a worker is inside its acknowledgement: it holds the outbox rows
     # (held) and is about to write the destination; the drop must wait for it, not deadlock
+    # the worker goes first: alive, it could lease the new rows before this test does
+    worker.signal(9)
+    worker.wait(30)
     make_docs(db, "third", 20)
     third = api_pipeline(db, "third")
-    worker.signal(9)
     lease = uuid.uuid4()
     claimed = db.execute("SELECT key FROM pgembed.claim('test', %s, 10, 60, '') WHERE pipeline = %s",
                          (lease, third)).fetchall()
     keys = [Jsonb(k) for (k,) in claimed]
+    assert len(keys) == 10
     pid = scalar(db, "SELECT id FROM pgembed.pipelines WHERE name = %s", (third,))
     errors: list[BaseException] = []
     with psycopg.connect(dsn) as ack:

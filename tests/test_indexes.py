@@ -1,0 +1,102 @@
+"""Deferred HNSW indexes: a large backfill loads first, a worker builds the index after."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pgembed import indexes, pipelines, search
+from tests.conftest import drain
+
+ROWS = 10_000  # pgembed.defer_index_rows()
+
+
+def vector_indexes(conn, destination: str) -> list[tuple[str, bool]]:
+    return conn.execute(
+        "SELECT am.amname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = format('pgembed.%%I', %s::text)::regclass "
+        "AND NOT i.indisprimary", (destination,)).fetchall()
+
+
+def populated(conn, rows: int) -> None:
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text NOT NULL)")
+    conn.execute("INSERT INTO docs SELECT g, 'verse ' || g || CASE WHEN g %% 7 = 0 THEN ' light' ELSE '' END "
+                 "FROM generate_series(1, %s) g", (rows,))
+
+
+def test_a_large_backfill_defers_the_hnsw_index_until_the_worker_has_loaded_it(conn, dsn):
+    populated(conn, ROWS)
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    name = pipelines.create(conn, "docs", "body", "hash:64")
+    assert vector_indexes(conn, name) == []
+    assert any("built once its 10000 rows are embedded" in n for n in notices), notices
+    assert conn.execute("SELECT rows_queued FROM pgembed.deferred_indexes").fetchone() == (ROWS,)
+
+    drain(dsn, batch_size=500)
+
+    assert vector_indexes(conn, name) == [("hnsw", True)]
+    assert conn.execute("SELECT count(*) FROM pgembed.deferred_indexes").fetchone() == (0,)
+    assert conn.execute(f"SELECT count(*) FROM pgembed.{name}").fetchone() == (ROWS,)
+    conn.execute("UPDATE docs SET body = 'a lighthouse on the rocky shore' WHERE id = 4242")
+    drain(dsn)
+    hits = search.search(conn, name, "a lighthouse on the rocky shore", k=3)
+    assert hits[0].key == {"id": 4242} and hits[0].distance < 1e-6
+
+
+def test_a_small_backfill_and_a_backfill_without_index_get_their_index_at_once(conn):
+    populated(conn, ROWS - 1)
+    small = pipelines.create(conn, "docs", "body", "hash:16")
+    assert vector_indexes(conn, small) == [("hnsw", True)]
+    conn.execute("INSERT INTO docs VALUES (%s, 'one more')", (ROWS,))
+    none = pipelines.create(conn, "docs", "body", "hash:8", pipelines.PipelineOptions(index="none"))
+    assert vector_indexes(conn, none) == []
+    assert conn.execute("SELECT count(*) FROM pgembed.deferred_indexes").fetchone() == (0,)
+
+
+def test_bad_index_options_are_refused_at_creation_even_when_deferred(conn):
+    populated(conn, ROWS)
+    try:
+        pipelines.create(conn, "docs", "body", "hash:16", pipelines.PipelineOptions(index_options={"lists": 3}))
+    except pipelines.PipelineError as error:
+        assert "hnsw index options" in str(error)
+    else:
+        raise AssertionError("bad options were accepted")
+    assert conn.execute("SELECT count(*) FROM pgembed.pipelines").fetchone() == (0,)
+
+
+def test_an_interrupted_build_is_cleaned_up_and_a_failed_one_is_reported_once(conn, dsn, caplog):
+    populated(conn, ROWS)
+    name = pipelines.create(conn, "docs", "body", "hash:16", pipelines.PipelineOptions(backfill=True))
+    conn.execute("DELETE FROM pgembed.outbox")  # pretend the backfill is over
+    # what a cancelled CREATE INDEX CONCURRENTLY leaves behind: an INVALID index
+    conn.execute(f"CREATE INDEX leftover ON pgembed.{name} USING hnsw (embedding vector_cosine_ops)")
+    conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'pgembed.leftover'::regclass")
+    assert asyncio.run(indexes.build_ready(dsn, "64MB", set())) == [name]
+    assert vector_indexes(conn, name) == [("hnsw", True)]
+    assert conn.execute("SELECT to_regclass('pgembed.leftover')").fetchone() == (None,)
+
+    # a role that does not own the destination cannot build: one warning, then left alone
+    conn.execute("INSERT INTO pgembed.deferred_indexes (pipeline, rows_queued) VALUES (%s, 1)", (name,))
+    conn.execute("DROP ROLE IF EXISTS pgembed_test_noowner")
+    conn.execute("CREATE ROLE pgembed_test_noowner LOGIN")
+    conn.execute("GRANT USAGE ON SCHEMA pgembed TO pgembed_test_noowner")
+    conn.execute("GRANT SELECT, DELETE ON ALL TABLES IN SCHEMA pgembed TO pgembed_test_noowner")
+    try:
+        weak = psycopg_dsn(dsn, "pgembed_test_noowner")
+        skip: set[str] = set()
+        with caplog.at_level(logging.WARNING, logger="pgembed.indexes"):
+            assert asyncio.run(indexes.build_ready(weak, "64MB", skip)) == []
+            assert asyncio.run(indexes.build_ready(weak, "64MB", skip)) == []
+        warnings = [r for r in caplog.records if getattr(r, "action", "") == "index_failed"]
+        assert len(warnings) == 1 and "must be owner" in warnings[0].getMessage()
+        assert skip == {name}
+    finally:
+        conn.execute("DROP OWNED BY pgembed_test_noowner")
+        conn.execute("DROP ROLE pgembed_test_noowner")
+
+
+def psycopg_dsn(dsn: str, user: str) -> str:
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(dsn, user=user, password=None)
