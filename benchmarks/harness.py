@@ -63,7 +63,7 @@ class Scale:
     api_dims: int = 256
     # 4. trigger overhead
     trigger_bulk_rows: int = 100_000
-    trigger_bulk_repeats: int = 3
+    trigger_bulk_repeats: int = 5
     trigger_single_rows: int = 1_000
     # 5. freshness
     fresh_rows: int = 200
@@ -437,7 +437,8 @@ class Drained:
 def ready_rows(dsn: str) -> int:
     with connect(dsn, vector=False) as conn:
         return int(conn.execute(
-            "SELECT count(*) FROM pgembed.outbox WHERE available_at <= now()").fetchone()[0])
+            "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox WHERE available_at <= now()"
+        ).fetchone()[0])
 
 
 async def _run_worker(dsn: str, config: WorkerConfig, budget: float | None) -> tuple[WorkerStats, bool]:

@@ -411,6 +411,8 @@ def _num(value: int | None) -> str:
 
 
 def _gap_count(value: int | None) -> str:
+    if value is None:  # no audit of this pipeline yet
+        return "–"
     return f"[red]{value:,}[/red]" if value else "0"
 
 
@@ -439,9 +441,11 @@ def _pipeline_status_section(conn: psycopg.Connection) -> Group | str:
         table("queue", ["pipeline", "queued", "in flight", "retrying"],
               ([r["pipeline"], _num(r["queued"]), _num(r["in_flight"]),
                 _num(r["retrying"])] for r in rows)),
-        table("gaps", ["pipeline", "failed", "missing", "orphaned", "stale", "oldest gap"],
+        # missing, orphaned and stale are counted by audits (pgembed audit, the scheduler)
+        table("gaps", ["pipeline", "failed", "missing", "orphaned", "stale", "oldest gap", "audited"],
               ([r["pipeline"], _gap_count(r["failed"]), _gap_count(r["missing"]),
-                _gap_count(r["orphaned"]), _gap_count(r["stale"]), _age(r["oldest_gap"])]
+                _gap_count(r["orphaned"]), _gap_count(r["stale"]), _age(r["oldest_gap"]),
+                r["gaps_checked_at"].strftime("%m-%d %H:%M") if r["gaps_checked_at"] else "never"]
                for r in rows)),
     )
 

@@ -40,6 +40,18 @@ CREATE TABLE IF NOT EXISTS pgembed.audit_runs (
 
 CREATE INDEX IF NOT EXISTS audit_runs_started ON pgembed.audit_runs (started_at);
 
+-- What each run found per pipeline: pipeline_status reads its gap counts from the latest.
+CREATE TABLE IF NOT EXISTS pgembed.audit_findings (
+    run               bigint NOT NULL REFERENCES pgembed.audit_runs ON DELETE CASCADE,
+    pipeline          text NOT NULL,
+    missing           bigint NOT NULL,
+    orphaned          bigint NOT NULL,
+    stale             bigint NOT NULL,
+    failed            bigint NOT NULL,
+    gaps_since        timestamptz,                 -- min(since) over its missing, orphaned, stale
+    PRIMARY KEY (pipeline, run)
+);
+
 -- The source table of a pipeline as a schema-qualified, quoted name, or NULL when it was
 -- dropped behind pgembed's back. Qualified explicitly: the gap queries run on the pipeline's
 -- own search_path, where an unqualified name could mean another table.
@@ -51,6 +63,38 @@ AS $$
     SELECT format('%I.%I', n.nspname, c.relname)
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p.source
+$$;
+
+-- The key of a row of alias p_alias as the outbox holds it: the same text the triggers
+-- write, jsonb_build_array(col::text, ...).
+CREATE OR REPLACE FUNCTION pgembed.key_json_sql(p pgembed.pipelines, p_alias text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT 'pg_catalog.jsonb_build_array('
+           || pgembed.sql_list(quote_ident(p_alias) || '.%1$I::pg_catalog.text', p.key_columns) || ')'
+$$;
+
+-- "this key is not queued": not in the outbox, nor in a batch no worker has expanded yet.
+CREATE OR REPLACE FUNCTION pgembed.not_queued_sql(p pgembed.pipelines, p_key text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('NOT EXISTS (SELECT 1 FROM pgembed.outbox o WHERE o.pipeline = %1$L AND o.key = %2$s) '
+                  'AND NOT EXISTS (SELECT 1 FROM pgembed.outbox_batches b, pg_catalog.unnest(b.keys) AS bk(key) '
+                  'WHERE b.pipeline = %1$L AND pg_catalog.jsonb_build_array(bk.key) = %2$s)', p.name, p_key)
+$$;
+
+-- "this key is not parked in pgembed.failures" (nor retrying there).
+CREATE OR REPLACE FUNCTION pgembed.not_failed_sql(p pgembed.pipelines, p_key text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('NOT EXISTS (SELECT 1 FROM pgembed.failures f WHERE f.pipeline = %L AND f.key = %s)',
+                  p.name, p_key)
 $$;
 
 -- The SQL of one gap kind (missing, orphaned, stale) of one pipeline, returning
@@ -71,16 +115,9 @@ AS $$
 DECLARE
     src text := pgembed.source_name(p);
     dest text := format('pgembed.%I', p.destination);
-    -- the same key text the triggers write: jsonb_build_array(col::text, ...)
-    key_s text := 'pg_catalog.jsonb_build_array('
-                  || pgembed.sql_list('s.%1$I::pg_catalog.text', p.key_columns) || ')';
-    key_d text := 'pg_catalog.jsonb_build_array('
-                  || pgembed.sql_list('d.%1$I::pg_catalog.text', p.key_columns) || ')';
+    key_s text := pgembed.key_json_sql(p, 's');
+    key_d text := pgembed.key_json_sql(p, 'd');
     same_key text := pgembed.sql_list('d.%1$I = s.%1$I', p.key_columns, ' AND ');
-    not_queued text := 'NOT EXISTS (SELECT 1 FROM pgembed.outbox o '
-                       'WHERE o.pipeline = %1$L AND o.key = %2$s)';
-    not_failed text := 'NOT EXISTS (SELECT 1 FROM pgembed.failures f '
-                       'WHERE f.pipeline = %1$L AND f.key = %2$s)';
 BEGIN
     IF src IS NULL THEN
         RAISE EXCEPTION 'pgembed: the source table of pipeline "%" no longer exists', p.name
@@ -97,7 +134,7 @@ SELECT %1$s AS key, %2$L::pg_catalog.timestamptz AS since
    AND %6$s
    AND %7$s$q$,
             key_s, p.created_at, src, dest, same_key,
-            format(not_queued, p.name, key_s), format(not_failed, p.name, key_s));
+            pgembed.not_queued_sql(p, key_s), pgembed.not_failed_sql(p, key_s));
     WHEN 'orphaned' THEN
         RETURN format($q$
 SELECT %1$s AS key, d.embedded_at AS since
@@ -105,7 +142,7 @@ SELECT %1$s AS key, d.embedded_at AS since
  WHERE d.chunk_seq = 0
    AND NOT EXISTS (SELECT 1 FROM %3$s s WHERE %4$s)
    AND %5$s$q$,
-            key_d, dest, src, same_key, format(not_queued, p.name, key_d));
+            key_d, dest, src, same_key, pgembed.not_queued_sql(p, key_d));
     WHEN 'stale' THEN
         -- the content is evaluated in a subquery over the source table alone, unaliased, so
         -- it reads exactly as in the generated reader (columns, even table.column, never
@@ -121,7 +158,7 @@ SELECT %1$s AS key, d.embedded_at AS since
    AND %7$s
    AND %8$s$q$,
             key_s, pgembed.sql_list('%1$I', p.key_columns), p.content_bound, src, dest, same_key,
-            format(not_queued, p.name, key_s), format(not_failed, p.name, key_s));
+            pgembed.not_queued_sql(p, key_s), pgembed.not_failed_sql(p, key_s));
     ELSE
         RAISE EXCEPTION 'pgembed: gap kind must be missing, orphaned or stale, not %', p_kind;
     END CASE;
@@ -280,13 +317,16 @@ SET row_security = off
 AS $$
 DECLARE
     p pgembed.pipelines;
+    src text;
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines_named(coalesce(p_pipeline, ''));
-    -- a dropped source table counts as NULL rows; gaps() warns about it
+    src := pgembed.source_name(p);
+    IF src IS NULL THEN  -- dropped behind pgembed's back: NULL rows
+        RAISE WARNING 'pgembed: pipeline "%": its source table was dropped; drop the pipeline', p.name;
+    END IF;
     EXECUTE format('SELECT %s, count(*) FILTER (WHERE d.chunk_seq = 0), max(d.embedded_at) '
                    'FROM pgembed.%I d',
-                   coalesce('(SELECT count(*) FROM ' || pgembed.source_name(p) || ')', 'NULL'),
-                   p.destination)
+                   coalesce('(SELECT count(*) FROM ' || src || ')', 'NULL'), p.destination)
        INTO source_rows, embedded_rows, last_embedded_at;
 END
 $$;
@@ -299,26 +339,33 @@ CREATE OR REPLACE VIEW pgembed.consistency_gaps AS
 SELECT g.pipeline, g.key, g.kind, g.since
   FROM pgembed.gaps() AS g;
 
--- The health of each pipeline at a glance. The outbox splits three ways:
---   queued     ready to be claimed (including leases that expired: a worker died)
+-- The health of each pipeline at a glance: row counts, the queue and parked failures live;
+-- missing, orphaned and stale as the latest audit found them (gaps_checked_at: when it
+-- started; NULL until a first audit of the pipeline). Finding gaps compares every source
+-- row with its vectors and hashes its content, seconds per million rows: the scheduler's
+-- periodic audit pays that, and consistency_gaps whenever it is read, not a status glance.
+-- After a repairing audit those counts are 0: what it found is queued or deleted.
+-- The queue splits three ways:
+--   queued     ready to be claimed (including leases that expired: a worker died, and the
+--              keys of bulk statements that no worker has expanded yet)
 --   in_flight  held under a live lease
 --   retrying   waiting out the backoff after a failed attempt
 -- oldest_gap: how long the oldest unresolved thing (gap or queued row) has waited.
--- Reads every source and destination table in full: seconds on a million rows.
 CREATE OR REPLACE VIEW pgembed.pipeline_status AS
 SELECT p.name AS pipeline,
        p.model,
        c.source_rows,
        c.embedded_rows,
-       q.queued,
+       q.queued + b.keys AS queued,
        q.in_flight,
        q.retrying,
-       g.failed,
-       g.missing,
-       g.orphaned,
-       g.stale,
-       now() - LEAST(g.oldest, q.oldest) AS oldest_gap,
-       c.last_embedded_at
+       f.failed,
+       a.missing,
+       a.orphaned,
+       a.stale,
+       now() - LEAST(q.oldest, b.oldest, f.oldest, a.oldest) AS oldest_gap,
+       c.last_embedded_at,
+       a.checked_at AS gaps_checked_at
   FROM pgembed.pipelines p
  CROSS JOIN LATERAL pgembed.pipeline_counts(p.name) AS c
  CROSS JOIN LATERAL (
@@ -329,12 +376,24 @@ SELECT p.name AS pipeline,
          FROM pgembed.outbox o
         WHERE o.pipeline = p.name) AS q
  CROSS JOIN LATERAL (
-       SELECT count(*) FILTER (WHERE x.kind = 'missing') AS missing,
-              count(*) FILTER (WHERE x.kind = 'orphaned') AS orphaned,
-              count(*) FILTER (WHERE x.kind = 'stale') AS stale,
-              count(*) FILTER (WHERE x.kind = 'failed') AS failed,
-              min(x.since) AS oldest
-         FROM pgembed.gaps(p.name) AS x) AS g;
+       SELECT coalesce(sum(ob.key_count), 0) AS keys, min(ob.queued_at) AS oldest
+         FROM pgembed.outbox_batches ob
+        WHERE ob.pipeline = p.name) AS b
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS failed, min(x.first_failed_at) AS oldest
+         FROM pgembed.failures x
+        WHERE x.pipeline = p.name AND x.parked_at IS NOT NULL) AS f
+  LEFT JOIN LATERAL (
+       SELECT r.started_at AS checked_at,
+              CASE WHEN r.repaired THEN 0 ELSE af.missing END AS missing,
+              CASE WHEN r.repaired THEN 0 ELSE af.orphaned END AS orphaned,
+              CASE WHEN r.repaired THEN 0 ELSE af.stale END AS stale,
+              CASE WHEN NOT r.repaired THEN af.gaps_since END AS oldest
+         FROM pgembed.audit_findings af
+         JOIN pgembed.audit_runs r ON r.id = af.run
+        WHERE af.pipeline = p.name AND r.finished_at IS NOT NULL AND r.started_at >= p.created_at
+        ORDER BY af.run DESC
+        LIMIT 1) AS a ON true;
 
 -- Deletes the vectors of orphaned keys, re-checking at delete time that the source row is
 -- still gone and the key still not queued (a row re-inserted meanwhile keeps its vectors).
@@ -404,11 +463,15 @@ BEGIN
                count(*) FILTER (WHERE g.kind = 'stale') AS stale,
                count(*) FILTER (WHERE g.kind = 'failed') AS failed,
                min(g.since) AS oldest,
+               min(g.since) FILTER (WHERE g.kind <> 'failed') AS gaps_since,
                (SELECT count(*) FROM queued) AS requeued,
                array_agg(g.key) FILTER (WHERE g.kind = 'orphaned') AS orphans
           INTO found_
           FROM g;
 
+        INSERT INTO pgembed.audit_findings (run, pipeline, missing, orphaned, stale, failed, gaps_since)
+        VALUES (run.id, p.name, found_.missing, found_.orphaned, found_.stale, found_.failed,
+                found_.gaps_since);
         run.missing := run.missing + found_.missing;
         run.orphaned := run.orphaned + found_.orphaned;
         run.stale := run.stale + found_.stale;

@@ -296,6 +296,17 @@ BEGIN
                available_at = CASE WHEN q.lease_id IS NULL THEN LEAST(q.available_at, now())
                                    ELSE q.available_at END;
         GET DIAGNOSTICS queued = ROW_COUNT;$q$, p.name, key_json_n);
+    IF cardinality(p.key_columns) = 1 THEN
+        -- a statement of many rows leaves one batch row; a worker expands it
+        enqueue := format($q$
+        INSERT INTO pgembed.outbox_batches (pipeline, keys, key_count)
+        SELECT %1$L, array_agg(n.%2$I::text), count(*) FROM new_rows n /*rows*/
+        HAVING count(*) >= %3$s;
+        IF FOUND THEN
+            queued := 1;
+        ELSE%4$s
+        END IF;$q$, p.name, p.key_columns[1], pgembed.batch_capture_rows(), enqueue);
+    END IF;
 
     EXECUTE format($f$
 CREATE OR REPLACE FUNCTION %1$s() RETURNS trigger
@@ -325,6 +336,7 @@ BEGIN
         DELETE FROM pgembed.failures q USING old_rows o WHERE q.pipeline = %2$L AND q.key = %4$s;
         DELETE FROM %7$s d USING old_rows o WHERE %8$s = %6$s;
     ELSIF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM pgembed.outbox_batches WHERE pipeline = %2$L;
         DELETE FROM pgembed.outbox WHERE pipeline = %2$L;
         DELETE FROM pgembed.failures WHERE pipeline = %2$L;
         TRUNCATE %7$s;
@@ -679,6 +691,7 @@ BEGIN
     -- acknowledgement skip them. Dropping the destination first would take its lock while
     -- that worker needs it: a deadlock.
     DELETE FROM pgembed.outbox q WHERE q.pipeline = p.name;
+    DELETE FROM pgembed.outbox_batches q WHERE q.pipeline = p.name;
     DELETE FROM pgembed.failures q WHERE q.pipeline = p.name;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = p.source) THEN
         FOREACH ev IN ARRAY '{insert,update,delete,truncate}'::text[] LOOP
@@ -690,8 +703,76 @@ BEGIN
     EXECUTE format('DROP FUNCTION IF EXISTS pgembed.%I(jsonb[], int[], text[], bytea[], bytea[], %s.vector[])',
                    'p' || p.id || '_store', pgembed.vector_schema());
     EXECUTE format('DROP TABLE IF EXISTS pgembed.%I', p.destination);
-    DELETE FROM pgembed.pipelines q WHERE q.name = p.name;  -- outbox and failures cascade
+    DELETE FROM pgembed.pipelines q WHERE q.name = p.name;  -- failures cascade
 END
+$$;
+
+-- A statement that queues at least this many rows of a table with a one-column key leaves
+-- one row in pgembed.outbox_batches instead of one outbox row per source row. Below it the
+-- per-row outbox insert is as cheap and a worker sees the rows at once. Read when a
+-- pipeline's triggers are generated.
+CREATE OR REPLACE FUNCTION pgembed.batch_capture_rows()
+RETURNS bigint
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 1000::bigint $$;
+
+-- Moves the keys of a pipeline's pending batches into the outbox, a batch at a time until
+-- about p_keys keys have moved, and returns how many did. claim() calls it before it looks
+-- for ready rows. A batch another worker is expanding is skipped (SKIP LOCKED). A key that
+-- is queued already is bumped, as the trigger would have done. The insert waits for an
+-- application transaction queueing one of the same keys; past a short lock_timeout the
+-- batch is left for a later claim, so such a transaction and this one never deadlock.
+-- SECURITY DEFINER (EXECUTE for pgembed_worker, see privileges.sql): it only moves keys the
+-- triggers wrote, so a worker needs no INSERT on the outbox, which would let it queue rows.
+CREATE OR REPLACE FUNCTION pgembed.expand_batches(p_pipeline text, p_keys bigint DEFAULT 10000)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    b record;
+    moved bigint := 0;
+    timeout text := current_setting('lock_timeout');
+BEGIN
+    WHILE moved < p_keys LOOP
+        SELECT x.id, x.keys, x.key_count, x.queued_at INTO b
+          FROM pgembed.outbox_batches x
+         WHERE x.pipeline = p_pipeline
+         ORDER BY x.id LIMIT 1
+           FOR UPDATE SKIP LOCKED;
+        EXIT WHEN NOT FOUND;
+        BEGIN
+            PERFORM set_config('lock_timeout', '100ms', true);
+            INSERT INTO pgembed.outbox AS q (pipeline, key, queued_at, changed_at)
+            SELECT p_pipeline, jsonb_build_array(k), b.queued_at, b.queued_at
+              FROM unnest(b.keys) AS k
+            ON CONFLICT (pipeline, key) DO UPDATE
+               SET version = q.version + 1, changed_at = excluded.changed_at, attempts = 0,
+                   available_at = CASE WHEN q.lease_id IS NULL THEN LEAST(q.available_at, now())
+                                       ELSE q.available_at END;
+            DELETE FROM pgembed.outbox_batches x WHERE x.id = b.id;
+            PERFORM set_config('lock_timeout', timeout, true);
+        EXCEPTION WHEN lock_not_available THEN
+            EXIT;  -- the subtransaction's rollback restored lock_timeout
+        END;
+        moved := moved + b.key_count;
+    END LOOP;
+    RETURN moved;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgembed.expand_batches(text, bigint) FROM PUBLIC;
+
+-- Keys of pending batches (one pipeline, or all): queued, though not yet in the outbox.
+CREATE OR REPLACE FUNCTION pgembed.batched_keys(p_pipeline text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(sum(b.key_count), 0)::bigint FROM pgembed.outbox_batches b
+     WHERE p_pipeline IS NULL OR b.pipeline = p_pipeline
 $$;
 
 -- Claims up to p_limit ready rows of one pipeline for a worker, round robin over pipelines
@@ -710,6 +791,7 @@ BEGIN
         SELECT q.name FROM pgembed.pipelines q
          ORDER BY q.name <= coalesce(p_after, ''), q.name
     LOOP
+        PERFORM pgembed.expand_batches(pl);
         RETURN QUERY
         WITH ready AS (
             -- oldest first within the pipeline; rows leased or backing off are not ready

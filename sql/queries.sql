@@ -94,7 +94,9 @@ VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(i
         %(tokens)s, %(cache_hits)s, %(cache_misses)s, %(worker)s)
 
 -- ready_count --
-SELECT pg_catalog.count(*) FROM pgembed.outbox WHERE available_at <= pg_catalog.now()
+-- Rows ready to claim, and the keys of bulk statements that a claim would expand first.
+SELECT pg_catalog.count(*) + pgembed.batched_keys() FROM pgembed.outbox
+ WHERE available_at <= pg_catalog.now()
 
 -- deferred_ready --
 -- HNSW indexes put off for a backfill that is now over (see pgembed.deferred_index_plan).

@@ -65,8 +65,11 @@ CREATE TABLE pgembed.pipelines (
 -- One row per (pipeline, key) that needs embedding. Repeated changes bump `version`.
 -- A row is claimable when available_at <= now(); a claim pushes available_at to the
 -- lease's expiry and sets lease_id, so a crashed worker's rows come back by themselves.
+-- No foreign key to pipelines on purpose: its check would lock the pipeline's row (FOR KEY
+-- SHARE) in every application transaction that writes a source row, a tenth of the cost of
+-- a one-row insert. drop_pipeline deletes the pipeline's queue itself.
 CREATE TABLE pgembed.outbox (
-    pipeline        text NOT NULL REFERENCES pgembed.pipelines ON DELETE CASCADE,
+    pipeline        text NOT NULL,
     key             jsonb NOT NULL CHECK (jsonb_typeof(key) = 'array'),
     version         bigint NOT NULL DEFAULT 1,
     purpose         text NOT NULL DEFAULT 'sync'
@@ -81,6 +84,23 @@ CREATE TABLE pgembed.outbox (
 ) WITH (fillfactor = 80);  -- room for HOT updates: claims and bumps rewrite rows often
 
 CREATE INDEX outbox_claim ON pgembed.outbox (pipeline, available_at);
+
+-- A statement that writes many rows of a source table (a bulk load, a batch UPDATE) leaves
+-- one row here instead of one outbox row per source row: its keys as one array, which costs
+-- the application's statement a fifth of its time instead of ten times it. A worker expands
+-- the batch into the outbox before it claims (pgembed.claim), off the application's path;
+-- until then its keys count as queued (consistency_gaps, pipeline_status). Only tables with
+-- a one-column primary key: composite keys are always queued row by row.
+CREATE TABLE pgembed.outbox_batches (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    pipeline        text NOT NULL,
+    keys            text[] NOT NULL,   -- key::text, as the outbox key holds it
+    key_count       int NOT NULL,
+    queued_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- a key array does not compress enough to pay for trying (a third of the capture's cost)
+ALTER TABLE pgembed.outbox_batches ALTER COLUMN keys SET STORAGE EXTERNAL;
 
 -- Rows that could not be embedded. While `parked_at` is NULL the row is still queued and
 -- retried with backoff; once parked it leaves the outbox and waits for a DBA

@@ -98,12 +98,13 @@ LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$ DELETE FROM pgembed.workers WHERE name = p_name; $$;
 
--- Queue depth for metrics and status lines: ready to claim, leased by a worker, backing off.
+-- Queue depth for metrics and status lines: ready to claim (with the keys of unexpanded
+-- batches), leased by a worker, backing off.
 CREATE OR REPLACE FUNCTION pgembed.queue_depth(OUT ready bigint, OUT leased bigint, OUT waiting bigint)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT count(*) FILTER (WHERE available_at <= now()),
+    SELECT count(*) FILTER (WHERE available_at <= now()) + pgembed.batched_keys(),
            count(*) FILTER (WHERE available_at > now() AND lease_id IS NOT NULL),
            count(*) FILTER (WHERE available_at > now() AND lease_id IS NULL)
       FROM pgembed.outbox;

@@ -84,22 +84,28 @@ def test_each_gap_kind_is_reported_then_repaired(conn, dsn):
     assert {k: row[k] for k in ("model", "source_rows", "embedded_rows", "queued", "in_flight",
                                 "retrying", "failed", "missing", "orphaned", "stale")} == {
         "model": "hash:16", "source_rows": 19, "embedded_rows": 19, "queued": 1, "in_flight": 1,
-        "retrying": 1, "failed": 1, "missing": 1, "orphaned": 1, "stale": 1}
-    assert conn.execute(
-        "SELECT s.oldest_gap = now() - p.created_at, s.last_embedded_at = "
-        f"(SELECT max(embedded_at) FROM pgembed.{name}) FROM pgembed.pipeline_status s "
-        "JOIN pgembed.pipelines p ON p.name = s.pipeline").fetchone() == (True, True)
+        "retrying": 1, "failed": 1, "missing": None, "orphaned": None, "stale": None}
+    assert row["gaps_checked_at"] is None, "gaps are counted by an audit, not by a status glance"
 
     report = audit.run_audit(conn)
     assert (report["missing"], report["orphaned"], report["stale"], report["failed"],
             report["oldest_gap_since"], report["repaired"]) == (1, 1, 1, 1, created, False)
     assert gaps(conn), "an audit without repair changes nothing"
+    row = status(conn, name)
+    assert (row["missing"], row["orphaned"], row["stale"], row["gaps_checked_at"]) == \
+        (1, 1, 1, report["started_at"])
+    assert conn.execute(
+        "SELECT s.oldest_gap = now() - p.created_at, s.last_embedded_at = "
+        f"(SELECT max(embedded_at) FROM pgembed.{name}) FROM pgembed.pipeline_status s "
+        "JOIN pgembed.pipelines p ON p.name = s.pipeline").fetchone() == (True, True)
 
     # the failed row needs its data fixed (a DBA's decision); the rest is the audit's job
     conn.execute("UPDATE docs SET body = 'fixed' WHERE id = 4")
     conn.execute("UPDATE pgembed.outbox SET lease_id = NULL, available_at = now()")
     repaired = audit.run_audit(conn, repair=True)
     assert (repaired["requeued"], repaired["orphans_deleted"]) == (2, 1)
+    assert [status(conn, name)[k] for k in ("missing", "orphaned", "stale")] == [0, 0, 0], \
+        "what a repair found is queued or deleted now, not a gap"
     assert sorted(conn.execute("SELECT key->>0, purpose FROM pgembed.outbox "
                                "WHERE purpose = 'repair' ORDER BY 1").fetchall()) == [
         ("1", "repair"), ("3", "repair")]

@@ -82,11 +82,13 @@ def test_a_login_in_pgembed_worker_drains_the_queue_and_reads_nothing_else(conn,
     conn.execute("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 30) g")
     name = pipelines.create(conn, "notes", "body", "hash:8")
     conn.execute("GRANT SELECT ON notes TO pgembed_worker")
+    conn.execute("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(31, 1530) g")  # a batch
     worker = login("IN ROLE pgembed_worker")
-    stats = drain(make_conninfo(dsn, user=worker), batch_size=8, max_attempts=1)
-    assert (stats.written, stats.failed) == (30, 0)
-    assert conn.execute(f"SELECT count(*) FROM pgembed.{name}").fetchone() == (30,)
+    stats = drain(make_conninfo(dsn, user=worker), batch_size=100, max_attempts=1)
+    assert (stats.written, stats.failed) == (1530, 0)
+    assert conn.execute(f"SELECT count(*) FROM pgembed.{name}").fetchone() == (1530,)
     assert conn.execute("SELECT count(*) FROM pgembed.outbox").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pgembed.outbox_batches").fetchone() == (0,)
     with psycopg.connect(make_conninfo(dsn, user=worker), autocommit=True) as w:
         for forbidden in ("SELECT * FROM pgembed.audit_runs", "SELECT * FROM pgembed.consistency_gaps",
                           "SELECT * FROM pgembed.gaps()", "SELECT pgembed.queue_all('notes_h8')",
@@ -154,7 +156,7 @@ def test_the_audit_never_runs_anothers_code_with_the_owners_rights(conn, dsn, lo
             r.add_notice_handler(lambda diag: warnings.append(diag.message_primary or ""))
             return r.execute(statement).fetchone()
 
-    assert read_as_reader("SELECT stale FROM pgembed.pipeline_status") == (0,)
+    assert read_as_reader("SELECT source_rows, stale FROM pgembed.pipeline_status") == (5, None)
     assert read_as_reader("SELECT count(*) FROM pgembed.consistency_gaps") == (0,)
     assert warnings == []
     assert conn.execute("SELECT count(*) FROM public.ran").fetchone() == (0,), "planted code ran"
@@ -204,8 +206,8 @@ def test_the_readme_roles_from_a_non_superuser_init_to_a_dba(empty_dsn):
                 a.execute("SELECT * FROM pgembed.pipeline_status")
         assert drain(make_conninfo(empty_dsn, user=embedder)).written >= 19
         with psycopg.connect(make_conninfo(empty_dsn, user=alice), autocommit=True) as dba:
-            assert dba.execute("SELECT source_rows, embedded_rows, queued, missing, stale "
-                               "FROM pgembed.pipeline_status").fetchall() == [(19, 19, 0, 0, 0)]
+            assert dba.execute("SELECT source_rows, embedded_rows, queued, failed "
+                               "FROM pgembed.pipeline_status").fetchall() == [(19, 19, 0, 0)]
             assert dba.execute("SELECT count(*) FROM pgembed.consistency_gaps").fetchone() == (0,)
             for forbidden in ("SELECT * FROM app.articles", f"SELECT * FROM pgembed.{name}",
                               "SELECT * FROM pgembed.embedding_cache"):
