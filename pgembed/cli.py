@@ -160,7 +160,7 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Embedding requests in flight at once.")] = 2,
     prefetch: Annotated[int, typer.Option(
         min=0, help="Batches read ahead while requests are out (more throughput when the API is slow).")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per claim.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per claim.")] = WorkerConfig.batch_size,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls when idle.")] = 5.0,
     lease_seconds: Annotated[float, typer.Option(help="How long a claim is held.")] = 300.0,
     max_attempts: Annotated[int, typer.Option(min=1, help="Failures before a row is parked.")] = 5,

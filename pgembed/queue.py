@@ -121,8 +121,9 @@ class AckResult:
     skipped: list[Key] = field(default_factory=list)
 
 
-def _keys(keys: Sequence[Key]) -> list[Jsonb]:
-    return [Jsonb(list(k)) for k in keys]
+def _keys(keys: Sequence[Key]) -> Jsonb:
+    """Keys as one jsonb array (pgembed.key_array): one document to encode, not one a key."""
+    return Jsonb([list(k) for k in keys])
 
 
 class Queue:

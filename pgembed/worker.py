@@ -66,7 +66,7 @@ def _version() -> str:
 @dataclass
 class WorkerConfig:
     concurrency: int = 2  # embedding requests in flight
-    batch_size: int = 64
+    batch_size: int = 128
     # batches claimed, read and looked up in the cache ahead, while the requests are out:
     # without them each request waits for its slot's database work, and an API-bound
     # worker reaches only latency / (latency + database time) of its bound

@@ -45,7 +45,7 @@ SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', '5s', true)
 -- application transaction is changing right now are skipped: they come round again.
 SELECT key, version FROM pgembed.outbox
  WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND available_at > pg_catalog.now()
-   AND key = ANY(%(keys)b::jsonb[])
+   AND key = ANY(pgembed.key_array(%(keys)s))
  ORDER BY key
    FOR UPDATE SKIP LOCKED
 
@@ -56,7 +56,7 @@ SELECT key, version FROM pgembed.outbox
 UPDATE pgembed.outbox o
    SET lease_id = NULL, leased_by = NULL, available_at = LEAST(o.queued_at, pg_catalog.now())
   FROM (SELECT q.pipeline, q.key FROM pgembed.outbox q
-         WHERE q.pipeline = %(pipeline)s AND q.lease_id = %(lease)s AND q.key = ANY(%(keys)b::jsonb[])
+         WHERE q.pipeline = %(pipeline)s AND q.lease_id = %(lease)s AND q.key = ANY(pgembed.key_array(%(keys)s))
            FOR UPDATE SKIP LOCKED) AS free
  WHERE o.pipeline = free.pipeline AND o.key = free.key
 RETURNING o.key
@@ -64,13 +64,13 @@ RETURNING o.key
 -- still_leased --
 -- Which of these rows are still leased under this lease (without waiting for any lock).
 SELECT key FROM pgembed.outbox
- WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(%(keys)b::jsonb[])
+ WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(pgembed.key_array(%(keys)s))
 
 -- done --
-DELETE FROM pgembed.outbox WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)b::jsonb[])
+DELETE FROM pgembed.outbox WHERE pipeline = %(pipeline)s AND key = ANY(pgembed.key_array(%(keys)s))
 
 -- clear_failures --
-DELETE FROM pgembed.failures WHERE pipeline = %(pipeline)s AND key = ANY(%(keys)b::jsonb[])
+DELETE FROM pgembed.failures WHERE pipeline = %(pipeline)s AND key = ANY(pgembed.key_array(%(keys)s))
 
 -- release --
 -- Gives rows back, e.g. changed while they were embedded, or after an API outage. Without a
@@ -81,10 +81,10 @@ UPDATE pgembed.outbox
        available_at = CASE WHEN %(delay)s::float8 > 0
                            THEN pg_catalog.now() + pg_catalog.make_interval(secs => %(delay)s::float8)
                            ELSE LEAST(queued_at, pg_catalog.now()) END
- WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(%(keys)b::jsonb[])
+ WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(pgembed.key_array(%(keys)s))
 
 -- fail --
-SELECT pgembed.record_failures(%(pipeline)s, %(lease)s, %(keys)b::jsonb[], %(errors)b::text[],
+SELECT pgembed.record_failures(%(pipeline)s, %(lease)s, pgembed.key_array(%(keys)s), %(errors)b::text[],
                                %(max_attempts)s, %(retry_base)s)
 
 -- usage --

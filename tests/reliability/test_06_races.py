@@ -95,13 +95,13 @@ def test_pipeline_dropped_while_a_worker_holds_and_writes_its_rows(dsn, db, api,
     lease = uuid.uuid4()
     claimed = db.execute("SELECT key FROM pgembed.claim('test', %s, 10, 60, '') WHERE pipeline = %s",
                          (lease, third)).fetchall()
-    keys = [Jsonb(k) for (k,) in claimed]
+    keys = [k for (k,) in claimed]
     assert len(keys) == 10
     pid = scalar(db, "SELECT id FROM pgembed.pipelines WHERE name = %s", (third,))
     errors: list[BaseException] = []
     with psycopg.connect(dsn) as ack:
         ack.execute("SET lock_timeout = '20s'")
-        held = ack.execute(query("held"), {"pipeline": third, "lease": lease, "keys": keys}).fetchall()
+        held = ack.execute(query("held"), {"pipeline": third, "lease": lease, "keys": Jsonb(keys)}).fetchall()
         assert len(held) == len(keys)
 
         def drop() -> None:
@@ -116,8 +116,8 @@ def test_pipeline_dropped_while_a_worker_holds_and_writes_its_rows(dsn, db, api,
         dropper.start()
         time.sleep(0.5)  # the drop is now waiting for the acknowledgement's row locks
         ack.execute(f"DELETE FROM pgembed.third_te3s_16 WHERE id = ANY(%s)  -- p{pid}_store",
-                    ([int(k.obj[0]) for k in keys],))
-        ack.execute(query("done"), {"pipeline": third, "keys": keys})
+                    ([int(k[0]) for k in keys],))
+        ack.execute(query("done"), {"pipeline": third, "keys": Jsonb(keys)})
         ack.commit()
         dropper.join(30)
     assert not errors, f"drop_pipeline failed against an acknowledgement: {errors[0]!r}"
