@@ -18,6 +18,7 @@ from tests.reliability.harness import (
     explain,
     leased_keys,
     make_docs,
+    outbox_count,
     poll_until,
     wait_for,
 )
@@ -55,7 +56,7 @@ def test_kill_9_during_drain_and_a_paused_worker_writes_nothing(form, dsn, db, a
         fleet.start(batch_size=batch, lease=lease)
     last_kill = time.monotonic()
     load.join()
-    wait_for(lambda: conn.execute("SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox").fetchone()[0] == 0,
+    wait_for(lambda: outbox_count(conn) == 0,
              form.pick(60, 600), "the drain after the kills")
     drained = time.monotonic() - last_kill
 

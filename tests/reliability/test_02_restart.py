@@ -20,6 +20,7 @@ from tests.reliability.harness import (
     body_expect,
     connect,
     make_docs,
+    outbox_count,
     sampling,
     scalar,
     wait_for,
@@ -60,7 +61,7 @@ def test_postgres_restart_and_terminated_sessions(form, server, api, tmp_path, r
     try:
         with sampling(dsn, 0.05, sample):
             workers = [fleet.start(batch_size=24, lease=20, poll=30) for _ in range(2)]
-            wait_for(lambda: scalar(conn, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") < rows * 0.8, 60,
+            wait_for(lambda: outbox_count(conn) < rows * 0.8, 60,
                      "the drain to be under way")
             conn.close()
             for mode in restarts:
@@ -85,7 +86,7 @@ def test_postgres_restart_and_terminated_sessions(form, server, api, tmp_path, r
             api.latency(0.0)
             probe_start = time.monotonic()
             conn.execute("INSERT INTO docs VALUES (%s, 'probe row after the restart')", (10**6,))
-            wait_for(lambda: scalar(conn, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, 10,
+            wait_for(lambda: outbox_count(conn) == 0, 10,
                      "the probe row to be embedded through NOTIFY")
             probe_s = time.monotonic() - probe_start
             report = converge(conn, [body_expect(name, "docs")], api=api,

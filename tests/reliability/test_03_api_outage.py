@@ -13,7 +13,7 @@ import pytest
 
 from pgembed import ratelimit
 from tests.reliability.convergence import converge, duplicate_inputs
-from tests.reliability.harness import FORMS, api_pipeline, body_expect, make_docs, scalar, wait_for
+from tests.reliability.harness import FORMS, api_pipeline, body_expect, make_docs, outbox_count, scalar, wait_for
 from tests.test_ratelimit import GRANT_LOG, heaviest_window
 
 
@@ -37,14 +37,14 @@ def test_outage_429_storm_timeouts_and_resets(form, db, api, fleet, results):
     worker = fleet.start(batch_size=32, concurrency=1, lease=60, env=env)
     time.sleep(outage)
     api.fail_next(0)
-    wait_for(lambda: scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, outage + 90, "recovery")
+    wait_for(lambda: outbox_count(db) == 0, outage + 90, "recovery")
     outage_errors = sum(1 for a in api.arrivals if a.status == 503)
 
     # 2. a 429 storm with Retry-After: one worker slot, so consecutive attempts are its own
     db.execute("UPDATE docs SET body = body || ' (storm)' WHERE id <= %s", (rows // 4,))
     before = len(api.arrivals)
     api.fail_next(storm, status=429, retry_after=retry_after)
-    wait_for(lambda: scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, 120, "the storm to pass")
+    wait_for(lambda: outbox_count(db) == 0, 120, "the storm to pass")
     stormy = api.arrivals[before:]
     # a retry of the same request (same texts) must wait Retry-After; a request for another
     # batch, after the provider gave one up, is counted apart (see the report)
@@ -58,7 +58,7 @@ def test_outage_429_storm_timeouts_and_resets(form, db, api, fleet, results):
     db.execute("UPDATE docs SET body = body || ' (slow)' WHERE id > %s AND id <= %s", (rows // 4, rows // 2))
     hangs = form.pick(2, 6)
     api.hang(hangs, seconds=2.5)
-    wait_for(lambda: scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, 120, "the hangs to pass")
+    wait_for(lambda: outbox_count(db) == 0, 120, "the hangs to pass")
     db.execute("UPDATE docs SET body = body || ' (reset)' WHERE id > %s", (rows // 2,))
     api.reset_next(form.pick(3, 10))
     last_fault = time.monotonic()

@@ -10,7 +10,7 @@ import pytest
 
 from tests.fakeapi import GARBAGE_KINDS
 from tests.reliability.convergence import converge
-from tests.reliability.harness import FORMS, api_pipeline, body_expect, make_docs, scalar, wait_for
+from tests.reliability.harness import FORMS, api_pipeline, body_expect, make_docs, outbox_count, scalar, wait_for
 
 MESSAGES = {
     "wrong_dims": "dimensions, expected 16",
@@ -35,7 +35,7 @@ def test_garbage_answers_are_failures_never_vectors(form, db, api, fleet, result
             api.garbage(kind, 1)
             make_docs(db, "docs", per_kind, start=next_id)
             next_id += per_kind
-            wait_for(lambda: scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, 60, f"{kind} to be handled")
+            wait_for(lambda: outbox_count(db) == 0, 60, f"{kind} to be handled")
             errors = [e for (e,) in db.execute("SELECT error FROM pgembed.failures WHERE parked_at IS NOT NULL "
                                                "AND (key->>0)::int >= %s", (next_id - per_kind,))]
             seen.setdefault(kind, []).extend(errors)

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from tests.reliability.convergence import converge, duplicate_inputs
-from tests.reliability.harness import FORMS, api_pipeline, body_expect, make_docs, scalar, wait_for
+from tests.reliability.harness import FORMS, api_pipeline, body_expect, make_docs, outbox_count, wait_for
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -19,7 +19,7 @@ def test_open_and_rolled_back_transactions(form, dsn, db, api, fleet, results):
     make_docs(db, "docs", 100)
     name = api_pipeline(db, "docs")
     fleet.start(batch_size=32, concurrency=2, poll=0.2, lease=60)
-    wait_for(lambda: scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, 60, "the backfill")
+    wait_for(lambda: outbox_count(db) == 0, 60, "the backfill")
     latencies = []
     with psycopg.connect(dsn) as app, psycopg.connect(dsn) as rolled:
         app.execute("INSERT INTO docs SELECT g, 'inserted by the long transaction ' || g "
@@ -33,11 +33,11 @@ def test_open_and_rolled_back_transactions(form, dsn, db, api, fleet, results):
             i += 1
             started = time.monotonic()
             db.execute("INSERT INTO docs VALUES (%s, %s)", (2000 + i, f"written beside it {i}"))
-            wait_for(lambda: scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, 30,
+            wait_for(lambda: outbox_count(db) == 0, 30,
                      "a row written beside the open transaction to be embedded")
             latencies.append(time.monotonic() - started)
             time.sleep(0.2)
-        assert scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, "the open transaction's rows are invisible"
+        assert outbox_count(db) == 0, "the open transaction's rows are invisible"
         app.commit()
     committed = time.monotonic()
     # ideal counts today's texts; the 10 rows the transaction updated were embedded before too

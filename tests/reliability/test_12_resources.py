@@ -13,7 +13,16 @@ import pytest
 
 from pgembed import pipelines
 from tests.reliability.convergence import converge
-from tests.reliability.harness import FORMS, api_pipeline, body_expect, make_docs, sampling, scalar, wait_for
+from tests.reliability.harness import (
+    FORMS,
+    api_pipeline,
+    body_expect,
+    make_docs,
+    outbox_count,
+    sampling,
+    scalar,
+    wait_for,
+)
 
 RSS_LIMIT_MB = 300
 
@@ -30,7 +39,7 @@ def test_backfill_with_bounded_memory(form, db, fleet, results):
     rows = form.pick(20_000, 1_000_000)
     make_docs(db, "docs", rows)
     name = pipelines.create(db, "docs", "body", "hash:8", pipelines.PipelineOptions(index="none"))
-    assert scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == rows
+    assert outbox_count(db) == rows
     started = time.monotonic()
     worker = fleet.start(batch_size=500, concurrency=2, lease=300, poll=0.5)
     report = converge(db, [body_expect(name, "docs")], timeout=form.pick(180, 3_600), vector_sample=5_000)
@@ -56,7 +65,7 @@ def test_hot_row_keeps_one_outbox_row_and_is_not_starved(form, dsn, db, api, fle
 
     def sample(c: psycopg.Connection) -> None:
         hot_rows.append(scalar(c, "SELECT count(*) FROM pgembed.outbox WHERE key = '[\"0\"]'"))
-        sizes.append(scalar(c, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox"))
+        sizes.append(outbox_count(c))
 
     def hammer() -> None:
         with psycopg.connect(dsn, autocommit=True) as c:
@@ -77,7 +86,7 @@ def test_hot_row_keeps_one_outbox_row_and_is_not_starved(form, dsn, db, api, fle
             received = api.received[seen:]
             seen += len(received)
             if any(t.startswith("the hot row, version") for t in received):
-                hot_done_while_backlog.append(scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox"))
+                hot_done_while_backlog.append(outbox_count(db))
             time.sleep(0.05)
         thread.join()
         report = converge(db, [body_expect(name, "docs")], api=api, timeout=form.pick(120, 600),
@@ -106,7 +115,7 @@ def test_outbox_does_not_bloat(form, db, fleet, results):
     for r in range(rounds):
         if r:
             db.execute("UPDATE docs SET body = body || ' r' || %s", (str(r),))
-        wait_for(lambda: scalar(db, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox") == 0, form.pick(120, 900),
+        wait_for(lambda: outbox_count(db) == 0, form.pick(120, 900),
                  f"round {r} to drain")
         db.execute("VACUUM pgembed.outbox")
         sizes.append(scalar(db, "SELECT pg_total_relation_size('pgembed.outbox')"))
