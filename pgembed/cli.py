@@ -161,6 +161,9 @@ def worker(
     prefetch: Annotated[int, typer.Option(
         min=0, help="Batches read ahead while requests are out (more throughput when the API is slow).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per claim.")] = WorkerConfig.batch_size,
+    bulk_batch_size: Annotated[int, typer.Option(
+        min=1, help="Rows per claim while a backfill, repair or migration backlog lasts.")
+    ] = WorkerConfig.bulk_batch_size,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls when idle.")] = 5.0,
     lease_seconds: Annotated[float, typer.Option(help="How long a claim is held.")] = 300.0,
     max_attempts: Annotated[int, typer.Option(min=1, help="Failures before a row is parked.")] = 5,
@@ -238,6 +241,7 @@ def worker(
             index_every=_duration("--index-every", index_every),
             ivfflat_min_rows=ivfflat_min_rows, ivfflat_rebuild_factor=ivfflat_rebuild_factor)
     config = WorkerConfig(concurrency=concurrency, prefetch=prefetch, batch_size=batch_size,
+                          bulk_batch_size=bulk_batch_size,
                           poll_interval=poll_interval, lease_seconds=lease_seconds,
                           until_empty=until_empty, max_attempts=max_attempts,
                           retry_base=retry_base, shutdown_timeout=shutdown_timeout,

@@ -53,6 +53,8 @@ SHUTDOWN_GRACE = 5.0
 WRITE_GRACE = 30.0
 # How often a worker whose queue runs short looks for deferred indexes to build.
 INDEX_CHECK_INTERVAL = 5.0
+# queue purposes of work that comes in large backlogs, claimed in bulk_batch_size batches
+BULK_PURPOSES = frozenset({"backfill", "repair", "migration"})
 T = TypeVar("T")
 
 
@@ -67,6 +69,10 @@ def _version() -> str:
 class WorkerConfig:
     concurrency: int = 2  # embedding requests in flight
     batch_size: int = 128
+    # rows per claim while a backlog of bulk work (backfill, repair, migration) lasts: fewer,
+    # larger statements and requests (a third more rows/s at 512); changes made by the
+    # application keep the smaller batches, which come back sooner
+    bulk_batch_size: int = 512
     # batches claimed, read and looked up in the cache ahead, while the requests are out:
     # without them each request waits for its slot's database work, and an API-bound
     # worker reaches only latency / (latency + database time) of its bound
@@ -178,6 +184,7 @@ class Worker:
         self._busy = 0
         self._claiming = 0
         self._after = ""
+        self._claim_limit = self.config.batch_size
         self._pipelines: dict[str, PipelineInfo] = {}
         self._providers: dict[tuple[str, int], Provider] = {}
         # The API key's budget is shared by every worker on every host, so it is kept in
@@ -428,9 +435,11 @@ class Worker:
         # skipped, so --until-empty must not call the queue empty before it returns
         self._claiming += 1
         try:
-            batch = await queue.claim(self.config.batch_size, self.config.lease_seconds, self._after)
+            limit = self._claim_limit
+            batch = await queue.claim(limit, self.config.lease_seconds, self._after)
         finally:
             self._claiming -= 1
+        self._claim_limit = self._next_limit(batch, limit)
         if batch is None:
             await self._build_indexes(force=self.config.until_empty)
             if self.config.until_empty and self._busy == 0 and self._claiming == 0:
@@ -446,12 +455,19 @@ class Worker:
         self.metrics.batches_in_flight(self._busy)
         try:
             await self._process(queue, batch)
-            if len(batch.rows) < self.config.batch_size:  # the queue ran short: a backfill may be over
+            if len(batch.rows) < limit:  # the queue ran short: a backfill may be over
                 await self._build_indexes(force=False)
         finally:
             self._busy -= 1
             self.metrics.batches_in_flight(self._busy)
             self._wake.set()
+
+    def _next_limit(self, batch: Batch | None, limit: int) -> int:
+        """A full claim of bulk work only: claim bulk_batch_size rows next time."""
+        if (batch is not None and len(batch.rows) == limit
+                and all(row.purpose in BULK_PURPOSES for row in batch.rows)):
+            return max(self.config.bulk_batch_size, self.config.batch_size)
+        return self.config.batch_size
 
     async def _build_indexes(self, force: bool) -> None:
         """Builds the vector indexes put off for backfills that are over. Counted as busy,
