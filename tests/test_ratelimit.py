@@ -593,7 +593,7 @@ def test_the_worker_spends_the_budget_of_its_key_and_closes_its_connection(
 ) -> None:
     _notes(conn, 12)
     bucket = ratelimit.set_openai_budget(conn, Budget(max_requests=1000, per_seconds=1))
-    stats = drain(dsn, batch_size=4)
+    stats = drain(dsn, batch_size=4, bulk_batch_size=4)
     assert stats.written == 12
     [row] = ratelimit.status(conn)
     assert row["bucket"] == bucket

@@ -85,7 +85,8 @@ def finish(proc: subprocess.Popen[bytes], tmp_path: Path, timeout: float = 60.0)
 def test_sigterm_during_a_busy_drain_exits_cleanly_and_loses_nothing(conn, dsn, fake_api, tmp_path):
     backlog(conn, 400)
     fake_api.latency(0.2)
-    proc = spawn(dsn, tmp_path, "--batch-size", "10", "--concurrency", "2", "--shutdown-timeout", "30",
+    proc = spawn(dsn, tmp_path, "--batch-size", "10", "--bulk-batch-size", "10",
+                 "--concurrency", "2", "--shutdown-timeout", "30",
                  "--no-scheduler", "-v")
     wait_for(lambda: count(conn, f"SELECT count(*) FROM pgembed.{DEST}") >= 40, "some batches done")
     proc.send_signal(signal.SIGTERM)
@@ -106,7 +107,8 @@ def test_sigterm_during_a_busy_drain_exits_cleanly_and_loses_nothing(conn, dsn, 
 def test_shutdown_bound_gives_unfinished_batches_back_at_once(conn, dsn, fake_api, tmp_path):
     backlog(conn, 30)
     fake_api.latency(120)  # the embedding call will not finish by itself
-    proc = spawn(dsn, tmp_path, "--batch-size", "10", "--concurrency", "2", "--shutdown-timeout", "1",
+    proc = spawn(dsn, tmp_path, "--batch-size", "10", "--bulk-batch-size", "10",
+                 "--concurrency", "2", "--shutdown-timeout", "1",
                  "--no-scheduler", "--log-format", "json", "-v", env={"PGEMBED_OPENAI_TIMEOUT": "300"})
     wait_for(lambda: fake_api.in_flight >= 2, "two embedding requests under way")
     assert leased(conn) == 20

@@ -228,7 +228,9 @@ class Fleet:
         head = prefix or [sys.executable, "-m", "pgembed"]
         verbose = [] if "--log-level" in (extra or []) else ["-v"]
         args = [*head, "worker", "--dsn", self.dsn, *verbose,
+                # the scenarios shape their batches: backfills too are claimed batch_size at a time
                 "--concurrency", str(concurrency), "--batch-size", str(batch_size),
+                "--bulk-batch-size", str(batch_size),
                 "--lease-seconds", str(lease), "--poll-interval", str(poll),
                 "--max-attempts", str(max_attempts), "--retry-base", str(retry_base),
                 *(["--until-empty"] if until_empty else []), *(extra or [])]
