@@ -157,9 +157,11 @@ def _every(help_text: str, env: str) -> Any:
 @friendly
 def worker(
     until_empty: Annotated[bool, typer.Option(help="Drain the queue, then exit.")] = False,
-    concurrency: Annotated[int, typer.Option(min=1, help="Embedding requests in flight at once.")] = 2,
+    concurrency: Annotated[int, typer.Option(min=1, help="Embedding requests in flight at once.")
+    ] = WorkerConfig.concurrency,
     prefetch: Annotated[int, typer.Option(
-        min=0, help="Batches read ahead while requests are out (more throughput when the API is slow).")] = 0,
+        min=0, help="Batches read ahead while requests are out (more throughput when the API is slow).")
+    ] = WorkerConfig.prefetch,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per claim.")] = WorkerConfig.batch_size,
     bulk_batch_size: Annotated[int, typer.Option(
         min=1, help="Rows per claim while a backfill, repair or migration backlog lasts.")

@@ -76,7 +76,7 @@ class WorkerConfig:
     # batches claimed, read and looked up in the cache ahead, while the requests are out:
     # without them each request waits for its slot's database work, and an API-bound
     # worker reaches only latency / (latency + database time) of its bound
-    prefetch: int = 0
+    prefetch: int = 1
     # for building a vector index put off during a large backfill (pgembed/indexes.py)
     index_memory: str = "1GB"
     lease_seconds: float = 300.0

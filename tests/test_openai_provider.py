@@ -345,7 +345,8 @@ def test_dimensions_sent_only_when_they_differ_from_native(api: FakeAPI, embed: 
     short = ModelSpec("openai:text-embedding-3-small", dimensions=256, native_dimensions=1536)
     full = ModelSpec("openai:text-embedding-3-small", dimensions=1536, native_dimensions=1536)
     assert embed(["hello"], short).vectors[0] is not None
-    assert len(embed(["hello"], full).vectors[0] or []) == 1536
+    vector = embed(["hello"], full).vectors[0]
+    assert vector is not None and len(vector) == 1536
     assert [e["dimensions"] for e in api.log] == [256, None]
     assert [e["model"] for e in api.log] == ["text-embedding-3-small"] * 2
 

@@ -111,14 +111,14 @@ def test_shutdown_bound_gives_unfinished_batches_back_at_once(conn, dsn, fake_ap
                  "--concurrency", "2", "--shutdown-timeout", "1",
                  "--no-scheduler", "--log-format", "json", "-v", env={"PGEMBED_OPENAI_TIMEOUT": "300"})
     wait_for(lambda: fake_api.in_flight >= 2, "two embedding requests under way")
-    assert leased(conn) == 20
+    wait_for(lambda: leased(conn) == 30, "the third batch read ahead (--prefetch 1)")
     proc.send_signal(signal.SIGTERM)
     assert finish(proc, tmp_path) == 0, output(tmp_path)[1][-3000:]
     assert leased(conn) == 0
     assert count(conn, "SELECT count(*) FROM pgembed.outbox WHERE available_at <= now()") == 30, \
         "given back for another worker to take now, not when the lease expires"
     actions = [json.loads(line)["action"] for line in output(tmp_path)[1].splitlines() if line.strip()]
-    assert "shutdown_timeout" in actions and actions.count("release") == 2
+    assert "shutdown_timeout" in actions and actions.count("release") == 3
 
     fake_api.latency(0)
     drain(dsn)

@@ -159,8 +159,8 @@ def test_hostile_names_and_composite_key_work_end_to_end(conn, dsn):
 def test_bulk_backlogs_are_claimed_in_bigger_batches(conn, dsn):
     make_docs(conn, 1500)  # the backfill: 1,500 rows of purpose 'backfill'
     pipelines.create(conn, "docs", "title || ' ' || body", "hash:8")
-    stats = drain(dsn, concurrency=1, batch_size=100, bulk_batch_size=500)
+    stats = drain(dsn, concurrency=1, prefetch=0, batch_size=100, bulk_batch_size=500)
     assert (stats.written, stats.batches) == (1500, 4), "100 first, then 500, 500 and 400"
     conn.execute("UPDATE docs SET body = body || '!' WHERE id <= 300")  # the application's changes
-    stats = drain(dsn, concurrency=1, batch_size=100, bulk_batch_size=500)
+    stats = drain(dsn, concurrency=1, prefetch=0, batch_size=100, bulk_batch_size=500)
     assert (stats.written, stats.batches) == (300, 3)
