@@ -15,7 +15,7 @@ from importlib import resources
 import psycopg
 from rich.console import Console
 
-from pgembed import db, migrate, pipelines
+from pgembed import audit, db, migrate, pipelines
 from pgembed.progress import drain
 from pgembed.search import Hit, search
 from pgembed.worker import WorkerConfig
@@ -71,6 +71,10 @@ def run(dsn: str, console: Console, model: str | None = None) -> str:
     console.print(f"{count} sample articles in table {TABLE}; pipeline [bold]{name}[/bold] ({model})")
     drain(dsn, WorkerConfig(until_empty=True, concurrency=2, batch_size=16), console)
     with db.connect(dsn) as conn:
+        # what the scheduler does hourly: compare the table with its vectors (status shows it)
+        found = audit.run_audit(conn, pipeline=name)
+        gaps = sum(found[kind] for kind in audit.GAP_KINDS)
+        console.print(f"audit: {gaps} rows missing, orphaned, stale or failed")
         for question in QUESTIONS:
             show_hits(console, question, search(conn, name, question, k=3))
     return name

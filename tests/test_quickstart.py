@@ -18,6 +18,7 @@ def test_quickstart_twice_on_a_database(conn, dsn):
     first = runner.invoke(app, ["quickstart", "--model", "hash:384", "--dsn", dsn], catch_exceptions=False)
     assert first.exit_code == 0, first.output
     assert first.output.count("search:") == 2 and "Baking sourdough bread" in first.output
+    assert "audit: 0 rows missing, orphaned, stale or failed" in first.output
     embedded = conn.execute("SELECT count(*), max(embedded_at) FROM pgembed.pgembed_sample_articles_h384").fetchone()
     assert embedded[0] == 36
     second = runner.invoke(app, ["quickstart", "--model", "hash:384", "--dsn", dsn], catch_exceptions=False)

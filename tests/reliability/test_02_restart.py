@@ -71,9 +71,12 @@ def test_postgres_restart_and_terminated_sessions(form, server, api, tmp_path, r
                 with connect(dsn) as probe:
                     wait_for(lambda probe=probe: len(worker_backends(probe)) >= 3, 60, "workers to reconnect")
             conn = connect(dsn)
-            # every worker session, the LISTEN ones included
+            # every worker session, the LISTEN ones included, once each worker's pool (which
+            # reconnects on its own schedule) is back too
             wait_for(lambda: sum(1 for b in worker_backends(conn) if b[1] == "pgembed-listener") == 2, 60,
                      "both listeners back")
+            wait_for(lambda: sum(1 for b in worker_backends(conn) if b[1] == "pgembed-worker") >= 2, 60,
+                     "the workers' pools back")
             terminated = scalar(conn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                       "WHERE application_name IN ('pgembed-worker', 'pgembed-listener') "
                                       "AND datname = current_database()")

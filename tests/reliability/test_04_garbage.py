@@ -13,11 +13,13 @@ from tests.reliability.convergence import converge
 from tests.reliability.harness import FORMS, api_pipeline, body_expect, make_docs, outbox_count, scalar, wait_for
 
 MESSAGES = {
-    "wrong_dims": "dimensions, expected 16",
-    "nan": "NaN or Infinity",
-    "wrong_count": "embeddings for",
-    "empty_data": "no embeddings",
-    "not_json": "not a JSON embeddings response",
+    "wrong_dims": ("dimensions, expected 16",),
+    "nan": ("NaN or Infinity",),
+    # one embedding short of a one-input request (two slots claiming at once can split a
+    # round's rows that small) is an empty list
+    "wrong_count": ("embeddings for", "no embeddings"),
+    "empty_data": ("no embeddings",),
+    "not_json": ("not a JSON embeddings response",),
 }
 
 
@@ -41,7 +43,7 @@ def test_garbage_answers_are_failures_never_vectors(form, db, api, fleet, result
             seen.setdefault(kind, []).extend(errors)
     for kind, errors in seen.items():
         assert errors, f"{kind}: no row failed"
-        assert all(MESSAGES[kind] in e for e in errors), f"{kind}: unclear failures {set(errors)}"
+        assert all(any(m in e for m in MESSAGES[kind]) for e in errors), f"{kind}: unclear failures {set(errors)}"
     # nothing malformed was stored: every stored vector is checked by the convergence check
     failed = scalar(db, "SELECT count(*) FROM pgembed.failures")
     assert scalar(db, "SELECT pgembed.retry_failures()") == failed
