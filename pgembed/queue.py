@@ -397,9 +397,9 @@ class Queue:
                 "cache_misses": u.cache_misses, "worker": self.worker,
             })
 
-    async def ready_count(self) -> int:
+    async def batched(self) -> int:
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query("ready_count"))
+            cur = await conn.execute(query("batched"))
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 

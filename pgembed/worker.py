@@ -442,7 +442,8 @@ class Worker:
         self._claim_limit = self._next_limit(batch, limit)
         if batch is None:
             await self._build_indexes(force=self.config.until_empty)
-            if self.config.until_empty and self._busy == 0 and self._claiming == 0:
+            if (self.config.until_empty and self._busy == 0 and self._claiming == 0
+                    and await queue.batched() == 0):
                 self.stop()
                 return
             await self._idle()

@@ -730,6 +730,7 @@ AS $$ SELECT 1000::bigint $$;
 -- is queued already is bumped, as the trigger would have done. The insert waits for an
 -- application transaction queueing one of the same keys; past a short lock_timeout the
 -- batch is left for a later claim, so such a transaction and this one never deadlock.
+-- Other workers that claimed meanwhile found nothing: a notification wakes them.
 -- SECURITY DEFINER (EXECUTE for pgembed_worker, see privileges.sql): it only moves keys the
 -- triggers wrote, so a worker needs no INSERT on the outbox, which would let it queue rows.
 CREATE OR REPLACE FUNCTION pgembed.expand_batches(p_pipeline text, p_keys bigint DEFAULT 10000)
@@ -766,6 +767,10 @@ BEGIN
         END;
         moved := moved + b.key_count;
     END LOOP;
+    IF moved > 0 THEN
+        -- at commit: wakes the workers that found nothing while this claim held the batch
+        PERFORM pg_notify('pgembed', p_pipeline);
+    END IF;
     RETURN moved;
 END
 $$;

@@ -93,10 +93,10 @@ INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inpu
 VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(inputs)s,
         %(tokens)s, %(cache_hits)s, %(cache_misses)s, %(worker)s)
 
--- ready_count --
--- Rows ready to claim, and the keys of bulk statements that a claim would expand first.
-SELECT pg_catalog.count(*) + pgembed.batched_keys() FROM pgembed.outbox
- WHERE available_at <= pg_catalog.now()
+-- batched --
+-- Keys of bulk statements not yet expanded: a claim that found nothing while another worker
+-- was expanding them does not mean the queue is empty.
+SELECT pgembed.batched_keys()
 
 -- deferred_ready --
 -- HNSW indexes put off for a backfill that is now over (see pgembed.deferred_index_plan).

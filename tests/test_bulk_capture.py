@@ -4,6 +4,9 @@ count it as queued and a drain ends in sync."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import psycopg
 import pytest
 
@@ -127,3 +130,18 @@ def test_a_failing_bulk_statement_leaves_no_batch(conn):
     with pytest.raises(psycopg.errors.UniqueViolation):
         conn.execute("INSERT INTO docs SELECT g, 't', 'b' FROM generate_series(%s::int, %s::int) g", (BULK, 2 * BULK))
     assert batches(conn) == [(BULK, BULK)]
+
+
+def test_an_until_empty_worker_waits_for_a_batch_another_worker_is_expanding(conn, dsn):
+    name = make_table(conn)
+    conn.execute("INSERT INTO docs SELECT g, 't', 'b' || g FROM generate_series(1, %s) g", (BULK,))
+    result: list = []
+    with psycopg.connect(dsn) as other:  # "another worker", in the middle of expanding it
+        other.execute("SELECT id FROM pgembed.outbox_batches FOR UPDATE").fetchall()
+        runner = threading.Thread(target=lambda: result.append(drain(dsn, batch_size=500)))
+        runner.start()
+        time.sleep(1.0)  # its claims find nothing meanwhile; the queue is not empty for all that
+        assert runner.is_alive(), "the worker stopped with a batch of keys still queued"
+    runner.join(60)
+    assert result and result[0].written == BULK
+    assert conn.execute(f"SELECT count(*) FROM pgembed.{name}").fetchone()[0] == BULK
