@@ -406,7 +406,6 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    PERFORM pg_catalog.set_config('search_path', p.search_path, true);
     EXECUTE format($q$
         WITH deleted AS (
             DELETE FROM pgembed.%1$I d
@@ -421,7 +420,6 @@ BEGIN
         pgembed.source_name(p), pgembed.sql_list('d.%1$I = s.%1$I', p.key_columns, ' AND '),
         p.name)
        INTO n USING p_keys;
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     RETURN n;
 END
 $$;

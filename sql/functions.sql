@@ -367,8 +367,10 @@ REVOKE ALL ON FUNCTION %1$s() FROM PUBLIC;$f$,
     EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                    'pgembed_' || p.id || '_truncate', p.source, capture);
 
-    -- The reader runs with the worker's rights (SECURITY INVOKER) and the creator's
-    -- search_path, so `content` means what it meant when the pipeline was created.
+    -- The reader runs with the worker's rights (SECURITY INVOKER) and evaluates the bound
+    -- forms of `content` and `cost_center` on search_path pg_catalog: they mean what they
+    -- meant when the pipeline was created, whatever is created later in a schema of the
+    -- creator's path, and the worker hashes exactly the text the audit's stale check hashes.
     EXECUTE format($f$
 CREATE OR REPLACE FUNCTION pgembed.%1$I(keys jsonb)
 RETURNS TABLE (key jsonb, found boolean, content text, cost_center text)
@@ -386,8 +388,8 @@ AS $body$
     ) AS pgembed_row ON true
 $body$;
 REVOKE ALL ON FUNCTION pgembed.%1$I(jsonb) FROM PUBLIC;$f$,
-        'p' || p.id || '_read', p.search_path, p.name, p.content,
-        coalesce(p.cost_center, 'NULL'), p.source,
+        'p' || p.id || '_read', 'pg_catalog, pg_temp', p.name, p.content_bound,
+        coalesce(p.cost_center_bound, 'NULL'), p.source,
         pgembed.sql_list('%1$I', p.key_columns),
         pgembed.key_casts(p, 'pgembed_keys.key'));
 
@@ -547,7 +549,8 @@ BEGIN
       FROM pgembed.probe_expression(source, content, search_path, p_bind => true) AS e;
     p.cost_center := cost_center;
     IF cost_center IS NOT NULL THEN
-        PERFORM pgembed.probe_expression(source, cost_center, search_path, 'cost_center');
+        SELECT e.bound INTO p.cost_center_bound
+          FROM pgembed.probe_expression(source, cost_center, search_path, 'cost_center', p_bind => true) AS e;
     END IF;
     p.model := m.model;
     p.dimensions := dims;
@@ -561,11 +564,11 @@ BEGIN
     p.distance := distance;
 
     INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
-        content_functions, cost_center, model,
+        content_functions, cost_center, cost_center_bound, model,
         dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
         index_type, index_options, distance, search_path)
     VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
-        p.content_functions, p.cost_center, p.model,
+        p.content_functions, p.cost_center, p.cost_center_bound, p.model,
         p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
         p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path)
     RETURNING * INTO p;

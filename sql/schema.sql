@@ -46,6 +46,7 @@ CREATE TABLE pgembed.pipelines (
     content_bound   text NOT NULL,
     content_functions text[] NOT NULL DEFAULT '{}',
     cost_center     text,
+    cost_center_bound text,   -- cost_center bound the same way
     model           text NOT NULL,
     dimensions      int NOT NULL CHECK (dimensions > 0),
     destination     name NOT NULL UNIQUE,
@@ -56,7 +57,8 @@ CREATE TABLE pgembed.pipelines (
     index_type      text NOT NULL CHECK (index_type IN ('hnsw', 'ivfflat', 'none')),
     index_options   jsonb NOT NULL DEFAULT '{}',
     distance        text NOT NULL CHECK (distance IN ('cosine', 'l2', 'ip')),
-    -- the creator's search_path, pinned on the reader so `content` means what it meant
+    -- the creator's search_path, which `content` and `cost_center` were read on (the worker's
+    -- reader and the audit evaluate the bound forms, on search_path pg_catalog)
     search_path     text NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     CHECK (chunk_tokens = 0 OR chunk_overlap < chunk_tokens)

@@ -160,6 +160,11 @@ def test_the_audit_never_runs_anothers_code_with_the_owners_rights(conn, dsn, lo
     assert read_as_reader("SELECT count(*) FROM pgembed.consistency_gaps") == (0,)
     assert warnings == []
     assert conn.execute("SELECT count(*) FROM public.ran").fetchone() == (0,), "planted code ran"
+    # nor does the worker call the lookalikes: its reader evaluates the bound expression too
+    conn.execute("UPDATE public.notes SET body = body || '!' WHERE id = 1")
+    assert drain(dsn).written == 1
+    assert conn.execute(f"SELECT chunk FROM pgembed.{name} WHERE id = 1").fetchone() == ("note 1!Note 1!",)
+    assert conn.execute("SELECT count(*) FROM public.ran").fetchone() == (0,), "the worker ran planted code"
 
     # the function the pipeline calls, handed to another role, may now do anything: it is
     # not evaluated, and the DBA is told why
