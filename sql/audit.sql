@@ -53,8 +53,8 @@ CREATE TABLE IF NOT EXISTS pgembed.audit_findings (
 );
 
 -- The source table of a pipeline as a schema-qualified, quoted name, or NULL when it was
--- dropped behind pgembed's back. Qualified explicitly: the gap queries run on the pipeline's
--- own search_path, where an unqualified name could mean another table.
+-- dropped behind pgembed's back. Qualified explicitly, so that no search_path can make the
+-- generated queries read another table of the same name.
 CREATE OR REPLACE FUNCTION pgembed.source_name(p pgembed.pipelines)
 RETURNS text
 LANGUAGE sql STABLE
