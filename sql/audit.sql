@@ -83,7 +83,8 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT format('NOT EXISTS (SELECT 1 FROM pgembed.outbox o WHERE o.pipeline = %1$L AND o.key = %2$s) '
-                  'AND NOT EXISTS (SELECT 1 FROM pgembed.outbox_batches b, pg_catalog.unnest(b.keys) AS bk(key) '
+                  'AND NOT EXISTS (SELECT 1 FROM pgembed.outbox_batches b, '
+                  'pg_catalog.unnest(b.keys[b.expanded + 1:]) AS bk(key) '
                   'WHERE b.pipeline = %1$L AND pg_catalog.jsonb_build_array(bk.key) = %2$s)', p.name, p_key)
 $$;
 
@@ -376,7 +377,7 @@ SELECT p.name AS pipeline,
          FROM pgembed.outbox o
         WHERE o.pipeline = p.name) AS q
  CROSS JOIN LATERAL (
-       SELECT coalesce(sum(ob.key_count), 0) AS keys, min(ob.queued_at) AS oldest
+       SELECT coalesce(sum(ob.key_count - ob.expanded), 0) AS keys, min(ob.queued_at) AS oldest
          FROM pgembed.outbox_batches ob
         WHERE ob.pipeline = p.name) AS b
  CROSS JOIN LATERAL (

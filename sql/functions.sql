@@ -727,13 +727,15 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 1000::bigint $$;
 
--- Moves the keys of a pipeline's pending batches into the outbox, a batch at a time until
--- about p_keys keys have moved, and returns how many did. claim() calls it before it looks
--- for ready rows. A batch another worker is expanding is skipped (SKIP LOCKED). A key that
--- is queued already is bumped, as the trigger would have done. The insert waits for an
--- application transaction queueing one of the same keys; past a short lock_timeout the
--- batch is left for a later claim, so such a transaction and this one never deadlock.
--- Other workers that claimed meanwhile found nothing: a notification wakes them.
+-- Moves the keys of a pipeline's pending batches into the outbox, until about p_keys keys
+-- have moved, and returns how many did. claim() calls it before it looks for ready rows. A
+-- big batch goes in slices (`expanded` counts what has moved), so no claim holds a
+-- transaction open for a million-row statement. A batch another worker is expanding is
+-- skipped (SKIP LOCKED). A key that is queued already is bumped, as the trigger would have
+-- done. The insert waits for an application transaction queueing one of the same keys;
+-- past a short lock_timeout the batch is left for a later claim, so such a transaction and
+-- this one never deadlock. Other workers that claimed meanwhile found nothing: a
+-- notification wakes them.
 -- SECURITY DEFINER (EXECUTE for pgembed_worker, see privileges.sql): it only moves keys the
 -- triggers wrote, so a worker needs no INSERT on the outbox, which would let it queue rows.
 CREATE OR REPLACE FUNCTION pgembed.expand_batches(p_pipeline text, p_keys bigint DEFAULT 10000)
@@ -744,34 +746,41 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     b record;
+    n int;
     moved bigint := 0;
     timeout text := current_setting('lock_timeout');
 BEGIN
     WHILE moved < p_keys LOOP
-        SELECT x.id, x.keys, x.key_count, x.queued_at INTO b
+        SELECT x.id, x.keys[x.expanded + 1 : x.expanded + (p_keys - moved)::int] AS part,
+               x.expanded, x.key_count, x.queued_at
+          INTO b
           FROM pgembed.outbox_batches x
          WHERE x.pipeline = p_pipeline
          ORDER BY x.id LIMIT 1
            FOR UPDATE SKIP LOCKED;
         EXIT WHEN NOT FOUND;
+        n := coalesce(cardinality(b.part), 0);
         BEGIN
             PERFORM set_config('lock_timeout', '100ms', true);
             INSERT INTO pgembed.outbox AS q (pipeline, key, queued_at, changed_at)
             SELECT p_pipeline, jsonb_build_array(k), b.queued_at, b.queued_at
-              FROM unnest(b.keys) AS k
+              FROM unnest(b.part) AS k
             ON CONFLICT (pipeline, key) DO UPDATE
                SET version = q.version + 1, changed_at = excluded.changed_at, attempts = 0,
                    available_at = CASE WHEN q.lease_id IS NULL THEN LEAST(q.available_at, now())
                                        ELSE q.available_at END;
-            DELETE FROM pgembed.outbox_batches x WHERE x.id = b.id;
+            IF n = 0 OR b.expanded + n >= b.key_count THEN
+                DELETE FROM pgembed.outbox_batches x WHERE x.id = b.id;
+            ELSE
+                UPDATE pgembed.outbox_batches x SET expanded = x.expanded + n WHERE x.id = b.id;
+            END IF;
             PERFORM set_config('lock_timeout', timeout, true);
         EXCEPTION WHEN lock_not_available THEN
             EXIT;  -- the subtransaction's rollback restored lock_timeout
         END;
-        moved := moved + b.key_count;
+        moved := moved + n;
     END LOOP;
     IF moved > 0 THEN
-        -- at commit: wakes the workers that found nothing while this claim held the batch
         PERFORM pg_notify('pgembed', p_pipeline);
     END IF;
     RETURN moved;
@@ -786,7 +795,7 @@ RETURNS bigint
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(sum(b.key_count), 0)::bigint FROM pgembed.outbox_batches b
+    SELECT coalesce(sum(b.key_count - b.expanded), 0)::bigint FROM pgembed.outbox_batches b
      WHERE p_pipeline IS NULL OR b.pipeline = p_pipeline
 $$;
 

@@ -98,6 +98,7 @@ CREATE TABLE pgembed.outbox_batches (
     pipeline        text NOT NULL,
     keys            text[] NOT NULL,   -- key::text, as the outbox key holds it
     key_count       int NOT NULL,
+    expanded        int NOT NULL DEFAULT 0,   -- keys[1:expanded] are in the outbox already
     queued_at       timestamptz NOT NULL DEFAULT now()
 );
 

@@ -145,3 +145,15 @@ def test_an_until_empty_worker_waits_for_a_batch_another_worker_is_expanding(con
     runner.join(60)
     assert result and result[0].written == BULK
     assert conn.execute(f"SELECT count(*) FROM pgembed.{name}").fetchone()[0] == BULK
+
+
+def test_a_big_batch_is_expanded_in_slices(conn, dsn):
+    name = make_table(conn)
+    conn.execute("INSERT INTO docs SELECT g, 't', 'b' || g FROM generate_series(1, %s) g", (BULK,))
+    assert conn.execute("SELECT pgembed.expand_batches(%s, 1000)", (name,)).fetchone()[0] == 1000
+    assert conn.execute("SELECT expanded FROM pgembed.outbox_batches").fetchone()[0] == 1000
+    assert outbox_rows(conn) == 1000
+    assert status(conn) == (BULK, 0, 0), "moved or not, every key counts once as queued"
+    drain(dsn, batch_size=700)  # claims expand the rest, 10,000 keys at most each
+    assert batches(conn) == [] and outbox_rows(conn) == 0
+    assert destination(conn, name, ["id"]) == expected(conn, "SELECT id, title, body FROM docs")
