@@ -174,7 +174,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._requests = asyncio.Semaphore(self.config.concurrency)
         self._inflight = InFlight()
-        self._building = False
+        self._index_lock = asyncio.Lock()
         self._pool: AsyncConnectionPool | None = None
         self._next_index_check = 0.0
         self._index_failed: set[str] = set()
@@ -472,18 +472,19 @@ class Worker:
 
     async def _build_indexes(self, force: bool) -> None:
         """Builds the vector indexes put off for backfills that are over. Counted as busy,
-        so that an --until-empty worker does not stop in the middle of a build."""
-        now = time.monotonic()
-        if self._building or (now < self._next_index_check and not force):
+        waiting included, so that an --until-empty worker does not stop in the middle of a
+        build. A forced check waits for one under way and then looks again itself: that one
+        may have read the plan just before another slot acknowledged the backfill's last rows
+        (a worker once stopped with its index unbuilt that way)."""
+        if not force and (self._index_lock.locked() or time.monotonic() < self._next_index_check):
             return
-        self._building = True
         self._busy += 1
         try:
-            self._next_index_check = now + INDEX_CHECK_INTERVAL
-            await indexes.build_ready(self.dsn, self.config.index_memory, self._index_failed, self._pool)
+            async with self._index_lock:
+                self._next_index_check = time.monotonic() + INDEX_CHECK_INTERVAL
+                await indexes.build_ready(self.dsn, self.config.index_memory, self._index_failed, self._pool)
         finally:
             self._busy -= 1
-            self._building = False
 
     async def _idle(self) -> None:
         self._wake.clear()
