@@ -437,7 +437,7 @@ class Drained:
 def ready_rows(dsn: str) -> int:
     with connect(dsn, vector=False) as conn:
         return int(conn.execute(
-            "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox WHERE available_at <= now()"
+            "SELECT count(*) + pgembed.statement_keys() FROM pgembed.outbox WHERE available_at <= now()"
         ).fetchone()[0])
 
 

@@ -91,7 +91,7 @@ def drain_with(bench: Bench, workers: int) -> dict[str, Any]:
         workers_cpu = children_cpu() - children_before
         stats = api.stats()
         stored = count(conn, destination)
-        queued = conn.execute("SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox").fetchone()[0]
+        queued = conn.execute("SELECT count(*) + pgembed.statement_keys() FROM pgembed.outbox").fetchone()[0]
         distinct = conn.execute(f'SELECT count(DISTINCT id) FROM pgembed."{destination}"').fetchone()[0]
     if done is None or first is None:
         raise RuntimeError(f"{workers} workers exited with {stored} of {rows} rows stored")

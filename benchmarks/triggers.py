@@ -6,7 +6,7 @@ more with a listener to signal).
 
 * bulk: `INSERT INTO t SELECT * FROM staging` of N rows, alternating the two tables over a
   few repeats, each from an empty table and an empty, vacuumed outbox; medians compared.
-  A statement this big leaves one batch of keys (pgembed.outbox_batches); the time a
+  A statement this big leaves one batch of keys (pgembed.outbox_statements); the time a
   worker then takes to expand it into the outbox is in the details (worker_expand_s).
 * single: one-row INSERT commits from one client, alternating plain/piped row by row so
   that both see the same noise; p50 compared.
@@ -82,16 +82,16 @@ def run(bench: Bench) -> list[Result]:
                 order = ("plain", "piped") if rep % 2 == 0 else ("piped", "plain")
                 for table in order:
                     conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(table)))
-                    vacuum(conn, "pgembed.outbox", "pgembed.outbox_batches")
+                    vacuum(conn, "pgembed.outbox", "pgembed.outbox_statements")
                     checkpoint(conn, bench.scale)
                     start = time.perf_counter()
                     conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM staging").format(sql.Identifier(table)))
                     bulk[table].append(time.perf_counter() - start)
-            queued = conn.execute("SELECT count(*) + pgembed.batched_keys(%s) FROM pgembed.outbox "
+            queued = conn.execute("SELECT count(*) + pgembed.statement_keys(%s) FROM pgembed.outbox "
                                   "WHERE pipeline = %s", (pipeline, pipeline)).fetchone()[0]
             # the work the bulk statement left to a worker: its keys into the outbox
             start = time.perf_counter()
-            conn.execute("SELECT pgembed.expand_batches(%s, %s)", (pipeline, n))
+            conn.execute("SELECT pgembed.expand_statements(%s, %s)", (pipeline, n))
             expand_s = time.perf_counter() - start
 
             for table in ("plain", "piped"):

@@ -1,4 +1,6 @@
-"""Alembic environment: revisions run raw SQL from sql/, over psycopg, under a lock.
+"""Alembic environment: revisions run their frozen SQL over psycopg, under a lock, and an
+upgrade that ends at the head revision then applies the definitions from sql/ (functions,
+views, comments, grants, every pipeline's generated code; see pgembed/schema.py).
 
 The DSN comes from the alembic config attribute "dsn" (set by `pgembed init`) or from
 PGEMBED_DSN. The version table lives outside the pgembed schema (public) so that
@@ -11,7 +13,10 @@ import os
 
 import psycopg
 from alembic import context
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
+
+from pgembed.schema import definitions_sql
 
 VERSION_TABLE = "pgembed_alembic_version"
 MIGRATION_LOCK = 7_418_532_001  # pg_advisory_xact_lock key: one init at a time
@@ -40,6 +45,15 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
             context.run_migrations()
+            if _at_head(connection):
+                with connection.connection.dbapi_connection.cursor() as cur:
+                    cur.execute(definitions_sql())
+
+
+def _at_head(connection) -> bool:  # type: ignore[no-untyped-def]
+    head = ScriptDirectory.from_config(context.config).get_current_head()
+    found = connection.execute(text(f"SELECT version_num FROM public.{VERSION_TABLE}")).scalar()
+    return found == head
 
 
 if context.is_offline_mode():

@@ -75,7 +75,7 @@ def list_all(conn: psycopg.Connection) -> list[dict[str, Any]]:
     cur = conn.execute(
         "SELECT name, source::text AS source, content, model, dimensions, index_type, distance, "
         "chunk_tokens, (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p.name) "
-        "+ pgembed.batched_keys(p.name) AS queued "
+        "+ pgembed.statement_keys(p.name) AS queued "
         "FROM pgembed.pipelines p ORDER BY name")
     names = [c.name for c in cur.description or []]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

@@ -16,7 +16,7 @@ from pgembed.worker import Worker, WorkerConfig, WorkerStats
 
 def backlog(dsn: str) -> int:
     with db.connect(dsn) as conn:
-        row = conn.execute("SELECT (SELECT count(*) FROM pgembed.outbox) + pgembed.batched_keys()").fetchone()
+        row = conn.execute("SELECT (SELECT count(*) FROM pgembed.outbox) + pgembed.statement_keys()").fetchone()
     return int(row[0]) if row else 0
 
 

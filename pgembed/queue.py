@@ -399,7 +399,7 @@ class Queue:
 
     async def batched(self) -> int:
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query("batched"))
+            cur = await conn.execute(query("statement_keys"))
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 

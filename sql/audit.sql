@@ -17,41 +17,6 @@
 -- expression, as create_pipeline validated and bound it (content_bound, see gaps() below
 -- for why that matters here).
 --
--- Re-runnable: the table is CREATE ... IF NOT EXISTS, functions and views CREATE OR REPLACE.
-
--- One row per audit run (pgembed audit, the scheduler's periodic job), so the trend of each
--- gap kind is visible over time. Counts are what the run found, before any repair.
-CREATE TABLE IF NOT EXISTS pgembed.audit_runs (
-    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    started_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
-    finished_at       timestamptz,                 -- NULL only while the run is in progress
-    pipeline          text,                        -- NULL: every pipeline; no FK, history outlives a drop
-    missing           bigint NOT NULL DEFAULT 0,
-    orphaned          bigint NOT NULL DEFAULT 0,
-    stale             bigint NOT NULL DEFAULT 0,
-    failed            bigint NOT NULL DEFAULT 0,
-    oldest_gap_since  timestamptz,                 -- min(since) over the gaps found
-    oldest_gap        interval,                    -- started_at - oldest_gap_since
-    repaired          boolean NOT NULL DEFAULT false,
-    requeued          bigint NOT NULL DEFAULT 0,   -- missing + stale keys put in the outbox
-    orphans_deleted   bigint NOT NULL DEFAULT 0,   -- orphaned keys whose vectors were deleted
-    CHECK (repaired OR (requeued = 0 AND orphans_deleted = 0))
-);
-
-CREATE INDEX IF NOT EXISTS audit_runs_started ON pgembed.audit_runs (started_at);
-
--- What each run found per pipeline: pipeline_status reads its gap counts from the latest.
-CREATE TABLE IF NOT EXISTS pgembed.audit_findings (
-    run               bigint NOT NULL REFERENCES pgembed.audit_runs ON DELETE CASCADE,
-    pipeline          text NOT NULL,
-    missing           bigint NOT NULL,
-    orphaned          bigint NOT NULL,
-    stale             bigint NOT NULL,
-    failed            bigint NOT NULL,
-    gaps_since        timestamptz,                 -- min(since) over its missing, orphaned, stale
-    PRIMARY KEY (pipeline, run)
-);
-
 -- The source table of a pipeline as a schema-qualified, quoted name, or NULL when it was
 -- dropped behind pgembed's back. Qualified explicitly, so that no search_path can make the
 -- generated queries read another table of the same name.
@@ -76,14 +41,14 @@ AS $$
            || pgembed.sql_list(quote_ident(p_alias) || '.%1$I::pg_catalog.text', p.key_columns) || ')'
 $$;
 
--- "this key is not queued": not in the outbox, nor in a batch no worker has expanded yet.
+-- "this key is not queued": not in the outbox, nor in a statement no worker has expanded yet.
 CREATE OR REPLACE FUNCTION pgembed.not_queued_sql(p pgembed.pipelines, p_key text)
 RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT format('NOT EXISTS (SELECT 1 FROM pgembed.outbox o WHERE o.pipeline = %1$L AND o.key = %2$s) '
-                  'AND NOT EXISTS (SELECT 1 FROM pgembed.outbox_batches b, '
+                  'AND NOT EXISTS (SELECT 1 FROM pgembed.outbox_statements b, '
                   'pg_catalog.unnest(b.keys[b.expanded + 1:]) AS bk(key) '
                   'WHERE b.pipeline = %1$L AND pg_catalog.jsonb_build_array(bk.key) = %2$s)', p.name, p_key)
 $$;
@@ -370,15 +335,15 @@ SELECT p.name AS pipeline,
   FROM pgembed.pipelines p
  CROSS JOIN LATERAL pgembed.pipeline_counts(p.name) AS c
  CROSS JOIN LATERAL (
-       SELECT count(*) FILTER (WHERE o.available_at <= now()) AS queued,
-              count(*) FILTER (WHERE o.lease_id IS NOT NULL AND o.available_at > now()) AS in_flight,
-              count(*) FILTER (WHERE o.lease_id IS NULL AND o.available_at > now()) AS retrying,
+       SELECT count(*) FILTER (WHERE pgembed.outbox_state(o.lease_id, o.available_at) = 'queued') AS queued,
+              count(*) FILTER (WHERE pgembed.outbox_state(o.lease_id, o.available_at) = 'in_flight') AS in_flight,
+              count(*) FILTER (WHERE pgembed.outbox_state(o.lease_id, o.available_at) = 'retrying') AS retrying,
               min(o.queued_at) AS oldest
          FROM pgembed.outbox o
         WHERE o.pipeline = p.name) AS q
  CROSS JOIN LATERAL (
        SELECT coalesce(sum(ob.key_count - ob.expanded), 0) AS keys, min(ob.queued_at) AS oldest
-         FROM pgembed.outbox_batches ob
+         FROM pgembed.outbox_statements ob
         WHERE ob.pipeline = p.name) AS b
  CROSS JOIN LATERAL (
        SELECT count(*) AS failed, min(x.first_failed_at) AS oldest
@@ -445,28 +410,16 @@ BEGIN
     RETURNING * INTO run;
 
     FOR p IN SELECT * FROM pgembed.pipelines_named(p_pipeline) LOOP
-        WITH g AS MATERIALIZED (
-            SELECT x.key, x.kind, x.since FROM pgembed.gaps(p.name) AS x
-        ),
-        queued AS (
-            INSERT INTO pgembed.outbox AS q (pipeline, key, purpose)
-            SELECT p.name, g.key, 'repair' FROM g
-             WHERE run.repaired AND g.kind IN ('missing', 'stale')
-            ON CONFLICT (pipeline, key) DO UPDATE
-               SET version = q.version + 1, changed_at = now(), attempts = 0,
-                   available_at = CASE WHEN q.lease_id IS NULL THEN now() ELSE q.available_at END
-            RETURNING 1
-        )
         SELECT count(*) FILTER (WHERE g.kind = 'missing') AS missing,
                count(*) FILTER (WHERE g.kind = 'orphaned') AS orphaned,
                count(*) FILTER (WHERE g.kind = 'stale') AS stale,
                count(*) FILTER (WHERE g.kind = 'failed') AS failed,
                min(g.since) AS oldest,
                min(g.since) FILTER (WHERE g.kind <> 'failed') AS gaps_since,
-               (SELECT count(*) FROM queued) AS requeued,
+               array_agg(g.key) FILTER (WHERE g.kind IN ('missing', 'stale')) AS repairs,
                array_agg(g.key) FILTER (WHERE g.kind = 'orphaned') AS orphans
           INTO found_
-          FROM g;
+          FROM pgembed.gaps(p.name) AS g;
 
         INSERT INTO pgembed.audit_findings (run, pipeline, missing, orphaned, stale, failed, gaps_since)
         VALUES (run.id, p.name, found_.missing, found_.orphaned, found_.stale, found_.failed,
@@ -476,15 +429,14 @@ BEGIN
         run.stale := run.stale + found_.stale;
         run.failed := run.failed + found_.failed;
         run.oldest_gap_since := LEAST(run.oldest_gap_since, found_.oldest);
-        run.requeued := run.requeued + found_.requeued;
+        IF run.repaired AND found_.repairs IS NOT NULL THEN
+            run.requeued := run.requeued + pgembed.enqueue(p.name, found_.repairs, 'repair');
+        END IF;
         IF run.repaired AND found_.orphans IS NOT NULL THEN
             run.orphans_deleted := run.orphans_deleted + pgembed.delete_orphans(p, found_.orphans);
         END IF;
     END LOOP;
 
-    IF run.requeued > 0 THEN
-        PERFORM pg_catalog.pg_notify('pgembed', coalesce(p_pipeline, ''));
-    END IF;
     UPDATE pgembed.audit_runs a
        SET finished_at = clock_timestamp(),
            missing = run.missing, orphaned = run.orphaned, stale = run.stale, failed = run.failed,

@@ -78,8 +78,8 @@ GRANT SELECT ON pgembed.audit_runs, pgembed.audit_findings TO pgembed_reader;
 -- rate-limit budget (pgembed.take_budget runs with the caller's rights).
 GRANT SELECT ON pgembed.pipelines, pgembed.models TO pgembed_worker;
 GRANT SELECT, UPDATE, DELETE ON pgembed.outbox TO pgembed_worker;
-GRANT SELECT ON pgembed.outbox_batches TO pgembed_worker;
-GRANT EXECUTE ON FUNCTION pgembed.expand_batches(text, bigint) TO pgembed_worker;
+GRANT SELECT ON pgembed.outbox_statements TO pgembed_worker;
+GRANT EXECUTE ON FUNCTION pgembed.expand_statements(text, bigint) TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgembed.failures TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE ON pgembed.embedding_cache TO pgembed_worker;
 GRANT INSERT ON pgembed.usage TO pgembed_worker;

@@ -93,10 +93,10 @@ INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inpu
 VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(inputs)s,
         %(tokens)s, %(cache_hits)s, %(cache_misses)s, %(worker)s)
 
--- batched --
--- Keys of bulk statements not yet expanded: a claim that found nothing while another worker
+-- statement_keys --
+-- Keys of statements not yet expanded: a claim that found nothing while another worker
 -- was expanding them does not mean the queue is empty.
-SELECT pgembed.batched_keys()
+SELECT pgembed.statement_keys()
 
 -- deferred_ready --
 -- HNSW indexes put off for a backfill that is now over (see pgembed.deferred_index_plan).

@@ -1,4 +1,11 @@
--- pgembed schema: the tables. Functions live in functions.sql, views in views.sql.
+-- pgembed schema: every table, index and constraint, as they are at the head revision.
+--
+-- One-shot DDL. A fresh `pgembed init` does not run this file: it runs the migration
+-- revisions (migrations/versions/), and a test proves that their result is identical to this
+-- file plus the definitions (tests/test_schema_catalog.py). A change to a table is therefore
+-- made twice, on purpose: here, where a DBA reads the schema, and in a new revision, which
+-- is what upgrades databases. Functions, views, comments and grants are re-runnable
+-- definitions, in the other files of sql/ (see pgembed/schema.py for their order).
 --
 -- Everything pgembed owns is in schema "pgembed". Application roles get no privilege on
 -- it: their writes reach the outbox only through SECURITY DEFINER trigger functions.
@@ -82,7 +89,9 @@ CREATE TABLE pgembed.outbox (
     attempts        int NOT NULL DEFAULT 0,
     lease_id        uuid,
     leased_by       text,
-    PRIMARY KEY (pipeline, key)
+    PRIMARY KEY (pipeline, key),
+    -- a lease is one claim by one worker: both set by pgembed.claim, both cleared together
+    CONSTRAINT outbox_lease_holder CHECK ((lease_id IS NULL) = (leased_by IS NULL))
 ) WITH (fillfactor = 80);  -- room for HOT updates: claims and bumps rewrite rows often
 
 CREATE INDEX outbox_claim ON pgembed.outbox (pipeline, available_at);
@@ -90,10 +99,10 @@ CREATE INDEX outbox_claim ON pgembed.outbox (pipeline, available_at);
 -- A statement that writes many rows of a source table (a bulk load, a batch UPDATE) leaves
 -- one row here instead of one outbox row per source row: its keys as one array, which costs
 -- the application's statement a fifth of its time instead of ten times it. A worker expands
--- the batch into the outbox before it claims (pgembed.claim), off the application's path;
+-- the statement's keys into the outbox before it claims (pgembed.claim), off the application's path;
 -- until then its keys count as queued (consistency_gaps, pipeline_status). Only tables with
 -- a one-column primary key: composite keys are always queued row by row.
-CREATE TABLE pgembed.outbox_batches (
+CREATE TABLE pgembed.outbox_statements (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     pipeline        text NOT NULL,
     keys            text[] NOT NULL,   -- key::text, as the outbox key holds it
@@ -103,7 +112,7 @@ CREATE TABLE pgembed.outbox_batches (
 );
 
 -- a key array does not compress enough to pay for trying (a third of the capture's cost)
-ALTER TABLE pgembed.outbox_batches ALTER COLUMN keys SET STORAGE EXTERNAL;
+ALTER TABLE pgembed.outbox_statements ALTER COLUMN keys SET STORAGE EXTERNAL;
 
 -- Rows that could not be embedded. While `parked_at` is NULL the row is still queued and
 -- retried with backoff; once parked it leaves the outbox and waits for a DBA
@@ -157,3 +166,157 @@ CREATE TABLE pgembed.usage (
 );
 
 CREATE INDEX usage_at ON pgembed.usage (at);
+
+
+-- One row per audit run (pgembed audit, the scheduler's periodic job), so the trend of each
+-- gap kind is visible over time. Counts are what the run found, before any repair.
+CREATE TABLE pgembed.audit_runs (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    started_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at       timestamptz,                 -- NULL only while the run is in progress
+    pipeline          text,                        -- NULL: every pipeline; no FK, history outlives a drop
+    missing           bigint NOT NULL DEFAULT 0,
+    orphaned          bigint NOT NULL DEFAULT 0,
+    stale             bigint NOT NULL DEFAULT 0,
+    failed            bigint NOT NULL DEFAULT 0,
+    oldest_gap_since  timestamptz,                 -- min(since) over the gaps found
+    oldest_gap        interval,                    -- started_at - oldest_gap_since
+    repaired          boolean NOT NULL DEFAULT false,
+    requeued          bigint NOT NULL DEFAULT 0,   -- missing + stale keys put in the outbox
+    orphans_deleted   bigint NOT NULL DEFAULT 0,   -- orphaned keys whose vectors were deleted
+    CHECK (repaired OR (requeued = 0 AND orphans_deleted = 0))
+);
+
+CREATE INDEX audit_runs_started ON pgembed.audit_runs (started_at);
+
+-- What each run found per pipeline: pipeline_status reads its gap counts from the latest.
+CREATE TABLE pgembed.audit_findings (
+    run               bigint NOT NULL REFERENCES pgembed.audit_runs ON DELETE CASCADE,
+    pipeline          text NOT NULL,
+    missing           bigint NOT NULL,
+    orphaned          bigint NOT NULL,
+    stale             bigint NOT NULL,
+    failed            bigint NOT NULL,
+    gaps_since        timestamptz,                 -- min(since) over its missing, orphaned, stale
+    PRIMARY KEY (pipeline, run)
+);
+
+-- One row per running worker, upserted by its heartbeat and deleted when it exits cleanly.
+-- A row whose last_seen is old belongs to a worker that died; its leases expire by
+-- themselves and the clean-up job removes the row after a day.
+CREATE TABLE pgembed.workers (
+    name            text PRIMARY KEY,
+    host            text NOT NULL,
+    pid             int NOT NULL,
+    version         text NOT NULL,
+    -- running: claiming; stopping: drained on SIGTERM, no new claims
+    state           text NOT NULL CHECK (state IN ('running', 'stopping')),
+    concurrency     int NOT NULL DEFAULT 1,
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    last_seen       timestamptz NOT NULL DEFAULT now(),
+    batches         bigint NOT NULL DEFAULT 0,
+    rows_written    bigint NOT NULL DEFAULT 0,
+    rows_removed    bigint NOT NULL DEFAULT 0,
+    rows_failed     bigint NOT NULL DEFAULT 0,
+    CHECK (last_seen >= started_at)
+);
+
+-- What each worker plans to run and when (seen by `pgembed status`). Workers upsert the row
+-- at start and after each run; periods are aligned on the epoch, so all workers agree.
+CREATE TABLE pgembed.schedules (
+    job             text PRIMARY KEY,
+    every           interval NOT NULL CHECK (every > interval '0'),
+    next_run_at     timestamptz,
+    settings        jsonb NOT NULL DEFAULT '{}',
+    updated_by      text,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per run of a scheduled job, whoever ran it. finished_at NULL with an old
+-- started_at means the run was interrupted (its worker died or was stopped mid-run).
+CREATE TABLE pgembed.job_runs (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job             text NOT NULL,
+    -- the period this run stands for: its start time rounded to the schedule's grid
+    period_start    timestamptz NOT NULL,
+    worker          text NOT NULL,
+    started_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at     timestamptz,
+    ok              boolean,
+    detail          text,
+    UNIQUE (job, period_start),
+    CHECK ((finished_at IS NULL) = (ok IS NULL)),
+    CHECK (finished_at IS NULL OR finished_at >= started_at)
+);
+
+CREATE INDEX job_runs_started ON pgembed.job_runs (job, started_at DESC);
+
+-- The IVFFlat index a worker trained for a pipeline: how many rows it saw and how many
+-- lists it made, so upkeep can tell when the data outgrew it.
+CREATE TABLE pgembed.index_builds (
+    pipeline        text PRIMARY KEY REFERENCES pgembed.pipelines ON DELETE CASCADE,
+    index_name      name NOT NULL,
+    lists           int NOT NULL CHECK (lists > 0),
+    rows_at_build   bigint NOT NULL CHECK (rows_at_build >= 0),
+    built_at        timestamptz NOT NULL DEFAULT now(),
+    built_by        text
+);
+
+-- HNSW indexes put off while a large backfill loads: create_pipeline decides (at least
+-- pgembed.defer_index_rows() rows queued), a worker builds the index CONCURRENTLY once the
+-- pipeline has no backfill rows left, then deletes the row.
+CREATE TABLE pgembed.deferred_indexes (
+    pipeline        text PRIMARY KEY REFERENCES pgembed.pipelines ON DELETE CASCADE,
+    rows_queued     bigint NOT NULL CHECK (rows_queued >= 0),
+    deferred_at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- Shared rate limits (see ratelimit.sql for how the two mechanisms work): one request and
+-- token budget per API key, so that every worker, on every host, spends from the same budget.
+-- A bucket without a row here, or with both budgets NULL, is not limited.
+CREATE TABLE pgembed.rate_limits (
+    bucket          text PRIMARY KEY,
+    -- NULL: that dimension is not limited
+    max_requests    int,
+    max_tokens      bigint,
+    per_seconds     double precision NOT NULL DEFAULT 60,
+    burst_seconds   double precision NOT NULL DEFAULT 1,
+    -- for the people reading this table; never the key itself
+    base_url        text,
+    key_fingerprint text,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT "rate_limits: bucket must be 1 to 500 characters"
+        CHECK (length(bucket) BETWEEN 1 AND 500),
+    CONSTRAINT "rate_limits: max_requests must be > 0 or NULL"
+        CHECK (max_requests > 0),
+    CONSTRAINT "rate_limits: max_tokens must be > 0 or NULL"
+        CHECK (max_tokens > 0),
+    CONSTRAINT "rate_limits: per_seconds must be 0.1 to 86400"
+        CHECK (per_seconds BETWEEN 0.1 AND 86400),
+    CONSTRAINT "rate_limits: burst_seconds must be > 0"
+        CHECK (burst_seconds > 0 AND burst_seconds <= 86400),
+    CONSTRAINT "rate_limits: key_fingerprint must be 16 hex digits"
+        CHECK (key_fingerprint ~ '^[0-9a-f]{16}$')
+);
+
+-- The moving part of each limited bucket, created by the first take_budget; kept apart from
+-- the budgets so that a DBA's UPDATE of a budget never waits behind the workers.
+CREATE TABLE pgembed.rate_limit_state (
+    bucket           text PRIMARY KEY
+                     REFERENCES pgembed.rate_limits ON DELETE CASCADE ON UPDATE CASCADE,
+    -- the ring: slot number floor(epoch / slot_seconds) lives at index (number % 61) + 1
+    slot_seconds     double precision NOT NULL,
+    head_slot        bigint NOT NULL,
+    request_slots    bigint[] NOT NULL,
+    token_slots      bigint[] NOT NULL,
+    -- the pacer: what it holds, as of paced_at (epoch seconds)
+    request_level    double precision NOT NULL DEFAULT 0,
+    token_level      double precision NOT NULL DEFAULT 0,
+    paced_at         double precision NOT NULL,
+    -- for pgembed.rate_limit_status
+    granted_requests bigint NOT NULL DEFAULT 0,
+    granted_tokens   bigint NOT NULL DEFAULT 0,
+    waits            bigint NOT NULL DEFAULT 0,
+    last_grant_at    timestamptz
+) WITH (fillfactor = 50);  -- room on the page for HOT updates: this row changes constantly
+

@@ -86,6 +86,15 @@ def empty_dsn(pg_base: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def another_empty_dsn(pg_base: str) -> Iterator[str]:
+    """A second database with no pgembed schema, for tests that compare two."""
+    name = fresh_database(pg_base, None)
+    yield make_conninfo(pg_base, dbname=name)
+    with _admin(pg_base) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 def conn(dsn: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(dsn, autocommit=True) as c:
         register_vector(c)

@@ -1,4 +1,4 @@
-"""Bulk statements: one batch row per statement (pgembed.outbox_batches) instead of one
+"""Bulk statements: one batch row per statement (pgembed.outbox_statements) instead of one
 outbox row per source row, expanded by workers. Whatever path a change took, the views
 count it as queued and a drain ends in sync."""
 
@@ -14,7 +14,7 @@ from pgembed import audit, pipelines
 from tests.conftest import drain
 from tests.test_sync import destination, expected
 
-BULK = 3000  # above pgembed.batch_capture_rows()
+BULK = 3000  # above pgembed.statement_capture_rows()
 
 
 def make_table(conn: psycopg.Connection, n: int = 0) -> str:
@@ -25,7 +25,7 @@ def make_table(conn: psycopg.Connection, n: int = 0) -> str:
 
 
 def batches(conn: psycopg.Connection) -> list[tuple[int, int]]:
-    return conn.execute("SELECT key_count, cardinality(keys) FROM pgembed.outbox_batches ORDER BY id").fetchall()
+    return conn.execute("SELECT key_count, cardinality(keys) FROM pgembed.outbox_statements ORDER BY id").fetchall()
 
 
 def outbox_rows(conn: psycopg.Connection) -> int:
@@ -41,7 +41,7 @@ def status(conn: psycopg.Connection) -> tuple[int, int, int]:
 
 def test_a_bulk_insert_leaves_one_batch_counted_as_queued_and_drains(conn, dsn):
     name = make_table(conn)
-    threshold = conn.execute("SELECT pgembed.batch_capture_rows()").fetchone()[0]
+    threshold = conn.execute("SELECT pgembed.statement_capture_rows()").fetchone()[0]
     assert threshold < BULK
     conn.execute("INSERT INTO docs SELECT g, 'title ' || g, 'body ' || g FROM generate_series(1, %s) g", (BULK,))
     assert batches(conn) == [(BULK, BULK)]
@@ -69,7 +69,7 @@ def test_expansion_bumps_queued_keys_and_a_bulk_update_converges(conn, dsn):
     name = make_table(conn, BULK)  # the backfill queues every row, version 1
     conn.execute("UPDATE docs SET body = body || ' changed'")
     assert batches(conn) == [(BULK, BULK)]
-    moved = conn.execute("SELECT pgembed.expand_batches(%s, 1000000)", (name,)).fetchone()[0]
+    moved = conn.execute("SELECT pgembed.expand_statements(%s, 1000000)", (name,)).fetchone()[0]
     assert moved == BULK and batches(conn) == []
     assert conn.execute("SELECT min(version), max(version), count(*) FROM pgembed.outbox").fetchone() == (2, 2, BULK)
     drain(dsn, batch_size=500)
@@ -115,7 +115,7 @@ def test_expansion_waiting_on_an_application_lock_gives_up_and_keeps_the_batch(c
     with psycopg.connect(dsn) as app:  # an open transaction queueing key 7 row by row
         app.execute("UPDATE docs SET body = 'held' WHERE id = 7")
         assert app.execute("SELECT count(*) FROM pgembed.outbox").fetchone()[0] == 1
-        moved = conn.execute("SELECT pgembed.expand_batches(%s)", (name,)).fetchone()[0]
+        moved = conn.execute("SELECT pgembed.expand_statements(%s)", (name,)).fetchone()[0]
         assert moved == 0
         assert batches(conn) == [(BULK, BULK)]
         assert conn.execute("SHOW lock_timeout").fetchone()[0] == "0"
@@ -137,7 +137,7 @@ def test_an_until_empty_worker_waits_for_a_batch_another_worker_is_expanding(con
     conn.execute("INSERT INTO docs SELECT g, 't', 'b' || g FROM generate_series(1, %s) g", (BULK,))
     result: list = []
     with psycopg.connect(dsn) as other:  # "another worker", in the middle of expanding it
-        other.execute("SELECT id FROM pgembed.outbox_batches FOR UPDATE").fetchall()
+        other.execute("SELECT id FROM pgembed.outbox_statements FOR UPDATE").fetchall()
         runner = threading.Thread(target=lambda: result.append(drain(dsn, batch_size=500)))
         runner.start()
         time.sleep(1.0)  # its claims find nothing meanwhile; the queue is not empty for all that
@@ -150,8 +150,8 @@ def test_an_until_empty_worker_waits_for_a_batch_another_worker_is_expanding(con
 def test_a_big_batch_is_expanded_in_slices(conn, dsn):
     name = make_table(conn)
     conn.execute("INSERT INTO docs SELECT g, 't', 'b' || g FROM generate_series(1, %s) g", (BULK,))
-    assert conn.execute("SELECT pgembed.expand_batches(%s, 1000)", (name,)).fetchone()[0] == 1000
-    assert conn.execute("SELECT expanded FROM pgembed.outbox_batches").fetchone()[0] == 1000
+    assert conn.execute("SELECT pgembed.expand_statements(%s, 1000)", (name,)).fetchone()[0] == 1000
+    assert conn.execute("SELECT expanded FROM pgembed.outbox_statements").fetchone()[0] == 1000
     assert outbox_rows(conn) == 1000
     assert status(conn) == (BULK, 0, 0), "moved or not, every key counts once as queued"
     drain(dsn, batch_size=700)  # claims expand the rest, 10,000 keys at most each

@@ -67,6 +67,6 @@ def test_a_worker_starts_only_on_the_schema_revision_it_knows(empty_dsn, monkeyp
     migrate.upgrade(empty_dsn)
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         found = migrate.current_revision(conn)
-    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")  # as a later pgembed would
-    assert (f"the pgembed schema is at revision {found}, older than this pgembed (0002): "
+    monkeypatch.setattr(migrate, "head_revision", lambda: "0099")  # as a later pgembed would
+    assert (f"the pgembed schema is at revision {found}, older than this pgembed (0099): "
             "run `pgembed init`") in worker()

@@ -88,7 +88,7 @@ def test_a_login_in_pgembed_worker_drains_the_queue_and_reads_nothing_else(conn,
     assert (stats.written, stats.failed) == (1530, 0)
     assert conn.execute(f"SELECT count(*) FROM pgembed.{name}").fetchone() == (1530,)
     assert conn.execute("SELECT count(*) FROM pgembed.outbox").fetchone() == (0,)
-    assert conn.execute("SELECT count(*) FROM pgembed.outbox_batches").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pgembed.outbox_statements").fetchone() == (0,)
     with psycopg.connect(make_conninfo(dsn, user=worker), autocommit=True) as w:
         for forbidden in ("SELECT * FROM pgembed.audit_runs", "SELECT * FROM pgembed.consistency_gaps",
                           "SELECT * FROM pgembed.gaps()", "SELECT pgembed.queue_all('notes_h8')",

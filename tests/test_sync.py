@@ -118,7 +118,7 @@ def test_statement_triggers_fire_once_per_statement(conn, dsn):
     conn.execute("UPDATE big SET body = body || '!' WHERE id <= 50000")
     assert calls() == before + 2
     # each statement left one batch of keys (tests/test_bulk_capture.py)
-    assert conn.execute("SELECT array_agg(key_count ORDER BY id) FROM pgembed.outbox_batches"
+    assert conn.execute("SELECT array_agg(key_count ORDER BY id) FROM pgembed.outbox_statements"
                         ).fetchone()[0] == [100000, 50000]
 
 

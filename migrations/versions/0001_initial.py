@@ -1,37 +1,31 @@
-"""The first pgembed schema: tables, functions, views.
+"""The first pgembed schema, as first shipped (2026-11-30): tables, functions, views.
 
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-22
+
+Frozen: the files in 0001_initial/ are the ones that release ran, byte for byte
+(tests/test_frozen_migrations.py checks their sha256). Later builds changed sql/ without a
+new revision; revision 0002 brings a database made by any of them to one schema.
 """
 
-from alembic import op
-
-from pgembed.sqlfiles import read_sql
+from pgembed.schema import execute, execute_revision_files
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
 
-
-def _execute(sql: str) -> None:
-    # Straight to psycopg: SQLAlchemy would read ":name" and "%" in plpgsql as parameters.
-    raw = op.get_bind().connection.dbapi_connection
-    with raw.cursor() as cur:
-        cur.execute(sql)
+FILES = tuple(f"0001_initial/{name}.sql" for name in (
+    "schema", "functions", "audit", "costs", "service", "ratelimit", "privileges"))
 
 
 def upgrade() -> None:
-    # privileges.sql last: it grants on what the others made (every later revision ends by
-    # executing it again, so that new views and functions get their grants too)
-    for name in ("schema.sql", "functions.sql", "audit.sql", "costs.sql", "service.sql", "ratelimit.sql",
-                 "privileges.sql"):
-        _execute(read_sql(name))
+    execute_revision_files(FILES)
 
 
 def downgrade() -> None:
     # Dropping the trigger functions drops the triggers on the application's tables too, and
     # the grants go with the objects. The roles pgembed_reader and pgembed_worker stay: roles
     # belong to the cluster, and other databases in it may still use them.
-    _execute("DROP SCHEMA pgembed CASCADE")
+    execute("DROP SCHEMA pgembed CASCADE")

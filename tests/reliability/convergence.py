@@ -88,7 +88,7 @@ class Report:
 def _wait_for_empty_outbox(conn: psycopg.Connection, timeout: float) -> float:
     start = time.monotonic()
     while True:
-        left = conn.execute("SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox").fetchone()[0]
+        left = conn.execute("SELECT count(*) + pgembed.statement_keys() FROM pgembed.outbox").fetchone()[0]
         if left == 0:
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
@@ -146,7 +146,7 @@ def converge(conn: psycopg.Connection, expects: Sequence[Expect], *, api: Any = 
     api_texts: set[str] = set()
     for e in expects:
         _check_pipeline(conn, e, report, api_texts, vector_sample)
-    report.outbox = conn.execute("SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox").fetchone()[0]
+    report.outbox = conn.execute("SELECT count(*) + pgembed.statement_keys() FROM pgembed.outbox").fetchone()[0]
     if report.outbox:
         report.problems.append(f"outbox holds {report.outbox} rows")
     if api is not None:

@@ -278,7 +278,7 @@ def scalar(conn: psycopg.Connection, query: str, params: Any = None) -> Any:
 
 
 def outbox_count(conn: psycopg.Connection) -> int:
-    return int(scalar(conn, "SELECT count(*) + pgembed.batched_keys() FROM pgembed.outbox"))
+    return int(scalar(conn, "SELECT count(*) + pgembed.statement_keys() FROM pgembed.outbox"))
 
 
 def worker_backends(conn: psycopg.Connection) -> list[tuple[int, str, str | None, float | None, str]]:

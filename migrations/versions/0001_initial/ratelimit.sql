@@ -1,0 +1,332 @@
+-- pgembed shared rate limits: one request and token budget per API key, kept here so that
+-- every worker, on every host, spends from the same budget. Re-runnable: tables IF NOT
+-- EXISTS, functions and views CREATE OR REPLACE.
+--
+-- A bucket is named by the client from the API's base URL and a fingerprint of its key
+-- (the first 16 hex digits of sha256(key)): `key:3f2a9c1b7d4e5f60@https://api.openai.com/v1`.
+-- The key itself is never sent here. A bucket without a row in pgembed.rate_limits, or
+-- with both budgets NULL, is not limited.
+--
+-- The guarantee: in ANY window of `per_seconds` seconds, at most `max_requests` requests
+-- and `max_tokens` tokens are granted, summed over every worker. One row per bucket holds
+-- two mechanisms, updated atomically by pgembed.take_budget; the first enforces that
+-- guarantee, the second spreads the budget out:
+--
+-- * A sliding window kept as 61 slots of per_seconds/60 each (a ring of counts): a grant
+--   needs the last 61 slots plus the request within the budget. Any window of per_seconds
+--   lies inside 61 consecutive slots, so no window ever exceeds the budget; the price is
+--   that sustained throughput is 60/61 of it.
+-- * A pacer (a leaky bucket) that spreads the budget out in time: it holds at most
+--   `burst_seconds` worth of budget and drains at budget/per_seconds. Without it a backlog
+--   would spend a minute's budget in the first second, and APIs that enforce their
+--   per-minute limit over shorter periods answer that with 429s.
+--
+-- A request bigger than the whole budget would never fit: it is granted when it would be
+-- alone, i.e. when nothing else was granted in the window and the pacer is empty (the same
+-- rule lets a request bigger than the pacer's burst through). It is then the only request
+-- of its window, over the budget by itself (the API decides whether to accept it), and the
+-- pacer holds what follows back until the average is within the budget again. Nothing
+-- deadlocks on it.
+--
+-- Nothing waits inside PostgreSQL: take_budget locks one row for microseconds and returns
+-- how long the caller should sleep before asking again (0: granted, and already counted).
+-- There is no queue: under contention, whoever asks first after budget frees up gets it, so
+-- a big request can wait longer than small ones. Time is clock_timestamp() of the database
+-- server, the one clock every worker shares.
+--
+-- A worker role needs: USAGE ON SCHEMA pgembed, SELECT ON pgembed.rate_limits, SELECT,
+-- INSERT, UPDATE ON pgembed.rate_limit_state (take_budget runs with the caller's rights).
+
+CREATE TABLE IF NOT EXISTS pgembed.rate_limits (
+    bucket          text PRIMARY KEY,
+    -- NULL: that dimension is not limited
+    max_requests    int,
+    max_tokens      bigint,
+    per_seconds     double precision NOT NULL DEFAULT 60,
+    burst_seconds   double precision NOT NULL DEFAULT 1,
+    -- for the people reading this table; never the key itself
+    base_url        text,
+    key_fingerprint text,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT "rate_limits: bucket must be 1 to 500 characters"
+        CHECK (length(bucket) BETWEEN 1 AND 500),
+    CONSTRAINT "rate_limits: max_requests must be > 0 or NULL"
+        CHECK (max_requests > 0),
+    CONSTRAINT "rate_limits: max_tokens must be > 0 or NULL"
+        CHECK (max_tokens > 0),
+    CONSTRAINT "rate_limits: per_seconds must be 0.1 to 86400"
+        CHECK (per_seconds BETWEEN 0.1 AND 86400),
+    CONSTRAINT "rate_limits: burst_seconds must be > 0"
+        CHECK (burst_seconds > 0 AND burst_seconds <= 86400),
+    CONSTRAINT "rate_limits: key_fingerprint must be 16 hex digits"
+        CHECK (key_fingerprint ~ '^[0-9a-f]{16}$')
+);
+
+-- The moving part of each limited bucket, created by the first take_budget; kept apart from
+-- the budgets so that a DBA's UPDATE of a budget never waits behind the workers.
+CREATE TABLE IF NOT EXISTS pgembed.rate_limit_state (
+    bucket           text PRIMARY KEY
+                     REFERENCES pgembed.rate_limits ON DELETE CASCADE ON UPDATE CASCADE,
+    -- the ring: slot number floor(epoch / slot_seconds) lives at index (number % 61) + 1
+    slot_seconds     double precision NOT NULL,
+    head_slot        bigint NOT NULL,
+    request_slots    bigint[] NOT NULL,
+    token_slots      bigint[] NOT NULL,
+    -- the pacer: what it holds, as of paced_at (epoch seconds)
+    request_level    double precision NOT NULL DEFAULT 0,
+    token_level      double precision NOT NULL DEFAULT 0,
+    paced_at         double precision NOT NULL,
+    -- for pgembed.rate_limit_status
+    granted_requests bigint NOT NULL DEFAULT 0,
+    granted_tokens   bigint NOT NULL DEFAULT 0,
+    waits            bigint NOT NULL DEFAULT 0,
+    last_grant_at    timestamptz
+) WITH (fillfactor = 50);  -- room on the page for HOT updates: this row changes constantly
+
+-- Create or change a budget, with an error a person can act on; returns the row.
+CREATE OR REPLACE FUNCTION pgembed.set_rate_limit(
+    p_bucket text,
+    p_max_requests int,
+    p_max_tokens bigint,
+    p_per_seconds double precision DEFAULT 60,
+    p_burst_seconds double precision DEFAULT 1,
+    p_base_url text DEFAULT NULL,
+    p_key_fingerprint text DEFAULT NULL)
+RETURNS pgembed.rate_limits
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r pgembed.rate_limits;
+BEGIN
+    IF p_bucket IS NULL OR length(p_bucket) NOT BETWEEN 1 AND 500 THEN
+        RAISE EXCEPTION 'pgembed: a rate-limit bucket needs a name of 1 to 500 characters';
+    END IF;
+    IF p_max_requests IS NOT NULL AND p_max_requests <= 0 THEN
+        RAISE EXCEPTION 'pgembed: invalid budget for %: max_requests must be > 0, not % (NULL: no limit)',
+            p_bucket, p_max_requests;
+    END IF;
+    IF p_max_tokens IS NOT NULL AND p_max_tokens <= 0 THEN
+        RAISE EXCEPTION 'pgembed: invalid budget for %: max_tokens must be > 0, not % (NULL: no limit)',
+            p_bucket, p_max_tokens;
+    END IF;
+    IF p_per_seconds IS NULL OR NOT (p_per_seconds BETWEEN 0.1 AND 86400) THEN
+        RAISE EXCEPTION 'pgembed: invalid budget for %: per_seconds must be 0.1 to 86400, not %',
+            p_bucket, coalesce(p_per_seconds::text, 'NULL')
+            USING HINT = 'A budget of requests per minute has per_seconds = 60.';
+    END IF;
+    IF p_burst_seconds IS NULL OR NOT (p_burst_seconds > 0 AND p_burst_seconds <= 86400) THEN
+        RAISE EXCEPTION 'pgembed: invalid budget for %: burst_seconds must be > 0, not %',
+            p_bucket, coalesce(p_burst_seconds::text, 'NULL')
+            USING HINT = 'burst_seconds is how many seconds'' worth of budget may be spent at once.';
+    END IF;
+    IF p_key_fingerprint IS NOT NULL AND p_key_fingerprint !~ '^[0-9a-f]{16}$' THEN
+        RAISE EXCEPTION 'pgembed: a key fingerprint is 16 lower-case hex digits (sha256 of the key); '
+                        'never store the key itself';
+    END IF;
+    INSERT INTO pgembed.rate_limits AS l
+        (bucket, max_requests, max_tokens, per_seconds, burst_seconds, base_url, key_fingerprint)
+    VALUES (p_bucket, p_max_requests, p_max_tokens, p_per_seconds, p_burst_seconds, p_base_url,
+            p_key_fingerprint)
+    ON CONFLICT (bucket) DO UPDATE
+        SET max_requests = EXCLUDED.max_requests,
+            max_tokens = EXCLUDED.max_tokens,
+            per_seconds = EXCLUDED.per_seconds,
+            burst_seconds = EXCLUDED.burst_seconds,
+            base_url = coalesce(EXCLUDED.base_url, l.base_url),
+            key_fingerprint = coalesce(EXCLUDED.key_fingerprint, l.key_fingerprint),
+            updated_at = pg_catalog.now()
+    RETURNING * INTO r;
+    RETURN r;
+END
+$$;
+
+-- Ask for `p_requests` requests carrying `p_tokens` tokens. Returns 0 when granted (and
+-- counted), else the seconds to wait before asking again. One row lock, no waiting inside.
+CREATE OR REPLACE FUNCTION pgembed.take_budget(p_bucket text, p_requests int, p_tokens bigint)
+RETURNS double precision
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n CONSTANT int := 60;      -- slots per window
+    m CONSTANT int := 61;      -- slots in the ring: a window spans at most n + 1 of them
+    lim pgembed.rate_limits;
+    st pgembed.rate_limit_state;
+    now_s double precision;
+    slot double precision;
+    k bigint;
+    rs bigint[];
+    ts bigint[];
+    used bigint;
+    need bigint;
+    freed bigint;
+    budget double precision;
+    rate double precision;
+    cap double precision;
+    rl double precision;
+    tl double precision;
+    cost double precision;
+    lvl double precision;
+    w double precision;
+    wait double precision := 0;
+BEGIN
+    IF p_requests IS NULL OR p_requests < 0 OR p_tokens IS NULL OR p_tokens < 0 THEN
+        RAISE EXCEPTION 'pgembed: take_budget needs requests >= 0 and tokens >= 0, not % and %',
+            coalesce(p_requests::text, 'NULL'), coalesce(p_tokens::text, 'NULL');
+    END IF;
+    SELECT * INTO lim FROM pgembed.rate_limits WHERE bucket = p_bucket;
+    IF NOT FOUND OR (lim.max_requests IS NULL AND lim.max_tokens IS NULL) THEN
+        RETURN 0;
+    END IF;
+    slot := lim.per_seconds / n;
+
+    SELECT * INTO st FROM pgembed.rate_limit_state WHERE bucket = p_bucket FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        -- an empty ring: slot 0 is long gone, so the first move forward clears everything
+        INSERT INTO pgembed.rate_limit_state
+            (bucket, slot_seconds, head_slot, request_slots, token_slots, paced_at)
+        VALUES (p_bucket, slot, 0, array_fill(0::bigint, ARRAY[m]), array_fill(0::bigint, ARRAY[m]), 0)
+        ON CONFLICT (bucket) DO NOTHING;
+        SELECT * INTO STRICT st FROM pgembed.rate_limit_state WHERE bucket = p_bucket FOR NO KEY UPDATE;
+    END IF;
+    -- The time of the grant is read once the row is ours: the lock may have been waited for.
+    now_s := extract(epoch FROM pg_catalog.clock_timestamp())::double precision;
+    k := floor(now_s / slot)::bigint;
+    rs := st.request_slots;
+    ts := st.token_slots;
+
+    IF st.slot_seconds <> slot THEN
+        -- per_seconds changed: keep what was granted, all of it in the newest slot, so that
+        -- it still counts for a whole window (never less than the truth).
+        rs := array_fill(0::bigint, ARRAY[m]);
+        ts := array_fill(0::bigint, ARRAY[m]);
+        rs[(k % m) + 1] := (SELECT coalesce(sum(v), 0) FROM unnest(st.request_slots) v);
+        ts[(k % m) + 1] := (SELECT coalesce(sum(v), 0) FROM unnest(st.token_slots) v);
+        st.head_slot := k;
+        st.slot_seconds := slot;
+    END IF;
+
+    -- Move the ring forward to slot k, emptying the slots that left the window.
+    IF k > st.head_slot THEN
+        IF k - st.head_slot >= m THEN
+            rs := array_fill(0::bigint, ARRAY[m]);
+            ts := array_fill(0::bigint, ARRAY[m]);
+        ELSE
+            FOR d IN 1 .. (k - st.head_slot)::int LOOP
+                rs[((st.head_slot + d) % m) + 1] := 0;
+                ts[((st.head_slot + d) % m) + 1] := 0;
+            END LOOP;
+        END IF;
+        st.head_slot := k;
+    ELSE
+        k := st.head_slot;  -- the clock stepped back: stay on the newest slot
+    END IF;
+
+    -- The pacer drains at budget / per_seconds.
+    rl := st.request_level;
+    tl := st.token_level;
+    IF now_s > st.paced_at THEN
+        IF lim.max_requests IS NOT NULL THEN
+            rl := greatest(0, rl - (now_s - st.paced_at) * lim.max_requests / lim.per_seconds);
+        END IF;
+        IF lim.max_tokens IS NOT NULL THEN
+            tl := greatest(0, tl - (now_s - st.paced_at) * lim.max_tokens / lim.per_seconds);
+        END IF;
+        st.paced_at := now_s;
+    END IF;
+
+    FOR dim IN 1 .. 2 LOOP
+        IF dim = 1 THEN
+            budget := lim.max_requests; cost := p_requests; lvl := rl;
+            used := (SELECT coalesce(sum(v), 0) FROM unnest(rs) v);
+        ELSE
+            budget := lim.max_tokens; cost := p_tokens; lvl := tl;
+            used := (SELECT coalesce(sum(v), 0) FROM unnest(ts) v);
+        END IF;
+        CONTINUE WHEN budget IS NULL OR cost = 0;
+
+        -- Window: wait for the oldest slots to leave it until the request fits; a request
+        -- bigger than the budget waits until the window is empty.
+        need := CASE WHEN cost <= budget THEN used + cost::bigint - budget::bigint ELSE used END;
+        IF need > 0 THEN
+            freed := 0;
+            FOR j IN 0 .. n LOOP
+                freed := freed + CASE WHEN dim = 1 THEN rs[((k - n + j) % m) + 1]
+                                      ELSE ts[((k - n + j) % m) + 1] END;
+                IF freed >= need THEN
+                    -- slot k - n + j leaves the window when slot k + 1 + j begins
+                    wait := greatest(wait, (k + 1 + j) * slot - now_s, 0.001);
+                    EXIT;
+                END IF;
+            END LOOP;
+        END IF;
+
+        -- Pacer: room for the request, or empty for one bigger than the pacer holds.
+        rate := budget / lim.per_seconds;
+        cap := budget * least(lim.burst_seconds, lim.per_seconds) / lim.per_seconds;
+        w := CASE WHEN cost <= cap THEN (lvl + cost - cap) / rate ELSE lvl / rate END;
+        IF w > 1e-6 THEN
+            wait := greatest(wait, w);
+        END IF;
+    END LOOP;
+
+    IF wait > 0 THEN
+        UPDATE pgembed.rate_limit_state
+           SET slot_seconds = st.slot_seconds, head_slot = st.head_slot, request_slots = rs,
+               token_slots = ts, request_level = rl, token_level = tl, paced_at = st.paced_at,
+               waits = waits + 1
+         WHERE bucket = p_bucket;
+        RETURN wait;
+    END IF;
+
+    rs[(k % m) + 1] := rs[(k % m) + 1] + p_requests;
+    ts[(k % m) + 1] := ts[(k % m) + 1] + p_tokens;
+    UPDATE pgembed.rate_limit_state
+       SET slot_seconds = st.slot_seconds, head_slot = st.head_slot, request_slots = rs,
+           token_slots = ts,
+           request_level = CASE WHEN lim.max_requests IS NULL THEN 0 ELSE rl + p_requests END,
+           token_level = CASE WHEN lim.max_tokens IS NULL THEN 0 ELSE tl + p_tokens END,
+           paced_at = st.paced_at,
+           granted_requests = granted_requests + p_requests,
+           granted_tokens = granted_tokens + p_tokens,
+           last_grant_at = pg_catalog.clock_timestamp()
+     WHERE bucket = p_bucket;
+    RETURN 0;
+END
+$$;
+
+-- What a ring holds for the window that ends now (slots that left it may not be emptied yet).
+CREATE OR REPLACE FUNCTION pgembed.rate_limit_window_sum(p_slots bigint[], p_head bigint,
+                                                         p_slot_seconds double precision)
+RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(sum(v), 0)::bigint
+    FROM unnest(p_slots) WITH ORDINALITY AS u(v, i)
+    -- index i holds slot number head - ((head - (i - 1)) % 61); in the window if >= now - 60
+    WHERE p_head - ((p_head - (i - 1)) % 61)
+          >= floor(extract(epoch FROM clock_timestamp())::double precision / p_slot_seconds)::bigint - 60
+$$;
+
+-- Budgets and what is being spent of them, one row per bucket.
+CREATE OR REPLACE VIEW pgembed.rate_limit_status AS
+SELECT l.bucket,
+       l.base_url,
+       l.key_fingerprint,
+       l.max_requests,
+       l.max_tokens,
+       l.per_seconds,
+       l.burst_seconds,
+       coalesce(pgembed.rate_limit_window_sum(s.request_slots, s.head_slot, s.slot_seconds), 0)
+           AS window_requests,
+       coalesce(pgembed.rate_limit_window_sum(s.token_slots, s.head_slot, s.slot_seconds), 0)
+           AS window_tokens,
+       coalesce(s.granted_requests, 0) AS granted_requests,
+       coalesce(s.granted_tokens, 0) AS granted_tokens,
+       coalesce(s.waits, 0) AS waits,
+       s.last_grant_at,
+       l.updated_at
+FROM pgembed.rate_limits l
+LEFT JOIN pgembed.rate_limit_state s ON s.bucket = l.bucket;

@@ -1,0 +1,301 @@
+-- pgembed capture: the per-pipeline code generated from a pipeline's row: the triggers that
+-- queue changed keys, the reader and the store a worker calls.
+--
+-- Generated code is built from templates with named placeholders ({{name}}, filled by
+-- pgembed.render) whose values are SQL fragments made here: identifiers through
+-- format('%I'), values through quote_literal. A function body reaches CREATE FUNCTION as one
+-- string literal (format('%L')), never inside dollar quotes, so no user text can end it.
+-- Generation is repeatable: every upgrade regenerates the code of every pipeline (see
+-- pgembed/schema.py), replacing the functions and creating only the triggers that are
+-- missing, so an upgrade takes no lock on the application's tables.
+
+-- format(p_template, name) for each name, joined: the small template engine of the generated
+-- SQL. Templates use %1$I for the quoted column name; format() never re-reads what it inserts.
+CREATE OR REPLACE FUNCTION pgembed.sql_list(p_template text, p_names name[], p_sep text DEFAULT ', ')
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(format(p_template, n), p_sep ORDER BY i)
+    FROM unnest(p_names) WITH ORDINALITY AS u(n, i)
+$$;
+
+-- The typed key columns from a jsonb key array: ("k1")::int, ...
+CREATE OR REPLACE FUNCTION pgembed.key_casts(p pgembed.pipelines, p_json text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(format('(%s->>%s)::%s', p_json, i - 1, t), ', ' ORDER BY i)
+    FROM unnest(p.key_types) WITH ORDINALITY AS u(t, i)
+$$;
+
+-- Fills a template's {{name}} placeholders with p_values ->> name, in one pass: what is
+-- filled in is never read again, so a value that holds "{{x}}" stays as it is. A
+-- placeholder without a value is an error, not an empty string.
+CREATE OR REPLACE FUNCTION pgembed.render(p_template text, p_values jsonb)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result text := '';
+    rest text := p_template;
+    open_at int;
+    close_at int;
+    name text;
+BEGIN
+    LOOP
+        open_at := strpos(rest, '{{');
+        EXIT WHEN open_at = 0;
+        result := result || left(rest, open_at - 1);
+        rest := substr(rest, open_at + 2);
+        close_at := strpos(rest, '}}');
+        name := left(rest, close_at - 1);
+        IF close_at = 0 OR NOT p_values ? name THEN
+            RAISE EXCEPTION 'pgembed: template placeholder {{%}} has no value', name;
+        END IF;
+        result := result || (p_values ->> name);
+        rest := substr(rest, close_at + 2);
+    END LOOP;
+    RETURN result || rest;
+END
+$$;
+
+-- A statement that queues at least this many rows of a table with a one-column key leaves
+-- one row in pgembed.outbox_statements instead of one outbox row per source row. Below it
+-- the per-row outbox insert is as cheap and a worker sees the rows at once. Read when a
+-- pipeline's triggers are generated.
+CREATE OR REPLACE FUNCTION pgembed.statement_capture_rows()
+RETURNS bigint
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 1000::bigint $$;
+
+-- How the capture trigger queues the rows of new_rows that {{filter}} keeps (INSERT: all of
+-- them; UPDATE: those whose key is new or whose content columns changed).
+CREATE OR REPLACE FUNCTION pgembed.capture_enqueue_sql(p pgembed.pipelines, p_filter text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    per_row text := pgembed.render(
+        'PERFORM pgembed.enqueue({{pipeline}}, ARRAY(SELECT {{new_key}} FROM new_rows n {{filter}}));',
+        jsonb_build_object('pipeline', quote_literal(p.name), 'filter', p_filter,
+                           'new_key', 'jsonb_build_array(' || pgembed.sql_list('n.%1$I::text', p.key_columns) || ')'));
+BEGIN
+    IF cardinality(p.key_columns) > 1 THEN
+        RETURN per_row;  -- composite keys are always queued row by row
+    END IF;
+    -- a statement of many rows leaves one row of keys; a worker expands it
+    RETURN pgembed.render($t$INSERT INTO pgembed.outbox_statements (pipeline, keys, key_count)
+        SELECT {{pipeline}}, array_agg(n.{{key_column}}::text), count(*) FROM new_rows n {{filter}}
+        HAVING count(*) >= {{statement_rows}};
+        IF FOUND THEN
+            PERFORM pg_catalog.pg_notify('pgembed', {{pipeline}});
+        ELSE
+            {{per_row}}
+        END IF;$t$,
+        jsonb_build_object('pipeline', quote_literal(p.name), 'filter', p_filter, 'per_row', per_row,
+                           'key_column', format('%I', p.key_columns[1]),
+                           'statement_rows', pgembed.statement_capture_rows()));
+END
+$$;
+
+-- The body of a pipeline's capture trigger function (one function for the four triggers).
+CREATE OR REPLACE FUNCTION pgembed.capture_body(p pgembed.pipelines)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keys_n text := '(' || pgembed.sql_list('n.%1$I', p.key_columns) || ')';
+    keys_o text := '(' || pgembed.sql_list('o.%1$I', p.key_columns) || ')';
+    changed text := 'false';
+BEGIN
+    IF cardinality(p.content_columns) > 0 THEN
+        changed := format('(%s) IS DISTINCT FROM (%s)',
+                          pgembed.sql_list('o.%1$I::text', p.content_columns),
+                          pgembed.sql_list('n.%1$I::text', p.content_columns));
+    END IF;
+    RETURN pgembed.render($t$
+-- generated by pgembed for pipeline id {{id}} (pgembed.pipelines); do not edit
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        {{enqueue_inserted}}
+    ELSIF TG_OP = 'UPDATE' THEN
+        -- a key that vanished (primary key changed) is a delete: its vectors go now
+        DELETE FROM pgembed.outbox q USING old_rows o
+         WHERE q.pipeline = {{pipeline}} AND q.key = {{old_key}}
+           AND NOT EXISTS (SELECT 1 FROM new_rows n WHERE {{new_keys}} = {{old_keys}});
+        DELETE FROM pgembed.failures q USING old_rows o
+         WHERE q.pipeline = {{pipeline}} AND q.key = {{old_key}}
+           AND NOT EXISTS (SELECT 1 FROM new_rows n WHERE {{new_keys}} = {{old_keys}});
+        DELETE FROM {{destination}} d USING old_rows o
+         WHERE {{destination_keys}} = {{old_keys}}
+           AND NOT EXISTS (SELECT 1 FROM new_rows n WHERE {{new_keys}} = {{old_keys}});
+        {{enqueue_updated}}
+    ELSIF TG_OP = 'DELETE' THEN
+        -- outbox first: waits for a worker writing these keys, then its vectors go too
+        DELETE FROM pgembed.outbox q USING old_rows o WHERE q.pipeline = {{pipeline}} AND q.key = {{old_key}};
+        DELETE FROM pgembed.failures q USING old_rows o WHERE q.pipeline = {{pipeline}} AND q.key = {{old_key}};
+        DELETE FROM {{destination}} d USING old_rows o WHERE {{destination_keys}} = {{old_keys}};
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM pgembed.outbox_statements WHERE pipeline = {{pipeline}};
+        DELETE FROM pgembed.outbox WHERE pipeline = {{pipeline}};
+        DELETE FROM pgembed.failures WHERE pipeline = {{pipeline}};
+        TRUNCATE {{destination}};
+    END IF;
+    RETURN NULL;
+END
+$t$, jsonb_build_object(
+        'id', p.id,
+        'pipeline', quote_literal(p.name),
+        'destination', format('pgembed.%I', p.destination),
+        'old_key', 'jsonb_build_array(' || pgembed.sql_list('o.%1$I::text', p.key_columns) || ')',
+        'new_keys', keys_n,
+        'old_keys', keys_o,
+        'destination_keys', '(' || pgembed.sql_list('d.%1$I', p.key_columns) || ')',
+        'enqueue_inserted', pgembed.capture_enqueue_sql(p, ''),
+        'enqueue_updated', pgembed.capture_enqueue_sql(p, format(
+            'LEFT JOIN old_rows o ON %s = %s WHERE o.%I IS NULL OR %s',
+            keys_o, keys_n, p.key_columns[1], changed))));
+END
+$$;
+
+-- The body of a pipeline's reader. It runs with the worker's rights (SECURITY INVOKER) and
+-- evaluates the bound forms of `content` and `cost_center` on search_path pg_catalog: they
+-- mean what they meant when the pipeline was created, whatever is created later in a schema
+-- of the creator's path, and the worker hashes exactly the text the audit's stale check
+-- hashes.
+CREATE OR REPLACE FUNCTION pgembed.reader_body(p pgembed.pipelines)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgembed.render($t$
+    -- generated by pgembed for pipeline id {{id}} (pgembed.pipelines); do not edit
+    SELECT pgembed_keys.key, pgembed_row.found IS NOT NULL,
+           pgembed_row.content, pgembed_row.cost_center
+    FROM pg_catalog.jsonb_array_elements(keys) AS pgembed_keys(key)
+    LEFT JOIN LATERAL (
+        SELECT true AS found, ({{content}})::text AS content, ({{cost_center}})::text AS cost_center
+        FROM {{source}}
+        WHERE ({{key_columns}}) = ({{key_casts}})
+    ) AS pgembed_row ON true
+$t$, jsonb_build_object(
+        'id', p.id,
+        'content', p.content_bound,
+        'cost_center', coalesce(p.cost_center_bound, 'NULL'),
+        'source', p.source::text,
+        'key_columns', pgembed.sql_list('%1$I', p.key_columns),
+        'key_casts', pgembed.key_casts(p, 'pgembed_keys.key')))
+$$;
+
+-- The body of a pipeline's store: it replaces all chunks of the given keys in one statement
+-- pair. The delete finds them through `key column = ANY (array)`, an index scan whatever the
+-- statistics say: as a join with unnest() the planner, misjudging the expression's
+-- selectivity, chose to hash the whole destination on every batch once it held some 50,000
+-- rows.
+CREATE OR REPLACE FUNCTION pgembed.store_body(p pgembed.pipelines)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgembed.render($t$
+    -- generated by pgembed for pipeline id {{id}} (pgembed.pipelines); do not edit
+    DELETE FROM {{destination}} d
+     WHERE {{same_keys}};
+    INSERT INTO {{destination}} ({{key_columns}}, chunk_seq, chunk, content_hash, chunk_hash, embedding)
+    SELECT {{key_casts}}, r.seq, r.chunk, r.content_hash, r.chunk_hash, r.embedding
+      FROM unnest(keys, chunk_seqs, chunks, content_hashes, chunk_hashes, embeddings)
+           AS r(key, seq, chunk, content_hash, chunk_hash, embedding)
+     WHERE r.seq IS NOT NULL;
+$t$, jsonb_build_object(
+        'id', p.id,
+        'destination', format('pgembed.%I', p.destination),
+        'key_columns', pgembed.sql_list('%1$I', p.key_columns),
+        'key_casts', pgembed.key_casts(p, 'r.key'),
+        'same_keys',
+        (SELECT string_agg(format('d.%I = ANY (ARRAY(SELECT DISTINCT (k->>%s)::%s FROM unnest(keys) AS k))',
+                                  c, i - 1, t), ' AND ' ORDER BY i)
+           FROM unnest(p.key_columns, p.key_types) WITH ORDINALITY AS u(c, t, i))
+        -- a composite key: the columns' values pair up as they do in the keys
+        || CASE WHEN cardinality(p.key_columns) > 1 THEN format(
+               ' AND (%s) IN (SELECT %s FROM unnest(keys) AS k)',
+               pgembed.sql_list('d.%1$I', p.key_columns), pgembed.key_casts(p, 'k')) ELSE '' END))
+$$;
+
+-- The signatures of a pipeline's generated functions, as DDL names them.
+CREATE OR REPLACE FUNCTION pgembed.pipeline_functions(p pgembed.pipelines,
+                                                      OUT capture text, OUT reader text, OUT store text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('pgembed.%I()', 'p' || p.id || '_capture'),
+           format('pgembed.%I(keys jsonb)', 'p' || p.id || '_read'),
+           format('pgembed.%I(keys jsonb[], chunk_seqs int[], chunks text[], content_hashes bytea[], '
+                  'chunk_hashes bytea[], embeddings %s.vector[])', 'p' || p.id || '_store', pgembed.vector_schema())
+$$;
+
+-- Creates (or replaces) a pipeline's generated functions and creates its triggers where
+-- they are missing. Static SQL in each function body means PostgreSQL plans it once per
+-- session, not once per statement.
+CREATE OR REPLACE FUNCTION pgembed.generate_pipeline_code(p pgembed.pipelines)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    f record := pgembed.pipeline_functions(p);
+    ev text;
+    fn text;
+BEGIN
+    EXECUTE format('CREATE OR REPLACE FUNCTION %s RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
+                   'SET search_path = pg_catalog, pg_temp AS %L', f.capture, pgembed.capture_body(p));
+    EXECUTE format('CREATE OR REPLACE FUNCTION %s RETURNS TABLE (key jsonb, found boolean, content text, '
+                   'cost_center text) LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS %L',
+                   f.reader, pgembed.reader_body(p));
+    EXECUTE format('CREATE OR REPLACE FUNCTION %s RETURNS void LANGUAGE sql '
+                   'SET search_path = pg_catalog, pg_temp AS %L', f.store, pgembed.store_body(p));
+    FOREACH fn IN ARRAY ARRAY[f.capture, f.reader, f.store] LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+        EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn,
+                       format('generated by pgembed for pipeline %s; do not edit', quote_literal(p.name)));
+    END LOOP;
+    FOREACH ev IN ARRAY '{insert,update,delete,truncate}'::text[] LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                               WHERE t.tgrelid = p.source AND t.tgname = 'pgembed_' || p.id || '_' || ev);
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
+                       'pgembed_' || p.id || '_' || ev, upper(ev), p.source,
+                       CASE ev WHEN 'insert' THEN 'REFERENCING NEW TABLE AS new_rows'
+                               WHEN 'update' THEN 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
+                               WHEN 'delete' THEN 'REFERENCING OLD TABLE AS old_rows'
+                               ELSE '' END,
+                       f.capture);
+    END LOOP;
+    PERFORM pgembed.grant_pipeline_to_workers(p);
+END
+$$;
+
+-- Regenerates the code of every pipeline whose source table still exists: what an upgrade
+-- runs after it replaced the generator, so that every pipeline runs the current code.
+CREATE OR REPLACE FUNCTION pgembed.regenerate_all_pipelines()
+RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pgembed.pipelines;
+    n int := 0;
+BEGIN
+    FOR p IN SELECT * FROM pgembed.pipelines q
+              WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = q.source)
+              ORDER BY q.id LOOP
+        PERFORM pgembed.generate_pipeline_code(p);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;

@@ -1,0 +1,59 @@
+-- pgembed comments: what `\d+ pgembed.<table>` says about each table and its columns.
+-- Re-applied by every upgrade, so a better sentence needs no migration revision.
+
+COMMENT ON SCHEMA pgembed IS 'pgembed: embeddings of ordinary rows, kept in step by triggers, an outbox and workers';
+
+COMMENT ON TABLE pgembed.models IS 'Embedding models: dimensions, API limits, price. INSERT a row to register an OpenAI-compatible model; hash:N needs none';
+COMMENT ON COLUMN pgembed.models.shortenable IS 'true when the model can return fewer dimensions (Matryoshka)';
+COMMENT ON COLUMN pgembed.models.max_input_tokens IS 'longest input the model takes, in its own tokens';
+COMMENT ON COLUMN pgembed.models.max_batch_inputs IS 'most inputs in one embedding request';
+COMMENT ON COLUMN pgembed.models.max_batch_tokens IS 'most tokens in one embedding request';
+COMMENT ON COLUMN pgembed.models.usd_per_1m_tokens IS 'price; the cost views read it, so an edit applies to past usage too';
+COMMENT ON COLUMN pgembed.models.short_name IS 'used in destination table names';
+
+COMMENT ON TABLE pgembed.pipelines IS 'One row per pipeline: a source table, a content expression, a model, a destination table';
+COMMENT ON COLUMN pgembed.pipelines.content IS 'the content expression as the creator wrote it';
+COMMENT ON COLUMN pgembed.pipelines.content_columns IS 'columns the content reads: an UPDATE queues a row only if one of them changed';
+COMMENT ON COLUMN pgembed.pipelines.content_bound IS 'content with every name bound (deparsed on search_path pg_catalog): what workers and the audit evaluate';
+COMMENT ON COLUMN pgembed.pipelines.content_functions IS 'functions the content calls (regprocedure)';
+COMMENT ON COLUMN pgembed.pipelines.cost_center IS 'expression naming who pays for a row''s embedding, or NULL';
+COMMENT ON COLUMN pgembed.pipelines.cost_center_bound IS 'cost_center bound like content_bound';
+COMMENT ON COLUMN pgembed.pipelines.destination IS 'table pgembed.<destination> holds the vectors: key columns, chunk_seq, chunk, hashes, embedding';
+COMMENT ON COLUMN pgembed.pipelines.key_columns IS 'the source''s primary key columns, in key order';
+COMMENT ON COLUMN pgembed.pipelines.key_types IS 'their SQL types';
+COMMENT ON COLUMN pgembed.pipelines.chunk_tokens IS '0: no chunking; else tokens per chunk';
+COMMENT ON COLUMN pgembed.pipelines.search_path IS 'the creator''s search_path, on which content and cost_center were read';
+
+COMMENT ON TABLE pgembed.outbox IS 'Keys to embed, one row per (pipeline, key); see pgembed.outbox_state for the states of a row';
+COMMENT ON COLUMN pgembed.outbox.key IS 'primary key values as a jsonb array of text';
+COMMENT ON COLUMN pgembed.outbox.version IS 'bumped by every change; an acknowledgement removes the row only if the version it embedded is still current';
+COMMENT ON COLUMN pgembed.outbox.purpose IS 'why it was queued: sync (a change), backfill, repair, retry, migration';
+COMMENT ON COLUMN pgembed.outbox.queued_at IS 'when the key was first queued';
+COMMENT ON COLUMN pgembed.outbox.changed_at IS 'when the key last changed';
+COMMENT ON COLUMN pgembed.outbox.available_at IS 'claimable from then on: a lease''s expiry while leased, the end of a backoff while retrying';
+COMMENT ON COLUMN pgembed.outbox.attempts IS 'failures since the last change';
+COMMENT ON COLUMN pgembed.outbox.lease_id IS 'the claim that holds the row (with leased_by), NULL when not leased';
+COMMENT ON COLUMN pgembed.outbox.leased_by IS 'name of the worker holding the lease (pgembed.workers.name)';
+
+COMMENT ON TABLE pgembed.outbox_statements IS 'Keys of one application statement that queued many rows, expanded into the outbox by a worker''s claim';
+COMMENT ON COLUMN pgembed.outbox_statements.keys IS 'the keys, as text (one-column primary keys only)';
+COMMENT ON COLUMN pgembed.outbox_statements.expanded IS 'keys[1:expanded] are in the outbox already';
+
+COMMENT ON TABLE pgembed.failures IS 'Rows that could not be embedded: retried with backoff, parked (parked_at set) after too many attempts';
+COMMENT ON COLUMN pgembed.failures.parked_at IS 'set once the row left the queue; pgembed failures --retry queues it again';
+
+COMMENT ON TABLE pgembed.embedding_cache IS 'Embeddings by content hash (sha256 of model, dimensions, text): one row serves every pipeline that embeds the same text';
+COMMENT ON COLUMN pgembed.embedding_cache.last_used_at IS 'updated at most hourly on a hit; the clean-up job deletes entries unused for long';
+
+COMMENT ON TABLE pgembed.usage IS 'One row per batch a worker finished or query embedded: requests, tokens, cache hits; spend is computed in the cost views';
+
+COMMENT ON TABLE pgembed.audit_runs IS 'One row per consistency audit: the gaps it found (before any repair) and what it repaired';
+COMMENT ON TABLE pgembed.audit_findings IS 'What each audit run found per pipeline; pipeline_status reads the latest';
+
+COMMENT ON TABLE pgembed.workers IS 'Running workers, upserted by their heartbeat; pg_stat_activity.application_name is pgembed-<role>[<name>]';
+COMMENT ON TABLE pgembed.schedules IS 'Periodic jobs the workers run, and when each runs next';
+COMMENT ON TABLE pgembed.job_runs IS 'One row per run of a periodic job; finished_at NULL with an old started_at: interrupted';
+COMMENT ON TABLE pgembed.index_builds IS 'IVFFlat indexes a worker trained: rows and lists at the time';
+COMMENT ON TABLE pgembed.deferred_indexes IS 'HNSW indexes put off until a large backfill is embedded';
+COMMENT ON TABLE pgembed.rate_limits IS 'Request and token budgets per API key (bucket), shared by every worker';
+COMMENT ON TABLE pgembed.rate_limit_state IS 'The moving part of each limited bucket (sliding window and pacer)';

@@ -1,0 +1,151 @@
+-- pgembed expressions: what a content (or cost_center) expression may be, and its bound form.
+--
+-- Every function pins search_path to pg_catalog, pg_temp and qualifies what it calls, so a
+-- lookalike schema or function earlier on a caller's path changes nothing. Identifiers from
+-- users go through format('%I'); values are bound or quoted with %L.
+
+-- Checks that `p_content` is one SQL expression over the columns of `p_source`, read on
+-- search_path `p_path`, and returns the columns it reads and the functions it calls. A
+-- cursor can only be opened on a single query, which is how stacked statements
+-- ("x); DROP TABLE ...; --") are refused before anything runs; the probe view then tells,
+-- from pg_depend and its stored query tree, which columns, relations and functions the
+-- expression touches.
+--
+-- With p_bind it also returns `bound`: the same expression with every name bound to the
+-- object it means now. The probe view's query tree is deparsed on search_path pg_catalog,
+-- so every function, operator and type outside pg_catalog comes out schema-qualified (as
+-- pg_dump prints a view). That text is checked again on its own, and must read the same
+-- columns and call the same functions; from then on nobody can change what it calls by
+-- creating a lookalike in a schema of the creator's path.
+CREATE OR REPLACE FUNCTION pgembed.probe_expression(p_source regclass, p_content text, p_path text,
+                                                    p_what text DEFAULT 'content',
+                                                    p_bind boolean DEFAULT false,
+                                                    OUT columns name[], OUT functions text[],
+                                                    OUT bound text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    probe_view text := 'pgembed_probe_' || pg_backend_pid();
+    probe refcursor;
+    probe_oid oid;
+    fns oid[];
+    others text;
+    shape text;
+    whole text;
+    head text;
+    tail text;
+    again record;
+BEGIN
+    IF p_content IS NULL OR btrim(p_content) = '' THEN
+        RAISE EXCEPTION 'pgembed: % must be a SQL expression over the columns of %',
+            p_what, p_source;
+    END IF;
+    -- the expression is read with the creator's path; the SET clause restores ours on exit
+    PERFORM pg_catalog.set_config('search_path', p_path, true);
+    BEGIN
+        OPEN probe FOR EXECUTE format('SELECT (%s)::text FROM %s WHERE false', p_content, p_source);
+        CLOSE probe;
+        EXECUTE format('CREATE TEMP VIEW %I AS SELECT (%s)::text AS pgembed_content FROM %s WHERE false',
+                       probe_view, p_content, p_source);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'pgembed: invalid % expression for %: %', p_what, p_source, SQLERRM
+            USING HINT = 'Give one SQL expression over the table''s columns, e.g. '
+                         'title || '' '' || body.';
+    END;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    probe_oid := format('pg_temp.%I', probe_view)::regclass;
+    SELECT string_agg(DISTINCT d.refobjid::regclass::text, ', ')
+      INTO others
+      FROM pg_catalog.pg_depend d
+      JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+     WHERE r.ev_class = probe_oid
+       AND d.classid = 'pg_catalog.pg_rewrite'::regclass
+       AND d.refclassid = 'pg_catalog.pg_class'::regclass
+       AND d.refobjid NOT IN (p_source, r.ev_class);
+    -- system catalogs leave no trace in pg_depend, so subqueries are refused outright
+    IF others IS NULL AND EXISTS (
+        SELECT 1 FROM pg_catalog.pg_rewrite r
+         WHERE r.ev_class = probe_oid AND r.ev_action::text LIKE '%{SUBLINK%') THEN
+        others := 'a subquery';
+    END IF;
+    -- nor is an aggregate or a window function a function of the one row being read
+    IF others IS NULL AND EXISTS (
+        SELECT 1 FROM pg_catalog.pg_rewrite r
+         WHERE r.ev_class = probe_oid
+           AND (r.ev_action::text LIKE '%:hasAggs true%' OR r.ev_action::text LIKE '%:hasWindowFuncs true%')) THEN
+        others := 'an aggregate or window function';
+    END IF;
+    IF others IS NOT NULL THEN
+        EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
+        RAISE EXCEPTION 'pgembed: the % expression may read only columns of %, not %',
+            p_what, p_source, others;
+    END IF;
+    -- Workers evaluate the expression with their own rights, on every row, for as long as the
+    -- pipeline lives (and the audit with the owner's, see pgembed.gaps). So it may call only
+    -- functions that cannot write (IMMUTABLE or STABLE: the same text for the same row is
+    -- also what the cache relies on), owned by the creator or a superuser: a function another
+    -- role owns could be replaced later by one that runs statements as the worker. Every
+    -- function, operator, aggregate and window function the expression calls, built-in or
+    -- not, is a funcid/opfuncid/aggfnoid/winfnoid in the probe view's stored query tree.
+    SELECT coalesce(array_agg(DISTINCT m.id[1]::oid), '{}')
+      INTO fns
+      FROM pg_catalog.pg_rewrite r
+     CROSS JOIN LATERAL pg_catalog.regexp_matches(r.ev_action::text,
+                ':(?:funcid|opfuncid|aggfnoid|winfnoid) ([0-9]+)', 'g') AS m(id)
+     WHERE r.ev_class = probe_oid;
+    SELECT string_agg(DISTINCT format('%s (%s)', f.oid::regprocedure,
+                      CASE WHEN f.provolatile = 'v' THEN 'VOLATILE'
+                           ELSE 'owned by ' || f.proowner::regrole::text END), ', ')
+      INTO others
+      FROM pg_catalog.pg_proc f
+     WHERE f.oid = ANY (fns)
+       AND (f.provolatile = 'v'
+            OR NOT (f.proowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)
+                    OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = f.proowner)));
+    IF others IS NOT NULL THEN
+        EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
+        RAISE EXCEPTION 'pgembed: the % expression may call only IMMUTABLE or STABLE functions owned by you or a superuser, not %',
+            p_what, others
+            USING HINT = 'Declare your function IMMUTABLE or STABLE and own it (ALTER FUNCTION ... OWNER TO ...).';
+    END IF;
+    -- (on our pinned path, regprocedure prints every function outside pg_catalog qualified)
+    SELECT coalesce(array_agg(f::regprocedure::text ORDER BY f::regprocedure::text), '{}')
+      INTO functions FROM unnest(fns) AS f;
+    -- refobjsubid 0 is a whole-row reference: then every column counts
+    SELECT coalesce(array_agg(a.attname ORDER BY a.attnum), '{}') INTO columns
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = p_source AND a.attnum > 0 AND NOT a.attisdropped
+       AND EXISTS (
+           SELECT 1 FROM pg_catalog.pg_depend d
+             JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+            WHERE r.ev_class = probe_oid
+              AND d.refobjid = p_source
+              AND d.refobjsubid IN (0, a.attnum));
+    IF p_bind THEN
+        -- The deparsed probe is "<head><expression><tail>"; a probe of NULL::text over the
+        -- same table shows what head and tail look like.
+        EXECUTE format('CREATE TEMP VIEW %I AS SELECT NULL::text AS pgembed_content FROM %s WHERE false',
+                       probe_view || '_shape', p_source);
+        shape := pg_catalog.pg_get_viewdef(format('pg_temp.%I', probe_view || '_shape')::regclass, false);
+        whole := pg_catalog.pg_get_viewdef(probe_oid, false);
+        EXECUTE format('DROP VIEW pg_temp.%I', probe_view || '_shape');
+        head := left(shape, strpos(shape, 'NULL::text') - 1);
+        tail := substr(shape, strpos(shape, 'NULL::text') + length('NULL::text'));
+        IF strpos(shape, 'NULL::text') = 0 OR left(whole, length(head)) <> head
+           OR right(whole, length(tail)) <> tail OR length(whole) <= length(head) + length(tail) THEN
+            RAISE EXCEPTION 'pgembed: cannot bind the names of the % expression for % (deparsed as %)',
+                p_what, p_source, whole;
+        END IF;
+        bound := substr(whole, length(head) + 1, length(whole) - length(head) - length(tail));
+    END IF;
+    EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
+    IF p_bind THEN
+        SELECT * INTO again FROM pgembed.probe_expression(p_source, bound, 'pg_catalog, pg_temp', p_what);
+        IF again.columns IS DISTINCT FROM columns OR again.functions IS DISTINCT FROM functions THEN
+            RAISE EXCEPTION 'pgembed: the % expression for % does not mean the same once its names are bound (%)',
+                p_what, p_source, bound;
+        END IF;
+    END IF;
+END
+$$;

@@ -1,0 +1,155 @@
+-- pgembed indexes: the vector index of a destination, deferred HNSW builds, IVFFlat upkeep.
+
+-- The vector index of a destination table.
+-- The CREATE INDEX statement of a pipeline's vector index (NULL for index 'none').
+-- CONCURRENTLY for a build while the application writes: its deletes remove vectors.
+CREATE OR REPLACE FUNCTION pgembed.vector_index_sql(p pgembed.pipelines, p_concurrently boolean DEFAULT false)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ops text := CASE p.distance WHEN 'cosine' THEN 'vector_cosine_ops'
+                                WHEN 'l2' THEN 'vector_l2_ops' ELSE 'vector_ip_ops' END;
+    allowed text[] := CASE p.index_type WHEN 'hnsw' THEN '{m,ef_construction}'::text[]
+                                        ELSE '{lists}'::text[] END;
+    opts text;
+    bad text;
+BEGIN
+    IF p.index_type = 'none' THEN
+        RETURN NULL;
+    END IF;
+    SELECT string_agg(k, ', ') INTO bad
+      FROM jsonb_object_keys(p.index_options) AS k WHERE k <> ALL (allowed);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgembed: % index options are %, not %', p.index_type,
+            array_to_string(allowed, ', '), bad;
+    END IF;
+    SELECT string_agg(format('%s = %s', key, (value #>> '{}')::int), ', ')
+      INTO opts FROM jsonb_each(p.index_options);
+    -- unnamed: PostgreSQL picks a unique name even when long table names share a prefix
+    RETURN format('CREATE INDEX %sON pgembed.%I USING %s (embedding %s.%s)%s',
+                  CASE WHEN p_concurrently THEN 'CONCURRENTLY ' ELSE '' END,
+                  p.destination, p.index_type, pgembed.vector_schema(), ops,
+                  CASE WHEN opts IS NULL THEN '' ELSE ' WITH (' || opts || ')' END);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgembed.create_vector_index(p pgembed.pipelines)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ddl text := pgembed.vector_index_sql(p);
+BEGIN
+    IF ddl IS NOT NULL THEN
+        EXECUTE ddl;
+    END IF;
+END
+$$;
+
+-- Below this many rows a backfill goes straight into the index: building it afterwards
+-- saves little, and the index is there at once.
+CREATE OR REPLACE FUNCTION pgembed.defer_index_rows()
+RETURNS bigint
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 10000::bigint $$;
+
+-- Deferred indexes whose backfill is over, with the statements that build them (outside a
+-- transaction: CONCURRENTLY) and that first drop what an interrupted build left (an
+-- INVALID index of the same kind on the destination).
+CREATE OR REPLACE FUNCTION pgembed.deferred_index_plan()
+RETURNS TABLE (pipeline text, create_sql text, drop_sql text[])
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.name, pgembed.vector_index_sql(p, true),
+           ARRAY(SELECT format('DROP INDEX CONCURRENTLY IF EXISTS pgembed.%I', c.relname)
+                   FROM pg_catalog.pg_index i
+                   JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+                   JOIN pg_catalog.pg_am am ON am.oid = c.relam
+                  WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
+                    AND am.amname = p.index_type AND NOT i.indisvalid
+                  ORDER BY c.relname)
+      FROM pgembed.deferred_indexes d
+      JOIN pgembed.pipelines p ON p.name = d.pipeline
+     WHERE NOT EXISTS (SELECT 1 FROM pgembed.outbox o
+                        WHERE o.pipeline = d.pipeline AND o.purpose = 'backfill')
+     ORDER BY p.name;
+$$;
+
+-- IVFFlat upkeep plan, one row per ivfflat pipeline. An IVFFlat index is trained on the rows
+-- present when it is built: the one create_pipeline makes on an empty table is useless, so
+-- a worker rebuilds it once the table holds p_min_rows vectors, with lists = rows / 1000
+-- (sqrt(rows) past a million, at least 10; an explicit index_options.lists wins). Later,
+-- when the table has grown p_rebuild_factor times, the plan says so ('rebuild_advised').
+--   action: 'wait' (too few rows), 'build', 'rebuild_advised', 'ok'
+--   create_sql / drop_sql: the statements to run (CONCURRENTLY, so outside a transaction)
+CREATE OR REPLACE FUNCTION pgembed.ivfflat_plan(p_min_rows bigint, p_rebuild_factor double precision)
+RETURNS TABLE (pipeline text, destination name, row_count bigint, built_rows bigint,
+               built_lists int, lists int, action text, index_name text, create_sql text,
+               drop_sql text[])
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pgembed.pipelines;
+    b pgembed.index_builds;
+    current_ok boolean;
+    ops text;
+BEGIN
+    FOR p IN SELECT * FROM pgembed.pipelines q WHERE q.index_type = 'ivfflat' ORDER BY q.name LOOP
+        pipeline := p.name;
+        destination := p.destination;
+        EXECUTE format('SELECT count(*) FROM pgembed.%I', p.destination) INTO row_count;
+        SELECT * INTO b FROM pgembed.index_builds ib WHERE ib.pipeline = p.name;
+        built_rows := b.rows_at_build;
+        built_lists := b.lists;
+        lists := coalesce((p.index_options ->> 'lists')::int,
+                          CASE WHEN row_count <= 1000000 THEN greatest(10, row_count / 1000)
+                               ELSE ceil(sqrt(row_count)) END);
+        -- the recorded index must still exist and be valid (a failed CONCURRENTLY build is not)
+        SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+                        WHERE c.relname = b.index_name AND c.relnamespace = 'pgembed'::regnamespace
+                          AND i.indisvalid)
+          INTO current_ok;
+        action := CASE
+            WHEN row_count < greatest(p_min_rows, 1) THEN 'wait'
+            WHEN b.pipeline IS NULL OR NOT current_ok THEN 'build'
+            WHEN row_count >= b.rows_at_build * p_rebuild_factor THEN 'rebuild_advised'
+            ELSE 'ok' END;
+        index_name := left(p.destination, 40) || '_ivfflat_'
+                      || to_char(clock_timestamp(), 'YYYYMMDDHH24MISS');
+        ops := CASE p.distance WHEN 'cosine' THEN 'vector_cosine_ops'
+                               WHEN 'l2' THEN 'vector_l2_ops' ELSE 'vector_ip_ops' END;
+        create_sql := format('CREATE INDEX CONCURRENTLY %I ON pgembed.%I USING ivfflat (embedding %s.%s) '
+                             'WITH (lists = %s)', index_name, p.destination,
+                             pgembed.vector_schema(), ops, lists);
+        -- every other ivfflat index on the destination goes once the new one is valid
+        SELECT coalesce(array_agg(format('DROP INDEX CONCURRENTLY IF EXISTS pgembed.%I', c.relname)
+                                  ORDER BY c.relname), '{}')
+          INTO drop_sql
+          FROM pg_catalog.pg_index i
+          JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+          JOIN pg_catalog.pg_am am ON am.oid = c.relam
+         WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
+           AND am.amname = 'ivfflat' AND c.relname <> index_name;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgembed.record_index_build(p_pipeline text, p_index_name name, p_lists int,
+                                                      p_rows bigint, p_worker text)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO pgembed.index_builds AS b (pipeline, index_name, lists, rows_at_build, built_by)
+    VALUES (p_pipeline, p_index_name, p_lists, p_rows, p_worker)
+    ON CONFLICT (pipeline) DO UPDATE
+       SET index_name = excluded.index_name, lists = excluded.lists,
+           rows_at_build = excluded.rows_at_build, built_at = now(), built_by = excluded.built_by;
+$$;

@@ -1,0 +1,203 @@
+-- pgembed outbox: the queue of keys to embed. One rule puts a key in it (pgembed.enqueue),
+-- one definition says what state a queued row is in (pgembed.outbox_state), and pgembed.claim
+-- leases rows to workers. Keys of statements that changed many rows wait in
+-- pgembed.outbox_statements until a claim expands them.
+--
+-- The states of a key, defined here and used by every view and status line:
+--   queued     in the outbox and ready: available_at has come (a lease that expired counts:
+--              its worker is gone or too slow, and any worker may claim the row again)
+--   in_flight  leased by a worker whose lease has not expired (lease_id set, available_at
+--              in the future: the lease's expiry)
+--   retrying   failed, backing off: no lease, available_at in the future
+--   parked     failed too often: out of the outbox, in pgembed.failures with parked_at set,
+--              until a DBA (or the scheduled retry) queues it again
+-- The keys of an unexpanded statement (pgembed.outbox_statements) count as queued.
+
+-- No SET clause and qualified operators: PostgreSQL inlines it into the views' counts.
+CREATE OR REPLACE FUNCTION pgembed.outbox_state(p_lease_id uuid, p_available_at timestamptz)
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
+    SELECT CASE WHEN p_available_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'queued'
+                WHEN p_lease_id IS NOT NULL THEN 'in_flight'
+                ELSE 'retrying' END
+$$;
+
+-- Queues keys of one pipeline: the one rule every path uses (the capture triggers, backfill
+-- and repair, the expansion of a statement's keys, retries of failures, the audit). A key
+-- not in the outbox is inserted, ready at once, with p_purpose. A key already there is
+-- bumped: its version goes up (so a worker holding an older version does not acknowledge
+-- it away: the new content gets embedded too), its attempts start again from 0, its
+-- purpose stays, and by state:
+--   queued     keeps its place in line (moving it to the back on every change would starve
+--              a hot row behind any backlog; leaving the indexed available_at alone lets the
+--              bump be a HOT update)
+--   retrying   becomes ready now: something changed, so the backoff no longer applies
+--   in_flight  keeps its lease untouched: the worker holding it goes on, its acknowledgement
+--              sees the newer version and leaves the row queued for the next claim
+-- Returns how many keys were queued or bumped, and wakes the workers when there were any.
+CREATE OR REPLACE FUNCTION pgembed.enqueue(p_pipeline text, p_keys jsonb[], p_purpose text DEFAULT 'sync',
+                                           p_changed_at timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    INSERT INTO pgembed.outbox AS q (pipeline, key, purpose, queued_at, changed_at)
+    SELECT p_pipeline, k, p_purpose, p_changed_at, p_changed_at FROM unnest(p_keys) AS k
+    ON CONFLICT (pipeline, key) DO UPDATE
+       SET version = q.version + 1, attempts = 0,
+           changed_at = GREATEST(q.changed_at, excluded.changed_at),
+           available_at = CASE pgembed.outbox_state(q.lease_id, q.available_at)
+                              WHEN 'in_flight' THEN q.available_at
+                              ELSE LEAST(q.available_at, now()) END;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pg_notify('pgembed', p_pipeline);
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Queues every row of a pipeline's source table (backfill, repair).
+CREATE OR REPLACE FUNCTION pgembed.queue_all(p_pipeline text, p_purpose text DEFAULT 'backfill')
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pgembed.pipelines;
+    keys jsonb[];
+BEGIN
+    SELECT * INTO STRICT p FROM pgembed.pipelines WHERE name = p_pipeline;
+    EXECUTE format('SELECT ARRAY(SELECT jsonb_build_array(%s) FROM %s n)',
+                   pgembed.sql_list('n.%1$I::text', p.key_columns), p.source)
+       INTO keys;
+    RETURN pgembed.enqueue(p.name, keys, p_purpose);
+END
+$$;
+
+-- Moves the keys of a pipeline's pending statements into the outbox, until about p_keys
+-- keys have moved, and returns how many did. claim() calls it before it looks for ready
+-- rows. A big statement goes in slices (`expanded` counts what has moved), so no claim
+-- holds a transaction open for a million-row statement. A statement another worker is
+-- expanding is skipped (SKIP LOCKED). Keys are queued by the one rule (pgembed.enqueue), as
+-- changed when the statement ran. The insert waits for an application transaction queueing
+-- one of the same keys; past a short lock_timeout the statement is left for a later claim,
+-- so such a transaction and this one never deadlock.
+-- SECURITY DEFINER (EXECUTE for pgembed_worker, see privileges.sql): it only moves keys the
+-- triggers wrote, so a worker needs no INSERT on the outbox, which would let it queue rows.
+CREATE OR REPLACE FUNCTION pgembed.expand_statements(p_pipeline text, p_keys bigint DEFAULT 10000)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s record;
+    n int;
+    moved bigint := 0;
+    timeout text := current_setting('lock_timeout');
+BEGIN
+    WHILE moved < p_keys LOOP
+        SELECT x.id, x.keys[x.expanded + 1 : x.expanded + (p_keys - moved)::int] AS part,
+               x.expanded, x.key_count, x.queued_at
+          INTO s
+          FROM pgembed.outbox_statements x
+         WHERE x.pipeline = p_pipeline
+         ORDER BY x.id LIMIT 1
+           FOR UPDATE SKIP LOCKED;
+        EXIT WHEN NOT FOUND;
+        n := coalesce(cardinality(s.part), 0);
+        BEGIN
+            PERFORM set_config('lock_timeout', '100ms', true);
+            PERFORM pgembed.enqueue(p_pipeline, ARRAY(SELECT jsonb_build_array(k) FROM unnest(s.part) AS k),
+                                    'sync', s.queued_at);
+            IF n = 0 OR s.expanded + n >= s.key_count THEN
+                DELETE FROM pgembed.outbox_statements x WHERE x.id = s.id;
+            ELSE
+                UPDATE pgembed.outbox_statements x SET expanded = x.expanded + n WHERE x.id = s.id;
+            END IF;
+            PERFORM set_config('lock_timeout', timeout, true);
+        EXCEPTION WHEN lock_not_available THEN
+            EXIT;  -- the subtransaction's rollback restored lock_timeout
+        END;
+        moved := moved + n;
+    END LOOP;
+    RETURN moved;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgembed.expand_statements(text, bigint) FROM PUBLIC;
+
+-- Keys of pending statements (one pipeline, or all): queued, though not yet in the outbox.
+CREATE OR REPLACE FUNCTION pgembed.statement_keys(p_pipeline text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(sum(s.key_count - s.expanded), 0)::bigint FROM pgembed.outbox_statements s
+     WHERE p_pipeline IS NULL OR s.pipeline = p_pipeline
+$$;
+
+-- The keys of a batch as the worker sends them, one jsonb array of keys (one document to
+-- encode instead of one per key), as the jsonb[] that `key = ANY(...)` takes.
+CREATE OR REPLACE FUNCTION pgembed.key_array(p_keys jsonb)
+RETURNS jsonb[]
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT ARRAY(SELECT jsonb_array_elements(p_keys)) $$;
+
+-- Claims up to p_limit ready rows of one pipeline for a worker, round robin over pipelines
+-- starting after p_after so that no pipeline starves. SKIP LOCKED: workers never wait on
+-- each other or on an application transaction that is touching a queued row.
+CREATE OR REPLACE FUNCTION pgembed.claim(p_worker text, p_lease uuid, p_limit int,
+                                         p_lease_seconds double precision, p_after text DEFAULT '')
+RETURNS TABLE (pipeline text, key jsonb, version bigint, purpose text, attempts int)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    pl text;
+BEGIN
+    FOR pl IN
+        SELECT q.name FROM pgembed.pipelines q
+         ORDER BY q.name <= coalesce(p_after, ''), q.name
+    LOOP
+        PERFORM pgembed.expand_statements(pl);
+        RETURN QUERY
+        WITH ready AS (
+            -- oldest first within the pipeline; rows in flight or retrying are not ready
+            SELECT o.pipeline, o.key FROM pgembed.outbox o
+             WHERE o.pipeline = pl AND o.available_at <= now()
+             ORDER BY o.available_at
+             LIMIT p_limit
+             FOR UPDATE SKIP LOCKED
+        )
+        UPDATE pgembed.outbox o
+           SET lease_id = p_lease, leased_by = p_worker,
+               available_at = now() + make_interval(secs => p_lease_seconds)
+          FROM ready
+         WHERE o.pipeline = ready.pipeline AND o.key = ready.key
+        RETURNING o.pipeline, o.key, o.version, o.purpose, o.attempts;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Queue depth for metrics and status lines: queued (with the keys of unexpanded
+-- statements), in flight, retrying; see pgembed.outbox_state.
+CREATE OR REPLACE FUNCTION pgembed.queue_depth(OUT ready bigint, OUT leased bigint, OUT waiting bigint)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT count(*) FILTER (WHERE pgembed.outbox_state(lease_id, available_at) = 'queued')
+               + pgembed.statement_keys(),
+           count(*) FILTER (WHERE pgembed.outbox_state(lease_id, available_at) = 'in_flight'),
+           count(*) FILTER (WHERE pgembed.outbox_state(lease_id, available_at) = 'retrying')
+      FROM pgembed.outbox;
+$$;

@@ -1,0 +1,304 @@
+-- pgembed pipelines: models, creating and dropping a pipeline and its destination table.
+
+-- The model row for a model name; hash:N models are made up on the spot.
+CREATE OR REPLACE FUNCTION pgembed.model_info(p_model text)
+RETURNS pgembed.models
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m pgembed.models;
+    n int;
+BEGIN
+    SELECT * INTO m FROM pgembed.models WHERE model = p_model;
+    IF FOUND THEN
+        RETURN m;
+    END IF;
+    IF p_model ~ '^hash:[0-9]{1,5}$' THEN
+        n := substr(p_model, 6)::int;
+        IF n NOT BETWEEN 1 AND 16000 THEN
+            RAISE EXCEPTION 'pgembed: hash models take 1 to 16000 dimensions, not %', n;
+        END IF;
+        RETURN ROW(p_model, n, true, 1000000, 100000, 100000000, 0, 'h' || n)::pgembed.models;
+    END IF;
+    RAISE EXCEPTION 'pgembed: unknown model "%"', p_model
+        USING HINT = 'Use one of pgembed.models (e.g. openai:text-embedding-3-small), hash:N, '
+                     'or register an OpenAI-compatible model: INSERT INTO pgembed.models '
+                     '(model, dimensions, short_name) VALUES (''openai:NAME'', DIMS, ''short'').';
+END
+$$;
+
+-- The schema pgvector was installed in, quoted: generated DDL names vector types and
+-- operator classes through it, since our pinned search_path does not include it.
+CREATE OR REPLACE FUNCTION pgembed.vector_schema()
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT quote_ident(n.nspname)
+      FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'vector'
+$$;
+
+-- Primary key columns of a table, in key order, with their SQL types.
+CREATE OR REPLACE FUNCTION pgembed.primary_key(p_source regclass,
+                                               OUT columns name[], OUT types text[])
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT array_agg(a.attname ORDER BY k.ord),
+           array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord)
+    FROM pg_catalog.pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE i.indrelid = p_source AND i.indisprimary
+$$;
+
+-- The destination table's name: {table}_{model short name}[_{dimensions}], at most 63
+-- bytes, with a short hash of the full name when the table name had to be cut.
+CREATE OR REPLACE FUNCTION pgembed.destination_name(p_source regclass, p_model pgembed.models,
+                                                    p_dimensions int)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tbl text := (SELECT relname FROM pg_catalog.pg_class WHERE oid = p_source);
+    suffix text := '_' || p_model.short_name
+                   || CASE WHEN p_dimensions <> p_model.dimensions THEN '_' || p_dimensions ELSE '' END;
+    full_name text := tbl || suffix;
+    candidate text := full_name;
+    n int := 1;
+BEGIN
+    IF octet_length(full_name) > 63 THEN
+        suffix := '_' || left(md5(p_source::oid::text || full_name), 6) || suffix;
+        WHILE octet_length(tbl || suffix) > 63 LOOP
+            tbl := left(tbl, length(tbl) - 1);
+        END LOOP;
+        full_name := tbl || suffix;
+        candidate := full_name;
+    END IF;
+    -- a second pipeline of the same table and model (another content) gets _2, _3...
+    WHILE EXISTS (SELECT 1 FROM pgembed.pipelines WHERE name = candidate)
+          OR to_regclass(format('pgembed.%I', candidate)) IS NOT NULL LOOP
+        n := n + 1;
+        candidate := left(full_name, 63 - length('_' || n)) || '_' || n;
+    END LOOP;
+    RETURN candidate;
+END
+$$;
+
+-- What a worker needs of one pipeline's own objects, granted to the group role
+-- pgembed_worker (see privileges.sql): its destination table and its generated read and
+-- store functions. The source table is the DBA's to grant (GRANT SELECT ON ... TO
+-- pgembed_worker): pgembed does not hand out rights on the application's tables. Skipped
+-- when the role does not exist (dropped by a DBA who grants by hand).
+CREATE OR REPLACE FUNCTION pgembed.grant_pipeline_to_workers(p pgembed.pipelines)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    f record := pgembed.pipeline_functions(p);
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgembed_worker') THEN
+        RETURN;
+    END IF;
+    EXECUTE format('GRANT SELECT, INSERT, DELETE ON pgembed.%I TO pgembed_worker', p.destination);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s, %s TO pgembed_worker', f.reader, f.store);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
+    search_path     text,
+    source          regclass,
+    content         text,
+    model           text,
+    dimensions      int DEFAULT NULL,
+    index           text DEFAULT 'hnsw',
+    index_options   jsonb DEFAULT '{}',
+    distance        text DEFAULT 'cosine',
+    chunk_tokens    int DEFAULT 0,
+    chunk_overlap   int DEFAULT 0,
+    backfill        boolean DEFAULT true,
+    cost_center     text DEFAULT NULL,
+    name            text DEFAULT NULL
+)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m pgembed.models := pgembed.model_info(model);
+    dims int := coalesce(dimensions, m.dimensions);
+    pk record;
+    p pgembed.pipelines;
+    reserved name[] := '{chunk_seq,chunk,content_hash,chunk_hash,embedding,embedded_at}';
+    clash name;
+    queued bigint := 0;
+BEGIN
+    IF (SELECT relkind FROM pg_catalog.pg_class WHERE oid = source) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'pgembed: % is not a table', source;
+    END IF;
+    IF dims < 1 OR dims > m.dimensions OR (dims <> m.dimensions AND NOT m.shortenable) THEN
+        RAISE EXCEPTION 'pgembed: model % gives % dimensions%; % is not possible', m.model,
+            m.dimensions, CASE WHEN m.shortenable THEN ' or fewer' ELSE ' exactly' END, dims;
+    END IF;
+    IF index NOT IN ('hnsw', 'ivfflat', 'none') THEN
+        RAISE EXCEPTION 'pgembed: index must be hnsw, ivfflat or none, not %', index;
+    END IF;
+    IF distance NOT IN ('cosine', 'l2', 'ip') THEN
+        RAISE EXCEPTION 'pgembed: distance must be cosine, l2 or ip, not %', distance;
+    END IF;
+    IF index <> 'none' AND dims > 2000 THEN
+        RAISE EXCEPTION 'pgembed: % indexes hold vectors of at most 2000 dimensions, not %',
+            index, dims USING HINT = 'Pass dimensions => 2000 or fewer, or index => ''none''.';
+    END IF;
+    IF chunk_tokens < 0 OR chunk_overlap < 0 OR (chunk_tokens > 0 AND chunk_overlap >= chunk_tokens)
+       OR (chunk_tokens = 0 AND chunk_overlap > 0) THEN
+        RAISE EXCEPTION 'pgembed: chunk_tokens must be 0 (no chunking) or more than chunk_overlap (got %, %)',
+            chunk_tokens, chunk_overlap;
+    END IF;
+
+    -- no write may slip between the triggers' creation and the backfill
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', source);
+    pk := pgembed.primary_key(source);
+    IF pk.columns IS NULL THEN
+        RAISE EXCEPTION 'pgembed: table % has no primary key', source
+            USING HINT = 'pgembed follows rows by their primary key; add one (ALTER TABLE ... ADD PRIMARY KEY).';
+    END IF;
+    SELECT c INTO clash FROM unnest(pk.columns) AS c WHERE c = ANY (reserved) LIMIT 1;
+    IF clash IS NOT NULL THEN
+        RAISE EXCEPTION 'pgembed: primary key column "%" of % clashes with a column of the destination table (%)',
+            clash, source, array_to_string(reserved, ', ');
+    END IF;
+
+    p.name := coalesce(name, pgembed.destination_name(source, m, dims));
+    IF EXISTS (SELECT 1 FROM pgembed.pipelines q WHERE q.name = p.name) THEN
+        RAISE EXCEPTION 'pgembed: a pipeline named "%" exists already', p.name;
+    END IF;
+    p.source := source;
+    p.content := content;
+    p.search_path := search_path;
+    SELECT e.columns, e.bound, e.functions
+      INTO p.content_columns, p.content_bound, p.content_functions
+      FROM pgembed.probe_expression(source, content, search_path, p_bind => true) AS e;
+    p.cost_center := cost_center;
+    IF cost_center IS NOT NULL THEN
+        SELECT e.bound INTO p.cost_center_bound
+          FROM pgembed.probe_expression(source, cost_center, search_path, 'cost_center', p_bind => true) AS e;
+    END IF;
+    p.model := m.model;
+    p.dimensions := dims;
+    p.destination := p.name;
+    p.key_columns := pk.columns;
+    p.key_types := pk.types;
+    p.chunk_tokens := chunk_tokens;
+    p.chunk_overlap := chunk_overlap;
+    p.index_type := index;
+    p.index_options := coalesce(index_options, '{}');
+    p.distance := distance;
+
+    INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
+        content_functions, cost_center, cost_center_bound, model,
+        dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
+        index_type, index_options, distance, search_path)
+    VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
+        p.content_functions, p.cost_center, p.cost_center_bound, p.model,
+        p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
+        p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path)
+    RETURNING * INTO p;
+
+    EXECUTE format('CREATE TABLE pgembed.%I (%s, chunk_seq int NOT NULL, chunk text NOT NULL, '
+                   'content_hash bytea NOT NULL, chunk_hash bytea NOT NULL, '
+                   'embedding %s.vector(%s) NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now(), '
+                   'PRIMARY KEY (%s, chunk_seq))',
+                   p.destination,
+                   (SELECT string_agg(format('%I %s NOT NULL', c, t), ', ' ORDER BY i)
+                      FROM unnest(pk.columns, pk.types) WITH ORDINALITY AS u(c, t, i)),
+                   pgembed.vector_schema(), dims, pgembed.sql_list('%1$I', pk.columns));
+    -- Past about 500 dimensions a vector is TOASTed. Float vectors do not compress, so the
+    -- default EXTENDED only burns CPU trying; EXTERNAL stores them out of line as they are
+    -- (half again faster inserts at 768-d).
+    EXECUTE format('ALTER TABLE pgembed.%I ALTER COLUMN embedding SET STORAGE EXTERNAL', p.destination);
+    PERFORM pgembed.generate_pipeline_code(p);
+    IF backfill THEN
+        queued := pgembed.queue_all(p.name, 'backfill');
+    END IF;
+    -- Inserting into an HNSW graph row by row is some 40 times slower than building it once
+    -- over the loaded rows: a large backfill goes in first and a worker builds the index
+    -- when it is done (pgembed.deferred_indexes). Until then searches scan, exactly.
+    IF p.index_type = 'hnsw' AND queued >= pgembed.defer_index_rows() THEN
+        PERFORM pgembed.vector_index_sql(p);  -- bad index options are refused now, not later
+        INSERT INTO pgembed.deferred_indexes (pipeline, rows_queued) VALUES (p.name, queued);
+        RAISE NOTICE 'pgembed: the HNSW index of pgembed.% is built once its % rows are embedded',
+            p.destination, queued;
+    ELSE
+        PERFORM pgembed.create_vector_index(p);
+    END IF;
+    RETURN p.name;
+END
+$$;
+
+-- The public entry point. It has no SET clause on purpose: it captures the caller's schemas
+-- (only the caller's own, never pg_temp), against which `content` is read from then on.
+-- Everything it calls is schema-qualified, so a hostile path cannot redirect it.
+CREATE OR REPLACE FUNCTION pgembed.create_pipeline(
+    source          regclass,
+    content         text,
+    model           text,
+    dimensions      int DEFAULT NULL,
+    index           text DEFAULT 'hnsw',
+    index_options   jsonb DEFAULT '{}',
+    distance        text DEFAULT 'cosine',
+    chunk_tokens    int DEFAULT 0,
+    chunk_overlap   int DEFAULT 0,
+    backfill        boolean DEFAULT true,
+    cost_center     text DEFAULT NULL,
+    name            text DEFAULT NULL
+)
+RETURNS text
+LANGUAGE sql
+AS $$
+    SELECT pgembed.create_pipeline_on_path(
+        (SELECT coalesce(pg_catalog.string_agg(pg_catalog.quote_ident(s), ', ' ORDER BY i),
+                         'pg_catalog')
+           FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS u(s, i)
+          WHERE NOT pg_catalog.starts_with(s, 'pg_temp')),
+        source, content, model, dimensions, index, index_options, distance,
+        chunk_tokens, chunk_overlap, backfill, cost_center, name)
+$$;
+
+CREATE OR REPLACE FUNCTION pgembed.drop_pipeline(name text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pgembed.pipelines;
+    f record;
+    ev text;
+BEGIN
+    SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = drop_pipeline.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgembed: no pipeline named "%"', name
+            USING HINT = 'pgembed pipeline list shows the pipelines.';
+    END IF;
+    -- The queue first: this waits for a worker acknowledging rows of this pipeline (it
+    -- holds their row locks and is about to write the destination) and makes any later
+    -- acknowledgement skip them. Dropping the destination first would take its lock while
+    -- that worker needs it: a deadlock.
+    DELETE FROM pgembed.outbox q WHERE q.pipeline = p.name;
+    DELETE FROM pgembed.outbox_statements q WHERE q.pipeline = p.name;
+    DELETE FROM pgembed.failures q WHERE q.pipeline = p.name;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = p.source) THEN
+        FOREACH ev IN ARRAY '{insert,update,delete,truncate}'::text[] LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'pgembed_' || p.id || '_' || ev, p.source);
+        END LOOP;
+    END IF;
+    f := pgembed.pipeline_functions(p);
+    EXECUTE format('DROP FUNCTION IF EXISTS %s, %s, %s', f.capture, f.reader, f.store);
+    EXECUTE format('DROP TABLE IF EXISTS pgembed.%I', p.destination);
+    DELETE FROM pgembed.pipelines q WHERE q.name = p.name;  -- failures cascade
+END
+$$;

@@ -1,0 +1,64 @@
+"""The migrations and sql/ describe one schema: a database upgraded to head, by any path, is
+identical (tables, columns, constraints, indexes, functions, views, triggers, comments,
+grants) to one made straight from sql/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgembed import migrate
+from pgembed.schema import head_schema_sql
+from tests.catalog import differences, snapshot
+
+RELEASES = Path(__file__).parent / "releases"
+
+
+def from_sql(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(head_schema_sql())
+
+
+def assert_same(left: str, right: str) -> None:
+    found = differences(snapshot(left), snapshot(right))
+    assert not found, "catalogs differ:\n" + "\n".join(line[:300] for line in found[:80])
+
+
+def test_upgrade_head_equals_the_schema_in_sql(empty_dsn, another_empty_dsn):
+    migrate.upgrade(empty_dsn)
+    from_sql(another_empty_dsn)
+    assert_same(empty_dsn, another_empty_dsn)
+
+
+def test_the_comparison_sees_a_change(empty_dsn, another_empty_dsn):
+    """The diff is not blind: one column default apart is a difference."""
+    migrate.upgrade(empty_dsn)
+    from_sql(another_empty_dsn)
+    with psycopg.connect(another_empty_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgembed.outbox ALTER COLUMN attempts SET DEFAULT 1")
+    assert differences(snapshot(empty_dsn), snapshot(another_empty_dsn))
+
+
+def test_downgrade_to_0001_gives_0001_as_shipped_and_upgrade_gives_head_again(empty_dsn, another_empty_dsn):
+    migrate.upgrade(another_empty_dsn, "0001")
+    migrate.upgrade(empty_dsn)
+    migrate.downgrade(empty_dsn, "0001")
+    assert_same(empty_dsn, another_empty_dsn)
+    migrate.upgrade(empty_dsn)
+    migrate.upgrade(another_empty_dsn)
+    assert_same(empty_dsn, another_empty_dsn)
+
+
+@pytest.mark.parametrize("release", ["0001_2026-11-30"])
+def test_a_database_of_the_previous_release_upgrades_to_head(release, empty_dsn, another_empty_dsn):
+    """The last build that shipped revision 0001 had changed sql/ under the same number."""
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        for name in ("schema", "functions", "audit", "costs", "service", "ratelimit", "privileges"):
+            conn.execute((RELEASES / release / f"{name}.sql").read_text())
+        conn.execute("CREATE TABLE public.pgembed_alembic_version (version_num varchar(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO public.pgembed_alembic_version VALUES ('0001')")
+    migrate.upgrade(empty_dsn)
+    migrate.upgrade(another_empty_dsn)
+    assert_same(empty_dsn, another_empty_dsn)
