@@ -11,7 +11,8 @@ import psycopg
 
 QUERIES = {
     "relations": """
-        SELECT c.relname, c.relkind, c.relpersistence, coalesce(c.reloptions, '{}'), coalesce(c.relacl, acldefault('r', c.relowner))::text
+        SELECT c.relname, c.relkind, c.relpersistence, coalesce(c.reloptions, '{}'),
+               coalesce(c.relacl, acldefault('r', c.relowner))::text
           FROM pg_class c WHERE c.relnamespace = 'pgembed'::regnamespace
          ORDER BY 1""",
     "columns": """
@@ -31,7 +32,8 @@ QUERIES = {
     "indexes": """
         SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgembed' ORDER BY 1""",
     "functions": """
-        SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid), coalesce(p.proacl, acldefault('f', p.proowner))::text,
+        SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid),
+               coalesce(p.proacl, acldefault('f', p.proowner))::text,
                coalesce(obj_description(p.oid, 'pg_proc'), '')
           FROM pg_proc p WHERE p.pronamespace = 'pgembed'::regnamespace
          ORDER BY 1""",

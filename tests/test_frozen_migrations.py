@@ -1,0 +1,41 @@
+"""A shipped revision's SQL never changes: a database migrated by it must stay the same
+database whatever build upgrades it later. Each file a revision runs is recorded here with
+its sha256; editing one fails this test. A new revision adds its files here when it ships
+(and from then on they are frozen too)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+VERSIONS = Path(__file__).resolve().parents[1] / "migrations" / "versions"
+
+SHIPPED = {
+    # 0001 as first shipped (2026-11-30), byte for byte
+    "0001_initial/schema.sql": "9b45d83aa9573a9b53a836e9aac795284da2e67c09a654fd8df3f42b4dc3da35",
+    "0001_initial/functions.sql": "37b41494432d5576c8b627ca81610a3156312324fed6254ada852e552d56a1e4",
+    "0001_initial/audit.sql": "7e11adb19b9446855a45183aeddcf24cb1fe020afdc53a968b266b8e2a2dc677",
+    "0001_initial/costs.sql": "26bafdc133b29aacd23de2b9114d72d7baaf18765b07da6b92fd2a547a24c953",
+    "0001_initial/service.sql": "7a9c7b9eda58d59764a1833ab7ba5e8f3655aadeab5205160156289cacf2265b",
+    "0001_initial/ratelimit.sql": "0ec0eb3942394264928e1317604dc9297b8c19a8767930a3cc288e7f8f36b827",
+    "0001_initial/privileges.sql": "7da9a5748c798cf464442f190541f2556be7be79528098b6c4f7b0dfb99eabf8",
+    # made from the files above for 0002's downgrade
+    "0001_initial/definitions.sql": "af48700700a1e95561d7e1bb4b2331a49c031f519dc862f06cea574aa991685c",
+    "0002_outbox_statements_and_one_enqueue_rule.sql": "518714ed6783aeb4ab98f9e7d4525cb8d219efc936ede1c5212f26bb726d0fd8",
+    "0002_outbox_statements_and_one_enqueue_rule.down.sql": "4ba793d115fbf63a0c52774425aab99781e39e6d5ec359a3df3a3f232b45d862",
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_no_shipped_revision_file_was_edited():
+    edited = [name for name, digest in SHIPPED.items() if sha256(VERSIONS / name) != digest]
+    assert not edited, (f"shipped migration SQL changed: {edited}. A schema change is a new revision; "
+                        "never edit one that has shipped")
+
+
+def test_every_revision_file_is_recorded():
+    found = {str(p.relative_to(VERSIONS)) for p in VERSIONS.rglob("*.sql")}
+    assert found == set(SHIPPED), f"unrecorded: {sorted(found - set(SHIPPED))}, missing: {sorted(set(SHIPPED) - found)}"

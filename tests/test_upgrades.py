@@ -1,0 +1,69 @@
+"""A database created by revision 0001 as it first shipped, with rows in every stage of the
+flow, upgrades to head with nothing lost, and a worker of this version then drains it."""
+
+from __future__ import annotations
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from pgembed import migrate
+from pgembed.cache import chunk_key, document_hash
+from pgembed.providers.hashing import hash_array
+from tests.conftest import drain
+from tests.reliability.convergence import Expect, converge
+
+BODIES = {i: f"note {i}: it's a $body$ with 'quotes'\nand a second line" for i in range(1, 9)}
+
+
+def _as_0001_worker_left_it(conn: psycopg.Connection) -> None:
+    """What a 0001 worker and application leave behind: notes 1-3 embedded (vectors and
+    cache), 4-5 leased by a worker that is still embedding them, 6 parked as a failure,
+    7-8 queued."""
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)")
+    conn.execute("INSERT INTO notes SELECT * FROM unnest(%s::int[], %s::text[])",
+                 (list(BODIES), list(BODIES.values())))
+    conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', name => 'notes')")
+    for i in (1, 2, 3):
+        text, vector = BODIES[i], hash_array(BODIES[i], 8)
+        conn.execute("INSERT INTO pgembed.notes (id, chunk_seq, chunk, content_hash, chunk_hash, embedding) "
+                     "VALUES (%s, 0, %s, %s, %s, %s)",
+                     (i, text, document_hash(text), chunk_key("hash:8", 8, text), vector))
+        conn.execute("INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens) "
+                     "VALUES (%s, 'hash:8', 8, %s, 5)", (chunk_key("hash:8", 8, text), vector))
+    conn.execute("DELETE FROM pgembed.outbox WHERE key IN ('[\"1\"]', '[\"2\"]', '[\"3\"]', '[\"6\"]')")
+    conn.execute("INSERT INTO pgembed.failures (pipeline, key, error, attempts, parked_at) "
+                 "VALUES ('notes', '[\"6\"]', 'the API said no', 5, now())")
+    conn.execute("UPDATE pgembed.outbox SET lease_id = gen_random_uuid(), leased_by = 'old-worker', "
+                 "available_at = now() + interval '1 hour' WHERE key IN ('[\"4\"]', '[\"5\"]')")
+
+
+def _state(conn: psycopg.Connection) -> dict[str, object]:
+    return {
+        "pipelines": conn.execute("SELECT name, content, model, destination FROM pgembed.pipelines").fetchall(),
+        "vectors": conn.execute("SELECT id, chunk, embedding::text FROM pgembed.notes ORDER BY id").fetchall(),
+        "cache": conn.execute("SELECT count(*) FROM pgembed.embedding_cache").fetchone(),
+        "outbox": conn.execute("SELECT key, version, purpose, lease_id, leased_by, available_at "
+                               "FROM pgembed.outbox ORDER BY key").fetchall(),
+        "failures": conn.execute("SELECT key, error, parked_at FROM pgembed.failures").fetchall(),
+    }
+
+
+def test_first_shipped_0001_with_data_upgrades_and_drains(empty_dsn):
+    migrate.upgrade(empty_dsn, "0001")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        _as_0001_worker_left_it(conn)
+        before = _state(conn)
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        assert _state(conn) == before, "the upgrade changed rows"
+        capture = conn.execute("SELECT pg_get_functiondef('pgembed.p1_capture'::regproc)").fetchone()[0]
+        assert "pgembed.enqueue" in capture, "pipeline code was not regenerated"
+        conn.execute("UPDATE notes SET body = body || ' (edited)' WHERE id = 8")  # the new trigger queues it
+        conn.execute("UPDATE pgembed.outbox SET available_at = now() WHERE leased_by = 'old-worker'")  # lease over
+        drain(empty_dsn)
+        conn.execute("SELECT pgembed.retry_failures()")
+        drain(empty_dsn)
+        converge(conn, [Expect("notes", "notes", ["id"], ["body"], lambda body: body)], timeout=5)
+        assert conn.execute("SELECT count(*) FROM pgembed.notes").fetchone() == (8,)
