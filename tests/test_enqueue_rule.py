@@ -30,7 +30,8 @@ ENTRY_POINTS = {
     "enqueue": ["SELECT pgembed.enqueue('t', ARRAY['[\"1\"]'::jsonb], 'repair')"],
 }
 
-ROW = "SELECT version, attempts, purpose, lease_id::text, leased_by, available_at, available_at <= now() FROM pgembed.outbox"
+ROW = ("SELECT version, attempts, purpose, lease_id::text, leased_by, available_at, available_at <= now() "
+       "FROM pgembed.outbox")
 
 
 @pytest.fixture

@@ -21,8 +21,10 @@ SHIPPED = {
     "0001_initial/privileges.sql": "7da9a5748c798cf464442f190541f2556be7be79528098b6c4f7b0dfb99eabf8",
     # made from the files above for 0002's downgrade
     "0001_initial/definitions.sql": "af48700700a1e95561d7e1bb4b2331a49c031f519dc862f06cea574aa991685c",
-    "0002_outbox_statements_and_one_enqueue_rule.sql": "518714ed6783aeb4ab98f9e7d4525cb8d219efc936ede1c5212f26bb726d0fd8",
-    "0002_outbox_statements_and_one_enqueue_rule.down.sql": "4ba793d115fbf63a0c52774425aab99781e39e6d5ec359a3df3a3f232b45d862",
+    "0002_outbox_statements_and_one_enqueue_rule.sql":
+        "518714ed6783aeb4ab98f9e7d4525cb8d219efc936ede1c5212f26bb726d0fd8",
+    "0002_outbox_statements_and_one_enqueue_rule.down.sql":
+        "4ba793d115fbf63a0c52774425aab99781e39e6d5ec359a3df3a3f232b45d862",
 }
 
 
