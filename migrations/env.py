@@ -16,10 +16,9 @@ from alembic import context
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 
+from pgembed.migrate import MIGRATION_LOCK, VERSION_TABLE
 from pgembed.schema import definitions_sql
 
-VERSION_TABLE = "pgembed_alembic_version"
-MIGRATION_LOCK = 7_418_532_001  # pg_advisory_xact_lock key: one init at a time
 
 
 def _dsn() -> str:

@@ -12,8 +12,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from pgembed.db import DatabaseError
+from pgembed.schema import definitions_sql, revision_sql
 
 VERSION_TABLE = "pgembed_alembic_version"
+MIGRATION_LOCK = 7_418_532_001  # pg_advisory_xact_lock key: one init at a time (migrations/env.py)
 
 
 def alembic_config(dsn: str) -> Config:
@@ -99,3 +101,29 @@ def check_revision(found: str | None) -> None:
     raise SchemaMismatch(f"the pgembed schema is at revision {found}, newer than this pgembed knows "
                          f"(it ends at {head}): upgrade pgembed on this host to the version that "
                          f"ran `pgembed init` before starting workers")
+
+
+def upgrade_sql(found: str | None) -> str:
+    """The script `pgembed init` would run on a database at revision `found` (None: no
+    pgembed schema), for DBAs who apply changes by hand through their own process: the
+    pending revisions' frozen SQL, the version row, then the definitions, in one transaction."""
+    script = ScriptDirectory.from_config(alembic_config(""))
+    pending = []
+    for rev in script.walk_revisions():  # head first
+        if rev.revision == found:
+            break
+        pending.append(rev)
+    head = head_revision()
+    parts = [f"-- pgembed: upgrade from revision {found or '(none)'} to {head}, as `pgembed init` runs it",
+             "BEGIN;", f"SELECT pg_catalog.pg_advisory_xact_lock({MIGRATION_LOCK});"]
+    for rev in reversed(pending):
+        parts.append(f"\n-- revision {rev.revision}: {rev.doc.splitlines()[0]}")
+        parts += [revision_sql(path) for path in rev.module.UPGRADE]
+    if found is None:
+        parts.append(f"CREATE TABLE public.{VERSION_TABLE} (version_num varchar(32) NOT NULL, "
+                     f"CONSTRAINT {VERSION_TABLE}_pkc PRIMARY KEY (version_num));")
+        parts.append(f"INSERT INTO public.{VERSION_TABLE} VALUES ('{head}');")
+    else:
+        parts.append(f"UPDATE public.{VERSION_TABLE} SET version_num = '{head}';")
+    parts += ["\n-- definitions: functions, views, comments, grants, every pipeline's code", definitions_sql(), "COMMIT;"]
+    return "\n".join(parts) + "\n"

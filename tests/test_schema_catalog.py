@@ -62,3 +62,15 @@ def test_a_database_of_the_previous_release_upgrades_to_head(release, empty_dsn,
     migrate.upgrade(empty_dsn)
     migrate.upgrade(another_empty_dsn)
     assert_same(empty_dsn, another_empty_dsn)
+
+
+@pytest.mark.parametrize("start", [None, "0001"])
+def test_the_printed_upgrade_script_gives_the_same_database(start, empty_dsn, another_empty_dsn):
+    """`pgembed init --sql` prints what a DBA applies by hand; applied, it is `pgembed init`."""
+    if start:
+        migrate.upgrade(empty_dsn, start)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute(migrate.upgrade_sql(migrate.current_revision(conn)))
+        assert migrate.current_revision(conn) == migrate.head_revision()
+    migrate.upgrade(another_empty_dsn)
+    assert_same(empty_dsn, another_empty_dsn)

@@ -16,12 +16,12 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-FILES = tuple(f"0001_initial/{name}.sql" for name in (
+UPGRADE = tuple(f"0001_initial/{name}.sql" for name in (
     "schema", "functions", "audit", "costs", "service", "ratelimit", "privileges"))
 
 
 def upgrade() -> None:
-    execute_revision_files(FILES)
+    execute_revision_files(UPGRADE)
 
 
 def downgrade() -> None:
