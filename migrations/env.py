@@ -20,7 +20,6 @@ from pgembed.migrate import MIGRATION_LOCK, VERSION_TABLE
 from pgembed.schema import definitions_sql
 
 
-
 def _dsn() -> str:
     dsn = context.config.attributes.get("dsn") or os.environ.get("PGEMBED_DSN")
     if not dsn:
