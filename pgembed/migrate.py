@@ -125,5 +125,6 @@ def upgrade_sql(found: str | None) -> str:
         parts.append(f"INSERT INTO public.{VERSION_TABLE} VALUES ('{head}');")
     else:
         parts.append(f"UPDATE public.{VERSION_TABLE} SET version_num = '{head}';")
-    parts += ["\n-- definitions: functions, views, comments, grants, every pipeline's code", definitions_sql(), "COMMIT;"]
+    parts += ["\n-- definitions: functions, views, comments, grants, every pipeline's code",
+              definitions_sql(), "COMMIT;"]
     return "\n".join(parts) + "\n"
