@@ -12,12 +12,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pgembed import db
+from pgembed import db, migrate
 from pgembed.metrics import MetricsUnavailable
 from pgembed.pipelines import PipelineError
 from pgembed.providers import ProviderError, UnknownModelError
 
+# Exit codes. A schema mismatch has its own: restarting cannot fix it (someone has to run
+# `pgembed init` or upgrade pgembed), so deploy/pgembed-worker.service stops on it.
 EXIT_ERROR = 1
+EXIT_SCHEMA_MISMATCH = 3
 
 # Errors a user can fix from what the sentence says; anything else is a bug and shows as one.
 USER_ERRORS = (db.DatabaseError, PipelineError, ProviderError, UnknownModelError, MetricsUnavailable,
@@ -46,6 +49,8 @@ def friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except migrate.SchemaMismatch as error:
+            fail(error, EXIT_SCHEMA_MISMATCH)
         except USER_ERRORS as error:
             fail(error)
         except psycopg.errors.UndefinedTable as error:
