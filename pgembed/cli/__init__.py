@@ -13,7 +13,7 @@ from pgembed.cli.common import out
 from pgembed.cli.pipeline import pipeline_app
 from pgembed.cli.ratelimit import ratelimit_app
 
-__all__ = ["app", "out"]
+__all__ = ["app", "out"]  # out: the console every command prints to (tests widen it)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Keep pgvector embeddings of PostgreSQL rows correct, cheap and fresh.")

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import psycopg
 import typer
+from rich.console import Group
 
 from pgembed import audit as audits
 from pgembed.cli import tables
@@ -25,7 +26,7 @@ def _print_warnings(conn: psycopg.Connection) -> None:
     conn.add_notice_handler(show)
 
 
-def pipeline_status_section(conn: psycopg.Connection) -> Any:
+def pipeline_status_section(conn: psycopg.Connection) -> Group | str:
     rows = audits.status(conn)
     if not rows:
         return "no pipelines yet: pgembed pipeline create TABLE CONTENT --model MODEL"
