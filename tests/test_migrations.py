@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from pgembed import migrate, pipelines
 from pgembed.cli import app
+from pgembed.cli.common import EXIT_SCHEMA_MISMATCH
 
 runner = CliRunner()
 
@@ -60,7 +61,7 @@ def test_roles_serve_every_database_and_outlive_a_downgrade(empty_dsn, dsn):
 def test_a_worker_starts_only_on_the_schema_revision_it_knows(empty_dsn, monkeypatch):
     def worker() -> str:
         result = runner.invoke(app, ["worker", "--until-empty", "--no-scheduler", "--dsn", empty_dsn])
-        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert result.exit_code == EXIT_SCHEMA_MISMATCH == 3 and "Traceback" not in result.output, result.output
         return " ".join(result.output.split())
 
     assert "this database has no pgembed schema: run `pgembed init` first" in worker()

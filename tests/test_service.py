@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from pgembed import pipelines
+from pgembed.cli.common import EXIT_SCHEMA_MISMATCH
 from pgembed.service import Notifier
 from pgembed.worker import Worker, WorkerConfig
 from tests.conftest import drain
@@ -187,6 +188,7 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path):
                     "EnvironmentFile=/etc/pgembed/pgembed.env", "KillSignal=SIGTERM", "NoNewPrivileges=yes",
                     "ProtectSystem=strict", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "MemoryMax="):
         assert setting in text
+    assert f"RestartPreventExitStatus={EXIT_SCHEMA_MISMATCH}" in text, "no restarts on a schema mismatch"
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", text, re.MULTILINE).group(1))
     assert stop > 30, "systemd waits longer than the worker's default shutdown bound"
 

@@ -1,0 +1,24 @@
+"""`pgembed …`: the command line. Every command takes --dsn (or PGEMBED_DSN); with neither
+it uses the embedded PostgreSQL and says so. Errors are one sentence, never a traceback.
+
+This module only assembles the app: each command lives in the module named after what it
+does, and every table they print is built in tables.py."""
+
+from __future__ import annotations
+
+import typer
+
+from pgembed.cli import costs, failures, health, quickstart, schema, search, worker
+from pgembed.cli.common import out
+from pgembed.cli.pipeline import pipeline_app
+from pgembed.cli.ratelimit import ratelimit_app
+
+__all__ = ["app", "out"]  # out: the console every command prints to (tests widen it)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Keep pgvector embeddings of PostgreSQL rows correct, cheap and fresh.")
+for command in (schema.init, worker.worker, search.search, quickstart.quickstart, costs.costs,
+                failures.failures, health.status, health.audit):
+    app.command()(command)
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(ratelimit_app, name="ratelimit")

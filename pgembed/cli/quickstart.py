@@ -1,0 +1,25 @@
+"""`pgembed quickstart`: the demo, ending on the status a user would look at next."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pgembed import quickstart as demo
+from pgembed.cli.common import DsnOption, friendly, out, target
+from pgembed.cli.health import status
+
+
+@friendly
+def quickstart(
+    model: Annotated[str | None, typer.Option(help="Model to use (default: the best available).")] = None,
+    dsn: DsnOption = None,
+) -> None:
+    """Semantic search in one command: sample data, a pipeline, a drain, two searches.
+
+    Example: pgembed quickstart
+    """
+    demo.run(target(dsn), out, model)
+    out.print()
+    status(dsn=dsn)
