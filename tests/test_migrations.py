@@ -71,3 +71,13 @@ def test_a_worker_starts_only_on_the_schema_revision_it_knows(empty_dsn, monkeyp
     monkeypatch.setattr(migrate, "head_revision", lambda: "0099")  # as a later pgembed would
     assert (f"the pgembed schema is at revision {found}, older than this pgembed (0099): "
             "run `pgembed init`") in worker()
+
+
+def test_init_sql_prints_the_upgrade_and_changes_nothing(empty_dsn):
+    migrate.upgrade(empty_dsn, "0001")
+    result = runner.invoke(app, ["init", "--sql", "--dsn", empty_dsn])
+    assert result.exit_code == 0, result.output
+    assert "upgrade from revision 0001 to" in result.output
+    assert "CREATE OR REPLACE FUNCTION pgembed.enqueue" in result.output
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert migrate.current_revision(conn) == "0001"
