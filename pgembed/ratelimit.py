@@ -267,13 +267,9 @@ class RateLimits:
             return None
         return self.limiter(openai_bucket())
 
-    async def take(self, bucket: str, requests: int, tokens: int) -> float:
-        """One `pgembed.take_budget`: 0 when granted, else seconds to wait."""
-        wait, _ = await self.ask(bucket, requests, tokens)
-        return wait
-
     async def ask(self, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
-        """`take`, and whether the bucket has a budget at all (False: it grants anything)."""
+        """One `pgembed.take_budget`: 0 when granted, else seconds to wait; and whether the
+        bucket has a budget at all (False: it grants anything)."""
         for attempt in (1, 2):
             try:
                 conn = await self._connection()
@@ -338,42 +334,27 @@ class RateLimits:
         await self.aclose()
 
 
-@dataclass
-class LimiterStats:
-    grants: int = 0
-    waits: int = 0
-    waited_seconds: float = 0.0
-    unasked: int = 0  # grants answered from memory: the bucket had no budget a moment ago
-
-
 class BucketLimiter:
     """One bucket's budget, as a provider's `RateLimiter`."""
 
     def __init__(self, limits: RateLimits, bucket: str) -> None:
         self.limits = limits
         self.bucket = bucket
-        self.stats = LimiterStats()
         self._unlimited_until = -math.inf
 
     async def acquire(self, requests: int, tokens: int) -> None:
         """Return once the budget grants `requests` requests of `tokens` tokens in all."""
-        started = time.monotonic()
-        if started < self._unlimited_until:
+        if time.monotonic() < self._unlimited_until:
             # No budget a moment ago: a round trip per request would buy nothing.
-            self.stats.grants += 1
-            self.stats.unasked += 1
             return
         while True:
             wait, limited = await self.limits.ask(self.bucket, requests, tokens)
             if wait <= 0:
                 if not limited:
                     self._unlimited_until = time.monotonic() + self.limits.unlimited_recheck
-                break
-            self.stats.waits += 1
+                return
             # A little jitter, so that waiters woken by the same slot do not all collide.
             await self.limits._sleep(min(wait, self.limits.max_sleep) + random.uniform(0, min(wait, 0.01)))
-        self.stats.grants += 1
-        self.stats.waited_seconds += time.monotonic() - started
 
     def __repr__(self) -> str:
         return f"BucketLimiter({self.bucket!r})"
