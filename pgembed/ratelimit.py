@@ -288,26 +288,6 @@ class RateLimits:
                 raise RateLimitUnavailable(f"rate limit budget unavailable: {_first_line(error)}") from None
         raise AssertionError("unreachable")
 
-    async def set_budget(
-        self,
-        bucket: str,
-        budget: Budget,
-        *,
-        base_url: str | None = None,
-        key_fingerprint: str | None = None,
-    ) -> None:
-        conn = await self._connection()
-        await conn.execute(_SET, _set_params(bucket, budget, base_url, key_fingerprint))
-
-    async def set_openai_budget(
-        self, budget: Budget, *, api_key: str | None = None, base_url: str | None = None
-    ) -> str:
-        """Set the budget of the key and API in use (arguments, else environment); its bucket."""
-        key, url = openai_endpoint(api_key, base_url)
-        bucket = bucket_name(url, key)
-        await self.set_budget(bucket, budget, base_url=url, key_fingerprint=key_fingerprint(key))
-        return bucket
-
     async def _connection(self) -> psycopg.AsyncConnection:
         async with self._opening:
             if self._conn is None or self._conn.closed:

@@ -355,21 +355,6 @@ def test_an_unreachable_database_is_a_provider_error(api: TimedAPI, tmp_path: Pa
     assert api.requests == 0
 
 
-def test_a_worker_can_set_the_budget_of_its_key(dsn: str, conn: psycopg.Connection) -> None:
-    async def go() -> str:
-        async with RateLimits(dsn) as limits:
-            return await limits.set_openai_budget(
-                Budget.per_minute(3000, 1_000_000), api_key=KEY, base_url="http://localhost:8000/v1/"
-            )
-
-    bucket = asyncio.run(go())
-    [row] = ratelimit.status(conn)
-    assert row["bucket"] == bucket == ratelimit.bucket_name("http://localhost:8000/v1", KEY)
-    assert (row["max_requests"], row["max_tokens"], row["per_seconds"]) == (3000, 1_000_000, 60)
-    assert row["key_fingerprint"] == ratelimit.key_fingerprint(KEY)
-    assert row["base_url"] == "http://localhost:8000/v1"
-
-
 def test_the_limiter_reconnects_after_losing_its_connection(dsn: str, conn: psycopg.Connection) -> None:
     ratelimit.set_budget(conn, "r", Budget(max_requests=1000, per_seconds=1))
 
