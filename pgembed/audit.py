@@ -60,8 +60,3 @@ def gaps(conn: psycopg.Connection, pipeline: str | None = None,
         raise refused(error) from error
     return _dicts(cur)
 
-
-def recent_runs(conn: psycopg.Connection, limit: int = 10) -> list[dict[str, Any]]:
-    """The last audit runs, newest first: the trend a DBA watches."""
-    cur = conn.execute("SELECT * FROM pgembed.audit_runs ORDER BY id DESC LIMIT %s", (limit,))
-    return _dicts(cur)

@@ -267,13 +267,9 @@ class RateLimits:
             return None
         return self.limiter(openai_bucket())
 
-    async def take(self, bucket: str, requests: int, tokens: int) -> float:
-        """One `pgembed.take_budget`: 0 when granted, else seconds to wait."""
-        wait, _ = await self.ask(bucket, requests, tokens)
-        return wait
-
     async def ask(self, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
-        """`take`, and whether the bucket has a budget at all (False: it grants anything)."""
+        """One `pgembed.take_budget`: 0 when granted, else seconds to wait; and whether the
+        bucket has a budget at all (False: it grants anything)."""
         for attempt in (1, 2):
             try:
                 conn = await self._connection()
@@ -291,26 +287,6 @@ class RateLimits:
             except psycopg.Error as error:
                 raise RateLimitUnavailable(f"rate limit budget unavailable: {_first_line(error)}") from None
         raise AssertionError("unreachable")
-
-    async def set_budget(
-        self,
-        bucket: str,
-        budget: Budget,
-        *,
-        base_url: str | None = None,
-        key_fingerprint: str | None = None,
-    ) -> None:
-        conn = await self._connection()
-        await conn.execute(_SET, _set_params(bucket, budget, base_url, key_fingerprint))
-
-    async def set_openai_budget(
-        self, budget: Budget, *, api_key: str | None = None, base_url: str | None = None
-    ) -> str:
-        """Set the budget of the key and API in use (arguments, else environment); its bucket."""
-        key, url = openai_endpoint(api_key, base_url)
-        bucket = bucket_name(url, key)
-        await self.set_budget(bucket, budget, base_url=url, key_fingerprint=key_fingerprint(key))
-        return bucket
 
     async def _connection(self) -> psycopg.AsyncConnection:
         async with self._opening:
@@ -338,42 +314,27 @@ class RateLimits:
         await self.aclose()
 
 
-@dataclass
-class LimiterStats:
-    grants: int = 0
-    waits: int = 0
-    waited_seconds: float = 0.0
-    unasked: int = 0  # grants answered from memory: the bucket had no budget a moment ago
-
-
 class BucketLimiter:
     """One bucket's budget, as a provider's `RateLimiter`."""
 
     def __init__(self, limits: RateLimits, bucket: str) -> None:
         self.limits = limits
         self.bucket = bucket
-        self.stats = LimiterStats()
         self._unlimited_until = -math.inf
 
     async def acquire(self, requests: int, tokens: int) -> None:
         """Return once the budget grants `requests` requests of `tokens` tokens in all."""
-        started = time.monotonic()
-        if started < self._unlimited_until:
+        if time.monotonic() < self._unlimited_until:
             # No budget a moment ago: a round trip per request would buy nothing.
-            self.stats.grants += 1
-            self.stats.unasked += 1
             return
         while True:
             wait, limited = await self.limits.ask(self.bucket, requests, tokens)
             if wait <= 0:
                 if not limited:
                     self._unlimited_until = time.monotonic() + self.limits.unlimited_recheck
-                break
-            self.stats.waits += 1
+                return
             # A little jitter, so that waiters woken by the same slot do not all collide.
             await self.limits._sleep(min(wait, self.limits.max_sleep) + random.uniform(0, min(wait, 0.01)))
-        self.stats.grants += 1
-        self.stats.waited_seconds += time.monotonic() - started
 
     def __repr__(self) -> str:
         return f"BucketLimiter({self.bucket!r})"

@@ -1,6 +1,6 @@
 """Periodic jobs inside every worker (APScheduler), each run once per period fleet-wide.
 
-Jobs: `audit` (pgembed.audit(), when installed), `cleanup` (cache entries unused for a
+Jobs: `audit` (pgembed.audit()), `cleanup` (cache entries unused for a
 while, old job runs, dead workers' rows), `retry` (parked failures, on a slow doubling
 backoff), `index` (IVFFlat upkeep: train the index once a pipeline has enough rows; say
 when it needs a rebuild).
@@ -9,7 +9,8 @@ Every worker schedules every job on the same epoch-aligned grid. When a job fire
 worker opens a connection of its own and takes the job's advisory lock (so two runs never
 overlap, even one that outlasts its period), then claims the period in `pgembed.job_runs`
 (unique per job and period, so a period never runs twice). Whoever loses either race
-does nothing. Runs and next run times are rows a DBA and `pgembed status` can read.
+does nothing. Runs and next run times are rows a DBA can read (pgembed.job_runs,
+pgembed.schedules).
 """
 
 from __future__ import annotations
@@ -269,9 +270,6 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    def next_run_times(self) -> dict[str, dt.datetime]:
-        return {name: job.next_run() for name, job in self.jobs.items()}
-
     async def _fire(self, name: str) -> None:
         """APScheduler's callback: starts the run as a task of ours and returns, so that
         stop() can give runs under way a bounded time to finish."""
@@ -336,30 +334,3 @@ class Scheduler:
         await conn.execute("SELECT pgembed.upsert_schedule(%s, %s, %s, %s, %s)",
                            (job.name, job.every, job.next_run(), Jsonb(job.settings), self.worker))
 
-
-# ------------------------------------------------------------------ for `pgembed status`
-
-@dataclass(frozen=True)
-class ScheduledRun:
-    job: str
-    every: dt.timedelta
-    next_run_at: dt.datetime | None
-    settings: dict[str, Any]
-    last_started_at: dt.datetime | None
-    last_finished_at: dt.datetime | None
-    last_ok: bool | None
-    last_detail: str | None
-    last_worker: str | None
-
-
-def next_runs(conn: psycopg.Connection) -> list[ScheduledRun]:
-    """The fleet's schedule as the workers published it, soonest first, with each job's
-    latest run. A next_run_at in the past means no worker with that job is running."""
-    rows = conn.execute("""
-        SELECT s.job, s.every, s.next_run_at, s.settings,
-               r.started_at, r.finished_at, r.ok, r.detail, r.worker
-          FROM pgembed.schedules s
-          LEFT JOIN LATERAL (SELECT * FROM pgembed.job_runs j WHERE j.job = s.job
-                              ORDER BY j.started_at DESC LIMIT 1) r ON true
-         ORDER BY s.next_run_at NULLS LAST, s.job""").fetchall()
-    return [ScheduledRun(*row) for row in rows]

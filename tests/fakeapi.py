@@ -17,8 +17,8 @@ As a process (benchmarks, reliability tests)::
 
 then `POST /_control` with JSON such as `{"fail_next": {"n": 3, "status": 429,
 "retry_after": 1}}`, `{"always_reject": "POISON"}`, `{"latency": 0.1}`,
-`{"hang": {"n": 1, "seconds": 5}}`, `{"garbage": {"kind": "nan", "n": 1}}`,
-`{"reverse_data": true}` or `{"reset": true}`; `GET /_stats` returns the counters.
+`{"hang": {"n": 1, "seconds": 5}}`, `{"release": true}`, `{"garbage": {"kind": "nan",
+"n": 1}}`, `{"reverse_data": true}` or `{"reset": true}`; `GET /_stats` returns the counters.
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ class FakeAPI:
     Counters: `requests`, `inputs` (texts received), `tokens` (billed in 200 answers),
     `received` (every text, in arrival order), `statuses` (status -> count), `log` (per
     request: model, dimensions, encoding_format, input), `in_flight`, `max_in_flight`.
-    Controls: `fail_next`, `always_reject`, `latency`, `hang`, `garbage`, `reverse_data`
-    (answer `data` in reverse order, with correct `index` values), `reset`.
+    Controls: `fail_next`, `always_reject`, `latency`, `hang`, `release` (answer the hanging
+    requests now), `garbage`, `reverse_data` (answer `data` in reverse order, with correct
+    `index` values), `reset`.
     With `api_key` set, a request with another bearer token gets 401.
     """
 
@@ -102,6 +103,8 @@ class FakeAPI:
         self.native_dimensions = {**NATIVE_DIMENSIONS, **(dimensions or {})}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._woken = threading.Condition(self._lock)  # hanging requests wait on it
+        self._releases = 0  # release() calls so far: a hang ends when this changes
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -133,6 +136,8 @@ class FakeAPI:
         if self._server is None:
             return
         self._stopping.set()
+        with self._lock:
+            self._woken.notify_all()
         self._server.shutdown()
         with self._lock:
             connections = list(self._connections)
@@ -219,10 +224,17 @@ class FakeAPI:
     def hang(self, n: int, seconds: float = 10.0) -> None:
         """The next n requests sleep `seconds` (past the client's timeout) before answering.
 
-        Stopping the server wakes them, so a hang never delays the end of a test.
+        release() or stopping the server wakes them, so a hang never delays the end of a test.
         """
         with self._lock:
             self._hang.arm(n, seconds=seconds)
+
+    def release(self) -> None:
+        """Answer the requests hanging now, and hang no more."""
+        with self._lock:
+            self._hang = _Fault()
+            self._releases += 1
+            self._woken.notify_all()
 
     def garbage(self, kind: str, n: int = 1) -> None:
         """The next n successful answers are malformed in the way `kind` says."""
@@ -263,6 +275,9 @@ class FakeAPI:
                     self.hang(**arg)
                 else:
                     self.hang(int(arg))
+            elif name == "release":
+                if arg:
+                    self.release()
             elif name == "garbage":
                 self.garbage(**arg)
             elif name == "reverse_data":
@@ -284,6 +299,10 @@ class FakeAPI:
         if seconds > 0:
             self._stopping.wait(seconds)
 
+    def _hang_for(self, seconds: float, releases: int) -> None:
+        with self._lock:
+            self._woken.wait_for(lambda: self._releases != releases or self._stopping.is_set(), seconds)
+
     def handle_embeddings(self, body: Any, auth: str | None) -> tuple[int, dict[str, str], bytes]:
         """Answer one embeddings request: (status, headers, body)."""
         texts, model, dims, fmt = _parse_request(body)
@@ -296,10 +315,11 @@ class FakeAPI:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             latency = self.latency_seconds
             hang = self._hang.take()
+            releases = self._releases
         try:
             self._sleep(latency)
             if hang is not None:
-                self._sleep(hang["seconds"])
+                self._hang_for(hang["seconds"], releases)
             status, headers, payload = self._answer(texts, model, dims, fmt, auth)
         finally:
             with self._lock:

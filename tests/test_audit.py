@@ -125,7 +125,6 @@ def test_each_gap_kind_is_reported_then_repaired(conn, dsn):
     runs = conn.execute("SELECT repaired, missing + orphaned + stale + failed, finished_at IS NOT NULL "
                         "FROM pgembed.audit_runs ORDER BY id").fetchall()
     assert runs == [(False, 4, True), (True, 4, True), (False, 0, True)]
-    assert [r["id"] for r in audit.recent_runs(conn, 2)] == [3, 2]
 
 
 @pytest.fixture

@@ -355,21 +355,6 @@ def test_an_unreachable_database_is_a_provider_error(api: TimedAPI, tmp_path: Pa
     assert api.requests == 0
 
 
-def test_a_worker_can_set_the_budget_of_its_key(dsn: str, conn: psycopg.Connection) -> None:
-    async def go() -> str:
-        async with RateLimits(dsn) as limits:
-            return await limits.set_openai_budget(
-                Budget.per_minute(3000, 1_000_000), api_key=KEY, base_url="http://localhost:8000/v1/"
-            )
-
-    bucket = asyncio.run(go())
-    [row] = ratelimit.status(conn)
-    assert row["bucket"] == bucket == ratelimit.bucket_name("http://localhost:8000/v1", KEY)
-    assert (row["max_requests"], row["max_tokens"], row["per_seconds"]) == (3000, 1_000_000, 60)
-    assert row["key_fingerprint"] == ratelimit.key_fingerprint(KEY)
-    assert row["base_url"] == "http://localhost:8000/v1"
-
-
 def test_the_limiter_reconnects_after_losing_its_connection(dsn: str, conn: psycopg.Connection) -> None:
     ratelimit.set_budget(conn, "r", Budget(max_requests=1000, per_seconds=1))
 
@@ -382,7 +367,6 @@ def test_the_limiter_reconnects_after_losing_its_connection(dsn: str, conn: psyc
                 "WHERE application_name = 'pgembed-ratelimit' AND datname = current_database()"
             )
             await limiter.acquire(1, 0)
-            assert limiter.stats.grants == 2
 
     asyncio.run(go())
     assert conn.execute("SELECT granted_requests FROM pgembed.rate_limit_state").fetchone() == (2,)
@@ -464,7 +448,7 @@ async def _client(dsn: str, base_url: str, deadline: float, seed: str) -> dict[s
         )
         async with p:
             texts = await _drive(p, deadline, seed)
-    return {"texts": texts, "grants": limiter.stats.grants, "waits": limiter.stats.waits}
+    return {"texts": texts}
 
 
 def client_process_main() -> None:
@@ -545,7 +529,6 @@ def test_many_clients_in_many_processes_share_one_budget(api: TimedAPI, dsn: str
     [state] = ratelimit.status(conn)
     assert api.statuses[429] == 5
     assert len(grants) == state["granted_requests"] == api.requests == len(api.arrivals)
-    assert sum(r["grants"] for r in reports) == len(grants)
     assert sum(n for _, n in grants) == sum(n for _, n in api.arrivals)
     assert all(r["texts"] > 0 for r in reports), reports  # every client got a share
 
@@ -643,7 +626,7 @@ def test_a_bucket_without_a_budget_is_not_asked_per_request(dsn: str, conn: psyc
             limiter = limits.limiter("free")
             for _ in range(50):
                 await limiter.acquire(1, 100)
-            assert (limits.asked, limiter.stats.grants, limiter.stats.unasked) == (1, 50, 49)
+            assert limits.asked == 1, "50 grants, 1 round trip"
             ratelimit.set_budget(conn, "free", Budget(max_requests=1, per_seconds=60))
             await limiter.acquire(1, 0)  # the new budget is not known yet...
             assert limits.asked == 1

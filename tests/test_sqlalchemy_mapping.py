@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import psycopg
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import BigInteger, Integer, Text, create_engine, select
@@ -9,6 +10,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pgembed import pipelines
 from pgembed.providers.hashing import hash_vector
+from pgembed.search import model_spec, query_vector
 from tests.conftest import drain
 
 
@@ -30,8 +32,10 @@ def test_orm_nearest_neighbours(conn, dsn):
     pipelines.create(conn, "articles", "body", "hash:64")
     drain(dsn)
     engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn))
-    query_vector = hash_vector("planets", 64)
-    nearest = select(ArticleVector.id, ArticleVector.embedding.cosine_distance(query_vector)
+    spec = model_spec(conn, "hash:64", 64)  # the README's way to the question's vector
+    question = query_vector(conn, spec, "planets", "articles_h64")
+    assert np.allclose(question, hash_vector("planets", 64), atol=1e-6)
+    nearest = select(ArticleVector.id, ArticleVector.embedding.cosine_distance(question)
                      .label("distance")).order_by("distance").limit(5)
     with Session(engine) as session:
         rows = session.execute(nearest).all()

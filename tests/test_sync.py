@@ -7,7 +7,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from pgembed import pipelines
+from pgembed import pipelines, search
 from pgembed.cache import document_hash
 from pgembed.chunking import chunk_text
 from pgembed.providers.hashing import hash_vector
@@ -164,3 +164,22 @@ def test_bulk_backlogs_are_claimed_in_bigger_batches(conn, dsn):
     conn.execute("UPDATE docs SET body = body || '!' WHERE id <= 300")  # the application's changes
     stats = drain(dsn, concurrency=1, prefetch=0, batch_size=100, bulk_batch_size=500)
     assert (stats.written, stats.batches) == (300, 3)
+
+
+def test_a_hash_model_with_fewer_dimensions_hashes_into_that_many(conn, dsn):
+    """`hash:384` with dimensions 128 stores (and searches with) the vectors of hash:128: the
+    words are hashed into 128 buckets, not hash:384's vector truncated and renormalised."""
+    make_docs(conn, 5)
+    name = pipelines.create(conn, "docs", "title || ' ' || body", "hash:384",
+                            pipelines.PipelineOptions(dimensions=128))
+    drain(dsn)
+    rows = conn.execute(sql.SQL("SELECT id, chunk, embedding FROM pgembed.{}").format(
+        sql.Identifier(name))).fetchall()
+    assert len(rows) == 5
+    for _, chunk, vector in rows:
+        assert np.allclose(vector.to_numpy(), hash_vector(chunk, 128), atol=1e-6)
+        head = np.array(hash_vector(chunk, 384))[:128]
+        assert not np.allclose(vector.to_numpy(), head / np.linalg.norm(head), atol=1e-3)
+    key, chunk, _ = rows[2]
+    hit = search.search(conn, name, chunk, k=1)[0]
+    assert hit.key == {"id": key} and hit.distance < 1e-6

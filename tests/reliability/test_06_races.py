@@ -73,14 +73,20 @@ def test_pipeline_dropped_while_a_worker_holds_and_writes_its_rows(dsn, db, api,
     make_docs(db, "other", 50)
     name = api_pipeline(db, "docs")
     keep = api_pipeline(db, "other")
-    # (1) dropped while a real worker embeds a batch of it
-    api.latency(1.0)
-    worker = fleet.start(batch_size=64, concurrency=2, lease=60, poll=0.1)
+    # (1) dropped while a real worker embeds a batch of it: the API holds every request
+    # unanswered until released (30 s at most, so a drop that waits fails instead of hanging)
+    # and the worker's client waits for its answer that long
+    api.hang(10_000, seconds=30)
+    worker = fleet.start(batch_size=64, concurrency=2, lease=60, poll=0.1,
+                         env={"PGEMBED_OPENAI_TIMEOUT": "120"})
     wait_for(lambda: api.in_flight > 0, 30, "a batch in flight")
-    started = time.monotonic()
     pipelines.drop(db, name)
-    assert time.monotonic() - started < 5, "drop_pipeline waited on the worker's embedding"
-    api.latency(0.0)
+    # the drop returned while the worker's request was still held: it did not wait for it
+    answered = sum(api.stats()["statuses"].values())
+    assert api.in_flight > 0 and answered == 0, (
+        f"drop_pipeline returned only after {answered} embedding requests were answered")
+    assert scalar(db, "SELECT to_regclass(%s)", (f"pgembed.{name}",)) is None
+    api.release()
     converge(db, [body_expect(keep, "other")])
     assert worker.alive(), worker.text()[-2000:]
     assert "Traceback" not in worker.text(), worker.text()[-3000:]
