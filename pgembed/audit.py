@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 
 from pgembed.pipelines import PipelineError, refused
+from pgembed.sqlfiles import query
 
 GAP_KINDS = ("missing", "orphaned", "stale", "failed")
 
@@ -31,8 +32,7 @@ def run_audit(conn: psycopg.Connection, repair: bool = False,
     """
     try:
         with conn.transaction():
-            cur = conn.execute("SELECT * FROM pgembed.audit(p_repair => %s, p_pipeline => %s)",
-                               (repair, pipeline))
+            cur = conn.execute(query("audit_run"), {"repair": repair, "pipeline": pipeline})
             rows = _dicts(cur)
     except psycopg.Error as error:
         raise refused(error) from error
@@ -43,9 +43,7 @@ def run_audit(conn: psycopg.Connection, repair: bool = False,
 
 def status(conn: psycopg.Connection, pipeline: str | None = None) -> list[dict[str, Any]]:
     """Rows of pgembed.pipeline_status, one per pipeline, in name order."""
-    cur = conn.execute(
-        "SELECT * FROM pgembed.pipeline_status WHERE %(p)s::text IS NULL OR pipeline = %(p)s "
-        "ORDER BY pipeline", {"p": pipeline})
+    cur = conn.execute(query("pipeline_status"), {"pipeline": pipeline})
     return _dicts(cur)
 
 
@@ -53,9 +51,7 @@ def gaps(conn: psycopg.Connection, pipeline: str | None = None,
          limit: int | None = None) -> list[dict[str, Any]]:
     """The gaps themselves (pipeline, key, kind, since), oldest first."""
     try:
-        cur = conn.execute(
-            "SELECT pipeline, key, kind, since FROM pgembed.gaps(%s) "
-            "ORDER BY since, pipeline, kind, key LIMIT %s", (pipeline, limit))
+        cur = conn.execute(query("gaps"), {"pipeline": pipeline, "limit": limit})
     except psycopg.Error as error:
         raise refused(error) from error
     return _dicts(cur)

@@ -15,6 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgembed import pipelines
+from pgembed.sqlfiles import query
 
 
 class Grouping(StrEnum):
@@ -24,20 +25,17 @@ class Grouping(StrEnum):
     cost_center = "cost-center"
 
 
-_TOTALS = ("sum(requests)::bigint AS requests, sum(inputs)::bigint AS inputs, "
-           "sum(tokens)::bigint AS tokens, sum(cache_hits)::bigint AS cache_hits, "
-           "sum(cache_misses)::bigint AS cache_misses, sum(usd) AS usd")
-
-# Fixed texts, chosen by an Enum member: nothing the user typed reaches the SQL.
-_GROUPS: dict[Grouping, tuple[str, str]] = {
-    Grouping.purpose: ("pgembed.cost_daily", "pipeline, model, purpose"),
-    Grouping.cost_center: ("pgembed.cost_by_cost_center", "cost_center, pipeline, purpose"),
+# Named queries (sql/queries.sql), chosen by an Enum member: nothing the user typed
+# reaches the SQL.
+_GROUPS: dict[Grouping, str] = {
+    Grouping.purpose: "cost_spend_by_purpose",
+    Grouping.cost_center: "cost_spend_by_cost_center",
 }
 
 
-def _rows(conn: psycopg.Connection, query: str, params: Any = None) -> list[dict[str, Any]]:
+def _rows(conn: psycopg.Connection, name: str, params: Any = None) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query, params)
+        cur.execute(query(name), params)
         return cur.fetchall()
 
 
@@ -47,20 +45,17 @@ def spend(conn: psycopg.Connection, days: int = 7,
     first; `by` picks the view: per pipeline × model × purpose, or per cost center."""
     if days < 1:
         raise ValueError("days must be at least 1")
-    view, keys = _GROUPS[Grouping(by)]
-    return _rows(conn, f"SELECT {keys}, {_TOTALS} FROM {view} "
-                       f"WHERE day > current_date - %s GROUP BY {keys} "
-                       f"ORDER BY usd DESC, tokens DESC, {keys}", (days,))
+    return _rows(conn, _GROUPS[Grouping(by)], {"days": days})
 
 
 def anomalies(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Today's runaway spenders, with the view's default thresholds."""
-    return _rows(conn, "SELECT * FROM pgembed.cost_anomalies")
+    return _rows(conn, "cost_anomalies")
 
 
 def cache(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Per model: cache size, hit rate and what the cache saved."""
-    return _rows(conn, "SELECT * FROM pgembed.cache_stats ORDER BY usd_saved DESC, model")
+    return _rows(conn, "cache_stats")
 
 
 def failures(conn: psycopg.Connection, pipeline: str | None = None) -> list[dict[str, Any]]:
@@ -68,16 +63,12 @@ def failures(conn: psycopg.Connection, pipeline: str | None = None) -> list[dict
     Naming an unknown pipeline is an error, not an empty list that looks like good news."""
     if pipeline is not None:
         pipelines.get(conn, pipeline)
-    return _rows(conn, "SELECT pipeline, key, error, attempts, first_failed_at, last_failed_at, "
-                       "parked_at FROM pgembed.failures "
-                       "WHERE %(p)s::text IS NULL OR pipeline = %(p)s "
-                       "ORDER BY parked_at IS NULL, last_failed_at DESC, pipeline, key",
-                 {"p": pipeline})
+    return _rows(conn, "failures_list", {"pipeline": pipeline})
 
 
 def retry_failures(conn: psycopg.Connection, pipeline: str | None = None) -> int:
     """Re-queues parked failures (all pipelines, or one) and returns how many went back."""
     if pipeline is not None:
         pipelines.get(conn, pipeline)
-    row = conn.execute("SELECT pgembed.retry_failures(%s)", (pipeline,)).fetchone()
+    row = conn.execute(query("failures_retry"), {"pipeline": pipeline}).fetchone()
     return int(row[0]) if row else 0

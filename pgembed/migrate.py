@@ -13,8 +13,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from pgembed.db import DatabaseError
 from pgembed.schema import definitions_sql, revision_sql
+from pgembed.sqlfiles import query
 
-VERSION_TABLE = "pgembed_alembic_version"
+VERSION_TABLE = "pgembed_alembic_version"  # also named in queries has_versions and revision
 MIGRATION_LOCK = 7_418_532_001  # pg_advisory_xact_lock key: one init at a time (migrations/env.py)
 
 
@@ -55,28 +56,24 @@ def downgrade(dsn: str, revision: str = "base") -> None:
         raise _explained(error) from error
 
 
-_HAS_VERSIONS = f"SELECT to_regclass('public.{VERSION_TABLE}') IS NOT NULL"
-_REVISION = f"SELECT version_num FROM public.{VERSION_TABLE}"
-
-
 class SchemaMismatch(DatabaseError):
     """The database's pgembed schema is not the one this package was made for."""
 
 
 def current_revision(conn: psycopg.Connection) -> str | None:
-    exists = conn.execute(_HAS_VERSIONS).fetchone()
+    exists = conn.execute(query("has_versions")).fetchone()
     if not exists or not exists[0]:
         return None
-    row = conn.execute(_REVISION).fetchone()
+    row = conn.execute(query("revision")).fetchone()
     return row[0] if row else None
 
 
 async def current_revision_async(conn: psycopg.AsyncConnection[Any]) -> str | None:
     """current_revision on an async connection: what a worker checks before it starts."""
-    exists = await (await conn.execute(_HAS_VERSIONS)).fetchone()
+    exists = await (await conn.execute(query("has_versions"))).fetchone()
     if not exists or not exists[0]:
         return None
-    row = await (await conn.execute(_REVISION)).fetchone()
+    row = await (await conn.execute(query("revision"))).fetchone()
     return row[0] if row else None
 
 

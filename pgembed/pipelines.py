@@ -12,6 +12,8 @@ from typing import Any
 
 import psycopg
 
+from pgembed.sqlfiles import query
+
 
 class PipelineError(Exception):
     """PostgreSQL refused a pipeline operation; the message says why."""
@@ -50,13 +52,7 @@ def create(conn: psycopg.Connection, source: str, content: str, model: str,
     }
     try:
         with conn.transaction():
-            row = conn.execute(
-                "SELECT pgembed.create_pipeline(source => %(source)s::regclass, "
-                "content => %(content)s, model => %(model)s, dimensions => %(dimensions)s, "
-                "index => %(index)s, index_options => %(index_options)s::jsonb, "
-                "distance => %(distance)s, chunk_tokens => %(chunk_tokens)s, "
-                "chunk_overlap => %(chunk_overlap)s, backfill => %(backfill)s, "
-                "cost_center => %(cost_center)s, name => %(name)s)", params).fetchone()
+            row = conn.execute(query("pipeline_create"), params).fetchone()
     except psycopg.Error as error:
         raise refused(error) from error
     assert row is not None
@@ -66,25 +62,19 @@ def create(conn: psycopg.Connection, source: str, content: str, model: str,
 def drop(conn: psycopg.Connection, name: str) -> None:
     try:
         with conn.transaction():
-            conn.execute("SELECT pgembed.drop_pipeline(%s)", (name,))
+            conn.execute(query("pipeline_drop"), {"name": name})
     except psycopg.Error as error:
         raise refused(error) from error
 
 
 def list_all(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    cur = conn.execute(
-        "SELECT name, source::text AS source, content, model, dimensions, index_type, distance, "
-        "chunk_tokens, (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p.name) "
-        "+ pgembed.statement_keys(p.name) AS queued "
-        "FROM pgembed.pipelines p ORDER BY name")
+    cur = conn.execute(query("pipeline_list"))
     names = [c.name for c in cur.description or []]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def get(conn: psycopg.Connection, name: str) -> dict[str, Any]:
-    cur = conn.execute(
-        "SELECT name, destination, distance, key_columns, model, dimensions, index_type "
-        "FROM pgembed.pipelines WHERE name = %s", (name,))
+    cur = conn.execute(query("pipeline_get"), {"name": name})
     row = cur.fetchone()
     if row is None:
         raise PipelineError(f'no pipeline named "{name}" (pgembed pipeline list shows them)')

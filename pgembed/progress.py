@@ -11,12 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pgembed import db
 from pgembed.queue import AckResult
+from pgembed.sqlfiles import query
 from pgembed.worker import Worker, WorkerConfig, WorkerStats
 
 
 def backlog(dsn: str) -> int:
     with db.connect(dsn) as conn:
-        row = conn.execute("SELECT (SELECT count(*) FROM pgembed.outbox) + pgembed.statement_keys()").fetchone()
+        row = conn.execute(query("backlog")).fetchone()
     return int(row[0]) if row else 0
 
 

@@ -206,8 +206,8 @@ class Queue:
         async def call(timeout: float) -> list[tuple]:
             async with self.pool.connection(timeout) as conn:
                 cur = await conn.execute(
-                    sql.SQL("SELECT key, found, content, cost_center FROM {}(%s)").format(
-                        info.read_function), (Jsonb([list(k) for k in keys]),))
+                    sql.SQL(query("read_rows")).format(function=info.read_function),
+                    {"keys": Jsonb([list(k) for k in keys])})
                 return await cur.fetchall()
 
         try:
@@ -231,8 +231,7 @@ class Queue:
     async def _exists(self, info: PipelineInfo) -> bool:
         async def call(timeout: float) -> bool:
             async with self.pool.connection(timeout) as conn:
-                cur = await conn.execute("SELECT 1 FROM pgembed.pipelines WHERE name = %s AND id = %s",
-                                         (info.name, info.id))
+                cur = await conn.execute(query("pipeline_exists"), {"name": info.name, "id": info.id})
                 return await cur.fetchone() is not None
 
         return await self._retrying("pipeline check", call)
@@ -366,10 +365,9 @@ class Queue:
                 hashes.append(c.hash if c else None)
                 vectors.append(c.vector if c else None)
         await conn.execute(
-            # binary parameters: text-formatting thousands of floats costs more than the write
-            sql.SQL("SELECT {}(%b::jsonb[], %b::int[], %b::text[], %b::bytea[], %b::bytea[], "
-                    "%b::vector[])").format(info.store_function),
-            (keys, seqs, texts, doc_hashes, hashes, vectors))
+            sql.SQL(query("store_rows")).format(function=info.store_function),
+            {"keys": keys, "seqs": seqs, "texts": texts, "doc_hashes": doc_hashes,
+             "hashes": hashes, "vectors": vectors})
 
     async def _finish(self, conn: psycopg.AsyncConnection, pipeline: str, keys: list[Key]) -> None:
         if keys:

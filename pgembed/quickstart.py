@@ -18,9 +18,10 @@ from rich.console import Console
 from pgembed import audit, db, migrate, pipelines
 from pgembed.progress import drain
 from pgembed.search import Hit, search
+from pgembed.sqlfiles import query
 from pgembed.worker import WorkerConfig
 
-TABLE = "pgembed_sample_articles"
+TABLE = "pgembed_sample_articles"  # the table named in queries sample_table and sample_insert
 CONTENT = "title || E'\\n\\n' || body"
 QUESTIONS = ("how do I bake bread at home", "stars and galaxies in the night sky")
 
@@ -38,11 +39,9 @@ def choose_model() -> tuple[str, str | None]:
 
 def load_sample(conn: psycopg.Connection) -> int:
     articles = json.loads(resources.files("pgembed").joinpath("data/sample_articles.json").read_text())
-    conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id int PRIMARY KEY, title text NOT NULL, "
-                 "body text NOT NULL)")
+    conn.execute(query("sample_table"))
     with conn.cursor() as cur:
-        cur.executemany(f"INSERT INTO {TABLE} (id, title, body) VALUES (%(id)s, %(title)s, %(body)s) "
-                        "ON CONFLICT (id) DO NOTHING", articles)
+        cur.executemany(query("sample_insert"), articles)
     return len(articles)
 
 

@@ -21,6 +21,7 @@ from psycopg import sql
 from pgembed import pipelines, ratelimit
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, ProviderError, make_provider
+from pgembed.sqlfiles import query
 
 OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}
 
@@ -33,9 +34,7 @@ class Hit:
 
 
 def model_spec(conn: psycopg.Connection, model: str, dimensions: int) -> ModelSpec:
-    row = conn.execute(
-        "SELECT dimensions, max_input_tokens, max_batch_inputs, max_batch_tokens "
-        "FROM pgembed.model_info(%s)", (model,)).fetchone()
+    row = conn.execute(query("model_info"), {"model": model}).fetchone()
     assert row is not None
     return ModelSpec(model, dimensions, row[0], row[1], row[2], row[3])
 
@@ -67,23 +66,20 @@ async def _embed_one(spec: ModelSpec, text: str,
 def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline: str | None,
                  cost_center: str | None = None) -> np.ndarray:
     h = chunk_key(spec.model, spec.dimensions, text)
-    row = conn.execute("SELECT embedding FROM pgembed.embedding_cache WHERE content_hash = %s",
-                       (h,)).fetchone()
+    row = conn.execute(query("query_cache_get"), {"hash": h}).fetchone()
     hit = row is not None
     if row is not None:
         vector, tokens, requests = row[0].to_numpy(), 0, 0
     else:
         raw, tokens, requests = asyncio.run(_embed_one(spec, text, _budget(conn, spec)))
         vector = np.asarray(raw, dtype=np.float32)
-        conn.execute(
-            "INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens) "
-            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (h, spec.model, spec.dimensions, vector, tokens))
-    conn.execute(
-        "INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inputs, "
-        "tokens, cache_hits, cache_misses) VALUES (%s, %s, 'query', %s, %s, %s, %s, %s, %s)",
-        (pipeline, spec.model, cost_center, requests, 0 if hit else 1, tokens,
-         int(hit), int(not hit)))
+        conn.execute(query("query_cache_put"), {
+            "hash": h, "model": spec.model, "dimensions": spec.dimensions,
+            "embedding": vector, "tokens": tokens})
+    conn.execute(query("query_usage"), {
+        "pipeline": pipeline, "model": spec.model, "cost_center": cost_center,
+        "requests": requests, "inputs": 0 if hit else 1, "tokens": tokens,
+        "cache_hits": int(hit), "cache_misses": int(not hit)})
     return vector
 
 
@@ -97,9 +93,8 @@ def search(conn: psycopg.Connection, pipeline: str, text: str, k: int = 5,
     keys = [str(c) for c in p["key_columns"]]
     op = sql.SQL(OPERATORS[p["distance"]])
     cur = conn.execute(
-        sql.SQL("SELECT {keys}, chunk, embedding {op} %(v)s AS distance FROM pgembed.{dest} "
-                "ORDER BY embedding {op} %(v)s LIMIT %(k)s").format(
+        sql.SQL(query("nearest")).format(
             keys=sql.SQL(", ").join(sql.Identifier(c) for c in keys), op=op,
-            dest=sql.Identifier(p["destination"])),
-        {"v": vector, "k": k})
+            destination=sql.Identifier(p["destination"])),
+        {"vector": vector, "k": k})
     return [Hit(dict(zip(keys, r[:-2], strict=True)), r[-2], float(r[-1])) for r in cur.fetchall()]

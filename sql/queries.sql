@@ -1,7 +1,12 @@
--- Named queries the worker runs. A block starts with "-- name --"; the loader in
--- pgembed/sqlfiles.py maps names to statements. Parameters are bound, never spliced.
+-- Named queries pgembed runs. A block starts with "-- name --"; the loader in
+-- pgembed/sqlfiles.py maps names to statements and refuses duplicate names, empty blocks
+-- and names it cannot parse. Parameters are bound, never spliced. A {placeholder} in
+-- braces is SQL the caller composes with psycopg.sql (a per-pipeline function or table,
+-- key columns, a fixed distance operator), never a value.
 -- Built-in functions are called as pg_catalog.f(): a lookalike earlier on the worker's
 -- search_path (a schema named after its role, say) must not decide what now() is.
+
+-- ===== pgembed/queue.py: the worker's queue =====
 
 -- claim --
 -- Lease up to `limit` ready rows of one pipeline (round robin after `after`).
@@ -98,6 +103,24 @@ VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(i
 -- was expanding them does not mean the queue is empty.
 SELECT pgembed.statement_keys()
 
+-- pipeline_exists --
+-- Whether a pipeline a batch was claimed for still exists (same name, same id).
+SELECT 1 FROM pgembed.pipelines WHERE name = %(name)s AND id = %(id)s
+
+-- read_rows --
+-- Current content of claimed rows, through the pipeline's reader: {function} is
+-- pgembed.p<id>_read, composed as an identifier.
+SELECT key, found, content, cost_center FROM {function}(%(keys)s)
+
+-- store_rows --
+-- Writes chunks and vectors through the pipeline's writer ({function} is pgembed.p<id>_store).
+-- Binary parameters: text-formatting thousands of floats costs more than the write.
+SELECT {function}(%(keys)b::jsonb[], %(seqs)b::int[], %(texts)b::text[], %(doc_hashes)b::bytea[],
+                  %(hashes)b::bytea[], %(vectors)b::vector[])
+
+
+-- ===== pgembed/indexes.py: deferred HNSW index builds =====
+
 -- deferred_ready --
 -- HNSW indexes put off for a backfill that is now over (see pgembed.deferred_index_plan).
 SELECT pipeline, create_sql, drop_sql FROM pgembed.deferred_index_plan()
@@ -116,3 +139,139 @@ SELECT pg_catalog.set_config('maintenance_work_mem', %(memory)s, false),
 
 -- index_built --
 DELETE FROM pgembed.deferred_indexes WHERE pipeline = %(pipeline)s
+
+-- ===== pgembed/costs.py: the cost views and the dead-letter table, for the CLI =====
+
+-- cost_spend_by_purpose --
+-- Usage and spend over the last `days` calendar days, per pipeline × model × purpose.
+SELECT pipeline, model, purpose,
+       sum(requests)::bigint AS requests, sum(inputs)::bigint AS inputs,
+       sum(tokens)::bigint AS tokens, sum(cache_hits)::bigint AS cache_hits,
+       sum(cache_misses)::bigint AS cache_misses, sum(usd) AS usd
+  FROM pgembed.cost_daily
+ WHERE day > current_date - %(days)s::int
+ GROUP BY pipeline, model, purpose
+ ORDER BY usd DESC, tokens DESC, pipeline, model, purpose
+
+-- cost_spend_by_cost_center --
+-- The same, per cost center × pipeline × purpose.
+SELECT cost_center, pipeline, purpose,
+       sum(requests)::bigint AS requests, sum(inputs)::bigint AS inputs,
+       sum(tokens)::bigint AS tokens, sum(cache_hits)::bigint AS cache_hits,
+       sum(cache_misses)::bigint AS cache_misses, sum(usd) AS usd
+  FROM pgembed.cost_by_cost_center
+ WHERE day > current_date - %(days)s::int
+ GROUP BY cost_center, pipeline, purpose
+ ORDER BY usd DESC, tokens DESC, cost_center, pipeline, purpose
+
+-- cost_anomalies --
+SELECT * FROM pgembed.cost_anomalies
+
+-- cache_stats --
+SELECT * FROM pgembed.cache_stats ORDER BY usd_saved DESC, model
+
+-- failures_list --
+-- Rows that could not be embedded (of all pipelines when no pipeline is given), parked ones
+-- first, newest failure first.
+SELECT pipeline, key, error, attempts, first_failed_at, last_failed_at, parked_at
+  FROM pgembed.failures
+ WHERE %(pipeline)s::text IS NULL OR pipeline = %(pipeline)s
+ ORDER BY parked_at IS NULL, last_failed_at DESC, pipeline, key
+
+-- failures_retry --
+SELECT pgembed.retry_failures(%(pipeline)s)
+
+-- ===== pgembed/pipelines.py: pipeline administration =====
+
+-- pipeline_create --
+SELECT pgembed.create_pipeline(source => %(source)s::regclass, content => %(content)s,
+                               model => %(model)s, dimensions => %(dimensions)s,
+                               index => %(index)s, index_options => %(index_options)s::jsonb,
+                               distance => %(distance)s, chunk_tokens => %(chunk_tokens)s,
+                               chunk_overlap => %(chunk_overlap)s, backfill => %(backfill)s,
+                               cost_center => %(cost_center)s, name => %(name)s)
+
+-- pipeline_drop --
+SELECT pgembed.drop_pipeline(%(name)s)
+
+-- pipeline_list --
+SELECT name, source::text AS source, content, model, dimensions, index_type, distance,
+       chunk_tokens,
+       (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p.name)
+       + pgembed.statement_keys(p.name) AS queued
+  FROM pgembed.pipelines p
+ ORDER BY name
+
+-- pipeline_get --
+SELECT name, destination, distance, key_columns, model, dimensions, index_type
+  FROM pgembed.pipelines WHERE name = %(name)s
+
+-- ===== pgembed/progress.py: the backlog a drain reports against =====
+
+-- backlog --
+SELECT (SELECT count(*) FROM pgembed.outbox) + pgembed.statement_keys()
+
+-- ===== pgembed/search.py: nearest-neighbour search =====
+
+-- model_info --
+SELECT dimensions, max_input_tokens, max_batch_inputs, max_batch_tokens
+  FROM pgembed.model_info(%(model)s)
+
+-- query_cache_get --
+SELECT embedding FROM pgembed.embedding_cache WHERE content_hash = %(hash)s
+
+-- query_cache_put --
+INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens)
+VALUES (%(hash)s, %(model)s, %(dimensions)s, %(embedding)s, %(tokens)s)
+ON CONFLICT DO NOTHING
+
+-- query_usage --
+INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inputs, tokens,
+                           cache_hits, cache_misses)
+VALUES (%(pipeline)s, %(model)s, 'query', %(cost_center)s, %(requests)s, %(inputs)s,
+        %(tokens)s, %(cache_hits)s, %(cache_misses)s)
+
+-- nearest --
+-- {keys} are the source's key columns, {op} the pipeline's distance operator (one of
+-- <=>, <->, <#>) and {destination} its table in schema pgembed, all composed by the caller.
+SELECT {keys}, chunk, embedding {op} %(vector)s AS distance
+  FROM pgembed.{destination}
+ ORDER BY embedding {op} %(vector)s
+ LIMIT %(k)s
+
+-- ===== pgembed/quickstart.py: the sample corpus =====
+
+-- sample_table --
+CREATE TABLE IF NOT EXISTS pgembed_sample_articles (
+    id int PRIMARY KEY,
+    title text NOT NULL,
+    body text NOT NULL
+)
+
+-- sample_insert --
+INSERT INTO pgembed_sample_articles (id, title, body) VALUES (%(id)s, %(title)s, %(body)s)
+ON CONFLICT (id) DO NOTHING
+
+-- ===== pgembed/audit.py: consistency audit and pipeline health =====
+
+-- audit_run --
+SELECT * FROM pgembed.audit(p_repair => %(repair)s, p_pipeline => %(pipeline)s)
+
+-- pipeline_status --
+SELECT * FROM pgembed.pipeline_status
+ WHERE %(pipeline)s::text IS NULL OR pipeline = %(pipeline)s
+ ORDER BY pipeline
+
+-- gaps --
+SELECT pipeline, key, kind, since FROM pgembed.gaps(%(pipeline)s)
+ ORDER BY since, pipeline, kind, key
+ LIMIT %(limit)s
+
+-- ===== pgembed/migrate.py: the schema revision a database is at =====
+
+-- has_versions --
+-- The alembic version table (migrate.VERSION_TABLE) exists.
+SELECT pg_catalog.to_regclass('public.pgembed_alembic_version') IS NOT NULL
+
+-- revision --
+SELECT version_num FROM public.pgembed_alembic_version
