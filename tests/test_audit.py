@@ -69,7 +69,7 @@ def test_each_gap_kind_is_reported_then_repaired(conn, dsn):
                                 "WHERE parked_at IS NOT NULL").fetchone()[0]
     # queued rows are the worker's business, not gaps: one ready, one leased, one backing off
     conn.execute("UPDATE docs SET body = body || '!' WHERE id IN (5, 6, 7)")
-    conn.execute("UPDATE pgembed.outbox SET lease_id = gen_random_uuid(), "
+    conn.execute("UPDATE pgembed.outbox SET lease_id = gen_random_uuid(), leased_by = 'w', "
                  "available_at = now() + interval '5 minutes' WHERE key = '[\"6\"]'")
     conn.execute("UPDATE pgembed.outbox SET available_at = now() + interval '1 hour' "
                  "WHERE key = '[\"7\"]'")
@@ -101,7 +101,7 @@ def test_each_gap_kind_is_reported_then_repaired(conn, dsn):
 
     # the failed row needs its data fixed (a DBA's decision); the rest is the audit's job
     conn.execute("UPDATE docs SET body = 'fixed' WHERE id = 4")
-    conn.execute("UPDATE pgembed.outbox SET lease_id = NULL, available_at = now()")
+    conn.execute("UPDATE pgembed.outbox SET lease_id = NULL, leased_by = NULL, available_at = now()")
     repaired = audit.run_audit(conn, repair=True)
     assert (repaired["requeued"], repaired["orphans_deleted"]) == (2, 1)
     assert [status(conn, name)[k] for k in ("missing", "orphaned", "stale")] == [0, 0, 0], \

@@ -62,10 +62,10 @@ def test_init_is_repeatable_and_explains_a_missing_pgvector(empty_dsn, monkeypat
     again = cli("init", "--dsn", empty_dsn)
     assert again.exit_code == 0 and "revision" in again.output
     # a server without pgvector: the same CREATE EXTENSION fails as it would there
-    from pgembed import migrate, sqlfiles
+    from pgembed import migrate, schema
 
-    monkeypatch.setattr(sqlfiles, "read_sql", lambda name: "CREATE EXTENSION no_such_vector_ext")
     migrate.downgrade(empty_dsn)
+    monkeypatch.setattr(schema, "revision_sql", lambda path: "CREATE EXTENSION no_such_vector_ext")
     failed = cli("init", "--dsn", empty_dsn)
     assert failed.exit_code == 1 and "Traceback" not in failed.output
     assert 'extension "no_such_vector_ext" is not available' in failed.output

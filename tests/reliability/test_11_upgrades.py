@@ -36,7 +36,6 @@ Revises: {head}
 
 from alembic import op
 
-from pgembed.sqlfiles import read_sql
 
 revision = "0099"
 down_revision = "{head}"
@@ -53,7 +52,7 @@ def _execute(sql: str) -> None:
 def upgrade() -> None:
     _execute("ALTER TABLE pgembed.outbox ADD COLUMN note text")
     _execute("CREATE INDEX outbox_note ON pgembed.outbox (note) WHERE note IS NOT NULL")
-    _execute(read_sql("functions.sql"))  # what a functions-only release does
+    # the definitions (functions, views) are re-applied after it, as after every upgrade
 
 
 def downgrade() -> None:
