@@ -22,11 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -36,14 +34,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgembed import indexes, migrate
 from pgembed.batch import Embedded, InFlight, embed_batch
+from pgembed.config import WorkerConfig
 from pgembed.db import SESSION_OPTIONS
 from pgembed.metrics import Metrics, MetricsServer
 from pgembed.providers import EmbedResult, Provider, ProviderError, make_provider
 from pgembed.queue import AckResult, Batch, PipelineInfo, Queue
 from pgembed.ratelimit import RateLimits
-from pgembed.scheduler import ScheduleConfig, Scheduler
+from pgembed.scheduler import Scheduler
 from pgembed.service import Heartbeat, Notifier, install_signal_handlers, watchdog_interval, watchdog_loop
 
+__all__ = ["Worker", "WorkerConfig", "WorkerStats"]
 log = logging.getLogger("pgembed.worker")
 CHANNEL = "pgembed"
 # After the shutdown bound, how long releases of cancelled batches get before the slots
@@ -63,36 +63,6 @@ def _version() -> str:
         return metadata.version("pgembed")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-@dataclass
-class WorkerConfig:
-    concurrency: int = 2  # embedding requests in flight
-    batch_size: int = 128
-    # rows per claim while a backlog of bulk work (backfill, repair, migration) lasts: fewer,
-    # larger statements and requests (a third more rows/s at 512); changes made by the
-    # application keep the smaller batches, which come back sooner
-    bulk_batch_size: int = 512
-    # batches claimed, read and looked up in the cache ahead, while the requests are out:
-    # without them each request waits for its slot's database work, and an API-bound
-    # worker reaches only latency / (latency + database time) of its bound
-    prefetch: int = 1
-    # for building a vector index put off during a large backfill (pgembed/indexes.py)
-    index_memory: str = "1GB"
-    lease_seconds: float = 300.0
-    poll_interval: float = 5.0
-    until_empty: bool = False
-    max_attempts: int = 5
-    retry_base: float = 10.0
-    outage_backoff: float = 30.0
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    # service
-    shutdown_timeout: float = 30.0
-    heartbeat_interval: float = 10.0  # 0: no pgembed.workers row
-    handle_signals: bool = False  # SIGTERM/SIGINT -> graceful stop (the CLI sets it)
-    schedule: ScheduleConfig | None = None  # None: no scheduled jobs in this worker
-    metrics_port: int | None = None  # 0 picks a free port (tests)
-    metrics_address: str = "127.0.0.1"
 
 
 @dataclass
