@@ -18,13 +18,14 @@ import time
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from pgembed import db
 from pgembed.sqlfiles import query
 
 log = logging.getLogger("pgembed.indexes")
 
 
 async def build_ready(dsn: str, maintenance_work_mem: str, skip: set[str],
-                      pool: AsyncConnectionPool | None = None) -> list[str]:
+                      pool: AsyncConnectionPool | None = None, *, worker: str | None = None) -> list[str]:
     """Builds every deferred index whose backfill is over; returns the pipelines done.
     A pipeline whose build failed is added to `skip` (and logged once) so that a worker
     without the rights to build it does not try again on every poll. The look-up runs on
@@ -35,8 +36,7 @@ async def build_ready(dsn: str, maintenance_work_mem: str, skip: set[str],
             cur = await pooled.execute(query("deferred_ready"))
             if not [row for row in await cur.fetchall() if row[0] not in skip]:
                 return built
-    async with await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, application_name="pgembed-index") as conn:
+    async with await db.connect_async(dsn, "index", worker) as conn:
         cur = await conn.execute(query("deferred_ready"))
         ready = [row[0] for row in await cur.fetchall() if row[0] not in skip]
         if not ready:

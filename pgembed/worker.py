@@ -29,13 +29,11 @@ from importlib import metadata
 from typing import Any, TypeVar
 
 import psycopg
-from pgvector.psycopg import register_vector_async
 from psycopg_pool import AsyncConnectionPool
 
-from pgembed import indexes, migrate
+from pgembed import db, indexes, migrate
 from pgembed.batch import Embedded, InFlight, embed_batch
 from pgembed.config import WorkerConfig
-from pgembed.db import SESSION_OPTIONS
 from pgembed.metrics import Metrics, MetricsServer
 from pgembed.providers import EmbedResult, Provider, ProviderError, make_provider
 from pgembed.queue import AckResult, Batch, PipelineInfo, Queue
@@ -107,7 +105,7 @@ class _TimedProvider:
         await self.inner.aclose()
 
 
-async def _check_schema(dsn: str) -> None:
+async def _check_schema(dsn: str, worker: str) -> None:
     """Refuses to start on a schema this package does not know (migrate.check_revision), in
     one sentence: a worker that started anyway would fail mid-batch, or write what a newer
     schema no longer means.
@@ -117,8 +115,7 @@ async def _check_schema(dsn: str) -> None:
     spend its whole timeout before saying anything. A server that does not answer is left to
     the pool, which waits for it as it always did."""
     try:
-        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="pgembed-worker",
-                                                     options=SESSION_OPTIONS)
+        conn = await db.connect_async(dsn, "worker", worker)
     except psycopg.OperationalError:
         return
     async with conn:
@@ -159,7 +156,7 @@ class Worker:
         self._providers: dict[tuple[str, int], Provider] = {}
         # The API key's budget is shared by every worker on every host, so it is kept in
         # PostgreSQL (pgembed.rate_limits); one connection of its own, opened on first use.
-        self._limits = RateLimits(dsn)
+        self._limits = RateLimits(dsn, worker=self.config.name)
         self._embedding: dict[asyncio.Task[Embedded], Batch] = {}
         self._protected: set[asyncio.Task[Any]] = set()
         self._state = "running"
@@ -192,11 +189,7 @@ class Worker:
     async def run(self) -> WorkerStats:
         undo_signals = (install_signal_handlers(asyncio.get_running_loop(), self._on_signal)
                         if self.config.handle_signals else None)
-        pool = AsyncConnectionPool(
-            self.dsn, min_size=1, max_size=self.config.concurrency + 2, open=False,
-            kwargs={"autocommit": True, "application_name": "pgembed-worker", "options": SESSION_OPTIONS},
-            configure=register_vector_async,
-        )
+        pool = db.worker_pool(self.dsn, self.config.name, max_size=self.config.concurrency + 2)
         server: MetricsServer | None = None
         scheduler: Scheduler | None = None
         side: dict[str, asyncio.Task[Any]] = {}
@@ -207,7 +200,7 @@ class Worker:
             if self.config.metrics_port is not None:
                 server = MetricsServer(self.config.metrics_address, self.config.metrics_port)
                 self.metrics, self.metrics_port = server.metrics, server.port
-            await _check_schema(self.dsn)
+            await _check_schema(self.dsn, self.config.name)
             await pool.open(wait=True)
             queue = Queue(pool, self.config.name)
             self._pool = pool
@@ -452,7 +445,8 @@ class Worker:
         try:
             async with self._index_lock:
                 self._next_index_check = time.monotonic() + INDEX_CHECK_INTERVAL
-                await indexes.build_ready(self.dsn, self.config.index_memory, self._index_failed, self._pool)
+                await indexes.build_ready(self.dsn, self.config.index_memory, self._index_failed, self._pool,
+                                          worker=self.config.name)
         finally:
             self._busy -= 1
 
@@ -532,8 +526,7 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                        self.dsn, autocommit=True, application_name="pgembed-listener") as conn:
+                async with await db.connect_async(self.dsn, "listener", self.config.name) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     delay = 0.5
                     self._listening.set()
