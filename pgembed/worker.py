@@ -13,8 +13,11 @@ never loses one (only a database that stays unreachable past WRITE_GRACE does, a
 the lease brings the rows back). Side tasks (listener, heartbeat, watchdog) are
 supervised: if one dies, the worker stops rather than run half-alive.
 
-Around the work (pgembed/service.py, scheduler.py, metrics.py): a `pgembed.workers` row
-per worker, sd_notify for systemd, the fleet's periodic jobs, Prometheus metrics.
+This module is the lifecycle (start, signals, stop, drain, settle) and the slots. Around
+them, each in a module of its own: the schema check at start (schema_check.py), the LISTEN
+session (listener.py), the `pgembed.workers` row (heartbeat.py), deferred vector indexes
+(indexes.py), sd_notify and signals (service.py), the fleet's periodic jobs (scheduler.py),
+Prometheus metrics (metrics.py); every connection comes from db.py, named after the worker.
 """
 
 from __future__ import annotations
@@ -25,42 +28,34 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
-from pgembed import db, indexes, migrate
+from pgembed import db
 from pgembed.batch import Embedded, InFlight, embed_batch
 from pgembed.config import WorkerConfig
+from pgembed.heartbeat import Heartbeat
+from pgembed.indexes import DeferredIndexBuilder
+from pgembed.listener import CHANNEL, Listener
 from pgembed.metrics import Metrics, MetricsServer
 from pgembed.providers import EmbedResult, Provider, ProviderError, make_provider
 from pgembed.queue import AckResult, Batch, PipelineInfo, Queue
 from pgembed.ratelimit import RateLimits
 from pgembed.scheduler import Scheduler
-from pgembed.service import Heartbeat, Notifier, install_signal_handlers, watchdog_interval, watchdog_loop
+from pgembed.schema_check import check_schema
+from pgembed.service import Notifier, install_signal_handlers, watchdog_interval, watchdog_loop
 
 __all__ = ["Worker", "WorkerConfig", "WorkerStats"]
 log = logging.getLogger("pgembed.worker")
-CHANNEL = "pgembed"
 # After the shutdown bound, how long releases of cancelled batches get before the slots
 # themselves are cancelled (only a database that stopped answering takes that long).
 SHUTDOWN_GRACE = 5.0
 # How long run() waits, at the very end, for acknowledgements and releases still running.
 WRITE_GRACE = 30.0
-# How often a worker whose queue runs short looks for deferred indexes to build.
-INDEX_CHECK_INTERVAL = 5.0
 # queue purposes of work that comes in large backlogs, claimed in bulk_batch_size batches
 BULK_PURPOSES = frozenset({"backfill", "repair", "migration"})
 T = TypeVar("T")
-
-
-def _version() -> str:
-    try:
-        return metadata.version("pgembed")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass
@@ -105,29 +100,6 @@ class _TimedProvider:
         await self.inner.aclose()
 
 
-async def _check_schema(dsn: str, worker: str) -> None:
-    """Refuses to start on a schema this package does not know (migrate.check_revision), in
-    one sentence: a worker that started anyway would fail mid-batch, or write what a newer
-    schema no longer means.
-
-    On a connection of its own, before the pool opens: the pool registers pgvector's types on
-    every connection, which never succeeds where `pgembed init` never ran, so the pool would
-    spend its whole timeout before saying anything. A server that does not answer is left to
-    the pool, which waits for it as it always did."""
-    try:
-        conn = await db.connect_async(dsn, "worker", worker)
-    except psycopg.OperationalError:
-        return
-    async with conn:
-        try:
-            found = await migrate.current_revision_async(conn)
-        except psycopg.errors.InsufficientPrivilege as error:
-            raise migrate.SchemaMismatch(
-                f"cannot read the pgembed schema revision ({error.diag.message_primary}): make this "
-                "worker's role a member of pgembed_worker (README: Privileges and roles)") from None
-    migrate.check_revision(found)
-
-
 class Worker:
     def __init__(self, dsn: str, config: WorkerConfig | None = None,
                  on_batch: Callable[[AckResult], None] | None = None) -> None:
@@ -141,13 +113,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._requests = asyncio.Semaphore(self.config.concurrency)
         self._inflight = InFlight()
-        self._index_lock = asyncio.Lock()
-        self._pool: AsyncConnectionPool | None = None
-        self._next_index_check = 0.0
-        self._index_failed: set[str] = set()
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
-        self._listening = asyncio.Event()
+        self._listener = Listener(dsn, self.config.name, self._wake.set)
         self._busy = 0
         self._claiming = 0
         self._after = ""
@@ -159,7 +127,6 @@ class Worker:
         self._limits = RateLimits(dsn, worker=self.config.name)
         self._embedding: dict[asyncio.Task[Embedded], Batch] = {}
         self._protected: set[asyncio.Task[Any]] = set()
-        self._state = "running"
         self._heartbeat: Heartbeat | None = None
         self._scheduler: Scheduler | None = None
 
@@ -200,15 +167,17 @@ class Worker:
             if self.config.metrics_port is not None:
                 server = MetricsServer(self.config.metrics_address, self.config.metrics_port)
                 self.metrics, self.metrics_port = server.metrics, server.port
-            await _check_schema(self.dsn, self.config.name)
+            await check_schema(self.dsn, self.config.name)
             await pool.open(wait=True)
             queue = Queue(pool, self.config.name)
-            self._pool = pool
+            indexes = DeferredIndexBuilder(self.dsn, self.config.name, self.config.index_memory, pool)
             if self.config.heartbeat_interval > 0:
-                self._heartbeat = Heartbeat(pool, self.config.name, self.config.concurrency, _version())
-                await self._heartbeat.beat("running", self.stats, starting=True)
-                side["heartbeat"] = asyncio.create_task(self._beat_loop(), name="pgembed-heartbeat")
-            side["listener"] = asyncio.create_task(self._listen(), name="pgembed-listener")
+                self._heartbeat = Heartbeat(pool, self.config.name, self.config.concurrency, self.stats,
+                                            self.metrics, self.notifier)
+                await self._heartbeat.beat(starting=True)
+                side["heartbeat"] = asyncio.create_task(self._heartbeat.run(self.config.heartbeat_interval),
+                                                        name="pgembed-heartbeat")
+            side["listener"] = asyncio.create_task(self._listener.run(), name="pgembed-listener")
             interval = watchdog_interval() if self.notifier.enabled else None
             if interval:
                 side["watchdog"] = asyncio.create_task(watchdog_loop(self.notifier, interval),
@@ -221,7 +190,7 @@ class Worker:
                      self.config.concurrency, self.config.batch_size,
                      extra={"action": "start", "worker": self.config.name})
             ready = asyncio.create_task(self._announce_ready(), name="pgembed-ready")
-            slots = [asyncio.create_task(self._slot(queue), name=f"pgembed-slot-{i}")
+            slots = [asyncio.create_task(self._slot(queue, indexes), name=f"pgembed-slot-{i}")
                      for i in range(self.config.concurrency + self.config.prefetch)]
             crash = await self._supervise(slots, side)
         finally:
@@ -284,15 +253,16 @@ class Worker:
         """Lets batches in flight finish within the shutdown bound, then cancels their
         embedding (the rows are given back) and, a little later, whatever still hangs."""
         pending = {s for s in slots if not s.done()}
-        self._state = "stopping"
         self.notifier.stopping(f"stopping: {len(self._embedding)} batches in flight")
         if self._embedding:
             log.info("finishing %d batches in flight", len(self._embedding), extra={"action": "draining"})
         # scheduled jobs under way share the same bound
         jobs = (asyncio.create_task(self._scheduler.stop(self.config.shutdown_timeout))
                 if self._scheduler is not None else None)
-        if pending and self._heartbeat is not None:
-            self._track(asyncio.create_task(self._beat_quietly()))
+        if self._heartbeat is not None:
+            self._heartbeat.state = "stopping"
+            if pending:
+                self._track(asyncio.create_task(self._heartbeat.beat_quietly()))
         pending = await self._wait(pending, self.config.shutdown_timeout, until_forced=True)
         if pending:
             log.warning("giving back %d batches in flight", len(self._embedding),
@@ -339,32 +309,9 @@ class Worker:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def _announce_ready(self) -> None:
-        await self._listening.wait()
+        await self._listener.listening.wait()
         self.notifier.ready(f"embedding, {self.config.concurrency} slots")
         log.info("connected and listening on channel %s", CHANNEL, extra={"action": "ready"})
-
-    async def _beat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            try:
-                await self._beat_now()
-            except psycopg.Error as error:
-                log.warning("heartbeat failed: %s", error, extra={"action": "heartbeat_failed"})
-
-    async def _beat_quietly(self) -> None:
-        """Says 'stopping' in pgembed.workers, without holding up the shutdown on it."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._beat_now(), 5)
-
-    async def _beat_now(self) -> None:
-        if self._heartbeat is None:
-            return
-        await self._heartbeat.beat(self._state, self.stats)
-        if self.metrics.enabled or self.notifier.enabled:
-            ready, leased, waiting = await self._heartbeat.queue_depth()
-            self.metrics.queue_depth(ready, leased, waiting)
-            self.notifier.status(f"{self._state}: {self.stats.written} rows embedded in "
-                                 f"{self.stats.batches} batches; queue: {ready} ready, {leased} leased")
 
     # ---------------------------------------------------------------- the work
 
@@ -378,11 +325,11 @@ class Worker:
         task.add_done_callback(self._protected.discard)
         return task
 
-    async def _slot(self, queue: Queue) -> None:
+    async def _slot(self, queue: Queue, indexes: DeferredIndexBuilder) -> None:
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                await self._step(queue)
+                await self._step(queue, indexes)
                 delay = 0.5
             except psycopg.OperationalError as error:
                 if self.config.until_empty:
@@ -393,7 +340,7 @@ class Worker:
                 await self._sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    async def _step(self, queue: Queue) -> None:
+    async def _step(self, queue: Queue, indexes: DeferredIndexBuilder) -> None:
         # a claim under way counts: it may be about to take the rows this slot's claim
         # skipped, so --until-empty must not call the queue empty before it returns
         self._claiming += 1
@@ -404,9 +351,10 @@ class Worker:
             self._claiming -= 1
         self._claim_limit = self._next_limit(batch, limit)
         if batch is None:
-            await self._build_indexes(force=self.config.until_empty)
+            await indexes.check(force=self.config.until_empty)
+            # an index check under way counts too: the worker does not stop in a build
             if (self.config.until_empty and self._busy == 0 and self._claiming == 0
-                    and await queue.batched() == 0):
+                    and indexes.active == 0 and await queue.batched() == 0):
                 self.stop()
                 return
             await self._idle()
@@ -420,7 +368,7 @@ class Worker:
         try:
             await self._process(queue, batch)
             if len(batch.rows) < limit:  # the queue ran short: a backfill may be over
-                await self._build_indexes(force=False)
+                await indexes.check(force=False)
         finally:
             self._busy -= 1
             self.metrics.batches_in_flight(self._busy)
@@ -432,23 +380,6 @@ class Worker:
                 and all(row.purpose in BULK_PURPOSES for row in batch.rows)):
             return max(self.config.bulk_batch_size, self.config.batch_size)
         return self.config.batch_size
-
-    async def _build_indexes(self, force: bool) -> None:
-        """Builds the vector indexes put off for backfills that are over. Counted as busy,
-        waiting included, so that an --until-empty worker does not stop in the middle of a
-        build. A forced check waits for one under way and then looks again itself: that one
-        may have read the plan just before another slot acknowledged the backfill's last rows
-        (a worker once stopped with its index unbuilt that way)."""
-        if not force and (self._index_lock.locked() or time.monotonic() < self._next_index_check):
-            return
-        self._busy += 1
-        try:
-            async with self._index_lock:
-                self._next_index_check = time.monotonic() + INDEX_CHECK_INTERVAL
-                await indexes.build_ready(self.dsn, self.config.index_memory, self._index_failed, self._pool,
-                                          worker=self.config.name)
-        finally:
-            self._busy -= 1
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -520,21 +451,3 @@ class Worker:
             provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec))
             self._providers[key] = _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
         return self._providers[key]
-
-    async def _listen(self) -> None:
-        """LISTEN on a connection of its own; reconnects with backoff if it drops."""
-        delay = 0.5
-        while True:
-            try:
-                async with await db.connect_async(self.dsn, "listener", self.config.name) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    delay = 0.5
-                    self._listening.set()
-                    self._wake.set()  # anything sent while we were away
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except psycopg.OperationalError as error:
-                log.warning("listener lost its connection (%s); retrying in %.1fs", error, delay,
-                            extra={"action": "listen_retry"})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)

@@ -116,3 +116,17 @@ SELECT pg_catalog.set_config('maintenance_work_mem', %(memory)s, false),
 
 -- index_built --
 DELETE FROM pgembed.deferred_indexes WHERE pipeline = %(pipeline)s
+
+-- listen --
+-- The worker's listener: the outbox triggers and pgembed's functions NOTIFY on this channel.
+LISTEN pgembed
+
+-- heartbeat --
+SELECT pgembed.heartbeat(%(name)s, %(host)s, %(pid)s, %(version)s, %(state)s, %(concurrency)s,
+                         %(batches)s, %(written)s, %(removed)s, %(failed)s, %(starting)s)
+
+-- worker_exit --
+SELECT pgembed.worker_exit(%(name)s)
+
+-- queue_depth --
+SELECT ready, leased, waiting FROM pgembed.queue_depth()
