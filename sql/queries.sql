@@ -121,6 +121,11 @@ DELETE FROM pgembed.deferred_indexes WHERE pipeline = %(pipeline)s
 -- The worker's listener: the outbox triggers and pgembed's functions NOTIFY on this channel.
 LISTEN pgembed
 
+-- listener_probe --
+-- The listener's proof that its session still hears: a notification to itself, whose
+-- payload (listener.PROBE_PREFIX...) every listener knows is not work.
+SELECT pg_catalog.pg_notify('pgembed', %(payload)s)
+
 -- heartbeat --
 SELECT pgembed.heartbeat(%(name)s, %(host)s, %(pid)s, %(version)s, %(state)s, %(concurrency)s,
                          %(batches)s, %(written)s, %(removed)s, %(failed)s, %(starting)s)
