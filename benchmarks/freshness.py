@@ -90,9 +90,10 @@ class Poller:
 
 
 def wait_for_listener(conn: psycopg.Connection, application_name: str, timeout: float = 30) -> None:
+    """Waits for a session named `application_name`, or `application_name[<worker name>]`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+        if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE split_part(application_name, '[', 1) = %s",
                         (application_name,)).fetchone()[0]:
             time.sleep(0.3)  # LISTEN runs right after the connection is made
             return

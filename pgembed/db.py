@@ -1,7 +1,20 @@
-"""Connections: which database, how sessions are set up, and the embedded server.
+r"""Connections: which database, how sessions are set up, and the embedded server.
 
 Every command takes `--dsn`, else PGEMBED_DSN, else the embedded PostgreSQL kept under the
 user's data directory (started on first use, left running for the next command).
+
+Every session the package opens comes from here, so that a DBA can tell them apart in
+pg_stat_activity: application_name is `pgembed-<role>[<worker name>]` (`pgembed-cli` when
+no worker opened it), the name being pgembed.workers.name, so that::
+
+    SELECT w.name, a.application_name, a.state, a.query
+      FROM pg_stat_activity a
+      JOIN pgembed.workers w ON substring(a.application_name FROM '^pgembed-[a-z]+\[(.*)\]$') = w.name
+
+lists each worker's sessions. PostgreSQL keeps 63 bytes of an application_name, so a worker
+name that does not fit keeps its start and its end (the pid) around "...": join those with
+LIKE, the "..." read as %. Characters other than printable ASCII become "?" (PostgreSQL would
+escape them as \xNN, past the 63 bytes counted here).
 """
 
 from __future__ import annotations
@@ -11,15 +24,33 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector, register_vector_async
+from psycopg_pool import AsyncConnectionPool
 
 # Worker sessions must never sit idle in a transaction or wait long on a lock: a stuck
 # session would hold back vacuum and the application's writes.
 SESSION_OPTIONS = (
     "-c statement_timeout=120s -c lock_timeout=10s -c idle_in_transaction_session_timeout=60s"
 )
+# The roles whose sessions are set up otherwise than SESSION_OPTIONS (None: the server's).
+ROLE_OPTIONS: dict[str, str | None] = {
+    # Jobs may run for long (an audit of a big table, an index build): no statement timeout,
+    # but never wait long on a lock or sit idle inside a transaction.
+    "scheduler": "-c statement_timeout=0 -c lock_timeout=10s -c idle_in_transaction_session_timeout=60s",
+    # Losing the last grants in a crash is harmless, so commits need not wait for the disk;
+    # a lock is held for microseconds, a longer wait is a fault.
+    "ratelimit": "-c synchronous_commit=off -c lock_timeout=5s -c statement_timeout=30s",
+    # CREATE INDEX CONCURRENTLY waits for every older transaction: no lock timeout may cut
+    # that short (the index_session query lifts the statement timeout).
+    "index": None,
+    # Migrations lock the schema for as long as they take.
+    "migrate": None,
+}
+MAX_NAME = 63  # bytes of application_name that PostgreSQL keeps (NAMEDATALEN - 1)
+CUT = "..."
 
 
 class DatabaseError(Exception):
@@ -67,12 +98,36 @@ def _explain(error: psycopg.OperationalError) -> str:
     return f"cannot connect to PostgreSQL: {text}"
 
 
+def application_name(role: str, worker: str | None = None) -> str:
+    """`pgembed-<role>[<worker>]`, at most MAX_NAME bytes, the worker name cut in its middle."""
+    if worker is None:
+        return _printable(f"pgembed-{role}")[:MAX_NAME]
+    frame = f"pgembed-{role}[]"
+    name = _printable(worker)
+    room = MAX_NAME - len(frame)
+    if len(name) > room:
+        tail = (room - len(CUT)) // 2
+        name = name[: room - len(CUT) - tail] + CUT + name[len(name) - tail:]
+    return f"pgembed-{role}[{name}]"
+
+
+def _printable(text: str) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
+def session_settings(role: str, worker: str | None = None, *, autocommit: bool = True) -> dict[str, Any]:
+    """The connection parameters of a role's sessions: its name and its settings."""
+    settings: dict[str, Any] = {"autocommit": autocommit, "application_name": application_name(role, worker)}
+    options = ROLE_OPTIONS.get(role, SESSION_OPTIONS)
+    if options:
+        settings["options"] = options
+    return settings
+
+
 def connect(dsn: str, purpose: str = "cli", *, autocommit: bool = True) -> psycopg.Connection:
+    """A session for a command, an error the person at the terminal can read if none."""
     try:
-        conn = psycopg.connect(
-            dsn, autocommit=autocommit, application_name=f"pgembed-{purpose}",
-            options=SESSION_OPTIONS,
-        )
+        conn = psycopg.connect(dsn, **session_settings(purpose, autocommit=autocommit))
     except psycopg.OperationalError as error:
         raise DatabaseError(_explain(error)) from error
     # before `pgembed init` pgvector may not be installed yet: plain connection then
@@ -81,13 +136,13 @@ def connect(dsn: str, purpose: str = "cli", *, autocommit: bool = True) -> psyco
     return conn
 
 
-async def connect_async(dsn: str, purpose: str) -> psycopg.AsyncConnection:
-    try:
-        conn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, application_name=f"pgembed-{purpose}",
-            options=SESSION_OPTIONS,
-        )
-    except psycopg.OperationalError as error:
-        raise DatabaseError(_explain(error)) from error
-    await register_vector_async(conn)
-    return conn
+async def connect_async(dsn: str, role: str, worker: str | None = None, **extra: Any) -> psycopg.AsyncConnection:
+    """A session of a worker's part of its own. Raises psycopg.OperationalError as is: the
+    worker's parts retry on it."""
+    return await psycopg.AsyncConnection.connect(dsn, **session_settings(role, worker), **extra)
+
+
+def worker_pool(dsn: str, worker: str, max_size: int) -> AsyncConnectionPool:
+    """The worker's pool, unopened; pgvector's types registered on each connection."""
+    return AsyncConnectionPool(dsn, min_size=1, max_size=max_size, open=False,
+                               kwargs=session_settings("worker", worker), configure=register_vector_async)

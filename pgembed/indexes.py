@@ -8,23 +8,60 @@ rows takes minutes), maintenance_work_mem raised so that the graph is built in m
 application's deletes, which remove vectors, never wait for it. An advisory lock makes
 one worker in the fleet build each index; an interrupted build leaves an INVALID index,
 which the next attempt drops first.
+
+A worker looks whenever its queue runs short (DeferredIndexBuilder), at most every
+INDEX_CHECK_INTERVAL seconds, and always before an --until-empty worker calls it a day.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from pgembed import db
 from pgembed.sqlfiles import query
 
 log = logging.getLogger("pgembed.indexes")
+# How often a worker whose queue runs short looks for deferred indexes to build.
+INDEX_CHECK_INTERVAL = 5.0
+
+
+class DeferredIndexBuilder:
+    """One worker's looks for deferred indexes to build, one at a time."""
+
+    def __init__(self, dsn: str, worker: str, maintenance_work_mem: str, pool: AsyncConnectionPool) -> None:
+        self.dsn = dsn
+        self.worker = worker
+        self.maintenance_work_mem = maintenance_work_mem
+        self.pool = pool
+        self.active = 0  # checks under way or waiting for one: the worker is not idle meanwhile
+        self._lock = asyncio.Lock()
+        self._next_check = 0.0
+        self._failed: set[str] = set()
+
+    async def check(self, force: bool) -> None:
+        """Builds the indexes whose backfill is over. An unforced check is skipped while
+        another runs or within INDEX_CHECK_INTERVAL of the last. A forced one waits for one
+        under way and then looks again itself: that one may have read the plan just before
+        another slot acknowledged the backfill's last rows (a worker once stopped with its
+        index unbuilt that way)."""
+        if not force and (self._lock.locked() or time.monotonic() < self._next_check):
+            return
+        self.active += 1
+        try:
+            async with self._lock:
+                self._next_check = time.monotonic() + INDEX_CHECK_INTERVAL
+                await build_ready(self.dsn, self.maintenance_work_mem, self._failed, self.pool, worker=self.worker)
+        finally:
+            self.active -= 1
 
 
 async def build_ready(dsn: str, maintenance_work_mem: str, skip: set[str],
-                      pool: AsyncConnectionPool | None = None) -> list[str]:
+                      pool: AsyncConnectionPool | None = None, *, worker: str | None = None) -> list[str]:
     """Builds every deferred index whose backfill is over; returns the pipelines done.
     A pipeline whose build failed is added to `skip` (and logged once) so that a worker
     without the rights to build it does not try again on every poll. The look-up runs on
@@ -35,8 +72,7 @@ async def build_ready(dsn: str, maintenance_work_mem: str, skip: set[str],
             cur = await pooled.execute(query("deferred_ready"))
             if not [row for row in await cur.fetchall() if row[0] not in skip]:
                 return built
-    async with await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, application_name="pgembed-index") as conn:
+    async with await db.connect_async(dsn, "index", worker) as conn:
         cur = await conn.execute(query("deferred_ready"))
         ready = [row[0] for row in await cur.fetchall() if row[0] not in skip]
         if not ready:

@@ -38,15 +38,12 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
+from pgembed import db
 from pgembed.providers.base import ModelSpec, ProviderError
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: Seconds a limiter takes a bucket it found without a budget to still have none.
 UNLIMITED_RECHECK = 5.0
-
-#: The limiter's own session: losing the last grants in a crash is harmless, so commits
-#: need not wait for the disk; a lock is held for microseconds, a longer wait is a fault.
-SESSION_OPTIONS = "-c synchronous_commit=off -c lock_timeout=5s -c statement_timeout=30s"
 
 _LIMITED = (
     "EXISTS (SELECT FROM pgembed.rate_limits WHERE bucket = %(bucket)s "
@@ -215,7 +212,8 @@ def status(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 class RateLimits:
     """The budgets of one worker process: one connection of its own, opened on first use
-    and reopened after a failure, shared by the limiter of every bucket.
+    and reopened after a failure, shared by the limiter of every bucket (its session set up
+    as pgembed.db's "ratelimit" role says, named after `worker` when one owns it).
 
     `max_sleep` caps one sleep, so that a raised budget is noticed within that long;
     `unlimited_recheck` is how long a bucket found without a budget is taken to have none
@@ -227,11 +225,13 @@ class RateLimits:
         self,
         dsn: str,
         *,
+        worker: str | None = None,
         max_sleep: float = 5.0,
         unlimited_recheck: float = UNLIMITED_RECHECK,
         sleep: Sleep | None = None,
     ) -> None:
         self.dsn = dsn
+        self.worker = worker
         self.max_sleep = max_sleep
         self.unlimited_recheck = unlimited_recheck
         self._sleep: Sleep = asyncio.sleep if sleep is None else sleep
@@ -249,10 +249,7 @@ class RateLimits:
         return cls(dsn, **options)
 
     async def _connect(self) -> psycopg.AsyncConnection:
-        return await psycopg.AsyncConnection.connect(
-            self.dsn, autocommit=True, application_name="pgembed-ratelimit", options=SESSION_OPTIONS,
-            connect_timeout=10,
-        )
+        return await db.connect_async(self.dsn, "ratelimit", self.worker, connect_timeout=10)
 
     def limiter(self, bucket: str) -> BucketLimiter:
         """The limiter of a bucket (one per bucket and process)."""

@@ -30,12 +30,11 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from pgembed import db
+
 log = logging.getLogger("pgembed.scheduler")
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-# Jobs may run for long (an audit of a big table, an index build): no statement timeout,
-# but never wait long on a lock or sit idle inside a transaction.
-JOB_SESSION_OPTIONS = "-c statement_timeout=0 -c lock_timeout=10s -c idle_in_transaction_session_timeout=60s"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
@@ -233,8 +232,8 @@ class Scheduler:
         self._closed = False
 
     async def _connect(self) -> psycopg.AsyncConnection:
-        return await psycopg.AsyncConnection.connect(
-            self.dsn, autocommit=True, application_name="pgembed-scheduler", options=JOB_SESSION_OPTIONS)
+        """A session for jobs, which may run for long (pgembed.db's "scheduler" role)."""
+        return await db.connect_async(self.dsn, "scheduler", self.worker)
 
     async def start(self) -> None:
         """Publishes the schedule, then starts the timers (APScheduler, UTC, epoch grid)."""

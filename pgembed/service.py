@@ -1,12 +1,11 @@
-"""What makes the worker a well-behaved service: sd_notify, signals, the heartbeat row.
+"""What makes the worker a well-behaved service: sd_notify and signals.
 
 sd_notify is a datagram to $NOTIFY_SOCKET (a path, or an abstract socket when it starts
 with '@'), so it needs no library: systemd learns READY=1 once the worker is connected and
 listening, WATCHDOG=1 at half the watchdog interval, STOPPING=1 when it drains. Outside
 systemd NOTIFY_SOCKET is unset and every call is a no-op.
 
-The heartbeat upserts one `pgembed.workers` row per worker so a DBA sees the fleet, and
-deletes it on a clean exit.
+The worker's `pgembed.workers` row is pgembed/heartbeat.py's.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ import os
 import signal
 import socket
 from collections.abc import Callable
-from typing import Protocol
-
-from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("pgembed.service")
 
@@ -103,38 +99,3 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop,
 
     return remove
 
-
-class Counts(Protocol):
-    batches: int
-    written: int
-    removed: int
-    failed: int
-
-
-class Heartbeat:
-    """The worker's row in `pgembed.workers`."""
-
-    def __init__(self, pool: AsyncConnectionPool, name: str, concurrency: int, version: str) -> None:
-        self.pool = pool
-        self.name = name
-        self.concurrency = concurrency
-        self.version = version
-
-    async def beat(self, state: str, counts: Counts, *, starting: bool = False) -> None:
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                "SELECT pgembed.heartbeat(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (self.name, socket.gethostname(), os.getpid(), self.version, state,
-                 self.concurrency, counts.batches, counts.written, counts.removed,
-                 counts.failed, starting))
-
-    async def goodbye(self) -> None:
-        async with self.pool.connection() as conn:
-            await conn.execute("SELECT pgembed.worker_exit(%s)", (self.name,))
-
-    async def queue_depth(self) -> tuple[int, int, int]:
-        """(ready, leased, waiting) rows in the outbox."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT ready, leased, waiting FROM pgembed.queue_depth()")
-            row = await cur.fetchone()
-        return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)

@@ -13,8 +13,11 @@ never loses one (only a database that stays unreachable past WRITE_GRACE does, a
 the lease brings the rows back). Side tasks (listener, heartbeat, watchdog) are
 supervised: if one dies, the worker stops rather than run half-alive.
 
-Around the work (pgembed/service.py, scheduler.py, metrics.py): a `pgembed.workers` row
-per worker, sd_notify for systemd, the fleet's periodic jobs, Prometheus metrics.
+This module is the lifecycle (start, signals, stop, drain, settle) and the slots. Around
+them, each in a module of its own: the schema check at start (schema_check.py), the LISTEN
+session (listener.py), the `pgembed.workers` row (heartbeat.py), deferred vector indexes
+(indexes.py), sd_notify and signals (service.py), the fleet's periodic jobs (scheduler.py),
+Prometheus metrics (metrics.py); every connection comes from db.py, named after the worker.
 """
 
 from __future__ import annotations
@@ -22,77 +25,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from importlib import metadata
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
-from pgvector.psycopg import register_vector_async
-from psycopg_pool import AsyncConnectionPool
 
-from pgembed import indexes, migrate
+from pgembed import db
 from pgembed.batch import Embedded, InFlight, embed_batch
-from pgembed.db import SESSION_OPTIONS
+from pgembed.config import WorkerConfig
+from pgembed.heartbeat import Heartbeat
+from pgembed.indexes import DeferredIndexBuilder
+from pgembed.listener import CHANNEL, Listener
 from pgembed.metrics import Metrics, MetricsServer
 from pgembed.providers import EmbedResult, Provider, ProviderError, make_provider
 from pgembed.queue import AckResult, Batch, PipelineInfo, Queue
 from pgembed.ratelimit import RateLimits
-from pgembed.scheduler import ScheduleConfig, Scheduler
-from pgembed.service import Heartbeat, Notifier, install_signal_handlers, watchdog_interval, watchdog_loop
+from pgembed.scheduler import Scheduler
+from pgembed.schema_check import check_schema
+from pgembed.service import Notifier, install_signal_handlers, watchdog_interval, watchdog_loop
 
+__all__ = ["Worker", "WorkerConfig", "WorkerStats"]
 log = logging.getLogger("pgembed.worker")
-CHANNEL = "pgembed"
 # After the shutdown bound, how long releases of cancelled batches get before the slots
 # themselves are cancelled (only a database that stopped answering takes that long).
 SHUTDOWN_GRACE = 5.0
 # How long run() waits, at the very end, for acknowledgements and releases still running.
 WRITE_GRACE = 30.0
-# How often a worker whose queue runs short looks for deferred indexes to build.
-INDEX_CHECK_INTERVAL = 5.0
 # queue purposes of work that comes in large backlogs, claimed in bulk_batch_size batches
 BULK_PURPOSES = frozenset({"backfill", "repair", "migration"})
 T = TypeVar("T")
-
-
-def _version() -> str:
-    try:
-        return metadata.version("pgembed")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-@dataclass
-class WorkerConfig:
-    concurrency: int = 2  # embedding requests in flight
-    batch_size: int = 128
-    # rows per claim while a backlog of bulk work (backfill, repair, migration) lasts: fewer,
-    # larger statements and requests (a third more rows/s at 512); changes made by the
-    # application keep the smaller batches, which come back sooner
-    bulk_batch_size: int = 512
-    # batches claimed, read and looked up in the cache ahead, while the requests are out:
-    # without them each request waits for its slot's database work, and an API-bound
-    # worker reaches only latency / (latency + database time) of its bound
-    prefetch: int = 1
-    # for building a vector index put off during a large backfill (pgembed/indexes.py)
-    index_memory: str = "1GB"
-    lease_seconds: float = 300.0
-    poll_interval: float = 5.0
-    until_empty: bool = False
-    max_attempts: int = 5
-    retry_base: float = 10.0
-    outage_backoff: float = 30.0
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    # service
-    shutdown_timeout: float = 30.0
-    heartbeat_interval: float = 10.0  # 0: no pgembed.workers row
-    handle_signals: bool = False  # SIGTERM/SIGINT -> graceful stop (the CLI sets it)
-    schedule: ScheduleConfig | None = None  # None: no scheduled jobs in this worker
-    metrics_port: int | None = None  # 0 picks a free port (tests)
-    metrics_address: str = "127.0.0.1"
 
 
 @dataclass
@@ -137,30 +100,6 @@ class _TimedProvider:
         await self.inner.aclose()
 
 
-async def _check_schema(dsn: str) -> None:
-    """Refuses to start on a schema this package does not know (migrate.check_revision), in
-    one sentence: a worker that started anyway would fail mid-batch, or write what a newer
-    schema no longer means.
-
-    On a connection of its own, before the pool opens: the pool registers pgvector's types on
-    every connection, which never succeeds where `pgembed init` never ran, so the pool would
-    spend its whole timeout before saying anything. A server that does not answer is left to
-    the pool, which waits for it as it always did."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="pgembed-worker",
-                                                     options=SESSION_OPTIONS)
-    except psycopg.OperationalError:
-        return
-    async with conn:
-        try:
-            found = await migrate.current_revision_async(conn)
-        except psycopg.errors.InsufficientPrivilege as error:
-            raise migrate.SchemaMismatch(
-                f"cannot read the pgembed schema revision ({error.diag.message_primary}): make this "
-                "worker's role a member of pgembed_worker (README: Privileges and roles)") from None
-    migrate.check_revision(found)
-
-
 class Worker:
     def __init__(self, dsn: str, config: WorkerConfig | None = None,
                  on_batch: Callable[[AckResult], None] | None = None) -> None:
@@ -174,13 +113,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._requests = asyncio.Semaphore(self.config.concurrency)
         self._inflight = InFlight()
-        self._index_lock = asyncio.Lock()
-        self._pool: AsyncConnectionPool | None = None
-        self._next_index_check = 0.0
-        self._index_failed: set[str] = set()
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
-        self._listening = asyncio.Event()
+        self._listener = Listener(dsn, self.config.name, self._wake.set)
         self._busy = 0
         self._claiming = 0
         self._after = ""
@@ -189,10 +124,9 @@ class Worker:
         self._providers: dict[tuple[str, int], Provider] = {}
         # The API key's budget is shared by every worker on every host, so it is kept in
         # PostgreSQL (pgembed.rate_limits); one connection of its own, opened on first use.
-        self._limits = RateLimits(dsn)
+        self._limits = RateLimits(dsn, worker=self.config.name)
         self._embedding: dict[asyncio.Task[Embedded], Batch] = {}
         self._protected: set[asyncio.Task[Any]] = set()
-        self._state = "running"
         self._heartbeat: Heartbeat | None = None
         self._scheduler: Scheduler | None = None
 
@@ -222,11 +156,7 @@ class Worker:
     async def run(self) -> WorkerStats:
         undo_signals = (install_signal_handlers(asyncio.get_running_loop(), self._on_signal)
                         if self.config.handle_signals else None)
-        pool = AsyncConnectionPool(
-            self.dsn, min_size=1, max_size=self.config.concurrency + 2, open=False,
-            kwargs={"autocommit": True, "application_name": "pgembed-worker", "options": SESSION_OPTIONS},
-            configure=register_vector_async,
-        )
+        pool = db.worker_pool(self.dsn, self.config.name, max_size=self.config.concurrency + 2)
         server: MetricsServer | None = None
         scheduler: Scheduler | None = None
         side: dict[str, asyncio.Task[Any]] = {}
@@ -237,15 +167,17 @@ class Worker:
             if self.config.metrics_port is not None:
                 server = MetricsServer(self.config.metrics_address, self.config.metrics_port)
                 self.metrics, self.metrics_port = server.metrics, server.port
-            await _check_schema(self.dsn)
+            await check_schema(self.dsn, self.config.name)
             await pool.open(wait=True)
             queue = Queue(pool, self.config.name)
-            self._pool = pool
+            indexes = DeferredIndexBuilder(self.dsn, self.config.name, self.config.index_memory, pool)
             if self.config.heartbeat_interval > 0:
-                self._heartbeat = Heartbeat(pool, self.config.name, self.config.concurrency, _version())
-                await self._heartbeat.beat("running", self.stats, starting=True)
-                side["heartbeat"] = asyncio.create_task(self._beat_loop(), name="pgembed-heartbeat")
-            side["listener"] = asyncio.create_task(self._listen(), name="pgembed-listener")
+                self._heartbeat = Heartbeat(pool, self.config.name, self.config.concurrency, self.stats,
+                                            self.metrics, self.notifier)
+                await self._heartbeat.beat(starting=True)
+                side["heartbeat"] = asyncio.create_task(self._heartbeat.run(self.config.heartbeat_interval),
+                                                        name="pgembed-heartbeat")
+            side["listener"] = asyncio.create_task(self._listener.run(), name="pgembed-listener")
             interval = watchdog_interval() if self.notifier.enabled else None
             if interval:
                 side["watchdog"] = asyncio.create_task(watchdog_loop(self.notifier, interval),
@@ -258,7 +190,7 @@ class Worker:
                      self.config.concurrency, self.config.batch_size,
                      extra={"action": "start", "worker": self.config.name})
             ready = asyncio.create_task(self._announce_ready(), name="pgembed-ready")
-            slots = [asyncio.create_task(self._slot(queue), name=f"pgembed-slot-{i}")
+            slots = [asyncio.create_task(self._slot(queue, indexes), name=f"pgembed-slot-{i}")
                      for i in range(self.config.concurrency + self.config.prefetch)]
             crash = await self._supervise(slots, side)
         finally:
@@ -321,15 +253,16 @@ class Worker:
         """Lets batches in flight finish within the shutdown bound, then cancels their
         embedding (the rows are given back) and, a little later, whatever still hangs."""
         pending = {s for s in slots if not s.done()}
-        self._state = "stopping"
         self.notifier.stopping(f"stopping: {len(self._embedding)} batches in flight")
         if self._embedding:
             log.info("finishing %d batches in flight", len(self._embedding), extra={"action": "draining"})
         # scheduled jobs under way share the same bound
         jobs = (asyncio.create_task(self._scheduler.stop(self.config.shutdown_timeout))
                 if self._scheduler is not None else None)
-        if pending and self._heartbeat is not None:
-            self._track(asyncio.create_task(self._beat_quietly()))
+        if self._heartbeat is not None:
+            self._heartbeat.state = "stopping"
+            if pending:
+                self._track(asyncio.create_task(self._heartbeat.beat_quietly()))
         pending = await self._wait(pending, self.config.shutdown_timeout, until_forced=True)
         if pending:
             log.warning("giving back %d batches in flight", len(self._embedding),
@@ -376,32 +309,9 @@ class Worker:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def _announce_ready(self) -> None:
-        await self._listening.wait()
+        await self._listener.listening.wait()
         self.notifier.ready(f"embedding, {self.config.concurrency} slots")
         log.info("connected and listening on channel %s", CHANNEL, extra={"action": "ready"})
-
-    async def _beat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            try:
-                await self._beat_now()
-            except psycopg.Error as error:
-                log.warning("heartbeat failed: %s", error, extra={"action": "heartbeat_failed"})
-
-    async def _beat_quietly(self) -> None:
-        """Says 'stopping' in pgembed.workers, without holding up the shutdown on it."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._beat_now(), 5)
-
-    async def _beat_now(self) -> None:
-        if self._heartbeat is None:
-            return
-        await self._heartbeat.beat(self._state, self.stats)
-        if self.metrics.enabled or self.notifier.enabled:
-            ready, leased, waiting = await self._heartbeat.queue_depth()
-            self.metrics.queue_depth(ready, leased, waiting)
-            self.notifier.status(f"{self._state}: {self.stats.written} rows embedded in "
-                                 f"{self.stats.batches} batches; queue: {ready} ready, {leased} leased")
 
     # ---------------------------------------------------------------- the work
 
@@ -415,11 +325,11 @@ class Worker:
         task.add_done_callback(self._protected.discard)
         return task
 
-    async def _slot(self, queue: Queue) -> None:
+    async def _slot(self, queue: Queue, indexes: DeferredIndexBuilder) -> None:
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                await self._step(queue)
+                await self._step(queue, indexes)
                 delay = 0.5
             except psycopg.OperationalError as error:
                 if self.config.until_empty:
@@ -430,7 +340,7 @@ class Worker:
                 await self._sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    async def _step(self, queue: Queue) -> None:
+    async def _step(self, queue: Queue, indexes: DeferredIndexBuilder) -> None:
         # a claim under way counts: it may be about to take the rows this slot's claim
         # skipped, so --until-empty must not call the queue empty before it returns
         self._claiming += 1
@@ -441,9 +351,10 @@ class Worker:
             self._claiming -= 1
         self._claim_limit = self._next_limit(batch, limit)
         if batch is None:
-            await self._build_indexes(force=self.config.until_empty)
+            await indexes.check(force=self.config.until_empty)
+            # an index check under way counts too: the worker does not stop in a build
             if (self.config.until_empty and self._busy == 0 and self._claiming == 0
-                    and await queue.batched() == 0):
+                    and indexes.active == 0 and await queue.batched() == 0):
                 self.stop()
                 return
             await self._idle()
@@ -457,7 +368,7 @@ class Worker:
         try:
             await self._process(queue, batch)
             if len(batch.rows) < limit:  # the queue ran short: a backfill may be over
-                await self._build_indexes(force=False)
+                await indexes.check(force=False)
         finally:
             self._busy -= 1
             self.metrics.batches_in_flight(self._busy)
@@ -469,22 +380,6 @@ class Worker:
                 and all(row.purpose in BULK_PURPOSES for row in batch.rows)):
             return max(self.config.bulk_batch_size, self.config.batch_size)
         return self.config.batch_size
-
-    async def _build_indexes(self, force: bool) -> None:
-        """Builds the vector indexes put off for backfills that are over. Counted as busy,
-        waiting included, so that an --until-empty worker does not stop in the middle of a
-        build. A forced check waits for one under way and then looks again itself: that one
-        may have read the plan just before another slot acknowledged the backfill's last rows
-        (a worker once stopped with its index unbuilt that way)."""
-        if not force and (self._index_lock.locked() or time.monotonic() < self._next_index_check):
-            return
-        self._busy += 1
-        try:
-            async with self._index_lock:
-                self._next_index_check = time.monotonic() + INDEX_CHECK_INTERVAL
-                await indexes.build_ready(self.dsn, self.config.index_memory, self._index_failed, self._pool)
-        finally:
-            self._busy -= 1
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -556,22 +451,3 @@ class Worker:
             provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec))
             self._providers[key] = _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
         return self._providers[key]
-
-    async def _listen(self) -> None:
-        """LISTEN on a connection of its own; reconnects with backoff if it drops."""
-        delay = 0.5
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                        self.dsn, autocommit=True, application_name="pgembed-listener") as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    delay = 0.5
-                    self._listening.set()
-                    self._wake.set()  # anything sent while we were away
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except psycopg.OperationalError as error:
-                log.warning("listener lost its connection (%s); retrying in %.1fs", error, delay,
-                            extra={"action": "listen_retry"})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)

@@ -275,3 +275,22 @@ SELECT pg_catalog.to_regclass('public.pgembed_alembic_version') IS NOT NULL
 
 -- revision --
 SELECT version_num FROM public.pgembed_alembic_version
+
+-- listen --
+-- The worker's listener: the outbox triggers and pgembed's functions NOTIFY on this channel.
+LISTEN pgembed
+
+-- listener_probe --
+-- The listener's proof that its session still hears: a notification to itself, whose
+-- payload (listener.PROBE_PREFIX...) every listener knows is not work.
+SELECT pg_catalog.pg_notify('pgembed', %(payload)s)
+
+-- heartbeat --
+SELECT pgembed.heartbeat(%(name)s, %(host)s, %(pid)s, %(version)s, %(state)s, %(concurrency)s,
+                         %(batches)s, %(written)s, %(removed)s, %(failed)s, %(starting)s)
+
+-- worker_exit --
+SELECT pgembed.worker_exit(%(name)s)
+
+-- queue_depth --
+SELECT ready, leased, waiting FROM pgembed.queue_depth()

@@ -566,7 +566,7 @@ def _notes(conn: psycopg.Connection, rows: int) -> str:
 def _limiter_sessions(conn: psycopg.Connection) -> int:
     row = conn.execute(
         "SELECT count(*) FROM pg_stat_activity "
-        "WHERE application_name = 'pgembed-ratelimit' AND datname = current_database()"
+        "WHERE application_name LIKE 'pgembed-ratelimit%' AND datname = current_database()"
     ).fetchone()
     return row[0] if row else 0
 

@@ -146,7 +146,8 @@ def test_systemd_hears_ready_watchdog_and_stopping_and_the_heartbeat_row_comes_a
         receive_until("READY=1")
         row = conn.execute("SELECT pid, state, host FROM pgembed.workers WHERE name = 'svc-test'").fetchone()
         assert row == (proc.pid, "running", socket.gethostname()), "the heartbeat row exists once READY"
-        assert count(conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgembed-worker'") >= 1
+        assert count(conn, "SELECT count(*) FROM pg_stat_activity "
+                           "WHERE application_name = 'pgembed-worker[svc-test]'") >= 1
         first_seen = conn.execute("SELECT last_seen FROM pgembed.workers").fetchone()[0]
         wait_for(lambda: conn.execute("SELECT last_seen FROM pgembed.workers").fetchone()[0] > first_seen,
                  "a second heartbeat")

@@ -281,13 +281,16 @@ def outbox_count(conn: psycopg.Connection) -> int:
     return int(scalar(conn, "SELECT count(*) + pgembed.statement_keys() FROM pgembed.outbox"))
 
 
+# A session's role: its application_name without the worker's name, pgembed-<role>[<name>].
+ROLE = "split_part(application_name, '[', 1)"
+
+
 def worker_backends(conn: psycopg.Connection) -> list[tuple[int, str, str | None, float | None, str]]:
-    """(pid, application_name, state, seconds in the current transaction, last query) of
-    worker sessions."""
+    """(pid, role, state, seconds in the current transaction, last query) of worker sessions."""
     return conn.execute(
-        "SELECT pid, application_name, state, extract(epoch FROM clock_timestamp() - xact_start)::float, "
+        f"SELECT pid, {ROLE}, state, extract(epoch FROM clock_timestamp() - xact_start)::float, "
         "left(query, 100) "
-        "FROM pg_stat_activity WHERE application_name IN ('pgembed-worker', 'pgembed-listener') "
+        f"FROM pg_stat_activity WHERE {ROLE} IN ('pgembed-worker', 'pgembed-listener') "
         "AND datname = current_database()").fetchall()
 
 

@@ -13,6 +13,7 @@ from pgembed import migrate
 from tests.reliability.convergence import converge
 from tests.reliability.harness import (
     FORMS,
+    ROLE,
     Fleet,
     OwnServer,
     api_env,
@@ -78,7 +79,7 @@ def test_postgres_restart_and_terminated_sessions(form, server, api, tmp_path, r
             wait_for(lambda: sum(1 for b in worker_backends(conn) if b[1] == "pgembed-worker") >= 2, 60,
                      "the workers' pools back")
             terminated = scalar(conn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                      "WHERE application_name IN ('pgembed-worker', 'pgembed-listener') "
+                                      f"WHERE {ROLE} IN ('pgembed-worker', 'pgembed-listener') "
                                       "AND datname = current_database()")
             assert terminated >= 4
             last_fault = time.monotonic()
