@@ -111,11 +111,11 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: 
     fresh, failed, new_cache = _collect(mine, result)
     inflight.settle(mine, fresh, failed)
     for h, answer in theirs.items():
-        vector, error, outage = await answer
+        vector, problem, outage = await answer
         if outage is not None:
             raise ProviderError(f"the request that was embedding the same text failed: {outage}")
         if vector is None:
-            failed[h] = error or "provider returned no vector"
+            failed[h] = problem or "provider returned no vector"
         else:
             cached[h] = vector
     for outcome in outcomes:

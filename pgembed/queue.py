@@ -357,7 +357,8 @@ class Queue:
         keys, seqs, texts, doc_hashes, hashes, vectors = [], [], [], [], [], []
         for o in outcomes:
             # a row that is gone (or has no chunks) passes one NULL chunk: "forget me"
-            for c in o.chunks or [None]:
+            row_chunks: list[Chunk | None] = [*o.chunks] if o.chunks else [None]
+            for c in row_chunks:
                 keys.append(Jsonb(list(o.claimed.key)))
                 seqs.append(c.seq if c else None)
                 texts.append(c.text if c else None)

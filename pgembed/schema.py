@@ -15,6 +15,7 @@ they meant when a revision shipped:
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
 from alembic import op
 
@@ -48,7 +49,7 @@ def revision_sql(path: str) -> str:
 def execute(sql: str) -> None:
     """Runs a script inside the migration's transaction, straight through psycopg:
     SQLAlchemy would read ":name" and "%" in plpgsql bodies as parameters."""
-    raw = op.get_bind().connection.dbapi_connection
+    raw: Any = op.get_bind().connection.dbapi_connection
     with raw.cursor() as cur:
         cur.execute(sql)
 

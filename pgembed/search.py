@@ -60,7 +60,7 @@ async def _embed_one(spec: ModelSpec, text: str,
     vector, error = result.vectors[0], result.errors[0]
     if vector is None:
         raise ProviderError(f"cannot embed the query: {error}")
-    return vector, result.tokens, result.requests
+    return list(map(float, vector)), result.tokens, result.requests
 
 
 def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline: str | None,

@@ -8,6 +8,7 @@ token counts come out. Limits arrive in a `ModelSpec`, which the caller reads fr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,7 +51,7 @@ class ModelSpec:
 class EmbedResult:
     """One vector or one error message per input, in input order, plus what it cost."""
 
-    vectors: list[list[float] | np.ndarray | None]
+    vectors: Sequence[list[float] | np.ndarray | None]
     errors: list[str | None]
     tokens: int = 0
     requests: int = 0

@@ -34,7 +34,7 @@ def hash_array(text: str, dimensions: int) -> np.ndarray:
     vector = np.zeros(dimensions)
     if words:
         buckets, signs = zip(*(_slot(w, dimensions) for w in words), strict=True)
-        vector = np.bincount(buckets, weights=signs, minlength=dimensions)
+        vector = np.bincount(buckets, weights=signs, minlength=dimensions).astype(np.float64)
     norm = float(np.sqrt(np.dot(vector, vector)))
     if norm == 0:
         vector[0] = 1.0

@@ -92,7 +92,7 @@ class _Rejected(Exception):
 class _Run:
     """What one `embed` call has gathered so far; tasks share it on one event loop."""
 
-    vectors: list[list[float] | None]
+    vectors: list[list[float] | np.ndarray | None]
     errors: list[str | None]
     token_counts: list[int]
     tokens: int = 0
