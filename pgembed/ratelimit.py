@@ -40,23 +40,11 @@ from psycopg.rows import dict_row
 
 from pgembed import db
 from pgembed.providers.base import ModelSpec, ProviderError
+from pgembed.sqlfiles import query
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: Seconds a limiter takes a bucket it found without a budget to still have none.
 UNLIMITED_RECHECK = 5.0
-
-_LIMITED = (
-    "EXISTS (SELECT FROM pgembed.rate_limits WHERE bucket = %(bucket)s "
-    "AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))"
-)
-# The grant and, in the same round trip, whether the bucket has a budget at all.
-_TAKE = f"SELECT pgembed.take_budget(%(bucket)s, %(requests)s, %(tokens)s), {_LIMITED}"
-_SET = (
-    "SELECT bucket FROM pgembed.set_rate_limit(%(bucket)s, %(max_requests)s, %(max_tokens)s, "
-    "%(per_seconds)s, %(burst_seconds)s, %(base_url)s, %(key_fingerprint)s)"
-)
-_CLEAR = "DELETE FROM pgembed.rate_limits WHERE bucket = %s"
-_STATUS = "SELECT * FROM pgembed.rate_limit_status ORDER BY bucket"
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -176,7 +164,7 @@ def set_budget(
     key_fingerprint: str | None = None,
 ) -> None:
     """Create or change the budget of a bucket (takes effect at every worker's next request)."""
-    conn.execute(_SET, _set_params(bucket, budget, base_url, key_fingerprint))
+    conn.execute(query("rate_limit_set"), _set_params(bucket, budget, base_url, key_fingerprint))
 
 
 def set_openai_budget(
@@ -191,20 +179,20 @@ def set_openai_budget(
 
 def clear_budget(conn: psycopg.Connection, bucket: str) -> bool:
     """Remove a budget (the bucket is then unlimited); False when there was none."""
-    return conn.execute(_CLEAR, (bucket,)).rowcount > 0
+    return conn.execute(query("rate_limit_clear"), {"bucket": bucket}).rowcount > 0
 
 
 def is_limited(conn: psycopg.Connection, bucket: str) -> bool:
     """Whether the bucket has a budget. Only reads, so it is safe inside the caller's
     transaction (unlike `take_budget`, whose row lock would last as long as it)."""
-    row = conn.execute(f"SELECT {_LIMITED}", {"bucket": bucket}).fetchone()
+    row = conn.execute(query("rate_limit_is_limited"), {"bucket": bucket}).fetchone()
     return bool(row and row[0])
 
 
 def status(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Every budget and what is being spent of it (`pgembed.rate_limit_status`)."""
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(_STATUS).fetchall()
+        return cur.execute(query("rate_limit_status")).fetchall()
 
 
 # ---------------------------------------------------------------------- limiting
@@ -338,7 +326,7 @@ class BucketLimiter:
 
 
 async def _take(conn: psycopg.AsyncConnection, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
-    cur = await conn.execute(_TAKE, {"bucket": bucket, "requests": requests, "tokens": tokens})
+    cur = await conn.execute(query("rate_limit_take"), {"bucket": bucket, "requests": requests, "tokens": tokens})
     row = await cur.fetchone()
     if row is None:
         return 0.0, True

@@ -31,6 +31,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgembed import db
+from pgembed.sqlfiles import query
 
 log = logging.getLogger("pgembed.scheduler")
 
@@ -112,14 +113,15 @@ class Job:
 
 # --------------------------------------------------------------------------- the jobs
 
-async def _scalar(conn: psycopg.AsyncConnection, query: str, params: tuple[Any, ...] = ()) -> Any:
-    cur = await conn.execute(query, params)
+async def _scalar(conn: psycopg.AsyncConnection, name: str, params: dict[str, Any]) -> Any:
+    """The first column of the first row of named query `name` (None: no row)."""
+    cur = await conn.execute(query(name), params)
     row = await cur.fetchone()
     return row[0] if row else None
 
 
 async def audit_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
-    return str(await _scalar(conn, "SELECT pgembed.run_scheduled_audit(%s)", (ctx.config.audit_repair,)))
+    return str(await _scalar(conn, "job_audit", {"repair": ctx.config.audit_repair}))
 
 
 async def cleanup_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
@@ -127,21 +129,21 @@ async def cleanup_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
     millions of stale entries never holds one long transaction."""
     removed = 0
     while True:
-        n = await _scalar(conn, "SELECT pgembed.clean_cache(%s, 10000)",
-                          (dt.timedelta(seconds=ctx.config.cache_max_age),))
+        n = await _scalar(conn, "job_clean_cache",
+                          {"max_age": dt.timedelta(seconds=ctx.config.cache_max_age), "slice": 10000})
         removed += int(n or 0)
         if not n or n < 10000:
             break
-    cur = await conn.execute("SELECT job_runs, workers FROM pgembed.prune_service_rows()")
+    cur = await conn.execute(query("job_prune"))
     runs, workers = await cur.fetchone() or (0, 0)
     return (f"{removed} cache entries unused for {format_duration(ctx.config.cache_max_age)} removed; "
             f"{runs} old job runs and {workers} dead workers forgotten")
 
 
 async def retry_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
-    n = await _scalar(conn, "SELECT pgembed.retry_parked_failures(%s, %s)",
-                      (dt.timedelta(seconds=ctx.config.retry_parked_after),
-                       dt.timedelta(seconds=ctx.config.retry_parked_max)))
+    n = await _scalar(conn, "job_retry_parked",
+                      {"parked_after": dt.timedelta(seconds=ctx.config.retry_parked_after),
+                       "parked_max": dt.timedelta(seconds=ctx.config.retry_parked_max)})
     return f"{n or 0} parked failures re-queued"
 
 
@@ -156,17 +158,17 @@ async def _build_ivfflat(conn: psycopg.AsyncConnection, ctx: JobContext, plan: d
             await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS pgembed.{}").format(
                 sql.Identifier(plan["index_name"])))
         raise
-    await conn.execute("SELECT pgembed.record_index_build(%s, %s, %s, %s, %s)",
-                       (plan["pipeline"], plan["index_name"], plan["lists"], plan["row_count"], ctx.worker))
+    await conn.execute(query("ivfflat_record_build"),
+                       {"pipeline": plan["pipeline"], "index_name": plan["index_name"], "lists": plan["lists"],
+                        "row_count": plan["row_count"], "worker": ctx.worker})
     for statement in plan["drop_sql"]:
         await conn.execute(statement)
 
 
 async def index_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
     cur = await conn.execute(
-        "SELECT pipeline, row_count, built_rows, built_lists, lists, action, index_name, create_sql, "
-        "drop_sql FROM pgembed.ivfflat_plan(%s, %s)",
-        (ctx.config.ivfflat_min_rows, ctx.config.ivfflat_rebuild_factor))
+        query("ivfflat_plan"),
+        {"min_rows": ctx.config.ivfflat_min_rows, "rebuild_factor": ctx.config.ivfflat_rebuild_factor})
     columns = [c.name for c in cur.description or ()]
     notes = []
     for row in await cur.fetchall():
@@ -244,7 +246,7 @@ class Scheduler:
             for job in self.jobs.values():
                 await self._publish(conn, job)
             for name in disabled_jobs(self.config):
-                await conn.execute("DELETE FROM pgembed.schedules WHERE job = %s", (name,))
+                await conn.execute(query("schedule_delete"), {"job": name})
         self._aps = AsyncIOScheduler(timezone=dt.UTC)
         for job in self.jobs.values():
             self._aps.add_job(self._fire, IntervalTrigger(seconds=job.every, start_date=EPOCH, timezone=dt.UTC),
@@ -286,20 +288,21 @@ class Scheduler:
         job = self.jobs[name]
         try:
             async with await self._connect() as conn:
-                if not await _scalar(conn, "SELECT pgembed.try_job_lock(%s)", (name,)):
+                if not await _scalar(conn, "job_lock", {"job": name}):
                     log.debug("job %s is running on another worker", name, extra={"action": "job_busy"})
                     return None
                 try:
                     return await self._run_locked(conn, job)
                 finally:
                     with contextlib.suppress(psycopg.Error):
-                        await conn.execute("SELECT pgembed.job_unlock(%s)", (name,))
+                        await conn.execute(query("job_unlock"), {"job": name})
         except psycopg.Error as error:
             log.warning("job %s could not run: %s", name, error, extra={"action": "job_error", "job": name})
             return False
 
     async def _run_locked(self, conn: psycopg.AsyncConnection, job: Job) -> bool | None:
-        run_id = await _scalar(conn, "SELECT pgembed.start_job_run(%s, %s, %s)", (job.name, self.worker, job.every))
+        run_id = await _scalar(conn, "job_run_start",
+                               {"job": job.name, "worker": self.worker, "every": job.every})
         if run_id is None:
             log.debug("job %s already ran this period", job.name, extra={"action": "job_skipped", "job": job.name})
             return None
@@ -316,7 +319,7 @@ class Scheduler:
             detail = f"{type(error).__name__}: {error}"
             log.warning("job %s failed: %s", job.name, detail, exc_info=not isinstance(error, psycopg.Error),
                         extra={"action": "job_failed", "job": job.name})
-        await conn.execute("SELECT pgembed.finish_job_run(%s, %s, %s)", (run_id, ok, detail[:10000]))
+        await conn.execute(query("job_run_finish"), {"run_id": run_id, "ok": ok, "detail": detail[:10000]})
         await self._publish(conn, job)
         if ok:
             log.info("job %s done in %.1fs: %s", job.name, time.monotonic() - started, detail,
@@ -327,9 +330,10 @@ class Scheduler:
 
     async def _finish(self, run_id: int, ok: bool, detail: str) -> None:
         async with await self._connect() as conn:
-            await conn.execute("SELECT pgembed.finish_job_run(%s, %s, %s)", (run_id, ok, detail))
+            await conn.execute(query("job_run_finish"), {"run_id": run_id, "ok": ok, "detail": detail})
 
     async def _publish(self, conn: psycopg.AsyncConnection, job: Job) -> None:
-        await conn.execute("SELECT pgembed.upsert_schedule(%s, %s, %s, %s, %s)",
-                           (job.name, job.every, job.next_run(), Jsonb(job.settings), self.worker))
+        await conn.execute(query("schedule_upsert"),
+                           {"job": job.name, "every": job.every, "next_run": job.next_run(),
+                            "settings": Jsonb(job.settings), "worker": self.worker})
 

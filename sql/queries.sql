@@ -294,3 +294,77 @@ SELECT pgembed.worker_exit(%(name)s)
 
 -- queue_depth --
 SELECT ready, leased, waiting FROM pgembed.queue_depth()
+
+-- ===== pgembed/ratelimit.py: shared rate limit budgets =====
+
+-- rate_limit_take --
+-- The grant (0: granted, else seconds to wait) and, in the same round trip, whether the
+-- bucket has a budget at all (false: the limiter stops asking for a while).
+SELECT pgembed.take_budget(%(bucket)s, %(requests)s, %(tokens)s),
+       EXISTS (SELECT FROM pgembed.rate_limits
+                WHERE bucket = %(bucket)s
+                  AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
+
+-- rate_limit_is_limited --
+-- Only reads (no row lock), so it is safe inside the caller's transaction.
+SELECT EXISTS (SELECT FROM pgembed.rate_limits
+                WHERE bucket = %(bucket)s
+                  AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
+
+-- rate_limit_set --
+SELECT bucket FROM pgembed.set_rate_limit(%(bucket)s, %(max_requests)s, %(max_tokens)s,
+                                          %(per_seconds)s, %(burst_seconds)s, %(base_url)s,
+                                          %(key_fingerprint)s)
+
+-- rate_limit_clear --
+DELETE FROM pgembed.rate_limits WHERE bucket = %(bucket)s
+
+-- rate_limit_status --
+SELECT * FROM pgembed.rate_limit_status ORDER BY bucket
+
+-- ===== pgembed/scheduler.py: the periodic jobs and their bookkeeping =====
+
+-- job_lock --
+-- The job's advisory lock: two runs of one job never overlap, even one outlasting its period.
+SELECT pgembed.try_job_lock(%(job)s)
+
+-- job_unlock --
+SELECT pgembed.job_unlock(%(job)s)
+
+-- job_run_start --
+-- Claims the current period of the job in pgembed.job_runs; NULL when it already ran.
+SELECT pgembed.start_job_run(%(job)s, %(worker)s, %(every)s)
+
+-- job_run_finish --
+SELECT pgembed.finish_job_run(%(run_id)s, %(ok)s, %(detail)s)
+
+-- schedule_upsert --
+SELECT pgembed.upsert_schedule(%(job)s, %(every)s, %(next_run)s, %(settings)s, %(worker)s)
+
+-- schedule_delete --
+-- A job disabled in this worker's configuration is no longer shown as scheduled.
+DELETE FROM pgembed.schedules WHERE job = %(job)s
+
+-- job_audit --
+SELECT pgembed.run_scheduled_audit(%(repair)s)
+
+-- job_clean_cache --
+-- One slice of cache entries (the caller asks for 10,000 at a time and loops), each its
+-- own short statement, so a large clean-up never holds one long transaction.
+SELECT pgembed.clean_cache(%(max_age)s, %(slice)s)
+
+-- job_prune --
+SELECT job_runs, workers FROM pgembed.prune_service_rows()
+
+-- job_retry_parked --
+SELECT pgembed.retry_parked_failures(%(parked_after)s, %(parked_max)s)
+
+-- ivfflat_plan --
+-- One row per IVFFlat pipeline: what to do now. create_sql and drop_sql are statements
+-- the database composed (identifiers quoted by format()), which the index job then runs as given.
+SELECT pipeline, row_count, built_rows, built_lists, lists, action, index_name, create_sql,
+       drop_sql
+  FROM pgembed.ivfflat_plan(%(min_rows)s, %(rebuild_factor)s)
+
+-- ivfflat_record_build --
+SELECT pgembed.record_index_build(%(pipeline)s, %(index_name)s, %(lists)s, %(row_count)s, %(worker)s)
