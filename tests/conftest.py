@@ -67,9 +67,7 @@ def fresh_database(pg_base: str, template: str | None) -> str:
     return name
 
 
-@pytest.fixture
-def dsn(pg_base: str, template: str) -> Iterator[str]:
-    """A migrated database of this test's own."""
+def _database(pg_base: str, template: str | None) -> Iterator[str]:
     name = fresh_database(pg_base, template)
     yield make_conninfo(pg_base, dbname=name)
     with _admin(pg_base) as conn:
@@ -77,21 +75,21 @@ def dsn(pg_base: str, template: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def dsn(pg_base: str, template: str) -> Iterator[str]:
+    """A migrated database of this test's own."""
+    yield from _database(pg_base, template)
+
+
+@pytest.fixture
 def empty_dsn(pg_base: str) -> Iterator[str]:
     """A database with no pgembed schema at all."""
-    name = fresh_database(pg_base, None)
-    yield make_conninfo(pg_base, dbname=name)
-    with _admin(pg_base) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _database(pg_base, None)
 
 
 @pytest.fixture
 def another_empty_dsn(pg_base: str) -> Iterator[str]:
     """A second database with no pgembed schema, for tests that compare two."""
-    name = fresh_database(pg_base, None)
-    yield make_conninfo(pg_base, dbname=name)
-    with _admin(pg_base) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _database(pg_base, None)
 
 
 @pytest.fixture
