@@ -192,6 +192,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     p pgembed.pipelines;
+    problem text;
     untrusted text;
     stale_keys jsonb[];
     stale_since timestamptz[];
@@ -201,8 +202,10 @@ BEGIN
             SELECT p.name, f.key, 'failed'::text, f.first_failed_at
               FROM pgembed.failures f
              WHERE f.pipeline = p.name AND f.parked_at IS NOT NULL;
-        IF pgembed.source_name(p) IS NULL THEN
-            RAISE WARNING 'pgembed: pipeline "%": its source table was dropped; drop the pipeline', p.name;
+        problem := pgembed.source_problem(p);
+        IF problem IS NOT NULL THEN  -- one such pipeline does not stop the audit of the others
+            RAISE WARNING 'pgembed: pipeline "%": not audited: %', p.name, problem
+                USING HINT = 'A dropped source: drop the pipeline. Row-level security: see README, "Privileges and roles".';
             CONTINUE;
         END IF;
 
@@ -284,11 +287,14 @@ AS $$
 DECLARE
     p pgembed.pipelines;
     src text;
+    problem text;
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines_named(coalesce(p_pipeline, ''));
-    src := pgembed.source_name(p);
-    IF src IS NULL THEN  -- dropped behind pgembed's back: NULL rows
-        RAISE WARNING 'pgembed: pipeline "%": its source table was dropped; drop the pipeline', p.name;
+    problem := pgembed.source_problem(p);
+    IF problem IS NULL THEN
+        src := pgembed.source_name(p);
+    ELSE  -- dropped behind pgembed's back, or not readable here: source_rows NULL
+        RAISE WARNING 'pgembed: pipeline "%": source rows not counted: %', p.name, problem;
     END IF;
     EXECUTE format('SELECT %s, count(*) FILTER (WHERE d.chunk_seq = 0), max(d.embedded_at) '
                    'FROM pgembed.%I d',
