@@ -187,6 +187,15 @@ RETURNS TABLE (pipeline text, key jsonb, kind text, since timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- the settings of pgembed.pinned_settings(): keys and content render alike everywhere
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 1
+SET bytea_output = 'hex'
+SET lc_monetary = 'C'
+SET lc_numeric = 'C'
+SET lc_time = 'C'
 SET row_security = off
 AS $$
 #variable_conflict use_column
@@ -256,6 +265,15 @@ CREATE OR REPLACE FUNCTION pgembed.explain_gaps(p_pipeline text, p_analyze boole
 RETURNS TABLE (kind text, plan json)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- the settings of pgembed.pinned_settings(): keys and content render alike everywhere
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 1
+SET bytea_output = 'hex'
+SET lc_monetary = 'C'
+SET lc_numeric = 'C'
+SET lc_time = 'C'
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -374,6 +392,15 @@ CREATE OR REPLACE FUNCTION pgembed.delete_orphans(p pgembed.pipelines, p_keys js
 RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- the settings of pgembed.pinned_settings(): keys and content render alike everywhere
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 1
+SET bytea_output = 'hex'
+SET lc_monetary = 'C'
+SET lc_numeric = 'C'
+SET lc_time = 'C'
 AS $$
 DECLARE
     n bigint;

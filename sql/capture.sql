@@ -62,6 +62,34 @@ BEGIN
 END
 $$;
 
+-- The settings every evaluation of keys and content runs under: the worker's reader and
+-- store, the audit, backfill, and the capture trigger of a table whose key renders
+-- differently by session (a date, a timestamp...). Without them a key written under
+-- DateStyle 'SQL, DMY' reaches the worker as 13/02/2024, and a timestamptz content is
+-- embedded as 21:00:00+09 by a worker with PGTZ=Asia/Tokyo and called stale by the audit.
+-- The static functions that render keys or content (queue_all, gaps, explain_gaps,
+-- delete_orphans) carry the same SET clauses; tests/test_determinism.py checks them all.
+CREATE OR REPLACE FUNCTION pgembed.pinned_settings()
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT $s$SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' $s$
+           || $s$SET extra_float_digits = 1 SET bytea_output = 'hex' SET lc_monetary = 'C' SET lc_numeric = 'C' $s$
+           || $s$SET lc_time = 'C'$s$
+$$;
+
+-- The key types whose text is the same in every session: a capture trigger of a table keyed
+-- by them needs no pinned settings (and saves their cost on every statement).
+CREATE OR REPLACE FUNCTION pgembed.keys_render_alike(p pgembed.pipelines)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT bool_and(t ~ '^(smallint|integer|bigint|text|character varying|character|uuid|boolean|numeric|name|oid)(\(.*\))?$')
+      FROM unnest(p.key_types) AS t
+$$;
+
 -- A statement that queues at least this many rows of a table with a one-column key leaves
 -- one row in pgembed.outbox_statements instead of one outbox row per source row. Below it
 -- the per-row outbox insert is as cheap and a worker sees the rows at once. Read when a
@@ -295,12 +323,15 @@ DECLARE
     fn text;
 BEGIN
     EXECUTE format('CREATE OR REPLACE FUNCTION %s RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
-                   'SET search_path = pg_catalog, pg_temp AS %L', f.capture, pgembed.capture_body(p));
+                   'SET search_path = pg_catalog, pg_temp %s AS %L', f.capture,
+                   CASE WHEN pgembed.keys_render_alike(p) THEN '' ELSE pgembed.pinned_settings() END,
+                   pgembed.capture_body(p));
     EXECUTE format('CREATE OR REPLACE FUNCTION %s RETURNS TABLE (key jsonb, found boolean, content text, '
-                   'cost_center text) LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS %L',
-                   f.reader, pgembed.reader_body(p));
+                   'cost_center text) LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp %s AS %L',
+                   f.reader, pgembed.pinned_settings(), pgembed.reader_body(p));
     EXECUTE format('CREATE OR REPLACE FUNCTION %s RETURNS void LANGUAGE sql '
-                   'SET search_path = pg_catalog, pg_temp AS %L', f.store, pgembed.store_body(p));
+                   'SET search_path = pg_catalog, pg_temp %s AS %L', f.store, pgembed.pinned_settings(),
+                   pgembed.store_body(p));
     FOREACH fn IN ARRAY ARRAY[f.capture, f.reader, f.store] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
         EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn,

@@ -44,9 +44,9 @@ BEGIN
     -- the expression is read with the creator's path; the SET clause restores ours on exit
     PERFORM pg_catalog.set_config('search_path', p_path, true);
     BEGIN
-        OPEN probe FOR EXECUTE format('SELECT (%s)::text FROM %s WHERE false', p_content, p_source);
+        OPEN probe FOR EXECUTE format(E'SELECT (%s\n)::text FROM %s WHERE false', p_content, p_source);
         CLOSE probe;
-        EXECUTE format('CREATE TEMP VIEW %I AS SELECT (%s)::text AS pgembed_content FROM %s WHERE false',
+        EXECUTE format(E'CREATE TEMP VIEW %I AS SELECT (%s\n)::text AS pgembed_content FROM %s WHERE false',
                        probe_view, p_content, p_source);
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'pgembed: invalid % expression for %: %', p_what, p_source, SQLERRM
@@ -83,9 +83,14 @@ BEGIN
     END IF;
     -- Workers evaluate the expression with their own rights, on every row, for as long as the
     -- pipeline lives (and the audit with the owner's, see pgembed.gaps). So it may call only
-    -- functions that cannot write (IMMUTABLE or STABLE: the same text for the same row is
-    -- also what the cache relies on), owned by the creator or a superuser: a function another
-    -- role owns could be replaced later by one that runs statements as the worker. Every
+    -- functions that cannot write, owned by the creator or a superuser: a function another
+    -- role owns could be replaced later by one that runs statements as the worker. And the
+    -- same row must give the same text in every session, or every vector would be stale to
+    -- the next audit and re-embedded forever: so no session-dependent value (now(),
+    -- current_user, current_setting(), a catalog look-up...) and, of functions not built in,
+    -- only IMMUTABLE ones (a STABLE function of yours may read a table or a setting). Built-in
+    -- STABLE functions that only format values (concat_ws, to_char, format, casts to text)
+    -- are fine: every evaluation pins the settings they read (pgembed.pinned_settings). Every
     -- function, operator, aggregate and window function the expression calls, built-in or
     -- not, is a funcid/opfuncid/aggfnoid/winfnoid in the probe view's stored query tree.
     SELECT coalesce(array_agg(DISTINCT m.id[1]::oid), '{}')
@@ -105,9 +110,30 @@ BEGIN
                     OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = f.proowner)));
     IF others IS NOT NULL THEN
         EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
-        RAISE EXCEPTION 'pgembed: the % expression may call only IMMUTABLE or STABLE functions owned by you or a superuser, not %',
+        RAISE EXCEPTION 'pgembed: the % expression may call only IMMUTABLE functions owned by you or a superuser, not %',
             p_what, others
-            USING HINT = 'Declare your function IMMUTABLE or STABLE and own it (ALTER FUNCTION ... OWNER TO ...).';
+            USING HINT = 'Declare your function IMMUTABLE and own it (ALTER FUNCTION ... OWNER TO ...).';
+    END IF;
+    SELECT string_agg(DISTINCT f.oid::regprocedure::text, ', ')
+      INTO others
+      FROM pg_catalog.pg_proc f
+     WHERE f.oid = ANY (fns) AND f.provolatile = 's'
+       AND (f.pronamespace <> 'pg_catalog'::regnamespace
+            OR f.proname ~ ('^(now|statement_timestamp|transaction_timestamp|age|current_.*|session_user'
+                            '|pg_backend_pid|inet_.*|pg_my_temp_schema|pg_conf_load_time|pg_postmaster_start_time'
+                            '|to_reg.*|has_.*_privilege|pg_has_role|row_security_active|pg_current_.*'
+                            '|pg_get_.*|.*_description|pg_.*_is_visible|pg_relation_.*|pg_.*_size|txid_.*)$'));
+    IF others IS NULL AND EXISTS (
+        SELECT 1 FROM pg_catalog.pg_rewrite r
+         WHERE r.ev_class = probe_oid AND r.ev_action::text LIKE '%{SQLVALUEFUNCTION%') THEN
+        others := 'current_user, current_timestamp or a value like them';
+    END IF;
+    IF others IS NOT NULL THEN
+        EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
+        RAISE EXCEPTION 'pgembed: the % expression must give the same text for a row in every session; it uses %',
+            p_what, others
+            USING HINT = 'Use only the row''s columns and IMMUTABLE functions (a STABLE function of yours may '
+                         'depend on the session, the clock or other tables).';
     END IF;
     -- (on our pinned path, regprocedure prints every function outside pg_catalog qualified)
     SELECT coalesce(array_agg(f::regprocedure::text ORDER BY f::regprocedure::text), '{}')
@@ -130,14 +156,15 @@ BEGIN
         shape := pg_catalog.pg_get_viewdef(format('pg_temp.%I', probe_view || '_shape')::regclass, false);
         whole := pg_catalog.pg_get_viewdef(probe_oid, false);
         EXECUTE format('DROP VIEW pg_temp.%I', probe_view || '_shape');
-        head := left(shape, strpos(shape, 'NULL::text') - 1);
+        -- (head without its trailing blank: a multi-line expression starts on a new line)
+        head := rtrim(left(shape, strpos(shape, 'NULL::text') - 1));
         tail := substr(shape, strpos(shape, 'NULL::text') + length('NULL::text'));
         IF strpos(shape, 'NULL::text') = 0 OR left(whole, length(head)) <> head
            OR right(whole, length(tail)) <> tail OR length(whole) <= length(head) + length(tail) THEN
             RAISE EXCEPTION 'pgembed: cannot bind the names of the % expression for % (deparsed as %)',
                 p_what, p_source, whole;
         END IF;
-        bound := substr(whole, length(head) + 1, length(whole) - length(head) - length(tail));
+        bound := btrim(substr(whole, length(head) + 1, length(whole) - length(head) - length(tail)), E' \n');
     END IF;
     EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
     IF p_bind THEN

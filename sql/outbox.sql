@@ -66,6 +66,15 @@ CREATE OR REPLACE FUNCTION pgembed.queue_all(p_pipeline text, p_purpose text DEF
 RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- the settings of pgembed.pinned_settings(): keys and content render alike everywhere
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 1
+SET bytea_output = 'hex'
+SET lc_monetary = 'C'
+SET lc_numeric = 'C'
+SET lc_time = 'C'
 AS $$
 DECLARE
     p pgembed.pipelines;
