@@ -192,6 +192,24 @@ $t$, jsonb_build_object(
 END
 $$;
 
+-- Why a table cannot be a pipeline's source, or NULL when it can: capture needs a table whose
+-- every write fires its statement triggers, that outlives the session, and that is not one
+-- of pgembed's own (the outbox as a source would queue its own writes forever).
+CREATE OR REPLACE FUNCTION pgembed.source_refusal(p_source regclass)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN c.relkind NOT IN ('r', 'p') THEN format('%s is not a table', p_source)
+        WHEN c.relpersistence = 't' THEN format('%s is a temporary table, which only its own session sees', p_source)
+        WHEN c.relnamespace = 'pgembed'::regnamespace THEN format('%s is one of pgembed''s own tables', p_source)
+        WHEN c.relkind = 'r' AND EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhparent = c.oid) THEN
+            format('%s has inheritance children: rows written to them never fire its triggers', p_source)
+    END
+    FROM pg_catalog.pg_class c WHERE c.oid = p_source
+$$;
+
 -- Why `current_user` must not read a pipeline's source table now, or NULL when it may. The
 -- generated code names the table by the name it had when the code was generated
 -- (p_name); if that name no longer resolves to the table the pipeline was created on (the
