@@ -16,6 +16,7 @@ from alembic import context
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 
+from pgembed import db
 from pgembed.migrate import MIGRATION_LOCK, VERSION_TABLE
 from pgembed.schema import definitions_sql
 
@@ -31,7 +32,9 @@ def run_migrations_online() -> None:
     dsn = _dsn()
     engine = create_engine(
         "postgresql+psycopg://",
-        creator=lambda: psycopg.connect(dsn, application_name="pgembed-migrate"),
+        # the one connection factory's settings for role "migrate": named pgembed-migrate, no
+        # timeouts; not autocommit: the transaction holds the advisory lock
+        creator=lambda: psycopg.connect(dsn, **db.session_settings("migrate", autocommit=False)),
         poolclass=pool.NullPool,
     )
     with engine.connect() as connection:
