@@ -10,9 +10,9 @@ import uuid
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgembed import pipelines
+from pgembed import migrate, pipelines
 from tests.conftest import drain
 
 SPY = """CREATE FUNCTION app.spy() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
@@ -91,3 +91,48 @@ def test_row_level_security_is_a_problem_for_whom_it_applies_to(conn, dsn, roles
                                     "WHERE name = 'docs_h8'").fetchone()[0]
     assert "has row-level security" in problem, problem
     assert conn.execute("SELECT pgembed.source_problem(p) FROM pgembed.pipelines p").fetchall() == [(None,), (None,)]
+
+
+def test_a_table_with_row_level_security_does_not_stop_a_non_superuser_audit(empty_dsn, template):
+    """pgembed's owner is no superuser here (README, "Privileges and roles"): row-level
+    security on one source applies to it, and the audit of every other pipeline goes on.
+    (`template`: the group roles exist in the cluster, as after a first init.)"""
+    tag = uuid.uuid4().hex[:6]
+    admin, app = f"admin_{tag}", f"app_{tag}"
+    database = conninfo_to_dict(empty_dsn)["dbname"]
+    with psycopg.connect(empty_dsn, autocommit=True) as su:
+        su.execute("CREATE EXTENSION vector")
+        su.execute(f"CREATE ROLE {admin} LOGIN")
+        su.execute(f"CREATE ROLE {app} LOGIN")
+        su.execute(f'GRANT CREATE ON DATABASE "{database}" TO {admin}')
+        su.execute(f"GRANT CREATE ON SCHEMA public TO {admin}")
+        su.execute(f"CREATE SCHEMA app AUTHORIZATION {app}")
+    try:
+        migrate.upgrade(make_conninfo(empty_dsn, user=admin))
+        with psycopg.connect(make_conninfo(empty_dsn, user=app), autocommit=True) as a:
+            for table in ("open", "guarded"):
+                a.execute(f"CREATE TABLE app.{table} (id int PRIMARY KEY, body text)")
+                a.execute(f"INSERT INTO app.{table} VALUES (1, 'x')")
+                a.execute(f"GRANT SELECT, TRIGGER, MAINTAIN ON app.{table} TO {admin}")
+            a.execute(f"GRANT USAGE ON SCHEMA app TO {admin}")
+        with psycopg.connect(make_conninfo(empty_dsn, user=admin), autocommit=True) as owner:
+            for table in ("open", "guarded"):
+                owner.execute(f"SELECT pgembed.create_pipeline('app.{table}', 'body', 'hash:8', backfill => false)")
+        with psycopg.connect(make_conninfo(empty_dsn, user=app), autocommit=True) as a:
+            a.execute("CREATE POLICY mine ON app.guarded USING (true)")
+            a.execute("ALTER TABLE app.guarded ENABLE ROW LEVEL SECURITY")
+        with psycopg.connect(make_conninfo(empty_dsn, user=admin), autocommit=True) as owner:
+            notices: list[str] = []
+            owner.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+            gaps = owner.execute("SELECT pipeline, kind FROM pgembed.gaps()").fetchall()
+            status = owner.execute("SELECT pipeline, source_rows FROM pgembed.pipeline_status "
+                                   "ORDER BY pipeline").fetchall()
+        assert gaps == [("open_h8", "missing")], gaps
+        assert status == [("guarded_h8", None), ("open_h8", 1)], status
+        assert any("guarded_h8" in n and "row-level security" in n for n in notices), notices
+    finally:
+        with psycopg.connect(empty_dsn, autocommit=True) as su:
+            su.execute("DROP SCHEMA IF EXISTS pgembed, app CASCADE")
+            for role in (admin, app):
+                su.execute(f"DROP OWNED BY {role}")
+                su.execute(f"DROP ROLE {role}")
