@@ -1,5 +1,79 @@
 -- pgembed indexes: the vector index of a destination, deferred HNSW builds, IVFFlat upkeep.
 
+-- The index_options of create_pipeline, checked against what pgvector accepts before anything
+-- is created, and returned with whole-number values (SQL NULL is {}): a JSON object of the
+-- index type's own keys, hnsw m 2..100 and ef_construction 4..1000 and at least 2 * m (with
+-- pgvector's defaults 16 and 64 for the one not given), ivfflat lists 1..32768; nothing for
+-- index 'none'. p_index is already one of hnsw, ivfflat, none.
+CREATE OR REPLACE FUNCTION pgembed.check_index_options(p_index text, p_options jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    opts jsonb := coalesce(p_options, '{}');
+    allowed text[] := CASE p_index WHEN 'hnsw' THEN '{m,ef_construction}'::text[]
+                                   WHEN 'ivfflat' THEN '{lists}'::text[] ELSE '{}'::text[] END;
+    what text := CASE p_index
+        WHEN 'hnsw' THEN 'hnsw takes {"m": 2 to 100, "ef_construction": 4 to 1000 and at least 2 * m} '
+                         '(pgvector''s defaults: 16 and 64), e.g. index_options => ''{"m": 16, "ef_construction": 64}'''
+        WHEN 'ivfflat' THEN 'ivfflat takes {"lists": 1 to 32768}, e.g. index_options => ''{"lists": 100}'' '
+                            '(without it a worker picks lists from the row count)'
+        ELSE 'index => ''none'' takes none; hnsw takes m and ef_construction, ivfflat takes lists' END;
+    bounds jsonb := '{"m": [2, 100], "ef_construction": [4, 1000], "lists": [1, 32768]}';
+    bad text;
+    kv record;
+    v numeric;
+    checked jsonb := '{}';
+    m int;
+    ef int;
+BEGIN
+    IF jsonb_typeof(opts) <> 'object' THEN
+        RAISE EXCEPTION 'pgembed: index_options must be a JSON object, not %',
+            CASE jsonb_typeof(opts) WHEN 'array' THEN 'an array' WHEN 'null' THEN 'null'
+                 WHEN 'boolean' THEN 'a boolean' ELSE 'a ' || jsonb_typeof(opts) END
+              || CASE WHEN jsonb_typeof(opts) = 'null' THEN '' ELSE ' (' || left(opts::text, 60) || ')' END
+            USING HINT = 'Pass a JSON object of the index''s options, or nothing: ' || what || '.';
+    END IF;
+    IF p_index = 'none' AND opts <> '{}' THEN
+        RAISE EXCEPTION 'pgembed: index => ''none'' takes no index_options (got %)', left(opts::text, 60)
+            USING HINT = 'Leave index_options out, or choose index => ''hnsw'' (m, ef_construction) '
+                         'or ''ivfflat'' (lists).';
+    END IF;
+    SELECT string_agg(k, ', ' ORDER BY k) INTO bad
+      FROM jsonb_object_keys(opts) AS k WHERE k <> ALL (allowed);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgembed: % index options are %, not %', p_index,
+            array_to_string(allowed, ', '), bad
+            USING HINT = what || '.';
+    END IF;
+    FOR kv IN SELECT key, value FROM jsonb_each(opts) ORDER BY key LOOP
+        v := CASE WHEN jsonb_typeof(kv.value) = 'number' THEN (kv.value::text)::numeric END;
+        IF v IS NULL OR v <> trunc(v) THEN
+            RAISE EXCEPTION 'pgembed: % index option % must be a whole number, not %',
+                p_index, kv.key, left(kv.value::text, 60)
+                USING HINT = what || '.';
+        END IF;
+        IF v < (bounds -> kv.key ->> 0)::int OR v > (bounds -> kv.key ->> 1)::int THEN
+            RAISE EXCEPTION 'pgembed: % index option % must be from % to %, not %', p_index, kv.key,
+                bounds -> kv.key ->> 0, bounds -> kv.key ->> 1, left(kv.value::text, 60)
+                USING HINT = what || '.';
+        END IF;
+        checked := checked || jsonb_build_object(kv.key, v::int);
+    END LOOP;
+    IF p_index = 'hnsw' THEN
+        m := coalesce((checked ->> 'm')::int, 16);
+        ef := coalesce((checked ->> 'ef_construction')::int, 64);
+        IF ef < 2 * m THEN
+            RAISE EXCEPTION 'pgembed: hnsw index option ef_construction must be at least 2 * m (%), not %',
+                2 * m, ef || CASE WHEN checked ? 'ef_construction' THEN '' ELSE ' (the default)' END
+                USING HINT = what || '.';
+        END IF;
+    END IF;
+    RETURN checked;
+END
+$$;
+
 -- The vector index of a destination table.
 -- The CREATE INDEX statement of a pipeline's vector index (NULL for index 'none').
 -- CONCURRENTLY for a build while the application writes: its deletes remove vectors.

@@ -88,6 +88,71 @@ BEGIN
 END
 $$;
 
+-- A pipeline's name is its destination table's name in schema pgembed, and shows in logs,
+-- the command line's output and NOTIFY payloads. Allowed: 1 to 63 bytes (PostgreSQL cuts
+-- identifiers at 63, so two longer names could become one table), no control character
+-- (newline, tab, U+0001-U+001F, U+007F-U+009F; text cannot hold U+0000), no space at
+-- either end, and not the name of a pipeline or of any relation or type already in schema
+-- pgembed. Anything else (quotes, spaces inside, punctuation, any other Unicode) is fine:
+-- it is always quoted.
+-- p_derived: the name was made from the table's name, not given.
+CREATE OR REPLACE FUNCTION pgembed.check_pipeline_name(p_name text, p_derived boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shown text := to_json(p_name)::text;  -- double-quoted, control characters escaped
+    rule text := 'A pipeline name (the name of its table in schema pgembed) has 1 to 63 bytes, '
+                 'no control characters and no space at either end; leave name out for '
+                 'the default {table}_{model}.';
+    kind text;
+BEGIN
+    IF p_name !~ '[^[:space:]]' THEN
+        RAISE EXCEPTION 'pgembed: a pipeline name cannot be empty or blank'
+            USING HINT = rule;
+    END IF;
+    IF octet_length(p_name) > 63 THEN
+        RAISE EXCEPTION 'pgembed: pipeline name % is % bytes long; pipeline names are at most 63 bytes',
+            shown, octet_length(p_name)
+            USING HINT = 'PostgreSQL cuts identifiers at 63 bytes, so two longer names sharing '
+                         'their first 63 bytes would name one table. Pass a shorter name.';
+    END IF;
+    IF p_name ~ '[\u0001-\u001f\u007f-\u009f]' THEN
+        RAISE EXCEPTION 'pgembed: pipeline name % contains a control character', shown
+            USING HINT = CASE WHEN p_derived
+                THEN 'The name was made from the table''s name; pass name => ''...'' instead. '
+                ELSE '' END || rule;
+    END IF;
+    IF p_name ~ '^[[:space:]]|[[:space:]]$' THEN
+        RAISE EXCEPTION 'pgembed: pipeline name % begins or ends with a space', shown
+            USING HINT = rule;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgembed.pipelines q WHERE q.name = p_name) THEN
+        RAISE EXCEPTION 'pgembed: a pipeline named "%" exists already', p_name
+            USING HINT = 'Pass another name => ..., or drop it first: SELECT pgembed.drop_pipeline(...).';
+    END IF;
+    SELECT CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'table' WHEN 'v' THEN 'view'
+                          WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence'
+                          WHEN 'f' THEN 'foreign table' WHEN 'c' THEN 'type'
+                          ELSE 'index' END
+      INTO kind
+      FROM pg_catalog.pg_class c
+     WHERE c.relnamespace = 'pgembed'::regnamespace AND c.relname = p_name::name;
+    IF kind IS NULL AND EXISTS (SELECT 1 FROM pg_catalog.pg_type t
+                                 WHERE t.typnamespace = 'pgembed'::regnamespace
+                                   AND t.typname = p_name::name) THEN
+        kind := 'type';
+    END IF;
+    IF kind IS NOT NULL THEN
+        RAISE EXCEPTION 'pgembed: pipeline name % is taken by pgembed''s % pgembed.%', shown, kind,
+            quote_ident(p_name)
+            USING HINT = 'A pipeline''s table is created in schema pgembed under the pipeline''s '
+                         'name; pass another name => ..., or leave name out for the default.';
+    END IF;
+END
+$$;
+
 -- What a worker needs of one pipeline's own objects, granted to the group role
 -- pgembed_worker (see privileges.sql): its destination table and its generated read and
 -- store functions. The source table is the DBA's to grant (GRANT SELECT ON ... TO
@@ -129,35 +194,79 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    m pgembed.models := pgembed.model_info(model);
-    dims int := coalesce(dimensions, m.dimensions);
+    m pgembed.models;
+    dims int;
     pk record;
     p pgembed.pipelines;
     reserved name[] := '{chunk_seq,chunk,content_hash,chunk_hash,embedding,embedded_at}';
     clash name;
     queued bigint := 0;
+    options jsonb;
 BEGIN
-    IF (SELECT relkind FROM pg_catalog.pg_class WHERE oid = source) NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION 'pgembed: % is not a table', source;
+    -- Every argument is checked before anything is locked or created, each refusal with
+    -- pgembed's own message and a hint saying what is allowed.
+    IF source IS NULL THEN
+        RAISE EXCEPTION 'pgembed: source must name a table, not NULL'
+            USING HINT = 'Pass the table whose rows are embedded, e.g. source => ''public.articles''.';
     END IF;
-    IF dims < 1 OR dims > m.dimensions OR (dims <> m.dimensions AND NOT m.shortenable) THEN
+    IF NOT coalesce((SELECT relkind FROM pg_catalog.pg_class WHERE oid = source) IN ('r', 'p'), false) THEN
+        RAISE EXCEPTION 'pgembed: % is not a table', source
+            USING HINT = 'pgembed embeds the rows of a table (partitioned tables too), not of a view or other relation.';
+    END IF;
+    IF content IS NULL THEN
+        RAISE EXCEPTION 'pgembed: content must be a SQL expression over the columns of %, not NULL', source
+            USING HINT = 'For example content => ''title || '' '' || body''.';
+    END IF;
+    IF model IS NULL THEN
+        RAISE EXCEPTION 'pgembed: model must name a model, not NULL'
+            USING HINT = 'Use one of pgembed.models (e.g. openai:text-embedding-3-small) or hash:N.';
+    END IF;
+    m := pgembed.model_info(model);
+    IF dimensions < 1 THEN
+        RAISE EXCEPTION 'pgembed: dimensions must be 1 or more, not %', dimensions
+            USING HINT = format('Leave dimensions out for the model''s own %s%s.', m.dimensions,
+                                CASE WHEN m.shortenable THEN format(', or pass 1 to %s', m.dimensions) ELSE '' END);
+    END IF;
+    dims := coalesce(dimensions, m.dimensions);
+    IF dims > m.dimensions OR (dims <> m.dimensions AND NOT m.shortenable) THEN
         RAISE EXCEPTION 'pgembed: model % gives % dimensions%; % is not possible', m.model,
-            m.dimensions, CASE WHEN m.shortenable THEN ' or fewer' ELSE ' exactly' END, dims;
+            m.dimensions, CASE WHEN m.shortenable THEN ' or fewer' ELSE ' exactly' END, dims
+            USING HINT = 'Leave dimensions out for the model''s own.';
     END IF;
-    IF index NOT IN ('hnsw', 'ivfflat', 'none') THEN
-        RAISE EXCEPTION 'pgembed: index must be hnsw, ivfflat or none, not %', index;
+    IF index IS NULL OR index NOT IN ('hnsw', 'ivfflat', 'none') THEN
+        RAISE EXCEPTION 'pgembed: index must be hnsw, ivfflat or none, not %', coalesce(index, 'NULL')
+            USING HINT = 'index => ''hnsw'' (the default), ''ivfflat'' or ''none'' (no vector index).';
     END IF;
-    IF distance NOT IN ('cosine', 'l2', 'ip') THEN
-        RAISE EXCEPTION 'pgembed: distance must be cosine, l2 or ip, not %', distance;
+    IF distance IS NULL OR distance NOT IN ('cosine', 'l2', 'ip') THEN
+        RAISE EXCEPTION 'pgembed: distance must be cosine, l2 or ip, not %', coalesce(distance, 'NULL')
+            USING HINT = 'distance => ''cosine'' (the default), ''l2'' (Euclidean) or ''ip'' (inner product).';
     END IF;
     IF index <> 'none' AND dims > 2000 THEN
         RAISE EXCEPTION 'pgembed: % indexes hold vectors of at most 2000 dimensions, not %',
             index, dims USING HINT = 'Pass dimensions => 2000 or fewer, or index => ''none''.';
     END IF;
+    options := pgembed.check_index_options(index, index_options);
+    IF chunk_tokens IS NULL THEN
+        RAISE EXCEPTION 'pgembed: chunk_tokens must be a number (0: no chunking), not NULL'
+            USING HINT = 'chunk_tokens => 0 embeds the content whole; N > 0 cuts it into windows of N tokens.';
+    END IF;
+    IF chunk_overlap IS NULL THEN
+        RAISE EXCEPTION 'pgembed: chunk_overlap must be a number (0: no overlap), not NULL'
+            USING HINT = 'chunk_overlap is 0, or fewer tokens than chunk_tokens.';
+    END IF;
     IF chunk_tokens < 0 OR chunk_overlap < 0 OR (chunk_tokens > 0 AND chunk_overlap >= chunk_tokens)
        OR (chunk_tokens = 0 AND chunk_overlap > 0) THEN
         RAISE EXCEPTION 'pgembed: chunk_tokens must be 0 (no chunking) or more than chunk_overlap (got %, %)',
-            chunk_tokens, chunk_overlap;
+            chunk_tokens, chunk_overlap
+            USING HINT = 'chunk_tokens => 0 embeds the content whole; with chunk_tokens N > 0, '
+                         'chunk_overlap is 0 to N - 1.';
+    END IF;
+    IF backfill IS NULL THEN
+        RAISE EXCEPTION 'pgembed: backfill must be true or false, not NULL'
+            USING HINT = 'backfill => true (the default) queues the rows already in the table; false does not.';
+    END IF;
+    IF name IS NOT NULL THEN
+        PERFORM pgembed.check_pipeline_name(name);
     END IF;
 
     -- no write may slip between the triggers' creation and the backfill
@@ -174,9 +283,8 @@ BEGIN
     END IF;
 
     p.name := coalesce(name, pgembed.destination_name(source, m, dims));
-    IF EXISTS (SELECT 1 FROM pgembed.pipelines q WHERE q.name = p.name) THEN
-        RAISE EXCEPTION 'pgembed: a pipeline named "%" exists already', p.name;
-    END IF;
+    -- again under the lock, a derived name too (from a table name with a newline, say)
+    PERFORM pgembed.check_pipeline_name(p.name, p_derived => name IS NULL);
     p.source := source;
     p.content := content;
     p.search_path := search_path;
@@ -196,18 +304,24 @@ BEGIN
     p.chunk_tokens := chunk_tokens;
     p.chunk_overlap := chunk_overlap;
     p.index_type := index;
-    p.index_options := coalesce(index_options, '{}');
+    p.index_options := options;
     p.distance := distance;
 
-    INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
-        content_functions, cost_center, cost_center_bound, model,
-        dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
-        index_type, index_options, distance, search_path)
-    VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
-        p.content_functions, p.cost_center, p.cost_center_bound, p.model,
-        p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
-        p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path)
-    RETURNING * INTO p;
+    BEGIN
+        INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
+            content_functions, cost_center, cost_center_bound, model,
+            dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
+            index_type, index_options, distance, search_path)
+        VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
+            p.content_functions, p.cost_center, p.cost_center_bound, p.model,
+            p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
+            p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path)
+        RETURNING * INTO p;
+    EXCEPTION WHEN unique_violation THEN
+        -- a concurrent create_pipeline of the same name committed after our check
+        RAISE EXCEPTION 'pgembed: a pipeline named "%" exists already', p.name
+            USING HINT = 'Another session created it just now; pass another name => ....';
+    END;
 
     EXECUTE format('CREATE TABLE pgembed.%I (%s, chunk_seq int NOT NULL, chunk text NOT NULL, '
                    'content_hash bytea NOT NULL, chunk_hash bytea NOT NULL, '
