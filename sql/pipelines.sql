@@ -194,6 +194,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    refusal text;
     m pgembed.models;
     dims int;
     pk record;
@@ -209,9 +210,11 @@ BEGIN
         RAISE EXCEPTION 'pgembed: source must name a table, not NULL'
             USING HINT = 'Pass the table whose rows are embedded, e.g. source => ''public.articles''.';
     END IF;
-    IF NOT coalesce((SELECT relkind FROM pg_catalog.pg_class WHERE oid = source) IN ('r', 'p'), false) THEN
-        RAISE EXCEPTION 'pgembed: % is not a table', source
-            USING HINT = 'pgembed embeds the rows of a table (partitioned tables too), not of a view or other relation.';
+    refusal := pgembed.source_refusal(source);
+    IF refusal IS NOT NULL THEN
+        RAISE EXCEPTION 'pgembed: %', refusal
+            USING HINT = 'pgembed embeds the rows of a lasting table of yours (partitioned tables too): not a view, '
+                         'a temporary table, one of pgembed''s, nor a table with inheritance children.';
     END IF;
     IF content IS NULL THEN
         RAISE EXCEPTION 'pgembed: content must be a SQL expression over the columns of %, not NULL', source

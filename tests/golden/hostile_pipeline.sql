@@ -8,58 +8,42 @@ AS $function$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgembed.outbox_statements (pipeline, keys, key_count)
-        SELECT 'hostile
-''name', array_agg(n."id ""k"""::text), count(*) FROM new_rows n 
+        SELECT 'hostile ''name; --', array_agg(n."id ""k"""::text), count(*) FROM new_rows n 
         HAVING count(*) >= 1000;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('pgembed', 'hostile
-''name');
+            PERFORM pg_catalog.pg_notify('pgembed', 'hostile ''name; --');
         ELSE
-            PERFORM pgembed.enqueue('hostile
-''name', ARRAY(SELECT jsonb_build_array(n."id ""k"""::text) FROM new_rows n ));
+            PERFORM pgembed.enqueue('hostile ''name; --', ARRAY(SELECT jsonb_build_array(n."id ""k"""::text) FROM new_rows n ));
         END IF;
     ELSIF TG_OP = 'UPDATE' THEN
         -- a key that vanished (primary key changed) is a delete: its vectors go now
         DELETE FROM pgembed.outbox q USING old_rows o
-         WHERE q.pipeline = 'hostile
-''name' AND q.key = jsonb_build_array(o."id ""k"""::text)
+         WHERE q.pipeline = 'hostile ''name; --' AND q.key = jsonb_build_array(o."id ""k"""::text)
            AND NOT EXISTS (SELECT 1 FROM new_rows n WHERE (n."id ""k""") = (o."id ""k"""));
         DELETE FROM pgembed.failures q USING old_rows o
-         WHERE q.pipeline = 'hostile
-''name' AND q.key = jsonb_build_array(o."id ""k"""::text)
+         WHERE q.pipeline = 'hostile ''name; --' AND q.key = jsonb_build_array(o."id ""k"""::text)
            AND NOT EXISTS (SELECT 1 FROM new_rows n WHERE (n."id ""k""") = (o."id ""k"""));
-        DELETE FROM pgembed."hostile
-'name" d USING old_rows o
+        DELETE FROM pgembed."hostile 'name; --" d USING old_rows o
          WHERE (d."id ""k""") = (o."id ""k""")
            AND NOT EXISTS (SELECT 1 FROM new_rows n WHERE (n."id ""k""") = (o."id ""k"""));
         INSERT INTO pgembed.outbox_statements (pipeline, keys, key_count)
-        SELECT 'hostile
-''name', array_agg(n."id ""k"""::text), count(*) FROM new_rows n LEFT JOIN old_rows o ON (o."id ""k""") = (n."id ""k""") WHERE o."id ""k""" IS NULL OR (o."bo$body$dy"::text, o."x-y"::text) IS DISTINCT FROM (n."bo$body$dy"::text, n."x-y"::text)
+        SELECT 'hostile ''name; --', array_agg(n."id ""k"""::text), count(*) FROM new_rows n LEFT JOIN old_rows o ON (o."id ""k""") = (n."id ""k""") WHERE o."id ""k""" IS NULL OR (o."bo$body$dy"::text, o."x-y"::text) IS DISTINCT FROM (n."bo$body$dy"::text, n."x-y"::text)
         HAVING count(*) >= 1000;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('pgembed', 'hostile
-''name');
+            PERFORM pg_catalog.pg_notify('pgembed', 'hostile ''name; --');
         ELSE
-            PERFORM pgembed.enqueue('hostile
-''name', ARRAY(SELECT jsonb_build_array(n."id ""k"""::text) FROM new_rows n LEFT JOIN old_rows o ON (o."id ""k""") = (n."id ""k""") WHERE o."id ""k""" IS NULL OR (o."bo$body$dy"::text, o."x-y"::text) IS DISTINCT FROM (n."bo$body$dy"::text, n."x-y"::text)));
+            PERFORM pgembed.enqueue('hostile ''name; --', ARRAY(SELECT jsonb_build_array(n."id ""k"""::text) FROM new_rows n LEFT JOIN old_rows o ON (o."id ""k""") = (n."id ""k""") WHERE o."id ""k""" IS NULL OR (o."bo$body$dy"::text, o."x-y"::text) IS DISTINCT FROM (n."bo$body$dy"::text, n."x-y"::text)));
         END IF;
     ELSIF TG_OP = 'DELETE' THEN
         -- outbox first: waits for a worker writing these keys, then its vectors go too
-        DELETE FROM pgembed.outbox q USING old_rows o WHERE q.pipeline = 'hostile
-''name' AND q.key = jsonb_build_array(o."id ""k"""::text);
-        DELETE FROM pgembed.failures q USING old_rows o WHERE q.pipeline = 'hostile
-''name' AND q.key = jsonb_build_array(o."id ""k"""::text);
-        DELETE FROM pgembed."hostile
-'name" d USING old_rows o WHERE (d."id ""k""") = (o."id ""k""");
+        DELETE FROM pgembed.outbox q USING old_rows o WHERE q.pipeline = 'hostile ''name; --' AND q.key = jsonb_build_array(o."id ""k"""::text);
+        DELETE FROM pgembed.failures q USING old_rows o WHERE q.pipeline = 'hostile ''name; --' AND q.key = jsonb_build_array(o."id ""k"""::text);
+        DELETE FROM pgembed."hostile 'name; --" d USING old_rows o WHERE (d."id ""k""") = (o."id ""k""");
     ELSIF TG_OP = 'TRUNCATE' THEN
-        DELETE FROM pgembed.outbox_statements WHERE pipeline = 'hostile
-''name';
-        DELETE FROM pgembed.outbox WHERE pipeline = 'hostile
-''name';
-        DELETE FROM pgembed.failures WHERE pipeline = 'hostile
-''name';
-        TRUNCATE pgembed."hostile
-'name";
+        DELETE FROM pgembed.outbox_statements WHERE pipeline = 'hostile ''name; --';
+        DELETE FROM pgembed.outbox WHERE pipeline = 'hostile ''name; --';
+        DELETE FROM pgembed.failures WHERE pipeline = 'hostile ''name; --';
+        TRUNCATE pgembed."hostile 'name; --";
     END IF;
     RETURN NULL;
 END
@@ -85,8 +69,7 @@ DECLARE
     problem text := pgembed.source_problem((SELECT q FROM pgembed.pipelines q WHERE q.id = 1), '"We""ird $body$ schema"."tab''le; --"');
 BEGIN
     IF problem IS NOT NULL THEN
-        RAISE EXCEPTION 'pgembed: pipeline %: %', 'hostile
-''name', problem
+        RAISE EXCEPTION 'pgembed: pipeline %: %', 'hostile ''name; --', problem
             USING HINT = 'pgembed reads only the table a pipeline was created on, without row-level security; '
                          'after renaming or moving the table, pgembed init regenerates the pipeline''s code.';
     END IF;
@@ -116,11 +99,9 @@ CREATE OR REPLACE FUNCTION pgembed.p1_store(keys jsonb[], chunk_seqs integer[], 
  SET lc_time TO 'C'
 AS $function$
     -- generated by pgembed for pipeline id 1 (pgembed.pipelines); do not edit
-    DELETE FROM pgembed."hostile
-'name" d
+    DELETE FROM pgembed."hostile 'name; --" d
      WHERE d."id ""k""" = ANY (ARRAY(SELECT DISTINCT (k->>0)::integer FROM unnest(keys) AS k));
-    INSERT INTO pgembed."hostile
-'name" ("id ""k""", chunk_seq, chunk, content_hash, chunk_hash, embedding)
+    INSERT INTO pgembed."hostile 'name; --" ("id ""k""", chunk_seq, chunk, content_hash, chunk_hash, embedding)
     SELECT (r.key->>0)::integer, r.seq, r.chunk, r.content_hash, r.chunk_hash, r.embedding
       FROM unnest(keys, chunk_seqs, chunks, content_hashes, chunk_hashes, embeddings)
            AS r(key, seq, chunk, content_hash, chunk_hash, embedding)
