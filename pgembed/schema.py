@@ -24,7 +24,7 @@ from pgembed.sqlfiles import read_sql
 # In dependency order: a LANGUAGE sql function or a view is checked when it is created, so
 # what it calls must exist by then.
 DEFINITIONS = (
-    "expressions.sql", "pipelines.sql", "capture.sql", "outbox.sql", "failures.sql",
+    "expressions.sql", "pipelines.sql", "capture.sql", "schema_changes.sql", "outbox.sql", "failures.sql",
     "indexes.sql", "audit.sql", "fleet.sql", "costs.sql", "ratelimit.sql", "comments.sql",
     "refresh.sql", "privileges.sql",
 )

@@ -367,11 +367,13 @@ BEGIN
                        f.capture);
     END LOOP;
     PERFORM pgembed.grant_pipeline_to_workers(p);
+    PERFORM pgembed.bind_pipeline(p);
 END
 $$;
 
--- Regenerates the code of every pipeline whose source table still exists: what an upgrade
--- runs after it replaced the generator, so that every pipeline runs the current code.
+-- Brings every pipeline whose source table still exists in line with its table and
+-- regenerates its code (pgembed.refresh_pipeline): what an upgrade runs after it replaced
+-- the generator, so that every pipeline runs the current code.
 CREATE OR REPLACE FUNCTION pgembed.regenerate_all_pipelines()
 RETURNS int
 LANGUAGE plpgsql
@@ -384,7 +386,7 @@ BEGIN
     FOR p IN SELECT * FROM pgembed.pipelines q
               WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = q.source)
               ORDER BY q.id LOOP
-        PERFORM pgembed.generate_pipeline_code(p);
+        PERFORM pgembed.refresh_pipeline(p);
         n := n + 1;
     END LOOP;
     RETURN n;

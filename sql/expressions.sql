@@ -4,6 +4,58 @@
 -- lookalike schema or function earlier on a caller's path changes nothing. Identifiers from
 -- users go through format('%I'); values are bound or quoted with %L.
 
+-- The columns of p_source that a view over it reads, in table order. A view's rewrite rule
+-- records in pg_depend each column it reads; refobjsubid 0 is a whole-row reference, and
+-- then every column counts. (The probe view of probe_expression, and each pipeline's binding
+-- view, see capture.sql.)
+CREATE OR REPLACE FUNCTION pgembed.view_columns(p_view regclass, p_source regclass)
+RETURNS name[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(a.attname ORDER BY a.attnum), '{}')
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = p_source AND a.attnum > 0 AND NOT a.attisdropped
+       AND EXISTS (
+           SELECT 1 FROM pg_catalog.pg_depend d
+             JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+            WHERE r.ev_class = p_view
+              AND d.refobjid = p_source
+              AND d.refobjsubid IN (0, a.attnum))
+$$;
+
+-- The expression of a view "SELECT (<expression>)::text AS pgembed_content FROM <source>
+-- WHERE false", deparsed on our pinned search_path: every name bound to the object it
+-- means now, every function, operator and type outside pg_catalog schema-qualified (as
+-- pg_dump prints a view). NULL when the deparsed view does not have that shape. A view of
+-- NULL::text over the same table shows what comes before and after the expression.
+CREATE OR REPLACE FUNCTION pgembed.view_expression(p_view regclass, p_source regclass)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shape_view text := 'pgembed_shape_' || pg_backend_pid();
+    shape text;
+    whole text := pg_catalog.pg_get_viewdef(p_view, false);
+    head text;
+    tail text;
+BEGIN
+    EXECUTE format('CREATE TEMP VIEW %I AS SELECT NULL::text AS pgembed_content FROM %s WHERE false',
+                   shape_view, p_source);
+    shape := pg_catalog.pg_get_viewdef(format('pg_temp.%I', shape_view)::regclass, false);
+    EXECUTE format('DROP VIEW pg_temp.%I', shape_view);
+    -- (head without its trailing blank: a multi-line expression starts on a new line)
+    head := rtrim(left(shape, strpos(shape, 'NULL::text') - 1));
+    tail := substr(shape, strpos(shape, 'NULL::text') + length('NULL::text'));
+    IF strpos(shape, 'NULL::text') = 0 OR left(whole, length(head)) <> head
+       OR right(whole, length(tail)) <> tail OR length(whole) <= length(head) + length(tail) THEN
+        RETURN NULL;
+    END IF;
+    RETURN btrim(substr(whole, length(head) + 1, length(whole) - length(head) - length(tail)), E' \n');
+END
+$$;
+
 -- Checks that `p_content` is one SQL expression over the columns of `p_source`, read on
 -- search_path `p_path`, and returns the columns it reads and the functions it calls. A
 -- cursor can only be opened on a single query, which is how stacked statements
@@ -31,10 +83,6 @@ DECLARE
     probe_oid oid;
     fns oid[];
     others text;
-    shape text;
-    whole text;
-    head text;
-    tail text;
     again record;
 BEGIN
     IF p_content IS NULL OR btrim(p_content) = '' THEN
@@ -138,33 +186,13 @@ BEGIN
     -- (on our pinned path, regprocedure prints every function outside pg_catalog qualified)
     SELECT coalesce(array_agg(f::regprocedure::text ORDER BY f::regprocedure::text), '{}')
       INTO functions FROM unnest(fns) AS f;
-    -- refobjsubid 0 is a whole-row reference: then every column counts
-    SELECT coalesce(array_agg(a.attname ORDER BY a.attnum), '{}') INTO columns
-      FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = p_source AND a.attnum > 0 AND NOT a.attisdropped
-       AND EXISTS (
-           SELECT 1 FROM pg_catalog.pg_depend d
-             JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
-            WHERE r.ev_class = probe_oid
-              AND d.refobjid = p_source
-              AND d.refobjsubid IN (0, a.attnum));
+    columns := pgembed.view_columns(probe_oid, p_source);
     IF p_bind THEN
-        -- The deparsed probe is "<head><expression><tail>"; a probe of NULL::text over the
-        -- same table shows what head and tail look like.
-        EXECUTE format('CREATE TEMP VIEW %I AS SELECT NULL::text AS pgembed_content FROM %s WHERE false',
-                       probe_view || '_shape', p_source);
-        shape := pg_catalog.pg_get_viewdef(format('pg_temp.%I', probe_view || '_shape')::regclass, false);
-        whole := pg_catalog.pg_get_viewdef(probe_oid, false);
-        EXECUTE format('DROP VIEW pg_temp.%I', probe_view || '_shape');
-        -- (head without its trailing blank: a multi-line expression starts on a new line)
-        head := rtrim(left(shape, strpos(shape, 'NULL::text') - 1));
-        tail := substr(shape, strpos(shape, 'NULL::text') + length('NULL::text'));
-        IF strpos(shape, 'NULL::text') = 0 OR left(whole, length(head)) <> head
-           OR right(whole, length(tail)) <> tail OR length(whole) <= length(head) + length(tail) THEN
+        bound := pgembed.view_expression(probe_oid, p_source);
+        IF bound IS NULL THEN
             RAISE EXCEPTION 'pgembed: cannot bind the names of the % expression for % (deparsed as %)',
-                p_what, p_source, whole;
+                p_what, p_source, pg_catalog.pg_get_viewdef(probe_oid, false);
         END IF;
-        bound := btrim(substr(whole, length(head) + 1, length(whole) - length(head) - length(tail)), E' \n');
     END IF;
     EXECUTE format('DROP VIEW pg_temp.%I', probe_view);
     IF p_bind THEN

@@ -415,7 +415,8 @@ BEGIN
     END IF;
     f := pgembed.pipeline_functions(p);
     EXECUTE format('DROP FUNCTION IF EXISTS %s, %s, %s', f.capture, f.reader, f.store);
-    EXECUTE format('DROP TABLE IF EXISTS pgembed.%I', p.destination);
+    EXECUTE format('DROP VIEW IF EXISTS pgembed.%I, pgembed.%I', 'p' || p.id || '_content', 'p' || p.id || '_cost_center');
     DELETE FROM pgembed.pipelines q WHERE q.name = p.name;  -- failures cascade
+    EXECUTE format('DROP TABLE IF EXISTS pgembed.%I', p.destination);
 END
 $$;

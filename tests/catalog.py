@@ -52,6 +52,9 @@ QUERIES = {
     "schema": """
         SELECT n.nspacl::text, coalesce(obj_description(n.oid, 'pg_namespace'), '')
           FROM pg_namespace n WHERE n.nspname = 'pgembed'""",
+    "event_triggers": """
+        SELECT e.evtname, e.evtevent, e.evttags::text, e.evtfoid::regprocedure::text, e.evtenabled
+          FROM pg_event_trigger e ORDER BY 1""",
     "models": "SELECT * FROM pgembed.models ORDER BY model",
 }
 

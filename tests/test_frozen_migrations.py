@@ -24,7 +24,7 @@ SHIPPED = {
     "0002_outbox_statements_and_one_enqueue_rule.sql":
         "518714ed6783aeb4ab98f9e7d4525cb8d219efc936ede1c5212f26bb726d0fd8",
     "0002_outbox_statements_and_one_enqueue_rule.down.sql":
-        "4ba793d115fbf63a0c52774425aab99781e39e6d5ec359a3df3a3f232b45d862",
+        "53235b4030c27d0a2e95f3f273024583b0d61d50cadba50dbd5a14802394a30b",
 }
 
 

@@ -4,6 +4,11 @@
 -- Keys of unexpanded statements go into the outbox, where 0001 looks for them.
 SELECT pgembed.expand_statements(p.name, 1000000000) FROM pgembed.pipelines p;
 
+-- This revision's event triggers go first: they depend on its functions.
+DROP EVENT TRIGGER IF EXISTS pgembed_follow_source_ddl;
+DROP EVENT TRIGGER IF EXISTS pgembed_unbind_for_drop;
+DROP EVENT TRIGGER IF EXISTS pgembed_rebind_after_drop;
+
 -- This revision's functions and views go, generated per-pipeline code aside (0001's
 -- generator replaces it): 0001's definitions cannot replace a view that has more columns.
 DO $$
