@@ -34,7 +34,7 @@ def test_a_renamed_content_column_is_followed(docs, dsn):
 
 
 def test_a_content_column_cannot_be_dropped_but_cascade_takes_the_pipeline(docs, dsn):
-    with pytest.raises(psycopg.errors.DependentObjectsStillExist, match="pgembed.p1_content"):
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist, match=r"pgembed\.p1_content"):
         docs.execute("ALTER TABLE docs DROP COLUMN body")
     docs.execute("ALTER TABLE docs DROP COLUMN body CASCADE")
     docs.execute("UPDATE docs SET title = 'still works' WHERE id = 1")
