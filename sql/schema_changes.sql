@@ -112,11 +112,20 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     p pgembed.pipelines;
+    before regclass[];
 BEGIN
+    -- the tables changed, and the tables a new partition (CREATE TABLE ... PARTITION OF)
+    -- or an attached one is part of
     FOR p IN SELECT q.* FROM pgembed.pipelines q
-              WHERE q.source::oid IN (SELECT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() c
-                                       WHERE c.classid = 'pg_catalog.pg_class'::regclass)
+              WHERE q.source::oid IN (
+                  SELECT a.relid::oid
+                    FROM pg_catalog.pg_event_trigger_ddl_commands() c
+                   CROSS JOIN LATERAL (SELECT c.objid::regclass AS relid
+                                       UNION
+                                       SELECT x.relid FROM pg_catalog.pg_partition_ancestors(c.objid::regclass) x) a
+                   WHERE c.classid = 'pg_catalog.pg_class'::regclass)
               ORDER BY q.id LOOP
+        before := ARRAY(SELECT relid FROM pgembed.captured_tables(p) ORDER BY 1);
         IF (pgembed.binding_views(p)).content IS NULL THEN
             -- ... DROP COLUMN ... CASCADE took the binding view: the pipeline goes with it
             RAISE NOTICE 'pgembed: pipeline "%" read a column that was dropped with CASCADE; the pipeline is dropped too',
@@ -124,6 +133,11 @@ BEGIN
             PERFORM pgembed.drop_pipeline(p.name);
         ELSE
             PERFORM pgembed.refresh_pipeline(p);
+            IF before IS DISTINCT FROM ARRAY(SELECT relid FROM pgembed.captured_tables(p) ORDER BY 1) THEN
+                -- partitions came or went: rows that joined are queued, rows that left lose
+                -- their vectors (the audit's repair, recorded in audit_runs)
+                PERFORM pgembed.audit(true, p.name);
+            END IF;
         END IF;
     END LOOP;
 END
@@ -192,7 +206,7 @@ BEGIN
     DROP EVENT TRIGGER IF EXISTS pgembed_unbind_for_drop;
     DROP EVENT TRIGGER IF EXISTS pgembed_rebind_after_drop;
     CREATE EVENT TRIGGER pgembed_follow_source_ddl ON ddl_command_end
-        WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION pgembed.follow_source_ddl();
+        WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE') EXECUTE FUNCTION pgembed.follow_source_ddl();
     CREATE EVENT TRIGGER pgembed_unbind_for_drop ON ddl_command_start
         WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA') EXECUTE FUNCTION pgembed.unbind_for_drop();
     CREATE EVENT TRIGGER pgembed_rebind_after_drop ON ddl_command_end

@@ -89,3 +89,26 @@ def test_a_dropped_source_stops_its_pipeline_visibly(docs, dsn):
     assert docs.execute("SELECT pipeline, source_rows, embedded_rows FROM pgembed.pipeline_status"
                         ).fetchall() == [("docs", None, 0)]
     docs.execute("SELECT pgembed.drop_pipeline('docs')")
+
+
+def test_every_write_to_a_partitioned_table_is_captured(conn, dsn):
+    conn.execute("CREATE TABLE events (id int PRIMARY KEY, body text) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE events_low PARTITION OF events FOR VALUES FROM (0) TO (100)")
+    conn.execute("CREATE TABLE events_high PARTITION OF events FOR VALUES FROM (100) TO (200)")
+    conn.execute("INSERT INTO events VALUES (1, 'via parent'), (150, 'via parent')")
+    conn.execute("SELECT pgembed.create_pipeline('events', 'body', 'hash:8', name => 'docs')")
+    conn.execute("INSERT INTO events_low VALUES (2, 'aimed at a partition')")
+    conn.execute("UPDATE events_high SET body = 'updated in a partition' WHERE id = 150")
+    drain(dsn)
+    conn.execute("DELETE FROM events_low WHERE id = 1")
+    conn.execute("TRUNCATE events_high")
+    conn.execute("CREATE TABLE events_mid (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO events_mid VALUES (250, 'attached')")
+    conn.execute("ALTER TABLE events ATTACH PARTITION events_mid FOR VALUES FROM (200) TO (300)")
+    conn.execute("CREATE TABLE events_new PARTITION OF events FOR VALUES FROM (300) TO (400)")
+    conn.execute("INSERT INTO events_new VALUES (301, 'new partition')")
+    conn.execute("ALTER TABLE events DETACH PARTITION events_low")
+    conn.execute("INSERT INTO events_low VALUES (3, 'detached: not captured')")
+    drain(dsn)
+    converge(conn, [Expect("docs", "events", ["id"], ["body"], lambda body: body)], timeout=5)
+    assert sorted(r[0] for r in conn.execute("SELECT id FROM pgembed.docs")) == [250, 301]

@@ -39,11 +39,19 @@ BEGIN
         DELETE FROM pgembed.outbox q USING old_rows o WHERE q.pipeline = 'hostile ''name; --' AND q.key = jsonb_build_array(o."id ""k"""::text);
         DELETE FROM pgembed.failures q USING old_rows o WHERE q.pipeline = 'hostile ''name; --' AND q.key = jsonb_build_array(o."id ""k"""::text);
         DELETE FROM pgembed."hostile 'name; --" d USING old_rows o WHERE (d."id ""k""") = (o."id ""k""");
-    ELSIF TG_OP = 'TRUNCATE' THEN
+    ELSIF TG_OP = 'TRUNCATE' AND TG_RELID = 17232::oid THEN
         DELETE FROM pgembed.outbox_statements WHERE pipeline = 'hostile ''name; --';
         DELETE FROM pgembed.outbox WHERE pipeline = 'hostile ''name; --';
         DELETE FROM pgembed.failures WHERE pipeline = 'hostile ''name; --';
         TRUNCATE pgembed."hostile 'name; --";
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        -- one partition: forget the keys that are no longer anywhere in the table
+        DELETE FROM pgembed.outbox q WHERE q.pipeline = 'hostile ''name; --'
+           AND NOT EXISTS (SELECT 1 FROM "We""ird $body$ schema"."tab'le; --" s WHERE jsonb_build_array(s."id ""k"""::text) = q.key);
+        DELETE FROM pgembed.failures q WHERE q.pipeline = 'hostile ''name; --'
+           AND NOT EXISTS (SELECT 1 FROM "We""ird $body$ schema"."tab'le; --" s WHERE jsonb_build_array(s."id ""k"""::text) = q.key);
+        DELETE FROM pgembed."hostile 'name; --" d
+         WHERE NOT EXISTS (SELECT 1 FROM "We""ird $body$ schema"."tab'le; --" s WHERE (s."id ""k""") = (d."id ""k"""));
     END IF;
     RETURN NULL;
 END
