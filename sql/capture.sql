@@ -169,7 +169,7 @@ BEGIN
         DELETE FROM pgembed.outbox q USING old_rows o WHERE q.pipeline = {{pipeline}} AND q.key = {{old_key}};
         DELETE FROM pgembed.failures q USING old_rows o WHERE q.pipeline = {{pipeline}} AND q.key = {{old_key}};
         DELETE FROM {{destination}} d USING old_rows o WHERE {{destination_keys}} = {{old_keys}};
-    ELSIF TG_OP = 'TRUNCATE' AND TG_RELID = {{source_oid}}::oid THEN
+    ELSIF TG_OP = 'TRUNCATE' AND TG_RELID = {{source_literal}}::regclass THEN
         DELETE FROM pgembed.outbox_statements WHERE pipeline = {{pipeline}};
         DELETE FROM pgembed.outbox WHERE pipeline = {{pipeline}};
         DELETE FROM pgembed.failures WHERE pipeline = {{pipeline}};
@@ -188,7 +188,7 @@ END
 $t$, jsonb_build_object(
         'id', p.id,
         'pipeline', quote_literal(p.name),
-        'source_oid', p.source::oid,
+        'source_literal', quote_literal(p.source::text),
         'source', p.source::text,
         'source_key', 'jsonb_build_array(' || pgembed.sql_list('s.%1$I::text', p.key_columns) || ')',
         'source_keys', '(' || pgembed.sql_list('s.%1$I', p.key_columns) || ')',

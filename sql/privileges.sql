@@ -65,7 +65,8 @@ DECLARE
     v text;
 BEGIN
     FOR v IN SELECT format('%I.%I', schemaname, viewname) FROM pg_catalog.pg_views
-              WHERE schemaname = 'pgembed' LOOP
+              WHERE schemaname = 'pgembed'
+                AND viewname !~ '^p[0-9]+_(content|cost_center)$' LOOP  -- binding views: pgembed's own
         EXECUTE format('GRANT SELECT ON %s TO pgembed_reader', v);
     END LOOP;
 END

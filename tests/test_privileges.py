@@ -21,7 +21,7 @@ def app_role(conn):
     role = f"app_{uuid.uuid4().hex[:8]}"
     conn.execute(f"CREATE ROLE {role} LOGIN")
     yield role
-    conn.execute(f"DROP OWNED BY {role}")
+    conn.execute(f"DROP OWNED BY {role} CASCADE")
     conn.execute(f"DROP ROLE {role}")
 
 
@@ -72,7 +72,7 @@ def login(conn):
 
     yield make
     for role in made:
-        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP OWNED BY {role} CASCADE")
         conn.execute(f"DROP ROLE {role}")
 
 

@@ -39,7 +39,7 @@ BEGIN
         DELETE FROM pgembed.outbox q USING old_rows o WHERE q.pipeline = 'hostile ''name; --' AND q.key = jsonb_build_array(o."id ""k"""::text);
         DELETE FROM pgembed.failures q USING old_rows o WHERE q.pipeline = 'hostile ''name; --' AND q.key = jsonb_build_array(o."id ""k"""::text);
         DELETE FROM pgembed."hostile 'name; --" d USING old_rows o WHERE (d."id ""k""") = (o."id ""k""");
-    ELSIF TG_OP = 'TRUNCATE' AND TG_RELID = 17232::oid THEN
+    ELSIF TG_OP = 'TRUNCATE' AND TG_RELID = '"We""ird $body$ schema"."tab''le; --"'::regclass THEN
         DELETE FROM pgembed.outbox_statements WHERE pipeline = 'hostile ''name; --';
         DELETE FROM pgembed.outbox WHERE pipeline = 'hostile ''name; --';
         DELETE FROM pgembed.failures WHERE pipeline = 'hostile ''name; --';

@@ -113,8 +113,9 @@ def test_roles_hostile_names_and_injection(form, dsn, db, api, tmp_path, roles, 
     db.execute(sql.SQL('UPDATE {} SET "Body text" = \'behind its back\' '
                        'WHERE ("Tenant", "select") = (\'x;y\', 3)').format(table))
     db.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(table))
+    # (not the pipelines' binding views: they return no rows and are pgembed's own)
     views = [v for (v,) in db.execute("SELECT format('%I.%I', schemaname, viewname) FROM pg_views "
-                                      "WHERE schemaname = 'pgembed'")]
+                                      "WHERE schemaname = 'pgembed' AND viewname !~ '^p[0-9]+_(content|cost_center)$'")]
     with psycopg.connect(make_conninfo(dsn, user="embed_dba"), autocommit=True) as dba:
         warnings: list[str] = []
         dba.add_notice_handler(lambda diag: warnings.append(diag.message_primary or ""))
