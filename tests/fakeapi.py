@@ -39,7 +39,7 @@ from typing import Any
 
 from pgembed.providers.hashing import hash_vector
 
-GARBAGE_KINDS = ("wrong_dims", "nan", "wrong_count", "empty_data", "not_json")
+GARBAGE_KINDS = ("wrong_dims", "nan", "wrong_count", "empty_data", "not_json", "huge", "zero")
 
 #: Native sizes of the real OpenAI models; any other model uses `default_dimensions`.
 NATIVE_DIMENSIONS = {
@@ -357,6 +357,13 @@ class FakeAPI:
         vectors = [hash_vector(t, size + 3 if kind == "wrong_dims" else size) for t in texts]
         if kind == "nan" and vectors:
             vectors[0][0] = math.nan
+        if kind == "zero" and vectors:
+            vectors[0] = [0.0] * size
+        # 1e39 is finite in JSON and in float8 but infinite in float4 (and base64 float32
+        # cannot carry it): answered as a float list whatever encoding was asked for
+        if kind == "huge" and vectors:
+            vectors[0][0] = 1e39
+            fmt = "float"
         data = [_item(i, v, fmt) for i, v in enumerate(vectors)]
         if kind == "wrong_count":
             data = data[:-1]
