@@ -16,6 +16,7 @@ from pgembed import db, migrate
 from pgembed.metrics import MetricsUnavailable
 from pgembed.pipelines import PipelineError
 from pgembed.providers import ProviderError, UnknownModelError
+from pgembed.worker import Unfinished
 
 # Exit codes. A schema mismatch has its own: restarting cannot fix it (someone has to run
 # `pgembed init` or upgrade pgembed), so deploy/pgembed-worker.service stops on it.
@@ -24,7 +25,7 @@ EXIT_SCHEMA_MISMATCH = 3
 
 # Errors a user can fix from what the sentence says; anything else is a bug and shows as one.
 USER_ERRORS = (db.DatabaseError, PipelineError, ProviderError, UnknownModelError, MetricsUnavailable,
-               ValueError)
+               Unfinished, ValueError)
 
 out = Console()
 err = Console(stderr=True)

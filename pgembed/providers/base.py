@@ -68,6 +68,10 @@ class Provider(Protocol):
 
     async def aclose(self) -> None: ...
 
+    # A provider may also have `async def check(self) -> None`, which raises ProviderError
+    # when it cannot work at all (a model that cannot be loaded); a worker calls it before
+    # it claims anything for the provider's pipelines. Making the provider checks the rest.
+
 
 class RateLimiter(Protocol):
     """A budget shared by everyone who uses one API key; a provider asks it before each HTTP

@@ -179,6 +179,10 @@ class OpenAIProvider:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    async def check(self) -> None:
+        """Whether this provider can work, before anything is claimed for it: the key and
+        the settings were checked when it was made; nothing is sent (a request would cost)."""
+
     async def aclose(self) -> None:
         await self._client.close()
 
