@@ -125,6 +125,7 @@ class Worker:
     def __init__(self, dsn: str, config: WorkerConfig | None = None,
                  on_batch: Callable[[AckResult], None] | None = None) -> None:
         self.dsn = dsn
+        db.remember_secrets(dsn)
         self.config = config or WorkerConfig()
         self.on_batch = on_batch
         self.stats = WorkerStats()

@@ -39,7 +39,7 @@ DsnOption = Annotated[str | None, typer.Option(
 def fail(message: object, code: int = EXIT_ERROR) -> NoReturn:
     """Escaped, because messages quote what users typed and pip extras like 'pgembed[metrics]',
     which rich would otherwise take for markup and drop."""
-    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(db.redact(str(message)))}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -57,7 +57,7 @@ def friendly(fn: F) -> F:
         except psycopg.errors.UndefinedTable as error:
             fail(f"the pgembed schema is missing ({error.diag.message_primary}); run `pgembed init` first")
         except psycopg.Error as error:
-            fail(error.diag.message_primary or error)
+            fail(error.diag.message_primary or " ".join(str(error).split()) or type(error).__name__)
 
     return wrapper  # type: ignore[return-value]
 
