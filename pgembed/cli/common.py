@@ -67,7 +67,8 @@ def target(dsn: str | None) -> str:
     it for their database."""
     resolved = db.resolve(dsn)
     if resolved.embedded:
-        err.print(f"[dim]using the embedded PostgreSQL in {db.embedded_data_dir()}[/dim]")
+        err.print(f"[dim]using the embedded PostgreSQL in {escape(str(db.embedded_data_dir()))}[/dim]",
+                  highlight=False)
     return resolved.dsn
 
 
