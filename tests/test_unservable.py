@@ -23,9 +23,11 @@ SMALL = pipelines.PipelineOptions(dimensions=64)
 
 @pytest.fixture(autouse=True)
 def _root_handlers() -> Iterator[None]:
-    """`pgembed worker` installs a log handler on the runner's stream, closed afterwards."""
+    """`pgembed worker` installs a log handler on the runner's stream, closed afterwards (an
+    earlier test's would write to a closed stream here)."""
     root = logging.getLogger()
     saved = list(root.handlers)
+    root.handlers[:] = []
     yield
     root.handlers[:] = saved
 
