@@ -15,6 +15,7 @@ import numpy as np
 from pgembed.cache import chunk_key, document_hash
 from pgembed.chunking import chunk_text
 from pgembed.providers import EmbedResult, Provider, ProviderError
+from pgembed.providers.base import vector_problem
 from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
 
 
@@ -108,7 +109,7 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: 
         inflight.settle(mine, {}, {}, outage=str(error) or type(error).__name__)
         inflight.forget(mine)
         raise
-    fresh, failed, new_cache = _collect(mine, result)
+    fresh, failed, new_cache = _collect(mine, result, info.spec.dimensions)
     inflight.settle(mine, fresh, failed)
     for h, answer in theirs.items():
         vector, problem, outage = await answer
@@ -126,9 +127,12 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: 
     return Embedded(outcomes, new_cache, usage, sent=mine)
 
 
-def _collect(sent: list[bytes], result: EmbedResult) -> tuple[
+def _collect(sent: list[bytes], result: EmbedResult, dimensions: int) -> tuple[
         dict[bytes, np.ndarray], dict[bytes, str], dict[bytes, tuple[np.ndarray, int]]]:
-    """The provider's answer per hash: vectors, per-text errors, and the new cache entries."""
+    """The provider's answer per hash: vectors, per-text errors, and the new cache entries.
+    Every vector is checked here, whichever provider sent it: one that cannot be stored
+    (wrong size, NaN, out of float4's range, all zeros) is its text's failure, never a
+    crash of the acknowledgement that would bring the batch back to crash again."""
     fresh: dict[bytes, np.ndarray] = {}
     failed: dict[bytes, str] = {}
     new_cache: dict[bytes, tuple[np.ndarray, int]] = {}
@@ -136,6 +140,10 @@ def _collect(sent: list[bytes], result: EmbedResult) -> tuple[
         vector, error = result.vectors[i], result.errors[i]
         if vector is None:
             failed[h] = error or "provider returned no vector"
+            continue
+        problem = vector_problem(vector, dimensions)
+        if problem is not None:
+            failed[h] = problem
             continue
         fresh[h] = np.asarray(vector, dtype=np.float32)
         tokens = result.token_counts[i] if i < len(result.token_counts) else 0

@@ -57,6 +57,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "outage_backoff": _NOT_NEGATIVE,
     "shutdown_timeout": _NOT_NEGATIVE,
     "heartbeat_interval": _NOT_NEGATIVE,
+    "until_empty_wait": _NOT_NEGATIVE,
+    "dead_after": (lambda v: v is None or _seconds(lambda x: x > 0)(v), "None or greater than 0"),
     "metrics_port": (lambda v: v is None or _count(0, 65535)(v), "None or a port number from 0 to 65535"),
 }
 
@@ -89,10 +91,21 @@ class WorkerConfig:
     # service
     shutdown_timeout: float = 30.0
     heartbeat_interval: float = 10.0  # 0: no pgembed.workers row
+    # a worker whose heartbeat is older than this is dead: its leases are given back at once
+    # (None: three heartbeat intervals, at least a second; see dead_after_seconds)
+    dead_after: float | None = None
+    # --until-empty: how long to wait for rows other workers hold before giving up (non-zero)
+    until_empty_wait: float = 120.0
     handle_signals: bool = False  # SIGTERM/SIGINT -> graceful stop (the CLI sets it)
     schedule: ScheduleConfig | None = None  # None: no scheduled jobs in this worker
     metrics_port: int | None = None  # 0 picks a free port (tests)
     metrics_address: str = "127.0.0.1"
+
+    @property
+    def dead_after_seconds(self) -> float:
+        if self.dead_after is not None:
+            return self.dead_after
+        return max(3 * (self.heartbeat_interval or WorkerConfig.heartbeat_interval), 1.0)
 
     def __post_init__(self) -> None:
         for option, (accepts, allowed) in RULES.items():

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,51 @@ class DatabaseError(Exception):
     """A connection or schema problem, phrased for the person at the terminal."""
 
 
+# ---------------------------------------------------------------- secrets in messages
+# libpq quotes the whole connection string in some parse errors, pool warnings repeat
+# connection errors, and a DSN may be in a traceback: every message that may hold one goes
+# through redact(), which removes the passwords of the DSNs this process was given (found
+# even in strings libpq cannot parse) and anything shaped like a password in a DSN.
+_SECRETS: set[str] = set()
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*:)[^\s\"']*(@)")
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&\"]*)", re.IGNORECASE)
+MASK = "***"
+
+
+def passwords_in(dsn: str) -> set[str]:
+    """The password a DSN gives, however malformed it is (URL userinfo, password=, and the
+    URL query's password=), as written and percent-decoded."""
+    found: set[str] = set()
+    scheme = re.match(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*://", dsn)
+    if scheme:
+        rest = dsn[scheme.end():]
+        userinfo, at, _ = rest.rpartition("@")
+        if at and ":" in userinfo:
+            found.add(userinfo.split(":", 1)[1])
+    for match in _KV_PASSWORD.finditer(dsn):
+        value = match.group(2)
+        if value.startswith("'"):
+            value = value[1:-1] if len(value) > 1 and value.endswith("'") else value[1:]
+            found.add(value.replace("\\'", "'").replace("\\\\", "\\"))
+        found.add(value)
+    found |= {urllib.parse.unquote(p) for p in found}
+    return {p for p in found if p}
+
+
+def remember_secrets(dsn: str | None) -> None:
+    """Makes redact() remove this DSN's password from every message from now on."""
+    if dsn:
+        _SECRETS.update(passwords_in(dsn))
+
+
+def redact(text: str) -> str:
+    """The text without any password: those of remembered DSNs, and any in DSN shape."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    text = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", text)
+    return _KV_PASSWORD.sub(rf"\g<1>{MASK}", text)
+
+
 @dataclass(frozen=True)
 class Target:
     dsn: str
@@ -86,6 +133,8 @@ def start_embedded(data_dir: Path | None = None) -> str:
 
 
 def resolve(dsn: str | None) -> Target:
+    remember_secrets(dsn)
+    remember_secrets(os.environ.get("PGEMBED_DSN"))
     if dsn:
         return Target(dsn, embedded=False)
     if os.environ.get("PGEMBED_DSN"):
@@ -93,9 +142,14 @@ def resolve(dsn: str | None) -> Target:
     return Target(start_embedded(), embedded=True)
 
 
-def _explain(error: psycopg.OperationalError) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-    return f"cannot connect to PostgreSQL: {text}"
+def explain(error: psycopg.Error) -> str:
+    """A connection failure in one sentence, without the password: a connection string
+    libpq cannot parse, or a server it cannot reach."""
+    text = str(error).strip()
+    text = " ".join(text.split("\n")[0].split()) if text else type(error).__name__
+    if not isinstance(error, psycopg.OperationalError):
+        return redact(f"invalid connection string: {text}")
+    return redact(f"cannot connect to PostgreSQL: {text}")
 
 
 def application_name(role: str, worker: str | None = None) -> str:
@@ -126,10 +180,11 @@ def session_settings(role: str, worker: str | None = None, *, autocommit: bool =
 
 def connect(dsn: str, purpose: str = "cli", *, autocommit: bool = True) -> psycopg.Connection:
     """A session for a command, an error the person at the terminal can read if none."""
+    remember_secrets(dsn)
     try:
         conn = psycopg.connect(dsn, **session_settings(purpose, autocommit=autocommit))
-    except psycopg.OperationalError as error:
-        raise DatabaseError(_explain(error)) from error
+    except psycopg.Error as error:
+        raise DatabaseError(explain(error)) from None
     # before `pgembed init` pgvector may not be installed yet: plain connection then
     with contextlib.suppress(psycopg.ProgrammingError):
         register_vector(conn)

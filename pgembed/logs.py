@@ -14,6 +14,8 @@ import logging
 import sys
 from typing import Any, TextIO
 
+from pgembed.db import redact
+
 FORMATS = ("human", "json")
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
@@ -51,7 +53,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(extras(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 class HumanFormatter(logging.Formatter):
@@ -59,6 +61,10 @@ class HumanFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(action)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Passwords never reach a log: pool warnings and tracebacks may quote a DSN."""
+        return redact(super().format(record))
 
 
 def setup(log_format: str = "human", level: int | str = logging.WARNING,

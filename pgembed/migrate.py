@@ -11,7 +11,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from pgembed.db import DatabaseError
+from pgembed.db import DatabaseError, redact
 from pgembed.schema import definitions_sql, revision_sql
 from pgembed.sqlfiles import query
 
@@ -39,7 +39,7 @@ def _explained(error: DBAPIError) -> DatabaseError:
         message += " (install pgvector on the server, e.g. apt install postgresql-18-pgvector)"
     elif isinstance(error, OperationalError):
         message = f"cannot connect to PostgreSQL: {message}"
-    return DatabaseError(message)
+    return DatabaseError(redact(message))
 
 
 def upgrade(dsn: str, revision: str = "head") -> None:

@@ -182,7 +182,9 @@ class Queue:
             for r in rows
         }
 
-    async def claim(self, limit: int, lease_seconds: float, after: str) -> Batch | None:
+    async def claim(self, limit: int, lease_seconds: float, after: str,
+                    only: list[str] | None = None) -> Batch | None:
+        """Leases a batch of one pipeline; `only` limits the pipelines (None: any)."""
         lease = uuid.uuid4()
 
         async def call(timeout: float) -> tuple[float, list[tuple]]:
@@ -190,7 +192,7 @@ class Queue:
                 started = time.monotonic()
                 cur = await conn.execute(query("claim"), {
                     "worker": self.worker, "lease": lease, "limit": limit,
-                    "lease_seconds": lease_seconds, "after": after,
+                    "lease_seconds": lease_seconds, "after": after, "only": only,
                 })
                 return started, await cur.fetchall()
 
@@ -396,11 +398,40 @@ class Queue:
                 "cache_misses": u.cache_misses, "worker": self.worker,
             })
 
-    async def batched(self) -> int:
+    async def batched(self, only: list[str] | None = None) -> int:
+        """Keys of unexpanded statements (of the pipelines in `only`, when given)."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query("statement_keys"))
+            if only is None:
+                cur = await conn.execute(query("statement_keys"))
+            else:
+                cur = await conn.execute(query("statement_keys_of"), {"only": only})
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    async def backlog_of(self, pipelines: list[str]) -> dict[str, int]:
+        """Rows each pipeline still has to embed (queued, in flight, retrying, in statements)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query("backlog_of"), {"pipelines": pipelines})
+            return {name: int(n) for name, n in await cur.fetchall()}
+
+    async def leased_elsewhere(self, only: list[str]) -> tuple[int, str]:
+        """Rows of these pipelines that other workers hold now, and who holds them."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query("leased_elsewhere"), {"only": only, "worker": self.worker})
+            row = await cur.fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, "")
+
+    async def release_dead_workers(self, dead_after: float, me: str | None) -> list[tuple[str, int]]:
+        """Gives back the leases of workers whose heartbeat stopped over `dead_after` seconds
+        ago and forgets their rows in pgembed.workers (sql/fleet.sql)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query("release_dead_workers"), {"dead_after": dead_after, "worker": me})
+            found = [(str(w), int(n)) for w, n in await cur.fetchall()]
+        for worker, rows in found:
+            log.warning("worker %s stopped sending heartbeats over %.0fs ago: %d rows it held are "
+                        "queued again", worker, dead_after, rows,
+                        extra={"action": "dead_worker", "dead_worker": worker, "rows": rows})
+        return found
 
 
 def _one_line(error: BaseException) -> str:

@@ -14,6 +14,7 @@ from importlib import resources
 
 import psycopg
 from rich.console import Console
+from rich.markup import escape
 
 from pgembed import audit, db, migrate, pipelines
 from pgembed.progress import drain
@@ -53,21 +54,22 @@ def ensure_pipeline(conn: psycopg.Connection, model: str) -> str:
 
 
 def show_hits(console: Console, question: str, hits: list[Hit]) -> None:
-    console.print(f"\n[bold]search:[/bold] {question}")
+    console.print(f"\n[bold]search:[/bold] {escape(question)}")
     for hit in hits:
         title = hit.chunk.split("\n", 1)[0]
-        console.print(f"  {hit.distance:.3f}  #{hit.key['id']:<3} {title}", highlight=False)
+        console.print(f"  {hit.distance:.3f}  #{hit.key['id']:<3} {escape(title)}", highlight=False)
 
 
 def run(dsn: str, console: Console, model: str | None = None) -> str:
     migrate.upgrade(dsn)
     model, warning = (model, None) if model else choose_model()
     if warning:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     with db.connect(dsn) as conn:
         count = load_sample(conn)
         name = ensure_pipeline(conn, model)
-    console.print(f"{count} sample articles in table {TABLE}; pipeline [bold]{name}[/bold] ({model})")
+    console.print(f"{count} sample articles in table {TABLE}; pipeline [bold]{escape(name)}[/bold] "
+                  f"({escape(model)})", highlight=False)
     drain(dsn, WorkerConfig(until_empty=True, concurrency=2, batch_size=16), console)
     with db.connect(dsn) as conn:
         # what the scheduler does hourly: compare the table with its vectors (status shows it)

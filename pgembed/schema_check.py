@@ -17,11 +17,15 @@ async def check_schema(dsn: str, worker: str) -> None:
     On a connection of its own, before the pool opens: the pool registers pgvector's types on
     every connection, which never succeeds where `pgembed init` never ran, so the pool would
     spend its whole timeout before saying anything. A server that does not answer is left to
-    the pool, which waits for it as it always did."""
+    A server that does not answer, or a connection string that cannot work, stops the worker
+    here, in one sentence, as `pgembed status` would: the pool would retry it for its whole
+    timeout, warning all along and ending on a message that hides the cause. Once connected,
+    the worker is patient: the queue and the pool reconnect across a restart."""
+    db.remember_secrets(dsn)
     try:
         conn = await db.connect_async(dsn, "worker", worker)
-    except psycopg.OperationalError:
-        return
+    except psycopg.Error as error:
+        raise db.DatabaseError(db.explain(error)) from None
     async with conn:
         try:
             found = await migrate.current_revision_async(conn)

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
@@ -39,14 +39,14 @@ from pgembed.heartbeat import Heartbeat
 from pgembed.indexes import DeferredIndexBuilder
 from pgembed.listener import CHANNEL, Listener
 from pgembed.metrics import Metrics, MetricsServer
-from pgembed.providers import EmbedResult, Provider, ProviderError, make_provider
+from pgembed.providers import EmbedResult, Provider, ProviderError, UnknownModelError, make_provider
 from pgembed.queue import AckResult, Batch, PipelineInfo, Queue
 from pgembed.ratelimit import RateLimits
 from pgembed.scheduler import Scheduler
 from pgembed.schema_check import check_schema
 from pgembed.service import Notifier, install_signal_handlers, watchdog_interval, watchdog_loop
 
-__all__ = ["Worker", "WorkerConfig", "WorkerStats"]
+__all__ = ["Unfinished", "Worker", "WorkerConfig", "WorkerStats"]
 log = logging.getLogger("pgembed.worker")
 # After the shutdown bound, how long releases of cancelled batches get before the slots
 # themselves are cancelled (only a database that stopped answering takes that long).
@@ -55,6 +55,14 @@ SHUTDOWN_GRACE = 5.0
 WRITE_GRACE = 30.0
 # queue purposes of work that comes in large backlogs, claimed in bulk_batch_size batches
 BULK_PURPOSES = frozenset({"backfill", "repair", "migration"})
+# Seconds between looks at pgembed.pipelines while there is work (an idle worker looks on
+# every poll): a pipeline created meanwhile is claimed only once its provider is checked.
+PIPELINE_REFRESH = 5.0
+# A provider that could not work is checked again after this long (a local model installed,
+# a server back): its pipeline is served from then on.
+RECHECK_UNSERVABLE = 60.0
+# What a provider check may raise: configuration a user can fix.
+CHECK_ERRORS = (ProviderError, UnknownModelError, ValueError, ImportError, OSError)
 T = TypeVar("T")
 
 
@@ -68,6 +76,9 @@ class WorkerStats:
     lost: int = 0
     provider_errors: int = 0
     released: int = 0  # rows given back unfinished at shutdown
+    # pipelines whose provider cannot work (no API key, a local model that cannot load):
+    # pipeline -> why; their rows were never claimed
+    unservable: dict[str, str] = field(default_factory=dict)
 
     def add(self, result: AckResult) -> None:
         self.batches += 1
@@ -76,6 +87,16 @@ class WorkerStats:
         self.failed += result.failed
         self.changed += result.changed
         self.lost += result.lost
+
+
+class Unfinished(Exception):
+    """A drain (--until-empty) that ended with rows it could not embed: a pipeline whose
+    provider cannot work, or rows other workers still held when the wait ran out. Every
+    other row was embedded; `stats` says what was done."""
+
+    def __init__(self, message: str, stats: WorkerStats) -> None:
+        super().__init__(message)
+        self.stats = stats
 
 
 class _TimedProvider:
@@ -104,6 +125,7 @@ class Worker:
     def __init__(self, dsn: str, config: WorkerConfig | None = None,
                  on_batch: Callable[[AckResult], None] | None = None) -> None:
         self.dsn = dsn
+        db.remember_secrets(dsn)
         self.config = config or WorkerConfig()
         self.on_batch = on_batch
         self.stats = WorkerStats()
@@ -122,6 +144,14 @@ class Worker:
         self._claim_limit = self.config.batch_size
         self._pipelines: dict[str, PipelineInfo] = {}
         self._providers: dict[tuple[str, int], Provider] = {}
+        # providers that could not be made to work: (model, dimensions) -> (why, when checked)
+        self._problems: dict[tuple[str, int], tuple[str, float]] = {}
+        self._servable: list[str] = []  # pipelines whose provider passed its check
+        self._reported: set[tuple[str, str]] = set()
+        self._refreshed = float("-inf")
+        self._refreshing = asyncio.Lock()
+        self._waiting_since: float | None = None  # --until-empty waiting for others' rows
+        self._unfinished: list[str] = []
         # The API key's budget is shared by every worker on every host, so it is kept in
         # PostgreSQL (pgembed.rate_limits); one connection of its own, opened on first use.
         self._limits = RateLimits(dsn, worker=self.config.name)
@@ -171,6 +201,12 @@ class Worker:
             await pool.open(wait=True)
             queue = Queue(pool, self.config.name)
             indexes = DeferredIndexBuilder(self.dsn, self.config.name, self.config.index_memory, pool)
+            # rows of workers that died are given back before anything is claimed (a row
+            # under this worker's own name is a previous process's: it is not beating)
+            await queue.release_dead_workers(self.config.dead_after_seconds, None)
+            # every provider is checked before the first claim (none is claimed for a
+            # pipeline whose provider cannot work)
+            await self._refresh(queue)
             if self.config.heartbeat_interval > 0:
                 self._heartbeat = Heartbeat(pool, self.config.name, self.config.concurrency, self.stats,
                                             self.metrics, self.notifier)
@@ -178,6 +214,7 @@ class Worker:
                 side["heartbeat"] = asyncio.create_task(self._heartbeat.run(self.config.heartbeat_interval),
                                                         name="pgembed-heartbeat")
             side["listener"] = asyncio.create_task(self._listener.run(), name="pgembed-listener")
+            side["reaper"] = asyncio.create_task(self._reap_loop(queue), name="pgembed-reaper")
             interval = watchdog_interval() if self.notifier.enabled else None
             if interval:
                 side["watchdog"] = asyncio.create_task(watchdog_loop(self.notifier, interval),
@@ -223,6 +260,8 @@ class Worker:
                         "written": self.stats.written, "released": self.stats.released})
         if crash is not None:
             raise crash
+        if self.config.until_empty and self._unfinished:
+            raise Unfinished("; ".join(self._unfinished), self.stats)
         return self.stats
 
     async def _supervise(self, slots: list[asyncio.Task[None]],
@@ -345,20 +384,29 @@ class Worker:
         # skipped, so --until-empty must not call the queue empty before it returns
         self._claiming += 1
         try:
+            if time.monotonic() - self._refreshed > PIPELINE_REFRESH:
+                await self._refresh(queue)
             limit = self._claim_limit
-            batch = await queue.claim(limit, self.config.lease_seconds, self._after)
+            batch = await queue.claim(limit, self.config.lease_seconds, self._after, self._servable)
         finally:
             self._claiming -= 1
         self._claim_limit = self._next_limit(batch, limit)
         if batch is None:
+            if await self._refresh(queue):
+                return  # a pipeline to serve appeared (or its provider works now): claim again
             await indexes.check(force=self.config.until_empty)
             # an index check under way counts too: the worker does not stop in a build
             if (self.config.until_empty and self._busy == 0 and self._claiming == 0
-                    and indexes.active == 0 and await queue.batched() == 0):
+                    and indexes.active == 0 and await queue.batched(self._servable) == 0):
+                if await self._others_hold_rows(queue):
+                    await self._sleep(0.25)
+                    return
+                await self._finish_drain(queue)
                 self.stop()
                 return
             await self._idle()
             return
+        self._waiting_since = None
         if self._stopping.is_set():  # claimed while the stop came: give it straight back
             await self._protect(queue.release(batch, [c.key for c in batch.rows], 0))
             return
@@ -373,6 +421,97 @@ class Worker:
             self._busy -= 1
             self.metrics.batches_in_flight(self._busy)
             self._wake.set()
+
+    async def _others_hold_rows(self, queue: Queue) -> bool:
+        """--until-empty found nothing to claim: rows other workers hold are not done. Wait
+        for them (they are acknowledged, given back, or their worker is found dead and they
+        come back) up to until_empty_wait; past it, the drain ends unfinished, saying why."""
+        held, holders = await queue.leased_elsewhere(self._servable)
+        if not held:
+            self._waiting_since = None
+            return False
+        if await queue.release_dead_workers(self.config.dead_after_seconds, self.config.name):
+            return True
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+            log.info("waiting for %d rows that %s holds", held, holders,
+                     extra={"action": "wait_for_others", "rows": held})
+            return True
+        if now - self._waiting_since < self.config.until_empty_wait:
+            return True
+        message = (f"{held} rows are still leased by {holders} after waiting "
+                   f"{self.config.until_empty_wait:g}s; they are not embedded")
+        if message not in self._unfinished:
+            self._unfinished.append(message)
+        return False
+
+    async def _finish_drain(self, queue: Queue) -> None:
+        """The end of a drain: the pipelines it could not serve and still have rows."""
+        unservable = {name: why for name, why in self.stats.unservable.items() if name in self._pipelines}
+        if not unservable:
+            return
+        backlog = await queue.backlog_of(sorted(unservable))
+        for name, why in sorted(unservable.items()):
+            message = f"pipeline {name} could not be served ({backlog.get(name, 0)} rows left queued): {why}"
+            if message not in self._unfinished:
+                self._unfinished.append(message)
+
+    async def _reap_loop(self, queue: Queue) -> None:
+        """Side task: gives back the leases of workers whose heartbeat stopped."""
+        dead_after = self.config.dead_after_seconds
+        while True:
+            await asyncio.sleep(max(min(self.config.heartbeat_interval or dead_after, dead_after) / 2, 0.2))
+            try:
+                await queue.release_dead_workers(dead_after, self.config.name)
+            except psycopg.Error as error:
+                log.debug("looking for dead workers failed: %s", error, extra={"action": "reap_failed"})
+
+    async def _refresh(self, queue: Queue) -> bool:
+        """Reads pgembed.pipelines and checks the provider of every pipeline not checked yet;
+        returns whether a pipeline became servable. A pipeline whose provider cannot work is
+        reported once, in one sentence, and its rows are never claimed."""
+        async with self._refreshing:
+            self._pipelines = await queue.pipelines()
+            self._refreshed = time.monotonic()
+            servable, unservable = [], {}
+            for name, info in sorted(self._pipelines.items()):
+                problem = await self._check(info)
+                if problem is None:
+                    servable.append(name)
+                    continue
+                unservable[name] = problem
+                if (name, problem) not in self._reported:
+                    self._reported.add((name, problem))
+                    log.error("pipeline %s cannot be served, its rows stay queued: %s", name, problem,
+                              extra={"action": "pipeline_unservable", "pipeline": name})
+            gained = bool(set(servable) - set(self._servable))
+            self._servable = servable
+            self.stats.unservable = unservable
+            return gained
+
+    async def _check(self, info: PipelineInfo) -> str | None:
+        """Why this pipeline's provider cannot work (no API key, an unknown provider, a local
+        model that cannot be loaded), or None. Checked once per model and size; a failed check
+        is tried again after RECHECK_UNSERVABLE seconds."""
+        key = (info.spec.model, info.spec.dimensions)
+        if key in self._providers:
+            return None
+        if key in self._problems:
+            problem, checked = self._problems[key]
+            if time.monotonic() - checked < RECHECK_UNSERVABLE:
+                return problem
+        try:
+            provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec))
+            check = getattr(provider, "check", None)
+            if check is not None:
+                await check()
+        except CHECK_ERRORS as error:
+            self._problems[key] = (str(error) or type(error).__name__, time.monotonic())
+            return self._problems[key][0]
+        self._problems.pop(key, None)
+        self._providers[key] = _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
+        return None
 
     def _next_limit(self, batch: Batch | None, limit: int) -> int:
         """A full claim of bulk work only: claim bulk_batch_size rows next time."""
@@ -442,7 +581,7 @@ class Worker:
 
     async def _pipeline(self, queue: Queue, name: str) -> PipelineInfo | None:
         if name not in self._pipelines:
-            self._pipelines = await queue.pipelines()
+            await self._refresh(queue)
         return self._pipelines.get(name)
 
     def _provider(self, info: PipelineInfo) -> Provider:

@@ -30,6 +30,41 @@ AS $$
            last_seen = CASE WHEN p_starting THEN now() ELSE greatest(now(), w.started_at) END;
 $$;
 
+-- Workers whose heartbeat stopped more than p_dead_after seconds ago (killed, their host
+-- gone): their leases are given back now, not when they expire (minutes later), and their
+-- rows in pgembed.workers are removed, so that nobody takes them for running. Called by
+-- live workers on every heartbeat and while a drain waits. A worker judged dead that was
+-- only paused writes nothing when it wakes (every write is fenced by the lease) and is
+-- back in pgembed.workers with its next beat. Returns each dead worker and its rows.
+CREATE OR REPLACE FUNCTION pgembed.release_dead_workers(p_dead_after double precision,
+                                                        p_me text DEFAULT NULL)
+RETURNS TABLE (worker text, rows bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    dead text;
+    n bigint;
+BEGIN
+    FOR dead IN
+        SELECT w.name FROM pgembed.workers w
+         WHERE w.last_seen < now() - make_interval(secs => p_dead_after)
+           AND w.name IS DISTINCT FROM p_me
+         ORDER BY w.name
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        UPDATE pgembed.outbox o SET lease_id = NULL, leased_by = NULL,
+                                    available_at = LEAST(o.queued_at, now())
+         WHERE o.leased_by = dead AND o.lease_id IS NOT NULL AND o.available_at > now();
+        GET DIAGNOSTICS n = ROW_COUNT;
+        DELETE FROM pgembed.workers w WHERE w.name = dead;
+        worker := dead;
+        rows := n;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 -- A worker that exits cleanly leaves no row behind.
 CREATE OR REPLACE FUNCTION pgembed.worker_exit(p_name text)
 RETURNS void

@@ -162,8 +162,12 @@ AS $$ SELECT ARRAY(SELECT jsonb_array_elements(p_keys)) $$;
 -- Claims up to p_limit ready rows of one pipeline for a worker, round robin over pipelines
 -- starting after p_after so that no pipeline starves. SKIP LOCKED: workers never wait on
 -- each other or on an application transaction that is touching a queued row.
-CREATE OR REPLACE FUNCTION pgembed.claim(p_worker text, p_lease uuid, p_limit int,
-                                         p_lease_seconds double precision, p_after text DEFAULT '')
+-- claim_from is claim limited to p_only: the pipelines the worker can serve (it checked
+-- their provider first), NULL for all; a pipeline created since the worker last looked is
+-- not claimed until it has. (A name of its own: an upgrade keeps claim's signature.)
+CREATE OR REPLACE FUNCTION pgembed.claim_from(p_worker text, p_lease uuid, p_limit int,
+                                              p_lease_seconds double precision, p_after text,
+                                              p_only text[])
 RETURNS TABLE (pipeline text, key jsonb, version bigint, purpose text, attempts int)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -173,6 +177,7 @@ DECLARE
 BEGIN
     FOR pl IN
         SELECT q.name FROM pgembed.pipelines q
+         WHERE p_only IS NULL OR q.name = ANY(p_only)
          ORDER BY q.name <= coalesce(p_after, ''), q.name
     LOOP
         PERFORM pgembed.expand_statements(pl);
@@ -197,6 +202,13 @@ BEGIN
     END LOOP;
 END
 $$;
+
+CREATE OR REPLACE FUNCTION pgembed.claim(p_worker text, p_lease uuid, p_limit int,
+                                         p_lease_seconds double precision, p_after text DEFAULT '')
+RETURNS TABLE (pipeline text, key jsonb, version bigint, purpose text, attempts int)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM pgembed.claim_from(p_worker, p_lease, p_limit, p_lease_seconds, p_after, NULL) $$;
 
 -- Queue depth for metrics and status lines: queued (with the keys of unexpanded
 -- statements), in flight, retrying; see pgembed.outbox_state.

@@ -9,9 +9,10 @@
 -- ===== pgembed/queue.py: the worker's queue =====
 
 -- claim --
--- Lease up to `limit` ready rows of one pipeline (round robin after `after`).
+-- Lease up to `limit` ready rows of one pipeline (round robin after `after`) of those in
+-- `only` (NULL: any).
 SELECT pipeline, key, version, purpose, attempts
-  FROM pgembed.claim(%(worker)s, %(lease)s, %(limit)s, %(lease_seconds)s, %(after)s)
+  FROM pgembed.claim_from(%(worker)s, %(lease)s, %(limit)s, %(lease_seconds)s, %(after)s, %(only)s)
 
 -- pipelines --
 SELECT p.name, p.id, p.model, p.dimensions, p.chunk_tokens, p.chunk_overlap,
@@ -102,6 +103,24 @@ VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(i
 -- Keys of statements not yet expanded: a claim that found nothing while another worker
 -- was expanding them does not mean the queue is empty.
 SELECT pgembed.statement_keys()
+
+-- statement_keys_of --
+-- The same, of the pipelines a worker serves.
+SELECT coalesce(sum(pgembed.statement_keys(p)), 0) FROM pg_catalog.unnest(%(only)s::text[]) AS p
+
+-- backlog_of --
+-- Rows waiting in the outbox (in any state) and in unexpanded statements, per pipeline.
+SELECT p, (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p) + pgembed.statement_keys(p)
+  FROM pg_catalog.unnest(%(pipelines)s::text[]) AS p
+
+-- leased_elsewhere --
+-- Rows of the pipelines a worker serves that other workers hold now (in flight): a drain
+-- that found nothing to claim waits for them rather than call the queue empty. With who
+-- holds them, for the message when the wait runs out.
+SELECT count(*), coalesce(pg_catalog.string_agg(DISTINCT coalesce(leased_by, '?'), ', '), '')
+  FROM pgembed.outbox
+ WHERE pipeline = ANY(%(only)s::text[]) AND lease_id IS NOT NULL
+   AND available_at > pg_catalog.now() AND leased_by IS DISTINCT FROM %(worker)s
 
 -- pipeline_exists --
 -- Whether a pipeline a batch was claimed for still exists (same name, same id).
@@ -288,6 +307,9 @@ SELECT pg_catalog.pg_notify('pgembed', %(payload)s)
 -- heartbeat --
 SELECT pgembed.heartbeat(%(name)s, %(host)s, %(pid)s, %(version)s, %(state)s, %(concurrency)s,
                          %(batches)s, %(written)s, %(removed)s, %(failed)s, %(starting)s)
+
+-- release_dead_workers --
+SELECT worker, rows FROM pgembed.release_dead_workers(%(dead_after)s, %(worker)s)
 
 -- worker_exit --
 SELECT pgembed.worker_exit(%(name)s)

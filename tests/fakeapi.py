@@ -39,7 +39,7 @@ from typing import Any
 
 from pgembed.providers.hashing import hash_vector
 
-GARBAGE_KINDS = ("wrong_dims", "nan", "wrong_count", "empty_data", "not_json")
+GARBAGE_KINDS = ("wrong_dims", "nan", "wrong_count", "empty_data", "not_json", "huge", "zero")
 
 #: Native sizes of the real OpenAI models; any other model uses `default_dimensions`.
 NATIVE_DIMENSIONS = {
@@ -184,6 +184,7 @@ class FakeAPI:
             self._fail = _Fault()
             self._hang = _Fault()
             self._garbage = _Fault()
+            self._trickle = _Fault()
             self._reject: Callable[[str], bool] | None = None
             self._reject_message = ""
             self.latency_seconds = self._base_latency
@@ -236,6 +237,17 @@ class FakeAPI:
             self._releases += 1
             self._woken.notify_all()
 
+    def trickle(self, n: int, seconds: float = 10.0) -> None:
+        """The next n answers send their body a few bytes at a time, spread over `seconds`:
+        no single read waits long, the whole answer does."""
+        with self._lock:
+            self._trickle.arm(n, seconds=seconds)
+
+    def take_trickle(self) -> float | None:
+        with self._lock:
+            params = self._trickle.take()
+        return None if params is None else float(params["seconds"])
+
     def garbage(self, kind: str, n: int = 1) -> None:
         """The next n successful answers are malformed in the way `kind` says."""
         if kind not in GARBAGE_KINDS:
@@ -278,6 +290,8 @@ class FakeAPI:
             elif name == "release":
                 if arg:
                     self.release()
+            elif name == "trickle":
+                self.trickle(**arg)
             elif name == "garbage":
                 self.garbage(**arg)
             elif name == "reverse_data":
@@ -357,6 +371,13 @@ class FakeAPI:
         vectors = [hash_vector(t, size + 3 if kind == "wrong_dims" else size) for t in texts]
         if kind == "nan" and vectors:
             vectors[0][0] = math.nan
+        if kind == "zero" and vectors:
+            vectors[0] = [0.0] * size
+        # 1e39 is finite in JSON and in float8 but infinite in float4 (and base64 float32
+        # cannot carry it): answered as a float list whatever encoding was asked for
+        if kind == "huge" and vectors:
+            vectors[0][0] = 1e39
+            fmt = "float"
         data = [_item(i, v, fmt) for i, v in enumerate(vectors)]
         if kind == "wrong_count":
             data = data[:-1]
@@ -454,6 +475,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path in ("/v1/embeddings", "/embeddings"):
                 answer = self.api.handle_embeddings(body, self.headers.get("Authorization"))
+                slowly = self.api.take_trickle()
+                if slowly is not None:
+                    self._send(*answer, spread=slowly)
+                    return
             elif path == "/_control":
                 self.api.control(body)
                 answer = (200, {"Content-Type": "application/json"}, b'{"ok": true}')
@@ -463,14 +488,23 @@ class _Handler(BaseHTTPRequestHandler):
             answer = _error(400, str(exc), "invalid_request_error")
         self._send(*answer)
 
-    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+    def _send(self, status: int, headers: dict[str, str], body: bytes, spread: float = 0.0) -> None:
         try:
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if spread <= 0:
+                self.wfile.write(body)
+                return
+            pieces = max(1, min(len(body), int(spread / 0.05)))
+            size = -(-len(body) // pieces)
+            for start in range(0, len(body), size):
+                self.wfile.write(body[start:start + size])
+                self.wfile.flush()
+                if self.api._stopping.wait(spread / pieces):
+                    return
         except OSError:
             # The client gave up (timeout) and closed the connection: nothing to tell it.
             self.close_connection = True

@@ -127,3 +127,21 @@ def test_garbage_from_the_api_is_never_stored(conn, dsn, fake_api):
     errors = [e for (e,) in conn.execute("SELECT error FROM pgembed.failures")]
     assert errors and all("NaN" in e for e in errors)
     assert stored + len(errors) == 4
+
+
+@pytest.mark.parametrize(("kind", "message"), [("huge", "out of range for a float4 vector"),
+                                               ("zero", "all-zero vector")])
+def test_a_vector_float4_cannot_hold_or_without_direction_is_a_row_failure(conn, dsn, fake_api, kind, message):
+    """1e39 is finite in JSON but infinite in float4 (storing it crashed the acknowledgement,
+    and the rows came back to crash it again); an all-zero vector was stored, and its cosine
+    distance is NaN, so search silently found nothing."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO t SELECT g, 'text ' || g FROM generate_series(1, 4) g")
+    pipelines.create(conn, "t", "body", MODEL, SMALL)
+    fake_api.garbage(kind, 1)
+    stats = drain(dsn, max_attempts=1, batch_size=4)
+    errors = [e for (e,) in conn.execute("SELECT error FROM pgembed.failures")]
+    assert stats.failed == 1 and len(errors) == 1 and message in errors[0], errors
+    assert conn.execute("SELECT count(*) FROM pgembed.t_te3s_64").fetchone()[0] == 3
+    assert conn.execute("SELECT count(*) FROM pgembed.t_te3s_64 WHERE embedding <=> embedding = 'NaN'"
+                        ).fetchone()[0] == 0

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -230,6 +231,21 @@ def test_exhausted_timeouts(api: FakeAPI, embed: Run) -> None:
     with pytest.raises(ProviderError, match=r"timed out after 0\.2s"):
         embed(["a"], timeout=0.2, max_attempts=2)
     assert api.requests == 2
+
+
+def test_the_timeout_is_per_request_in_total_not_per_read(api: FakeAPI, embed: Run,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that trickles its answer a few bytes at a time never makes one read wait
+    long: PGEMBED_OPENAI_TIMEOUT still abandons the request once it has taken that long."""
+    monkeypatch.setenv("PGEMBED_OPENAI_TIMEOUT", "1")
+    api.trickle(5, seconds=8)
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match=r"timed out after 1s"):
+        embed(["a"], timeout=None, max_attempts=2)
+    assert time.monotonic() - started < 5
+    assert api.requests == 2
+    api.trickle(1, seconds=0.3)  # a slow answer within the timeout is fine
+    assert_hash_vectors(embed(["b"], timeout=None), ["b"], 8)
 
 
 def test_connection_refused_is_retried_then_reported(embed: Run, waits: Waits) -> None:

@@ -15,7 +15,8 @@ from pgembed.cli.ratelimit import ratelimit_app
 
 __all__ = ["app", "out"]  # out: the console every command prints to (tests widen it)
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+# no locals in a traceback: they would show the DSN and its password
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Keep pgvector embeddings of PostgreSQL rows correct, cheap and fresh.")
 for command in (schema.init, worker.worker, search.search, quickstart.quickstart, costs.costs,
                 failures.failures, health.status, health.audit):

@@ -16,6 +16,7 @@ from pgembed import db, migrate
 from pgembed.metrics import MetricsUnavailable
 from pgembed.pipelines import PipelineError
 from pgembed.providers import ProviderError, UnknownModelError
+from pgembed.worker import Unfinished
 
 # Exit codes. A schema mismatch has its own: restarting cannot fix it (someone has to run
 # `pgembed init` or upgrade pgembed), so deploy/pgembed-worker.service stops on it.
@@ -24,7 +25,7 @@ EXIT_SCHEMA_MISMATCH = 3
 
 # Errors a user can fix from what the sentence says; anything else is a bug and shows as one.
 USER_ERRORS = (db.DatabaseError, PipelineError, ProviderError, UnknownModelError, MetricsUnavailable,
-               ValueError)
+               Unfinished, ValueError)
 
 out = Console()
 err = Console(stderr=True)
@@ -38,7 +39,7 @@ DsnOption = Annotated[str | None, typer.Option(
 def fail(message: object, code: int = EXIT_ERROR) -> NoReturn:
     """Escaped, because messages quote what users typed and pip extras like 'pgembed[metrics]',
     which rich would otherwise take for markup and drop."""
-    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(db.redact(str(message)))}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -56,7 +57,7 @@ def friendly(fn: F) -> F:
         except psycopg.errors.UndefinedTable as error:
             fail(f"the pgembed schema is missing ({error.diag.message_primary}); run `pgembed init` first")
         except psycopg.Error as error:
-            fail(error.diag.message_primary or error)
+            fail(error.diag.message_primary or " ".join(str(error).split()) or type(error).__name__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -66,7 +67,8 @@ def target(dsn: str | None) -> str:
     it for their database."""
     resolved = db.resolve(dsn)
     if resolved.embedded:
-        err.print(f"[dim]using the embedded PostgreSQL in {db.embedded_data_dir()}[/dim]")
+        err.print(f"[dim]using the embedded PostgreSQL in {escape(str(db.embedded_data_dir()))}[/dim]",
+                  highlight=False)
     return resolved.dsn
 
 

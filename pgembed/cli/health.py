@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import psycopg
 import typer
 from rich.console import Group
+from rich.markup import escape
 
 from pgembed import audit as audits
 from pgembed.cli import tables
@@ -21,7 +22,7 @@ def _print_warnings(conn: psycopg.Connection) -> None:
 
     def show(diag: psycopg.errors.Diagnostic) -> None:
         if diag.severity_nonlocalized == "WARNING":
-            err.print(f"[yellow]warning:[/yellow] {diag.message_primary}", highlight=False)
+            err.print(f"[yellow]warning:[/yellow] {escape(diag.message_primary or '')}", highlight=False)
 
     conn.add_notice_handler(show)
 
@@ -67,7 +68,7 @@ def audit(
     with connect(dsn) as conn:
         _print_warnings(conn)
         run = audits.run_audit(conn, repair=repair, pipeline=pipeline)
-    out.print(f"audit #{run['id']} of {pipeline or 'all pipelines'}", highlight=False)
+    out.print(f"audit #{run['id']} of {escape(pipeline or 'all pipelines')}", highlight=False)
     out.print(tables.audit_gaps(run, audits.GAP_KINDS, repair))
     if run["oldest_gap"] is not None:
         out.print(f"oldest gap: {tables.age(run['oldest_gap'])} (since {tables.when(run['oldest_gap_since'])})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from pgembed import pipelines
 from pgembed.cli import tables
@@ -39,7 +40,8 @@ def create(
                               backfill=backfill, cost_center=cost_center, name=name)
     with connect(dsn) as conn:
         created = pipelines.create(conn, table_name, content, model, options)
-    out.print(f"pipeline [bold]{created}[/bold] created; vectors go to pgembed.{created}")
+    out.print(f"pipeline [bold]{escape(created)}[/bold] created; vectors go to pgembed.{escape(created)}",
+              highlight=False)
 
 
 @pipeline_app.command("list")
@@ -63,4 +65,4 @@ def drop(name: str, dsn: DsnOption = None) -> None:
     """
     with connect(dsn) as conn:
         pipelines.drop(conn, name)
-    out.print(f"pipeline {name} dropped")
+    out.print(f"pipeline {escape(name)} dropped", highlight=False)

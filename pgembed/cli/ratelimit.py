@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from pgembed import ratelimit
 from pgembed.cli import tables
@@ -54,7 +55,7 @@ def set_budget(
     name, base_url, fingerprint = _bucket(bucket)
     with connect(dsn) as conn:
         ratelimit.set_budget(conn, name, budget, base_url=base_url, key_fingerprint=fingerprint)
-    out.print(f"budget of {name}: {tables.limit(requests_per_minute)} requests and "
+    out.print(f"budget of {escape(name)}: {tables.limit(requests_per_minute)} requests and "
               f"{tables.limit(tokens_per_minute)} tokens per minute; running workers apply it within "
               f"{ratelimit.UNLIMITED_RECHECK:g} seconds", highlight=False)
 
@@ -87,4 +88,4 @@ def clear(bucket: BucketOption = None, dsn: DsnOption = None) -> None:
         removed = ratelimit.clear_budget(conn, name)
     if not removed:
         raise ValueError(f"no budget for {name}; `pgembed ratelimit show` lists them")
-    out.print(f"budget of {name} removed: no longer rate limited", highlight=False)
+    out.print(f"budget of {escape(name)} removed: no longer rate limited", highlight=False)

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from pgembed.costs import Grouping
 from pgembed.search import Hit
@@ -22,13 +23,22 @@ REPAIRS = {"missing": "queued", "stale": "queued", "orphaned": "vectors deleted"
 _SUMMED = ("requests", "inputs", "tokens", "cache_hits", "cache_misses", "usd")
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+def table(title: str | Text, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    """Every title and cell is printed as it is: rows, keys, error messages and queries are
+    user or database text, which rich would otherwise read as markup (`[/]` raises, and
+    `[link=...]` would put a hyperlink in the reader's terminal). A cell that is styled is a
+    Text already."""
+    t = Table(title=literal(title), title_justify="left")
     for c in columns:
-        t.add_column(c)
+        t.add_column(literal(c))
     for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
+        t.add_row(*(literal("" if v is None else v) for v in r))
     return t
+
+
+def literal(value: Any) -> Text:
+    """A value as rich prints it without reading markup in it."""
+    return value if isinstance(value, Text) else Text(str(value))
 
 
 # --- cells ----------------------------------------------------------------------------------
@@ -66,10 +76,10 @@ def rate(hits: int, misses: int) -> str:
     return f"{hits / (hits + misses):.1%}" if hits + misses else ""
 
 
-def gap_count(value: int | None) -> str:
+def gap_count(value: int | None) -> str | Text:
     if value is None:  # no audit of this pipeline yet
         return "–"
-    return f"[red]{value:,}[/red]" if value else "0"
+    return Text(f"{value:,}", style="red") if value else "0"
 
 
 def limit(value: int | None) -> str:
@@ -133,7 +143,7 @@ def _spent(r: Row) -> list[str]:
 
 
 def anomalies(rows: list[Row]) -> Table:
-    return table("[red]spend far above the 7-day daily average today[/red]",
+    return table(Text("spend far above the 7-day daily average today", style="red"),
                  ["pipeline", "purpose", "measure", "today", "daily avg (7d)", "ratio"],
                  ([a["pipeline"], a["purpose"], a["measure"],
                    *(usd(v) if a["measure"] == "usd" else count(v) for v in (a["today"], a["daily_avg_7d"])),

@@ -13,10 +13,10 @@ from typing import Annotated, Any
 import typer
 
 from pgembed import logs
-from pgembed.cli.common import DsnOption, friendly, out, target
+from pgembed.cli.common import DsnOption, fail, friendly, out, target
 from pgembed.cli.defaults import default_of, duration_default
 from pgembed.scheduler import ScheduleConfig, parse_duration
-from pgembed.worker import Worker, WorkerConfig
+from pgembed.worker import Unfinished, Worker, WorkerConfig, WorkerStats
 
 SERVICE = "Service"
 SCHEDULED = "Scheduled jobs"
@@ -148,6 +148,14 @@ def worker(
                           metrics_port=metrics_port, metrics_address=metrics_address)
     if name:
         config.name = name
-    stats = asyncio.run(Worker(target(dsn), config).run())
+    try:
+        stats = asyncio.run(Worker(target(dsn), config).run())
+    except Unfinished as unfinished:
+        _summary(unfinished.stats)
+        fail(f"the queue is not empty: {unfinished}")
+    _summary(stats)
+
+
+def _summary(stats: WorkerStats) -> None:
     out.print(f"{stats.written} rows embedded, {stats.removed} removed, {stats.failed} failed "
-              f"in {stats.batches} batches")
+              f"in {stats.batches} batches", highlight=False)

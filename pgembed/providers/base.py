@@ -68,6 +68,10 @@ class Provider(Protocol):
 
     async def aclose(self) -> None: ...
 
+    # A provider may also have `async def check(self) -> None`, which raises ProviderError
+    # when it cannot work at all (a model that cannot be loaded); a worker calls it before
+    # it claims anything for the provider's pipelines. Making the provider checks the rest.
+
 
 class RateLimiter(Protocol):
     """A budget shared by everyone who uses one API key; a provider asks it before each HTTP
@@ -82,13 +86,23 @@ class RateLimiter(Protocol):
     async def acquire(self, requests: int, tokens: int) -> None: ...
 
 
+# pgvector stores float4: a larger magnitude (finite in float8, e.g. 1e39) becomes infinite
+FLOAT4_MAX = float(np.finfo(np.float32).max)
+
+
 def vector_problem(vector: list[float] | np.ndarray, dimensions: int) -> str | None:
     """Why a vector from a provider must not be stored, or None when it is sound. (numpy:
     a Python loop over every float was a tenth of an API-bound worker's time.)"""
     if len(vector) != dimensions:
         return f"provider returned {len(vector)} dimensions, expected {dimensions}"
-    if not np.isfinite(np.asarray(vector, dtype=np.float64)).all():
+    values = np.asarray(vector, dtype=np.float64)
+    if not np.isfinite(values).all():
         return "provider returned a vector containing NaN or Infinity"
+    if values.size and float(np.abs(values).max()) > FLOAT4_MAX:
+        return (f"provider returned a value out of range for a float4 vector "
+                f"({float(np.abs(values).max()):g}; at most {FLOAT4_MAX:g})")
+    if not values.any():
+        return "provider returned an all-zero vector (it has no direction: cosine distance is undefined)"
     return None
 
 

@@ -164,6 +164,15 @@ class LocalProvider:
             token_counts=counts,
         )
 
+    async def check(self) -> None:
+        """Loads the model now (in a thread), so that a worker finds a model that cannot be
+        loaded before it claims anything for it: raises LocalModelError."""
+        model = await asyncio.to_thread(lambda: load_model(resolve_model(self.spec.name)))
+        native = native_dimensions(model)
+        if self.spec.dimensions > native:
+            raise LocalModelError(f"local model {self.spec.name!r} gives {native} dimensions, "
+                                  f"fewer than the {self.spec.dimensions} asked for")
+
     async def embed(self, texts: list[str]) -> EmbedResult:
         """Embed in a thread: the model is CPU-bound and must not stall the event loop."""
         return await asyncio.to_thread(self._embed_sync, list(texts))

@@ -7,7 +7,8 @@ come from the environment, so that keys never touch the database:
   value for a server that needs none).
 * `PGEMBED_OPENAI_BASE_URL` or `OPENAI_BASE_URL`: the API root, e.g.
   `http://localhost:11434/v1`; OpenAI's when unset.
-* `PGEMBED_OPENAI_TIMEOUT`: seconds per HTTP request (60).
+* `PGEMBED_OPENAI_TIMEOUT`: seconds per HTTP request, in total (60): a server that sends
+  its answer a trickle at a time is abandoned then too (a timed-out attempt is retried).
 * `PGEMBED_OPENAI_CONCURRENCY`: HTTP requests in flight per provider (4).
 * `PGEMBED_OPENAI_MAX_ATTEMPTS`: attempts per request, the first included (6).
 * `PGEMBED_OPENAI_BACKOFF_BASE` / `PGEMBED_OPENAI_BACKOFF_MAX`: exponential backoff in
@@ -86,6 +87,11 @@ class _Rejected(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class _TotalTimeout(Exception):
+    """A request that took longer than the timeout in all: transient, as the client's own
+    timeouts are."""
 
 
 @dataclass
@@ -179,6 +185,10 @@ class OpenAIProvider:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    async def check(self) -> None:
+        """Whether this provider can work, before anything is claimed for it: the key and
+        the settings were checked when it was made; nothing is sent (a request would cost)."""
+
     async def aclose(self) -> None:
         await self._client.close()
 
@@ -268,7 +278,7 @@ class OpenAIProvider:
                 with attempt:
                     attempts += 1
                     return await self._post(texts, tokens, run)
-        except openai.APIError as exc:
+        except (openai.APIError, _TotalTimeout) as exc:
             raise ProviderError(self._failure_message(exc, attempts)) from None
         raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -291,7 +301,7 @@ class OpenAIProvider:
                 # The client's own POST (auth, base URL, timeouts, its errors), read as JSON
                 # here: typing the body into models took a tenth of an API-bound worker's
                 # time, all for fields we check ourselves.
-                return json.loads(await self._client.post("/embeddings", body=params, cast_to=bytes))
+                return json.loads(await self._post_within_timeout(params))
             except openai.APIStatusError as exc:
                 if exc.status_code in _REJECT_STATUS:
                     raise _Rejected(f"rejected by the API (HTTP {exc.status_code}): {self._api_message(exc)}") from None
@@ -299,6 +309,18 @@ class OpenAIProvider:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 # The client could not read the body (declared JSON, but it is not).
                 return "<unreadable body>"
+
+    async def _post_within_timeout(self, params: dict[str, Any]) -> bytes:
+        """The POST, abandoned after `timeout` seconds in total. The client's own timeout is
+        per read: a server that trickles its answer a few bytes at a time never trips it."""
+        post = self._client.post("/embeddings", body=params, cast_to=bytes)
+        if not self.timeout:
+            return await post
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await post
+        except TimeoutError:
+            raise _TotalTimeout() from None
 
     async def _acquire(self, tokens: int) -> None:
         """Wait for the shared budget to allow one request of `tokens` tokens."""
@@ -350,9 +372,9 @@ class OpenAIProvider:
             message = body if isinstance(body, str) and body else exc.message
         return self._redact(" ".join(str(message).split())[:500])
 
-    def _failure_message(self, exc: openai.APIError, attempts: int) -> str:
+    def _failure_message(self, exc: openai.APIError | _TotalTimeout, attempts: int) -> str:
         where = f"{self.spec.model}: embeddings request"
-        if isinstance(exc, openai.APITimeoutError):
+        if isinstance(exc, openai.APITimeoutError | _TotalTimeout):
             what = f"timed out after {self.timeout:g}s"
         elif isinstance(exc, openai.APIConnectionError):
             what = f"connection error: {self._api_message(exc)}"
@@ -405,7 +427,7 @@ def _default_token_counter() -> Callable[[str], int]:
 
 def _is_transient(exc: BaseException) -> bool:
     """Worth asking again: rate limits, overload, server faults, the network."""
-    if isinstance(exc, openai.APIConnectionError):  # timeouts included
+    if isinstance(exc, openai.APIConnectionError | _TotalTimeout):  # timeouts included
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in _TRANSIENT_STATUS or exc.status_code >= 500

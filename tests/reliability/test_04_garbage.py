@@ -20,6 +20,8 @@ MESSAGES = {
     "wrong_count": ("embeddings for", "no embeddings"),
     "empty_data": ("no embeddings",),
     "not_json": ("not a JSON embeddings response",),
+    "huge": ("out of range",),
+    "zero": ("all-zero vector",),
 }
 
 
