@@ -6,9 +6,11 @@
 -- reads, as it keeps any view bound:
 --   RENAME COLUMN, RENAME TO, SET SCHEMA   the view follows; so does the pipeline (below)
 --   DROP COLUMN / ALTER COLUMN TYPE of a column the content reads
---                                          refused by PostgreSQL, naming the view
---                                          (drop the pipeline first, or CASCADE: the
---                                          pipeline then stops, see the drop handler)
+--                                          refused by PostgreSQL, naming the view. To drop
+--                                          the column: drop the pipeline first, or CASCADE
+--                                          (the pipeline goes with it). To change its type:
+--                                          DROP VIEW pgembed.p<id>_content in the same
+--                                          transaction, then ALTER: the view comes back
 --   ADD COLUMN, a key column's type, other columns
 --                                          allowed; followed below
 -- After every ALTER TABLE of a source, pgembed.follow_source_ddl (an event trigger, which
@@ -55,6 +57,22 @@ BEGIN
                        format('pgembed: keeps pipeline %s bound to the columns its %s reads; returns no rows',
                               quote_literal(p.name), what));
     END LOOP;
+END
+$$;
+
+-- bind_pipeline, or false when the content no longer binds to the table (a column it reads
+-- is gone). A binding view dropped by hand, to change the type of a column the content
+-- reads, comes back this way after the ALTER TABLE.
+CREATE OR REPLACE FUNCTION pgembed.try_bind(p pgembed.pipelines)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pgembed.bind_pipeline(p);
+    RETURN true;
+EXCEPTION WHEN undefined_column OR undefined_function OR undefined_table THEN
+    RETURN false;
 END
 $$;
 
@@ -126,8 +144,9 @@ BEGIN
                    WHERE c.classid = 'pg_catalog.pg_class'::regclass)
               ORDER BY q.id LOOP
         before := ARRAY(SELECT relid FROM pgembed.captured_tables(p) ORDER BY 1);
-        IF (pgembed.binding_views(p)).content IS NULL THEN
-            -- ... DROP COLUMN ... CASCADE took the binding view: the pipeline goes with it
+        IF (pgembed.binding_views(p)).content IS NULL AND NOT pgembed.try_bind(p) THEN
+            -- ... DROP COLUMN ... CASCADE took the binding view, and the content no longer
+            -- binds: the pipeline goes with the column
             RAISE NOTICE 'pgembed: pipeline "%" read a column that was dropped with CASCADE; the pipeline is dropped too',
                 p.name;
             PERFORM pgembed.drop_pipeline(p.name);

@@ -124,3 +124,14 @@ def test_a_change_under_a_virtual_generated_column_is_captured(conn, dsn):
     assert conn.execute("SELECT count(*) FROM pgembed.outbox").fetchone() == (1,)
     drain(dsn)
     converge(conn, [Expect("docs", "docs", ["id"], ["a", "b"], lambda a, b: f"{a} {b}")], timeout=5)
+
+
+def test_a_content_column_changes_type_once_its_binding_view_steps_aside(docs, dsn):
+    with docs.transaction():
+        docs.execute("DROP VIEW pgembed.p1_content")
+        docs.execute("ALTER TABLE docs ALTER COLUMN title TYPE varchar(40)")
+    assert docs.execute("SELECT to_regclass('pgembed.p1_content') IS NOT NULL, count(*) "
+                        "FROM pgembed.pipelines").fetchone() == (True, 1)
+    docs.execute("UPDATE docs SET title = 'typed' WHERE id = 1")
+    drain(dsn)
+    converged(docs)
