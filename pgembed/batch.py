@@ -19,6 +19,10 @@ from pgembed.providers.base import vector_problem
 from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
 
 
+# what counts as blank, here and in the audit's gap query (pgembed.gap_sql, kind 'empty')
+_BLANK = " \t\n\r\f\v"
+
+
 @dataclass
 class Embedded:
     outcomes: list[Outcome]
@@ -27,15 +31,15 @@ class Embedded:
     sent: list[bytes] = field(default_factory=list)  # hashes this batch asked the provider for
 
 
-def _texts(info: PipelineInfo, row: SourceRow) -> tuple[list[str], str | None]:
-    """The chunks of a row's content, or why it has none."""
-    if row.content is None:
-        return [], "content is NULL"
-    if not row.content.strip():
-        return [], "content is empty"
+def _texts(info: PipelineInfo, row: SourceRow) -> list[str]:
+    """The chunks of a row's content. NULL or blank content has none: the row has nothing
+    to embed, which is not a failure; its old vectors (of content that no longer exists)
+    go, and the audit counts it as empty, not missing."""
+    if row.content is None or not row.content.strip(_BLANK):
+        return []
     if info.chunk_tokens == 0:
-        return [row.content], None
-    return chunk_text(row.content, info.chunk_tokens, info.chunk_overlap), None
+        return [row.content]
+    return chunk_text(row.content, info.chunk_tokens, info.chunk_overlap)
 
 
 def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
@@ -52,11 +56,9 @@ def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
             outcome.gone = True
         else:
             outcome.cost_center = row.cost_center
-            chunks, outcome.error = _texts(info, row)
-            if outcome.error is None:
-                outcome.content_hash = document_hash(row.content or "")
-                texts[claimed.key] = [
-                    (t, chunk_key(info.spec.model, info.spec.dimensions, t)) for t in chunks]
+            outcome.content_hash = document_hash(row.content or "")
+            texts[claimed.key] = [(t, chunk_key(info.spec.model, info.spec.dimensions, t))
+                                  for t in _texts(info, row)]
     return outcomes, texts
 
 

@@ -101,6 +101,18 @@ SELECT %1$s AS key, %2$L::pg_catalog.timestamptz AS since
    AND %7$s$q$,
             key_s, p.created_at, src, dest, same_key,
             pgembed.not_queued_sql(p, key_s), pgembed.not_failed_sql(p, key_s));
+    WHEN 'empty' THEN
+        -- live rows with no vectors whose content is NULL or blank (ASCII whitespace only, as
+        -- the worker decides): nothing to embed, so not missing; evaluated like 'stale'
+        RETURN format($q$
+SELECT %1$s AS key, %2$L::pg_catalog.timestamptz AS since
+  FROM (SELECT %3$s, (%4$s)::pg_catalog.text AS pgembed_content FROM %5$s) AS s
+ WHERE coalesce(s.pgembed_content, '') OPERATOR(pg_catalog.!~) E'[^ \t\n\r\f\v]'
+   AND NOT EXISTS (SELECT 1 FROM %6$s d WHERE %7$s AND d.chunk_seq = 0)
+   AND %8$s
+   AND %9$s$q$,
+            key_s, p.created_at, pgembed.sql_list('%1$I', p.key_columns), p.content_bound, src, dest,
+            same_key, pgembed.not_queued_sql(p, key_s), pgembed.not_failed_sql(p, key_s));
     WHEN 'orphaned' THEN
         RETURN format($q$
 SELECT %1$s AS key, d.embedded_at AS since
@@ -126,7 +138,7 @@ SELECT %1$s AS key, d.embedded_at AS since
             key_s, pgembed.sql_list('%1$I', p.key_columns), p.content_bound, src, dest, same_key,
             pgembed.not_queued_sql(p, key_s), pgembed.not_failed_sql(p, key_s));
     ELSE
-        RAISE EXCEPTION 'pgembed: gap kind must be missing, orphaned or stale, not %', p_kind;
+        RAISE EXCEPTION 'pgembed: gap kind must be missing, orphaned, stale or empty, not %', p_kind;
     END CASE;
 END
 $$;
@@ -205,6 +217,7 @@ DECLARE
     untrusted text;
     stale_keys jsonb[];
     stale_since timestamptz[];
+    empty_keys jsonb[];
 BEGIN
     FOR p IN SELECT * FROM pgembed.pipelines_named(p_pipeline) LOOP
         RETURN QUERY
@@ -219,12 +232,11 @@ BEGIN
         END IF;
 
         RETURN QUERY EXECUTE format('SELECT %L::pg_catalog.text, g.key, %L::pg_catalog.text, g.since FROM (%s) g',
-                                    p.name, 'missing', pgembed.gap_sql(p, 'missing'));
-        RETURN QUERY EXECUTE format('SELECT %L::pg_catalog.text, g.key, %L::pg_catalog.text, g.since FROM (%s) g',
                                     p.name, 'orphaned', pgembed.gap_sql(p, 'orphaned'));
         -- collected first, so that a failing expression leaves no half-returned rows
         stale_keys := NULL;
         stale_since := NULL;
+        empty_keys := '{}';
         SELECT string_agg(format('%s (%s)', f.fn, coalesce('owned by ' || pr.proowner::regrole::text,
                                                              'dropped')), ', ')
           INTO untrusted
@@ -243,6 +255,9 @@ BEGIN
                 EXECUTE format('SELECT pg_catalog.array_agg(g.key), pg_catalog.array_agg(g.since) '
                                'FROM (%s) g', pgembed.gap_sql(p, 'stale'))
                    INTO stale_keys, stale_since;
+                EXECUTE format('SELECT coalesce(pg_catalog.array_agg(g.key), %L) FROM (%s) g',
+                               '{}', pgembed.gap_sql(p, 'empty'))
+                   INTO empty_keys;
             EXCEPTION WHEN OTHERS THEN  -- not a cancel or statement_timeout: those still stop us
                 RAISE WARNING 'pgembed: pipeline "%": stale rows not checked, the content expression failed: %',
                     p.name, CASE WHEN pg_catalog.has_table_privilege(session_user, p.source, 'SELECT')
@@ -252,6 +267,11 @@ BEGIN
         RETURN QUERY
             SELECT p.name, u.key, 'stale'::text, u.since
               FROM unnest(stale_keys, stale_since) AS u(key, since);
+        -- a row with nothing to embed has no vectors, and is not missing them
+        RETURN QUERY EXECUTE format('SELECT %L::pg_catalog.text, g.key, '
+                                    'CASE WHEN g.key = ANY ($1) THEN %L ELSE %L END::pg_catalog.text, g.since '
+                                    'FROM (%s) g', p.name, 'empty', 'missing', pgembed.gap_sql(p, 'missing'))
+            USING empty_keys;
     END LOOP;
 END
 $$;
@@ -327,7 +347,8 @@ REVOKE ALL ON FUNCTION pgembed.pipeline_counts(text) FROM PUBLIC;
 -- computes only that one.
 CREATE OR REPLACE VIEW pgembed.consistency_gaps AS
 SELECT g.pipeline, g.key, g.kind, g.since
-  FROM pgembed.gaps() AS g;
+  FROM pgembed.gaps() AS g
+ WHERE g.kind <> 'empty';  -- rows with nothing to embed are no gap (pipeline_status counts them)
 
 -- The health of each pipeline at a glance: row counts, the queue and parked failures live;
 -- missing, orphaned and stale as the latest audit found them (gaps_checked_at: when it
@@ -355,7 +376,8 @@ SELECT p.name AS pipeline,
        a.stale,
        now() - LEAST(q.oldest, b.oldest, f.oldest, a.oldest) AS oldest_gap,
        c.last_embedded_at,
-       a.checked_at AS gaps_checked_at
+       a.checked_at AS gaps_checked_at,
+       a.empty
   FROM pgembed.pipelines p
  CROSS JOIN LATERAL pgembed.pipeline_counts(p.name) AS c
  CROSS JOIN LATERAL (
@@ -378,6 +400,7 @@ SELECT p.name AS pipeline,
               CASE WHEN r.repaired THEN 0 ELSE af.missing END AS missing,
               CASE WHEN r.repaired THEN 0 ELSE af.orphaned END AS orphaned,
               CASE WHEN r.repaired THEN 0 ELSE af.stale END AS stale,
+              af.empty,
               CASE WHEN NOT r.repaired THEN af.gaps_since END AS oldest
          FROM pgembed.audit_findings af
          JOIN pgembed.audit_runs r ON r.id = af.run
@@ -447,16 +470,17 @@ BEGIN
                count(*) FILTER (WHERE g.kind = 'orphaned') AS orphaned,
                count(*) FILTER (WHERE g.kind = 'stale') AS stale,
                count(*) FILTER (WHERE g.kind = 'failed') AS failed,
-               min(g.since) AS oldest,
-               min(g.since) FILTER (WHERE g.kind <> 'failed') AS gaps_since,
+               count(*) FILTER (WHERE g.kind = 'empty') AS empty,
+               min(g.since) FILTER (WHERE g.kind <> 'empty') AS oldest,
+               min(g.since) FILTER (WHERE g.kind NOT IN ('failed', 'empty')) AS gaps_since,
                array_agg(g.key) FILTER (WHERE g.kind IN ('missing', 'stale')) AS repairs,
                array_agg(g.key) FILTER (WHERE g.kind = 'orphaned') AS orphans
           INTO found_
           FROM pgembed.gaps(p.name) AS g;
 
-        INSERT INTO pgembed.audit_findings (run, pipeline, missing, orphaned, stale, failed, gaps_since)
+        INSERT INTO pgembed.audit_findings (run, pipeline, missing, orphaned, stale, failed, gaps_since, empty)
         VALUES (run.id, p.name, found_.missing, found_.orphaned, found_.stale, found_.failed,
-                found_.gaps_since);
+                found_.gaps_since, found_.empty);
         run.missing := run.missing + found_.missing;
         run.orphaned := run.orphaned + found_.orphaned;
         run.stale := run.stale + found_.stale;

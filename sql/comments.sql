@@ -49,6 +49,7 @@ COMMENT ON TABLE pgembed.usage IS 'One row per batch a worker finished or query 
 
 COMMENT ON TABLE pgembed.audit_runs IS 'One row per consistency audit: the gaps it found (before any repair) and what it repaired';
 COMMENT ON TABLE pgembed.audit_findings IS 'What each audit run found per pipeline; pipeline_status reads the latest';
+COMMENT ON COLUMN pgembed.audit_findings.empty IS 'live rows whose content is NULL or blank: nothing to embed, not a gap';
 
 COMMENT ON TABLE pgembed.workers IS 'Running workers, upserted by their heartbeat; pg_stat_activity.application_name is pgembed-<role>[<name>]';
 COMMENT ON TABLE pgembed.schedules IS 'Periodic jobs the workers run, and when each runs next';

@@ -198,6 +198,7 @@ CREATE TABLE pgembed.audit_findings (
     stale             bigint NOT NULL,
     failed            bigint NOT NULL,
     gaps_since        timestamptz,                 -- min(since) over its missing, orphaned, stale
+    empty             bigint NOT NULL DEFAULT 0,   -- live rows whose content is NULL or blank
     PRIMARY KEY (pipeline, run)
 );
 

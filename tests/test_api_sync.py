@@ -104,11 +104,11 @@ def test_rejected_input_fails_alone_and_the_rest_of_the_batch_lands(conn, dsn, f
 
 def test_failures_back_off_then_park_and_can_be_retried(conn, dsn, fake_api):
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
-    conn.execute("INSERT INTO t VALUES (1, 'ok'), (2, ''), (3, NULL), (4, '   ')")
-    pipelines.create(conn, "t", "body", MODEL, SMALL)
+    conn.execute("INSERT INTO t VALUES (1, 'ok'), (2, ''), (3, ''), (4, '')")
+    pipelines.create(conn, "t", "body || (1 / length(body))::text", MODEL, SMALL)
     drain(dsn, max_attempts=3)  # retry_base 0: each failure is retried at once
     failures = dict(conn.execute("SELECT key->>0, error FROM pgembed.failures WHERE parked_at IS NOT NULL"))
-    assert failures == {"2": "content is empty", "3": "content is NULL", "4": "content is empty"}
+    assert failures == {k: "content expression failed: division by zero" for k in ("2", "3", "4")}
     assert conn.execute("SELECT max(attempts) FROM pgembed.failures").fetchone()[0] == 3
     conn.execute("UPDATE t SET body = 'now fine' WHERE id = 2")
     drain(dsn, max_attempts=3)

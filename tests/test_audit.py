@@ -63,7 +63,10 @@ def test_each_gap_kind_is_reported_then_repaired(conn, dsn):
     conn.execute(f"DELETE FROM pgembed.{name} WHERE id = 1")                  # missing
     triggers_off(conn, "DELETE FROM docs WHERE id = 2",                        # orphaned
                  "UPDATE docs SET body = 'rewritten behind our back' WHERE id = 3")  # stale
-    conn.execute("UPDATE docs SET body = NULL WHERE id = 4")                   # failed
+    # failed: changed, and the provider refused the new text (NULL content would be "empty")
+    triggers_off(conn, "UPDATE docs SET body = 'refused by the API' WHERE id = 4")
+    conn.execute("INSERT INTO pgembed.failures (pipeline, key, error, attempts, parked_at) "
+                 "VALUES (%s, '[\"4\"]', 'the API refused it', 1, now())", (name,))
     drain(dsn, max_attempts=1)
     failed_since = conn.execute("SELECT first_failed_at FROM pgembed.failures "
                                 "WHERE parked_at IS NOT NULL").fetchone()[0]

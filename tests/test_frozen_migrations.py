@@ -22,7 +22,7 @@ SHIPPED = {
     # made from the files above for 0002's downgrade
     "0001_initial/definitions.sql": "af48700700a1e95561d7e1bb4b2331a49c031f519dc862f06cea574aa991685c",
     "0002_outbox_statements_and_one_enqueue_rule.sql":
-        "518714ed6783aeb4ab98f9e7d4525cb8d219efc936ede1c5212f26bb726d0fd8",
+        "8d8c11be24c3e93f27db9b10fec0698c1fe1ff9c544ca470fdaa6685fb13cc5c",
     "0002_outbox_statements_and_one_enqueue_rule.down.sql":
         "53235b4030c27d0a2e95f3f273024583b0d61d50cadba50dbd5a14802394a30b",
 }

@@ -183,3 +183,21 @@ def test_a_hash_model_with_fewer_dimensions_hashes_into_that_many(conn, dsn):
     key, chunk, _ = rows[2]
     hit = search.search(conn, name, chunk, k=1)[0]
     assert hit.key == {"id": key} and hit.distance < 1e-6
+
+
+def test_content_with_nothing_to_embed_is_neither_a_failure_nor_a_gap(conn, dsn):
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO docs VALUES (1, 'words'), (2, 'more words'), (3, NULL), (4, '  ')")
+    conn.execute("SELECT pgembed.create_pipeline('docs', 'body', 'hash:8', name => 'docs')")
+    drain(dsn)
+    conn.execute("UPDATE docs SET body = NULL WHERE id = 2")  # its old vectors describe nothing now
+    drain(dsn)
+    assert conn.execute("SELECT array_agg(id ORDER BY id) FROM pgembed.docs").fetchone() == ([1],)
+    assert conn.execute("SELECT count(*) FROM pgembed.failures").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pgembed.outbox").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pgembed.consistency_gaps").fetchone() == (0,)
+    conn.execute("SELECT pgembed.audit()")
+    assert conn.execute("SELECT missing, empty FROM pgembed.pipeline_status").fetchone() == (0, 3)
+    conn.execute("UPDATE docs SET body = 'back' WHERE id = 3")  # content again: embedded as usual
+    drain(dsn)
+    assert conn.execute("SELECT array_agg(id ORDER BY id) FROM pgembed.docs").fetchone() == ([1, 3],)

@@ -57,3 +57,5 @@ CREATE TABLE IF NOT EXISTS pgembed.audit_findings (
     gaps_since        timestamptz,
     PRIMARY KEY (pipeline, run)
 );
+-- rows with nothing to embed (NULL or blank content), counted apart from the gaps
+ALTER TABLE pgembed.audit_findings ADD COLUMN IF NOT EXISTS empty bigint NOT NULL DEFAULT 0;

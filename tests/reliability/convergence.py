@@ -59,7 +59,7 @@ class Expect:
 
     def chunks(self, text: str) -> list[str]:
         return chunk_text(text, self.chunk_tokens, self.overlap) if self.chunk_tokens else (
-            [text] if text.strip() else [])
+            [text] if text.strip(" \t\n\r\f\v") else [])
 
 
 @dataclass
@@ -117,12 +117,9 @@ def _expected(conn: psycopg.Connection, e: Expect) -> tuple[dict[Key, list[str]]
         except (ArithmeticError, ValueError) as error:
             fail[key] = f"content expression raises {type(error).__name__}"
             continue
-        if text is None:
-            fail[key] = "content is NULL"
-            continue
-        chunks = e.chunks(text)
+        chunks = e.chunks(text) if text is not None else []
         if not chunks:
-            fail[key] = "content is empty"
+            land[key] = []  # nothing to embed: no vectors, and no failure either
         elif any(e.rejected(c) for c in chunks):
             fail[key] = "rejected by the API"
         elif e.max_input_tokens and any(count_tokens(c) > e.max_input_tokens for c in chunks):

@@ -101,10 +101,8 @@ def test_bad_input_fails_alone_with_its_cause(form, db, api, fleet, results):
     big_ids = [str(i + 1) for i, v in enumerate(values) if v and len(v) > 100_000]
     for i, v in enumerate(values):
         key = str(i + 1)
-        if v is None:
-            assert why[(plain, key)] == "content is NULL"
-        elif not v.strip():
-            assert why[(plain, key)] == "content is empty"
+        if v is None or not v.strip(" \t\n\r\f\v"):  # nothing to embed: neither a failure nor a gap
+            assert (plain, key) not in why, why[(plain, key)]
     for key in big_ids:
         assert "over the model's limit" in why[(plain, key)], why[(plain, key)]
         assert (chunked, key) not in why, "chunked, the big text lands"
