@@ -18,7 +18,6 @@ from pgembed.providers import EmbedResult, Provider, ProviderError
 from pgembed.providers.base import vector_problem
 from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
 
-
 # what counts as blank, here and in the audit's gap query (pgembed.gap_sql, kind 'empty')
 _BLANK = " \t\n\r\f\v"
 
