@@ -102,17 +102,18 @@ SELECT %1$s AS key, %2$L::pg_catalog.timestamptz AS since
             key_s, p.created_at, src, dest, same_key,
             pgembed.not_queued_sql(p, key_s), pgembed.not_failed_sql(p, key_s));
     WHEN 'empty' THEN
-        -- live rows with no vectors whose content is NULL or blank (ASCII whitespace only, as
-        -- the worker decides): nothing to embed, so not missing; evaluated like 'stale'
+        -- Of the keys in $1 (the missing ones), those whose content is NULL or blank (ASCII
+        -- whitespace only, as the worker decides): nothing to embed, so not missing. Each row
+        -- is read through the pipeline's own reader, one key a call: the content is evaluated
+        -- for those rows only (in one query over the table, the planner may evaluate it for
+        -- every row first, and a row that raises, a parked failure, would sink the check),
+        -- and exactly as the worker evaluates it.
         RETURN format($q$
-SELECT %1$s AS key, %2$L::pg_catalog.timestamptz AS since
-  FROM (SELECT %3$s, (%4$s)::pg_catalog.text AS pgembed_content FROM %5$s) AS s
- WHERE coalesce(s.pgembed_content, '') OPERATOR(pg_catalog.!~) E'[^ \t\n\r\f\v]'
-   AND NOT EXISTS (SELECT 1 FROM %6$s d WHERE %7$s AND d.chunk_seq = 0)
-   AND %8$s
-   AND %9$s$q$,
-            key_s, p.created_at, pgembed.sql_list('%1$I', p.key_columns), p.content_bound, src, dest,
-            same_key, pgembed.not_queued_sql(p, key_s), pgembed.not_failed_sql(p, key_s));
+SELECT m.key, NULL::pg_catalog.timestamptz AS since
+  FROM pg_catalog.unnest($1::pg_catalog.jsonb[]) AS m(key)
+ CROSS JOIN LATERAL pgembed.%1$I(pg_catalog.jsonb_build_array(m.key)) AS r
+ WHERE coalesce(r.content, '') OPERATOR(pg_catalog.!~) E'[^ \t\n\r\f\v]'$q$,
+            'p' || p.id || '_read');
     WHEN 'orphaned' THEN
         RETURN format($q$
 SELECT %1$s AS key, d.embedded_at AS since
@@ -217,6 +218,8 @@ DECLARE
     untrusted text;
     stale_keys jsonb[];
     stale_since timestamptz[];
+    missing_keys jsonb[];
+    missing_since timestamptz[];
     empty_keys jsonb[];
 BEGIN
     FOR p IN SELECT * FROM pgembed.pipelines_named(p_pipeline) LOOP
@@ -237,6 +240,9 @@ BEGIN
         stale_keys := NULL;
         stale_since := NULL;
         empty_keys := '{}';
+        EXECUTE format('SELECT pg_catalog.array_agg(g.key), pg_catalog.array_agg(g.since) FROM (%s) g',
+                       pgembed.gap_sql(p, 'missing'))
+           INTO missing_keys, missing_since;
         SELECT string_agg(format('%s (%s)', f.fn, coalesce('owned by ' || pr.proowner::regrole::text,
                                                              'dropped')), ', ')
           INTO untrusted
@@ -255,11 +261,20 @@ BEGIN
                 EXECUTE format('SELECT pg_catalog.array_agg(g.key), pg_catalog.array_agg(g.since) '
                                'FROM (%s) g', pgembed.gap_sql(p, 'stale'))
                    INTO stale_keys, stale_since;
-                EXECUTE format('SELECT coalesce(pg_catalog.array_agg(g.key), %L) FROM (%s) g',
-                               '{}', pgembed.gap_sql(p, 'empty'))
-                   INTO empty_keys;
             EXCEPTION WHEN OTHERS THEN  -- not a cancel or statement_timeout: those still stop us
                 RAISE WARNING 'pgembed: pipeline "%": stale rows not checked, the content expression failed: %',
+                    p.name, CASE WHEN pg_catalog.has_table_privilege(session_user, p.source, 'SELECT')
+                                 THEN SQLERRM ELSE 'SQLSTATE ' || SQLSTATE END;
+            END;
+            -- apart, so that a stale check that failed on other rows does not hide empty ones
+            BEGIN
+                IF missing_keys IS NOT NULL THEN
+                    EXECUTE format('SELECT coalesce(pg_catalog.array_agg(g.key), %L) FROM (%s) g',
+                                   '{}', pgembed.gap_sql(p, 'empty'))
+                       INTO empty_keys USING missing_keys;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'pgembed: pipeline "%": rows with nothing to embed not told apart from missing ones: %',
                     p.name, CASE WHEN pg_catalog.has_table_privilege(session_user, p.source, 'SELECT')
                                  THEN SQLERRM ELSE 'SQLSTATE ' || SQLSTATE END;
             END;
@@ -268,10 +283,9 @@ BEGIN
             SELECT p.name, u.key, 'stale'::text, u.since
               FROM unnest(stale_keys, stale_since) AS u(key, since);
         -- a row with nothing to embed has no vectors, and is not missing them
-        RETURN QUERY EXECUTE format('SELECT %L::pg_catalog.text, g.key, '
-                                    'CASE WHEN g.key = ANY ($1) THEN %L ELSE %L END::pg_catalog.text, g.since '
-                                    'FROM (%s) g', p.name, 'empty', 'missing', pgembed.gap_sql(p, 'missing'))
-            USING empty_keys;
+        RETURN QUERY
+            SELECT p.name, u.key, CASE WHEN u.key = ANY (empty_keys) THEN 'empty' ELSE 'missing' END, u.since
+              FROM unnest(missing_keys, missing_since) AS u(key, since);
     END LOOP;
 END
 $$;
