@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -12,8 +15,10 @@ from rich.console import Group
 from rich.markup import escape
 
 from pgembed import audit as audits
+from pgembed import health
 from pgembed.cli import tables
 from pgembed.cli.common import DsnOption, connect, err, friendly, out
+from pgembed.scheduler import parse_duration
 
 
 def _print_warnings(conn: psycopg.Connection) -> None:
@@ -41,17 +46,49 @@ STATUS_SECTIONS: list[Callable[[psycopg.Connection], Any]] = [pipeline_status_se
 
 
 @friendly
-def status(dsn: DsnOption = None) -> None:
+def status(
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print pgembed.pipeline_status as a JSON list (times ISO 8601, intervals in seconds).")
+    ] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="A health check: exit 1, saying why, when a pipeline has parked failures, "
+                        "gaps in its latest audit, or a queue stuck longer than --stuck-after.")] = False,
+    stuck_after: Annotated[str, typer.Option(
+        help="With --check: how long the oldest queued row may wait (e.g. 15m, 1h).")] = "15m",
+    dsn: DsnOption = None,
+) -> None:
     """Health of every pipeline: rows, queue, gaps (missing, orphaned, stale, failed), lag.
 
-    Example: pgembed status --dsn postgresql://admin@db/app
+    Example: pgembed status --check --stuck-after 30m --dsn postgresql://admin@db/app
     """
+    if as_json or check:
+        _report(dsn, as_json, check, stuck_after)
+        return
     with connect(dsn) as conn:
         _print_warnings(conn)
         for section in STATUS_SECTIONS:
             rendered = section(conn)
             if rendered is not None:
                 out.print(rendered)
+
+
+def _report(dsn: str | None, as_json: bool, check: bool, stuck_after: str) -> None:
+    """`status --json` and `status --check`, for scripts and monitoring."""
+    limit = parse_duration(stuck_after)
+    if limit is None:
+        raise ValueError(f"--stuck-after must be a duration like 15m, not {stuck_after!r}")
+    with connect(dsn) as conn:
+        _print_warnings(conn)
+        rows = audits.status(conn)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, default=health.as_json, indent=2) + "\n")
+    found = health.problems(rows, dt.timedelta(seconds=limit)) if check else []
+    for problem in found:
+        err.print(escape(problem), highlight=False)
+    if found:
+        raise typer.Exit(1)
+    if check and not as_json:
+        out.print(f"ok: {len(rows)} pipelines healthy", highlight=False)
 
 
 @friendly
