@@ -103,16 +103,16 @@ SELECT %1$s AS key, %2$L::pg_catalog.timestamptz AS since
             pgembed.not_queued_sql(p, key_s), pgembed.not_failed_sql(p, key_s));
     WHEN 'empty' THEN
         -- Of the keys in $1 (the missing ones), those whose content is NULL or blank (ASCII
-        -- whitespace only, as the worker decides): nothing to embed, so not missing. Each row
-        -- is read through the pipeline's own reader, one key a call: the content is evaluated
-        -- for those rows only (in one query over the table, the planner may evaluate it for
-        -- every row first, and a row that raises, a parked failure, would sink the check),
-        -- and exactly as the worker evaluates it.
+        -- whitespace only, as the worker decides): nothing to embed, so not missing. The rows
+        -- are read through the pipeline's own reader, a slice of keys a call, as a worker
+        -- reads a batch: the content is evaluated for those rows only (in one query over the
+        -- table, the planner may evaluate it for every row first, and a row that raises, a
+        -- parked failure, would sink the check), and exactly as the worker evaluates it.
         RETURN format($q$
-SELECT m.key, NULL::pg_catalog.timestamptz AS since
-  FROM pg_catalog.unnest($1::pg_catalog.jsonb[]) AS m(key)
- CROSS JOIN LATERAL pgembed.%1$I(pg_catalog.jsonb_build_array(m.key)) AS r
- WHERE coalesce(r.content, '') OPERATOR(pg_catalog.!~) E'[^ \t\n\r\f\v]'$q$,
+SELECT r.key, NULL::pg_catalog.timestamptz AS since
+  FROM pg_catalog.generate_series(1, pg_catalog.cardinality($1::pg_catalog.jsonb[]), 500) AS slice(first)
+ CROSS JOIN LATERAL pgembed.%1$I(pg_catalog.to_jsonb($1[slice.first : slice.first + 499])) AS r
+ WHERE r.found AND coalesce(r.content, '') OPERATOR(pg_catalog.!~) E'[^ \t\n\r\f\v]'$q$,
             'p' || p.id || '_read');
     WHEN 'orphaned' THEN
         RETURN format($q$
