@@ -376,6 +376,7 @@ SELECT g.pipeline, g.key, g.kind, g.since
 --   in_flight  held under a live lease
 --   retrying   waiting out the backoff after a failed attempt
 -- oldest_gap: how long the oldest unresolved thing (gap or queued row) has waited.
+-- failed: parked failures; failed_by_class: the same by class ({"too_long": 3, ...}).
 CREATE OR REPLACE VIEW pgembed.pipeline_status AS
 SELECT p.name AS pipeline,
        p.model,
@@ -391,7 +392,8 @@ SELECT p.name AS pipeline,
        now() - LEAST(q.oldest, b.oldest, f.oldest, a.oldest) AS oldest_gap,
        c.last_embedded_at,
        a.checked_at AS gaps_checked_at,
-       a.empty
+       a.empty,
+       f.failed_by_class
   FROM pgembed.pipelines p
  CROSS JOIN LATERAL pgembed.pipeline_counts(p.name) AS c
  CROSS JOIN LATERAL (
@@ -406,9 +408,12 @@ SELECT p.name AS pipeline,
          FROM pgembed.outbox_statements ob
         WHERE ob.pipeline = p.name) AS b
  CROSS JOIN LATERAL (
-       SELECT count(*) AS failed, min(x.first_failed_at) AS oldest
-         FROM pgembed.failures x
-        WHERE x.pipeline = p.name AND x.parked_at IS NOT NULL) AS f
+       SELECT sum(n)::bigint AS failed, min(oldest) AS oldest,
+              coalesce(jsonb_object_agg(class, n ORDER BY class), '{}') AS failed_by_class
+         FROM (SELECT x.class, count(*) AS n, min(x.first_failed_at) AS oldest
+                 FROM pgembed.failures x
+                WHERE x.pipeline = p.name AND x.parked_at IS NOT NULL
+                GROUP BY x.class) AS x) AS f
   LEFT JOIN LATERAL (
        SELECT r.started_at AS checked_at,
               CASE WHEN r.repaired THEN 0 ELSE af.missing END AS missing,

@@ -39,7 +39,11 @@ COMMENT ON TABLE pgembed.outbox_statements IS 'Keys of one application statement
 COMMENT ON COLUMN pgembed.outbox_statements.keys IS 'the keys, as text (one-column primary keys only)';
 COMMENT ON COLUMN pgembed.outbox_statements.expanded IS 'keys[1:expanded] are in the outbox already';
 
-COMMENT ON TABLE pgembed.failures IS 'Rows that could not be embedded: retried with backoff, parked (parked_at set) after too many attempts';
+COMMENT ON TABLE pgembed.failure_classes IS 'The kinds of failure and the retry policy of each: attempts before parking, whether the scheduled job retries parked rows';
+COMMENT ON COLUMN pgembed.failure_classes.park_after IS 'attempts before a row is parked; NULL: the worker''s --max-attempts';
+COMMENT ON COLUMN pgembed.failure_classes.auto_retry IS 'whether the scheduled retry job re-queues parked rows of this class by itself';
+COMMENT ON TABLE pgembed.failures IS 'Rows that could not be embedded: retried with backoff, parked (parked_at set) after as many attempts as their class allows';
+COMMENT ON COLUMN pgembed.failures.class IS 'what kind of failure (pgembed.failure_classes), from its message (pgembed.failure_class)';
 COMMENT ON COLUMN pgembed.failures.parked_at IS 'set once the row left the queue; pgembed failures --retry queues it again';
 
 COMMENT ON TABLE pgembed.embedding_cache IS 'Embeddings by content hash (sha256 of model, dimensions, text): one row serves every pipeline that embeds the same text';
@@ -51,7 +55,7 @@ COMMENT ON TABLE pgembed.audit_runs IS 'One row per consistency audit: the gaps 
 COMMENT ON TABLE pgembed.audit_findings IS 'What each audit run found per pipeline; pipeline_status reads the latest';
 COMMENT ON COLUMN pgembed.audit_findings.empty IS 'live rows whose content is NULL or blank: nothing to embed, not a gap';
 
-COMMENT ON TABLE pgembed.workers IS 'Running workers, upserted by their heartbeat; pg_stat_activity.application_name is pgembed-<role>[<name>]';
+COMMENT ON TABLE pgembed.workers IS 'Workers, upserted by their heartbeat; state dead: its heartbeat stopped, its leases were given back (kept a day); pg_stat_activity.application_name is pgembed-<role>[<name>]';
 COMMENT ON TABLE pgembed.schedules IS 'Periodic jobs the workers run, and when each runs next';
 COMMENT ON TABLE pgembed.job_runs IS 'One row per run of a periodic job; finished_at NULL with an old started_at: interrupted';
 COMMENT ON TABLE pgembed.index_builds IS 'IVFFlat indexes a worker trained: rows and lists at the time';

@@ -32,10 +32,12 @@ $$;
 
 -- Workers whose heartbeat stopped more than p_dead_after seconds ago (killed, their host
 -- gone): their leases are given back now, not when they expire (minutes later), and their
--- rows in pgembed.workers are removed, so that nobody takes them for running. Called by
+-- rows in pgembed.workers are marked dead, so that nobody takes them for running and a DBA
+-- sees who died and when it was last seen. Dead rows are kept a day. Called by
 -- live workers on every heartbeat and while a drain waits. A worker judged dead that was
 -- only paused writes nothing when it wakes (every write is fenced by the lease) and is
--- back in pgembed.workers with its next beat. Returns each dead worker and its rows.
+-- running again with its next beat, as is a new process under the same name. Returns each
+-- worker found dead now and its rows.
 CREATE OR REPLACE FUNCTION pgembed.release_dead_workers(p_dead_after double precision,
                                                         p_me text DEFAULT NULL)
 RETURNS TABLE (worker text, rows bigint)
@@ -46,10 +48,11 @@ DECLARE
     dead text;
     n bigint;
 BEGIN
+    DELETE FROM pgembed.workers w WHERE w.state = 'dead' AND w.last_seen < now() - interval '1 day';
     FOR dead IN
         SELECT w.name FROM pgembed.workers w
          WHERE w.last_seen < now() - make_interval(secs => p_dead_after)
-           AND w.name IS DISTINCT FROM p_me
+           AND w.state <> 'dead' AND w.name IS DISTINCT FROM p_me
          ORDER BY w.name
            FOR UPDATE SKIP LOCKED
     LOOP
@@ -57,7 +60,7 @@ BEGIN
                                     available_at = LEAST(o.queued_at, now())
          WHERE o.leased_by = dead AND o.lease_id IS NOT NULL AND o.available_at > now();
         GET DIAGNOSTICS n = ROW_COUNT;
-        DELETE FROM pgembed.workers w WHERE w.name = dead;
+        UPDATE pgembed.workers w SET state = 'dead' WHERE w.name = dead;
         worker := dead;
         rows := n;
         RETURN NEXT;

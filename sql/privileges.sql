@@ -72,7 +72,7 @@ BEGIN
 END
 $$;
 GRANT EXECUTE ON FUNCTION pgembed.gaps(text), pgembed.pipeline_counts(text) TO pgembed_reader;
-GRANT SELECT ON pgembed.audit_runs, pgembed.audit_findings TO pgembed_reader;
+GRANT SELECT ON pgembed.audit_runs, pgembed.audit_findings, pgembed.failure_classes TO pgembed_reader;
 
 -- The worker: reads pipelines and models, leases and acknowledges queue rows, keeps the
 -- embedding cache, records failures and usage, keeps its heartbeat row, spends the shared
@@ -82,6 +82,7 @@ GRANT SELECT, UPDATE, DELETE ON pgembed.outbox TO pgembed_worker;
 GRANT SELECT ON pgembed.outbox_statements TO pgembed_worker;
 GRANT EXECUTE ON FUNCTION pgembed.expand_statements(text, bigint) TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgembed.failures TO pgembed_worker;
+GRANT SELECT ON pgembed.failure_classes TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE ON pgembed.embedding_cache TO pgembed_worker;
 GRANT INSERT ON pgembed.usage TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgembed.workers TO pgembed_worker;

@@ -190,15 +190,19 @@ SELECT * FROM pgembed.cost_anomalies
 SELECT * FROM pgembed.cache_stats ORDER BY usd_saved DESC, model
 
 -- failures_list --
--- Rows that could not be embedded (of all pipelines when no pipeline is given), parked ones
--- first, newest failure first.
-SELECT pipeline, key, error, attempts, first_failed_at, last_failed_at, parked_at
+-- Rows that could not be embedded (of all pipelines when no pipeline is given; of all classes
+-- when no class is), parked ones first, newest failure first.
+SELECT pipeline, key, class, error, attempts, first_failed_at, last_failed_at, parked_at
   FROM pgembed.failures
- WHERE %(pipeline)s::text IS NULL OR pipeline = %(pipeline)s
+ WHERE (%(pipeline)s::text IS NULL OR pipeline = %(pipeline)s)
+   AND (%(class)s::text IS NULL OR class = %(class)s)
  ORDER BY parked_at IS NULL, last_failed_at DESC, pipeline, key
 
+-- failure_classes --
+SELECT class, park_after, auto_retry, description FROM pgembed.failure_classes ORDER BY class
+
 -- failures_retry --
-SELECT pgembed.retry_failures(%(pipeline)s)
+SELECT pgembed.retry_failures(%(pipeline)s, class => %(class)s)
 
 -- ===== pgembed/pipelines.py: pipeline administration =====
 

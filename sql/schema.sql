@@ -114,9 +114,36 @@ CREATE TABLE pgembed.outbox_statements (
 -- a key array does not compress enough to pay for trying (a third of the capture's cost)
 ALTER TABLE pgembed.outbox_statements ALTER COLUMN keys SET STORAGE EXTERNAL;
 
+-- The kinds of failure and the retry policy of each: how many attempts before a row is
+-- parked, and whether the scheduled retry job re-queues parked rows of the kind by itself
+-- (see sql/failures.sql, pgembed.failure_class, for what falls in which). A DBA may change a
+-- policy with an UPDATE; the worker reads it at every failure.
+CREATE TABLE pgembed.failure_classes (
+    class           text PRIMARY KEY,
+    -- attempts before the row is parked; NULL: the worker's --max-attempts
+    park_after      int CHECK (park_after >= 1),
+    -- whether the scheduled retry job re-queues parked rows of this class by itself
+    auto_retry      boolean NOT NULL,
+    description     text NOT NULL
+);
+
+INSERT INTO pgembed.failure_classes (class, park_after, auto_retry, description) VALUES
+    ('input_rejected', 1, false,
+     'the provider refused the input (HTTP 400/413/422): the same text fails again'),
+    ('too_long', 1, false,
+     'the input is over the model''s token limit: chunk it (chunk_tokens) or raise max_input_tokens'),
+    ('content_error', 1, false,
+     'the content expression raised for the row; a change to the row queues it again'),
+    ('bad_vector', NULL, true,
+     'the provider returned a vector that cannot be stored (NaN, infinite, all zeros, wrong size)'),
+    ('provider_unavailable', NULL, true,
+     'the provider answered badly or not at all for this input: transient, retried with backoff'),
+    ('unknown', NULL, true,
+     'anything else, and failures recorded before failures had classes');
+
 -- Rows that could not be embedded. While `parked_at` is NULL the row is still queued and
 -- retried with backoff; once parked it leaves the outbox and waits for a DBA
--- (pgembed failures --retry, or pgembed.retry_failures()).
+-- (pgembed failures --retry, or pgembed.retry_failures()) or the scheduled retry job.
 CREATE TABLE pgembed.failures (
     pipeline        text NOT NULL REFERENCES pgembed.pipelines ON DELETE CASCADE,
     key             jsonb NOT NULL,
@@ -125,10 +152,12 @@ CREATE TABLE pgembed.failures (
     first_failed_at timestamptz NOT NULL DEFAULT now(),
     last_failed_at  timestamptz NOT NULL DEFAULT now(),
     parked_at       timestamptz,
+    class           text NOT NULL DEFAULT 'unknown' REFERENCES pgembed.failure_classes,
     PRIMARY KEY (pipeline, key)
 );
 
 CREATE INDEX failures_parked ON pgembed.failures (pipeline) WHERE parked_at IS NOT NULL;
+CREATE INDEX failures_class ON pgembed.failures (class) WHERE parked_at IS NOT NULL;
 
 -- Embeddings are immutable artifacts: content_hash = sha256(model, dimensions, text),
 -- so one row serves every pipeline, table and re-run that embeds the same text.
@@ -202,16 +231,17 @@ CREATE TABLE pgembed.audit_findings (
     PRIMARY KEY (pipeline, run)
 );
 
--- One row per running worker, upserted by its heartbeat and deleted when it exits cleanly.
--- A row whose last_seen is old belongs to a worker that died; its leases expire by
--- themselves and the clean-up job removes the row after a day.
+-- One row per worker, upserted by its heartbeat and deleted when it exits cleanly. A worker
+-- whose heartbeat stopped is marked dead by the live ones (pgembed.release_dead_workers,
+-- which gives its leases back) and its row is removed a day later.
 CREATE TABLE pgembed.workers (
     name            text PRIMARY KEY,
     host            text NOT NULL,
     pid             int NOT NULL,
     version         text NOT NULL,
-    -- running: claiming; stopping: drained on SIGTERM, no new claims
-    state           text NOT NULL CHECK (state IN ('running', 'stopping')),
+    -- running: claiming; stopping: drained on SIGTERM, no new claims; dead: its heartbeat
+    -- stopped (killed, its host gone), its leases were given back
+    state           text NOT NULL CHECK (state IN ('running', 'stopping', 'dead')),
     concurrency     int NOT NULL DEFAULT 1,
     started_at      timestamptz NOT NULL DEFAULT now(),
     last_seen       timestamptz NOT NULL DEFAULT now(),

@@ -25,6 +25,13 @@ SHIPPED = {
         "8d8c11be24c3e93f27db9b10fec0698c1fe1ff9c544ca470fdaa6685fb13cc5c",
     "0002_outbox_statements_and_one_enqueue_rule.down.sql":
         "53235b4030c27d0a2e95f3f273024583b0d61d50cadba50dbd5a14802394a30b",
+    "0003_failure_classes_and_dead_workers.sql":
+        "95cdde585b0f8dd123eee4d30386b0b422ae74d21bb5ed65ec98b5069819ea3c",
+    "0003_failure_classes_and_dead_workers.down.sql":
+        "230acec442f649b47a6d3239423a5100cc896107f328e8c02c3b13bb24e3aca4",
+    # sql/'s definitions as 0002 shipped them, for 0003's downgrade
+    "0003_failure_classes_and_dead_workers.down.definitions.sql":
+        "5a81109891a2328dc63f84b77fd5b50ae4baa06c66fb1ac686f079917a39903f",
 }
 
 

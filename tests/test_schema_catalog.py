@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from pgembed import migrate
-from pgembed.schema import head_schema_sql
+from pgembed.schema import head_schema_sql, revision_sql
 from tests.catalog import differences, snapshot
 
 RELEASES = Path(__file__).parent / "releases"
@@ -45,6 +45,22 @@ def test_downgrade_to_0001_gives_0001_as_shipped_and_upgrade_gives_head_again(em
     migrate.upgrade(another_empty_dsn, "0001")
     migrate.upgrade(empty_dsn)
     migrate.downgrade(empty_dsn, "0001")
+    assert_same(empty_dsn, another_empty_dsn)
+    migrate.upgrade(empty_dsn)
+    migrate.upgrade(another_empty_dsn)
+    assert_same(empty_dsn, another_empty_dsn)
+
+
+def test_downgrade_to_0002_gives_0002_as_shipped_and_upgrade_gives_head_again(empty_dsn, another_empty_dsn):
+    """0002 as it shipped: its tables, and the definitions of sql/ then (frozen for 0003's
+    downgrade). Dead workers and classified failures do not stop the way back."""
+    migrate.upgrade(another_empty_dsn, "0002")
+    with psycopg.connect(another_empty_dsn, autocommit=True) as conn:
+        conn.execute(revision_sql("0003_failure_classes_and_dead_workers.down.definitions.sql"))
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgembed.heartbeat('gone', 'h', 1, 'v', 'dead', 1, 0, 0, 0, 0)")
+    migrate.downgrade(empty_dsn, "0002")
     assert_same(empty_dsn, another_empty_dsn)
     migrate.upgrade(empty_dsn)
     migrate.upgrade(another_empty_dsn)
