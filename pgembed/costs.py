@@ -58,17 +58,34 @@ def cache(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return _rows(conn, "cache_stats")
 
 
-def failures(conn: psycopg.Connection, pipeline: str | None = None) -> list[dict[str, Any]]:
-    """Rows that could not be embedded, parked ones first, newest failure first.
-    Naming an unknown pipeline is an error, not an empty list that looks like good news."""
-    if pipeline is not None:
-        pipelines.get(conn, pipeline)
-    return _rows(conn, "failures_list", {"pipeline": pipeline})
+def failure_classes(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """The kinds of failure and the retry policy of each (pgembed.failure_classes)."""
+    return _rows(conn, "failure_classes")
 
 
-def retry_failures(conn: psycopg.Connection, pipeline: str | None = None) -> int:
-    """Re-queues parked failures (all pipelines, or one) and returns how many went back."""
+def _check_filters(conn: psycopg.Connection, pipeline: str | None, failure_class: str | None) -> None:
+    """Naming an unknown pipeline or class is an error, not an empty list that looks like
+    good news."""
     if pipeline is not None:
         pipelines.get(conn, pipeline)
-    row = conn.execute(query("failures_retry"), {"pipeline": pipeline}).fetchone()
+    if failure_class is not None:
+        known = [c["class"] for c in failure_classes(conn)]
+        if failure_class not in known:
+            raise ValueError(f"no failure class {failure_class!r}; the classes are {', '.join(known)}")
+
+
+def failures(conn: psycopg.Connection, pipeline: str | None = None,
+             failure_class: str | None = None) -> list[dict[str, Any]]:
+    """Rows that could not be embedded (all pipelines and classes, or one of each), parked
+    ones first, newest failure first."""
+    _check_filters(conn, pipeline, failure_class)
+    return _rows(conn, "failures_list", {"pipeline": pipeline, "class": failure_class})
+
+
+def retry_failures(conn: psycopg.Connection, pipeline: str | None = None,
+                   failure_class: str | None = None) -> int:
+    """Re-queues parked failures (all pipelines and classes, or one of each) and returns how
+    many went back."""
+    _check_filters(conn, pipeline, failure_class)
+    row = conn.execute(query("failures_retry"), {"pipeline": pipeline, "class": failure_class}).fetchone()
     return int(row[0]) if row else 0

@@ -408,7 +408,7 @@ SELECT p.name AS pipeline,
          FROM pgembed.outbox_statements ob
         WHERE ob.pipeline = p.name) AS b
  CROSS JOIN LATERAL (
-       SELECT sum(n)::bigint AS failed, min(oldest) AS oldest,
+       SELECT coalesce(sum(n), 0)::bigint AS failed, min(oldest) AS oldest,
               coalesce(jsonb_object_agg(class, n ORDER BY class), '{}') AS failed_by_class
          FROM (SELECT x.class, count(*) AS n, min(x.first_failed_at) AS oldest
                  FROM pgembed.failures x

@@ -102,14 +102,16 @@ def test_rejected_input_fails_alone_and_the_rest_of_the_batch_lands(conn, dsn, f
     assert conn.execute("SELECT count(*) FROM pgembed.outbox").fetchone()[0] == 0
 
 
-def test_failures_back_off_then_park_and_can_be_retried(conn, dsn, fake_api):
+def test_failures_park_and_can_be_retried(conn, dsn, fake_api):
+    """A content expression that raises raises again: its class (content_error) parks it at
+    the first attempt (backoff up to --max-attempts: tests/test_failure_classes.py)."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
     conn.execute("INSERT INTO t VALUES (1, 'ok'), (2, ''), (3, ''), (4, '')")
     pipelines.create(conn, "t", "body || (1 / length(body))::text", MODEL, SMALL)
     drain(dsn, max_attempts=3)  # retry_base 0: each failure is retried at once
     failures = dict(conn.execute("SELECT key->>0, error FROM pgembed.failures WHERE parked_at IS NOT NULL"))
     assert failures == {k: "content expression failed: division by zero" for k in ("2", "3", "4")}
-    assert conn.execute("SELECT max(attempts) FROM pgembed.failures").fetchone()[0] == 3
+    assert conn.execute("SELECT max(attempts) FROM pgembed.failures").fetchone()[0] == 1
     conn.execute("UPDATE t SET body = 'now fine' WHERE id = 2")
     drain(dsn, max_attempts=3)
     assert conn.execute("SELECT count(*) FROM pgembed.failures WHERE key = '[\"2\"]'").fetchone()[0] == 0

@@ -123,7 +123,7 @@ def audit_gaps(run: Row, kinds: Sequence[str], repair: bool) -> Table:
                  ([kind, gap_count(run[kind])] + ([REPAIRS[kind]] if repair else []) for kind in kinds))
 
 
-# --- costs and failures ---------------------------------------------------------------------
+# --- costs ---------------------------------------------------------------------------------
 
 def spend(rows: list[Row], days: int, by: Grouping) -> Table:
     """One row per group and a total, as pgembed.cost_daily / cost_by_cost_center add up."""
@@ -155,13 +155,6 @@ def cache(rows: list[Row]) -> Table:
                  ([c["model"], count(c["entries"]), count(c["cache_hits"]),
                    rate(c["cache_hits"], c["cache_misses"]), count(c["tokens_saved"]), usd(c["usd_saved"])]
                   for c in rows))
-
-
-def failures(rows: list[Row]) -> Table:
-    return table("failures", ["pipeline", "key", "error", "attempts", "first failed", "last failed", "parked"],
-                 ([r["pipeline"], ", ".join(str(k) for k in r["key"]), r["error"], r["attempts"],
-                   when(r["first_failed_at"]), when(r["last_failed_at"]), when(r["parked_at"]) or "no, retrying"]
-                  for r in rows))
 
 
 # --- rate limits ----------------------------------------------------------------------------
