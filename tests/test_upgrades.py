@@ -9,6 +9,7 @@ from pgvector.psycopg import register_vector
 from pgembed import migrate
 from pgembed.cache import chunk_key, document_hash
 from pgembed.providers.hashing import hash_array
+from pgembed.schema import revision_sql
 from tests.conftest import drain
 from tests.reliability.convergence import Expect, converge
 
@@ -67,3 +68,44 @@ def test_first_shipped_0001_with_data_upgrades_and_drains(empty_dsn):
         drain(empty_dsn)
         converge(conn, [Expect("notes", "notes", ["id"], ["body"], lambda body: body)], timeout=5)
         assert conn.execute("SELECT count(*) FROM pgembed.notes").fetchone() == (8,)
+
+
+FAILURES_0002 = {
+    "2": ("content expression failed: division by zero", "content_error"),
+    "3": ("chunk 1: input has 9000 tokens, over the model's limit of 8191", "too_long"),
+    "4": ("rejected by the API (HTTP 400): Invalid 'input'", "input_rejected"),
+    "5": ("provider returned a vector containing NaN or Infinity", "bad_vector"),
+    "6": ("embedding API returned 3 embeddings for 4 inputs", "provider_unavailable"),
+    "7": ("the API said no", "unknown"),
+}
+
+
+def test_0002_with_failures_and_workers_upgrades_classified_and_keeps_its_workers(empty_dsn):
+    """Failures recorded before classes get the class their message says (else unknown);
+    workers keep their rows, and one found dead after the upgrade is marked, not deleted."""
+    migrate.upgrade(empty_dsn, "0001")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        _as_0001_worker_left_it(conn)
+    migrate.upgrade(empty_dsn, "0002")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        # 0002 as it shipped: its definitions too (frozen for 0003's downgrade)
+        conn.execute(revision_sql("0003_failure_classes_and_dead_workers.down.definitions.sql"))
+        conn.execute("DELETE FROM pgembed.failures")
+        for key, (error, _) in FAILURES_0002.items():
+            conn.execute("INSERT INTO pgembed.failures (pipeline, key, error, attempts, parked_at) "
+                         "VALUES ('notes', jsonb_build_array(%s::text), %s, 5, now())", (key, error))
+        conn.execute("INSERT INTO pgembed.workers (name, host, pid, version, state, started_at, last_seen) "
+                     "VALUES ('old-worker', 'h', 1, '0.2', 'running', now() - interval '1 hour', "
+                     "now() - interval '1 hour'), ('live', 'h', 2, '0.2', 'stopping', now(), now())")
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        classes = dict(conn.execute("SELECT key->>0, class FROM pgembed.failures"))
+        assert classes == {key: cls for key, (_, cls) in FAILURES_0002.items()}
+        assert conn.execute("SELECT count(*) FROM pgembed.failures WHERE attempts = 5 AND parked_at IS NOT NULL"
+                            ).fetchone() == (len(FAILURES_0002),), "nothing else changed"
+        assert conn.execute("SELECT worker, rows FROM pgembed.release_dead_workers(60, 'live')").fetchall() == [
+            ("old-worker", 2)]
+        assert dict(conn.execute("SELECT name, state FROM pgembed.workers")) == {"old-worker": "dead",
+                                                                                 "live": "stopping"}
+        assert conn.execute("SELECT pgembed.retry_failures(class => 'too_long')").fetchone() == (1,)

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from pgembed import costs as cost_views
 from pgembed import health
@@ -18,10 +19,12 @@ from pgembed.cli import tables
 from pgembed.cli.common import DsnOption, connect, friendly, out
 
 Row = dict[str, Any]
-# Columns of each table; the pipeline and class are its title, so that a full timestamp and
-# the key fit 80 columns. parked_at is shown whole; first_failed_at is in --json.
-COLUMNS = ("key", "tries", "last failed", "parked", "error")
-NO_WRAP = frozenset({"key", "last failed", "parked"})
+# The pipeline and class are each table's title and the error is printed under its key, so
+# that the key and a whole timestamp fit on one line of 80 columns. A parked row was parked
+# by its last failure (parked_at is last_failed_at); both times, and first_failed_at, are in
+# --json.
+COLUMNS = ("key, error", "tries", "last failed", "state")
+NO_WRAP = frozenset({"tries", "last failed", "state"})
 
 
 @friendly
@@ -61,15 +64,14 @@ def _group(row: Row) -> tuple[str, str]:
 
 
 def _table(pipeline: str, kind: str, rows: list[Row], policy: Row | None) -> Table:
-    """One pipeline's failures of one class. Keys and times never wrap (a cut timestamp or
-    key is a wrong one); the error message takes what width is left and wraps."""
+    """One pipeline's failures of one class. Times never wrap (a cut timestamp is a wrong
+    one); the key and, under it, the error take the width that is left."""
     parked = sum(1 for r in rows if r["parked_at"] is not None)
-    title = f"{pipeline}: {kind}, {parked} parked, {len(rows) - parked} retrying{_policy(policy)}"
-    t = tables.table(title, COLUMNS, ([", ".join(str(k) for k in r["key"]), r["attempts"],
-                                       tables.when(r["last_failed_at"]),
-                                       tables.when(r["parked_at"]) or "retrying", r["error"]]
-                                      for r in rows))
-    t.box, t.pad_edge = box.SIMPLE_HEAD, False
+    t = tables.table(f"{pipeline}: {kind}, {parked} parked, {len(rows) - parked} retrying", COLUMNS,
+                     ([Text(", ".join(str(k) for k in r["key"])).append("\n" + r["error"], style="dim"),
+                       r["attempts"], tables.when(r["last_failed_at"]),
+                       "parked" if r["parked_at"] else "retrying"] for r in rows))
+    t.box, t.pad_edge, t.caption, t.caption_justify = box.SIMPLE_HEAD, False, Text(_policy(policy)), "left"
     for column in t.columns:
         column.no_wrap = str(column.header) in NO_WRAP
         column.overflow = "fold"
@@ -82,4 +84,5 @@ def _policy(policy: Row | None) -> str:
         return ""
     after = policy["park_after"]
     parks = f"parked after {after} attempt{'' if after == 1 else 's'}" if after else "parked after --max-attempts"
-    return f" ({parks}; {'retried by the schedule' if policy['auto_retry'] else 'retry with --retry --class ' + policy['class']})"
+    retry = "the schedule retries them" if policy["auto_retry"] else f"pgembed failures --retry --class {policy['class']}"
+    return f"{parks}; {retry}"
