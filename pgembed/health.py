@@ -15,7 +15,8 @@ def problems(rows: Iterable[dict[str, Any]], stuck_after: dt.timedelta) -> list[
     for row in rows:
         name = row["pipeline"]
         if row["failed"]:
-            found.append(f"{name}: {row['failed']} rows failed and are parked (pgembed failures)")
+            kinds = ", ".join(f"{kind} {n}" for kind, n in (row.get("failed_by_class") or {}).items())
+            found.append(f"{name}: {row['failed']} rows failed and are parked ({kinds}; pgembed failures)")
         gaps = {kind: row[kind] for kind in ("missing", "orphaned", "stale") if row[kind]}
         if gaps:
             listed = ", ".join(f"{n} {kind}" for kind, n in gaps.items())

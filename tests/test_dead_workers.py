@@ -1,7 +1,8 @@
 """Rows never sit behind a worker that died: a worker killed with -9 while it holds rows
 stops beating, and a live worker gives its rows back within seconds (not when the lease
-expires) and marks it dead in pgembed.workers (kept a day, never counted as running). A drain never calls the queue empty
-while other workers hold rows: it waits for them, or ends non-zero saying who holds them."""
+expires) and marks it dead in pgembed.workers (kept a day, never counted as running). A
+drain never calls the queue empty while other workers hold rows: it waits for them, or ends
+non-zero saying who holds them."""
 
 from __future__ import annotations
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
 from pgembed import pipelines
+from pgembed.cli import app
 from tests.conftest import drain
 from tests.test_api_sync import MODEL, SMALL
 
@@ -152,3 +154,11 @@ def test_the_views_show_failures_by_class(conn, dsn, fake_api):
                           "ORDER BY class").fetchall()
     assert counts == [("bad_vector", 1, 0, None, True), ("content_error", 1, 0, 1, False),
                       ("input_rejected", 1, 0, 1, False)]
+
+
+def test_status_check_says_which_classes_are_parked(conn, dsn, fake_api):
+    _parked_of_every_kind(conn, dsn, fake_api)
+    result = CliRunner().invoke(app, ["status", "--check", "--dsn", dsn])
+    assert result.exit_code == 1
+    assert ("3 rows failed and are parked (bad_vector 1, content_error 1, input_rejected 1; "
+            "pgembed failures)") in " ".join(result.output.split()), result.output

@@ -84,5 +84,6 @@ def _policy(policy: Row | None) -> str:
         return ""
     after = policy["park_after"]
     parks = f"parked after {after} attempt{'' if after == 1 else 's'}" if after else "parked after --max-attempts"
-    retry = "the schedule retries them" if policy["auto_retry"] else f"pgembed failures --retry --class {policy['class']}"
+    retry = ("the schedule retries them" if policy["auto_retry"]
+             else f"pgembed failures --retry --class {policy['class']}")
     return f"{parks}; {retry}"
