@@ -1,7 +1,8 @@
 """The worker's row in `pgembed.workers`, so that a DBA sees the fleet.
 
-Upserted when the worker starts and every heartbeat interval, deleted on a clean exit; the
-cleanup job forgets the rows of workers that died. A beat also refreshes what systemd's
+Upserted when the worker starts and every heartbeat interval (over a row of the same name
+that was marked dead, too), deleted on a clean exit; the live workers mark a worker whose
+beats stopped `dead` (pgembed.release_dead_workers) and forget its row a day later. A beat also refreshes what systemd's
 status line and the queue depth gauge say, which is why it runs only on the interval: a
 failed beat is logged and the next one tries again, it never stops the worker.
 """

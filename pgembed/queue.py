@@ -423,7 +423,7 @@ class Queue:
 
     async def release_dead_workers(self, dead_after: float, me: str | None) -> list[tuple[str, int]]:
         """Gives back the leases of workers whose heartbeat stopped over `dead_after` seconds
-        ago and forgets their rows in pgembed.workers (sql/fleet.sql)."""
+        ago and marks them dead in pgembed.workers (sql/fleet.sql)."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(query("release_dead_workers"), {"dead_after": dead_after, "worker": me})
             found = [(str(w), int(n)) for w, n in await cur.fetchall()]

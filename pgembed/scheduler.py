@@ -2,8 +2,8 @@
 
 Jobs: `audit` (pgembed.audit()), `cleanup` (cache entries unused for a
 while, old job runs, dead workers' rows), `retry` (parked failures, on a slow doubling
-backoff), `index` (IVFFlat upkeep: train the index once a pipeline has enough rows; say
-when it needs a rebuild).
+backoff, of the failure classes whose policy retries by itself), `index` (IVFFlat upkeep:
+train the index once a pipeline has enough rows; say when it needs a rebuild).
 
 Every worker schedules every job on the same epoch-aligned grid. When a job fires, the
 worker opens a connection of its own and takes the job's advisory lock (so two runs never
