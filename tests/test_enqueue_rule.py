@@ -26,6 +26,7 @@ ENTRY_POINTS = {
     "expand_statements": ["INSERT INTO pgembed.outbox_statements (pipeline, keys, key_count) VALUES ('t', '{1}', 1)",
                           "SELECT pgembed.expand_statements('t')"],
     "retry_failures": [PARKED, "SELECT pgembed.retry_failures()"],
+    "retry_failures by class": [PARKED, "SELECT pgembed.retry_failures('t', class => 'unknown')"],
     "retry_parked_failures": [PARKED, "SELECT pgembed.retry_parked_failures('1 minute', '1 minute')"],
     "enqueue": ["SELECT pgembed.enqueue('t', ARRAY['[\"1\"]'::jsonb], 'repair')"],
 }
