@@ -42,6 +42,8 @@ def one_table(conn: psycopg.Connection, bodies: list[str], content: str = "body"
     ("provider returned 67 dimensions, expected 64", "bad_vector"),
     ("provider returned no vector", "provider_unavailable"),
     ("embedding API returned a body that is not a JSON embeddings response", "provider_unavailable"),
+    ("rejected by the API (HTTP 400): no (a request of 8 inputs was rejected; too many rejections in this batch "
+     "to isolate the bad input)", "unknown"),
     ("the API said no", "unknown"),
     ("", "unknown"),
 ])

@@ -35,6 +35,9 @@ ALTER TABLE pgembed.failures
 UPDATE pgembed.failures f
    SET class = CASE
        WHEN m ~ '^content expression failed: ' THEN 'content_error'
+       -- a group the provider refused that was not split down to the bad input: most of it may
+       -- be fine, so it is retried like anything else
+       WHEN m ~ 'too many rejections in this batch to isolate the bad input' THEN 'unknown'
        WHEN m ~ '^input has [0-9]+ tokens, over the model''s limit'
          OR m ~* '^rejected by the API \(HTTP [0-9]+\):.*(context length|too long|too many tokens|maximum.*tokens)'
             THEN 'too_long'
