@@ -31,7 +31,7 @@ AS $$
         -- a group the provider refused that was not split down to the bad input: most of it may
         -- be fine, so it is retried like anything else
         WHEN m ~ 'too many rejections in this batch to isolate the bad input' THEN 'unknown'
-        WHEN m ~ '^input has [0-9]+ tokens, over the model''s limit'
+        WHEN m ~ '^(input|text) has [0-9]+ tokens, (over|more than) the model''s limit'
           OR m ~* '^rejected by the API \(HTTP [0-9]+\):.*(context length|too long|too many tokens|maximum.*tokens)'
              THEN 'too_long'
         WHEN m ~ '^rejected by the API \(HTTP [0-9]+\)' OR m = 'empty text' THEN 'input_rejected'

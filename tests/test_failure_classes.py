@@ -33,6 +33,7 @@ def one_table(conn: psycopg.Connection, bodies: list[str], content: str = "body"
     ("content expression failed: division by zero", "content_error"),
     ("chunk 3: content expression failed: invalid input syntax for type integer", "content_error"),
     ("input has 9000 tokens, over the model's limit of 8191", "too_long"),
+    ("text has 300 tokens, more than the model's limit of 256", "too_long"),  # the local provider
     ("rejected by the API (HTTP 400): This model's maximum context length is 8192 tokens", "too_long"),
     ("rejected by the API (HTTP 400): Invalid 'input': rejected", "input_rejected"),
     ("chunk 0: rejected by the API (HTTP 422): unprocessable", "input_rejected"),

@@ -26,7 +26,7 @@ SHIPPED = {
     "0002_outbox_statements_and_one_enqueue_rule.down.sql":
         "53235b4030c27d0a2e95f3f273024583b0d61d50cadba50dbd5a14802394a30b",
     "0003_failure_classes_and_dead_workers.sql":
-        "e1777f5a1ca8fb38dfceb6861cefc0a4173b243c8fcbe315d178d8d71183fef5",
+        "7248de90a846e7a5b68655506876557afbab61ba0ce787a66ddc2bdcc2851971",
     "0003_failure_classes_and_dead_workers.down.sql":
         "230acec442f649b47a6d3239423a5100cc896107f328e8c02c3b13bb24e3aca4",
     # sql/'s definitions as 0002 shipped them, for 0003's downgrade
