@@ -78,10 +78,10 @@ def test_the_table_fits_80_columns_with_whole_timestamps_and_keys(conn, dsn, fak
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines and max(len(line) for line in lines) <= 80, done.stdout
-    assert "content_error" in done.stdout
     rows = [line for line in lines if TIMESTAMP.search(line)]
-    assert len(rows) == 2, done.stdout
+    assert len(rows) == 2, "a whole timestamp on the line of each failure:\n" + done.stdout
     assert any(LONG_KEY in line for line in rows) and any("short" in line for line in rows), done.stdout
+    assert "content_error" in done.stdout
 
 
 def test_no_failures_says_so(dsn):

@@ -165,3 +165,11 @@ def test_status_check_says_which_classes_are_parked(conn, dsn, fake_api):
     assert result.exit_code == 1
     assert ("3 rows failed and are parked (bad_vector 1, content_error 1, input_rejected 1; "
             "pgembed failures)") in " ".join(result.output.split()), result.output
+
+
+def test_a_class_a_dba_deleted_from_the_policy_counts_as_unknown(conn, dsn, fake_api):
+    conn.execute("DELETE FROM pgembed.failure_classes WHERE class = 'input_rejected'")
+    one_table(conn, ["fine", "poison pill"])
+    fake_api.always_reject("poison")
+    drain(dsn, max_attempts=2)
+    assert failures(conn) == {"2": ("unknown", 2, True)}, "recorded, retried as unknown, never lost"
