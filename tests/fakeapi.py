@@ -83,7 +83,8 @@ class FakeAPI:
     request: model, dimensions, encoding_format, input), `in_flight`, `max_in_flight`.
     Controls: `fail_next`, `always_reject`, `latency`, `hang`, `release` (answer the hanging
     requests now), `garbage`, `reverse_data` (answer `data` in reverse order, with correct
-    `index` values), `reset`.
+    `index` values), `floats_only` (answer number lists whatever `encoding_format` asks, as
+    some compatible servers do), `reset`.
     With `api_key` set, a request with another bearer token gets 401.
     """
 
@@ -189,6 +190,7 @@ class FakeAPI:
             self._reject_message = ""
             self.latency_seconds = self._base_latency
             self.reverse_data = False
+            self.floats_only = False
 
     def fail_next(self, n: int, status: int = 500, retry_after: float | None = None) -> None:
         """The next n requests get `status` (429 with `retry-after(-ms)` when given)."""
@@ -294,9 +296,9 @@ class FakeAPI:
                 self.trickle(**arg)
             elif name == "garbage":
                 self.garbage(**arg)
-            elif name == "reverse_data":
+            elif name in ("reverse_data", "floats_only"):
                 with self._lock:
-                    self.reverse_data = bool(arg)
+                    setattr(self, name, bool(arg))
             else:
                 raise ValueError(f"unknown control {name!r}")
 
@@ -365,6 +367,8 @@ class FakeAPI:
         with self._lock:
             garbage = self._garbage.take()
             reverse = self.reverse_data
+            if self.floats_only:
+                fmt = "float"
         kind = garbage["kind"] if garbage else None
         if kind == "not_json":
             return 200, {"Content-Type": "text/html"}, b"<html>502 Bad Gateway</html>"
