@@ -9,7 +9,8 @@ come from the environment, so that keys never touch the database:
   `http://localhost:11434/v1`; OpenAI's when unset.
 * `PGEMBED_OPENAI_TIMEOUT`: seconds per HTTP request, in total (60): a server that sends
   its answer a trickle at a time is abandoned then too (a timed-out attempt is retried).
-* `PGEMBED_OPENAI_CONCURRENCY`: HTTP requests in flight per provider (4).
+* `PGEMBED_OPENAI_CONCURRENCY`: HTTP requests in flight per provider (4), for a provider
+  made on its own (search, the Python client); a worker gives its `--concurrency` instead.
 * `PGEMBED_OPENAI_MAX_ATTEMPTS`: attempts per request, the first included (6).
 * `PGEMBED_OPENAI_BACKOFF_BASE` / `PGEMBED_OPENAI_BACKOFF_MAX`: exponential backoff in
   seconds (0.5 / 20).
