@@ -441,3 +441,15 @@ def test_fake_api_runs_as_a_process_and_is_controlled_over_http() -> None:
         if process.stdout is not None:
             process.stdout.close()
     assert process.returncode == 0
+
+
+def test_the_check_loads_the_tokenizer_before_any_batch_needs_it(api: FakeAPI) -> None:
+    """A worker checks its providers before it announces ready: the first row must not wait
+    for the tokenizer to load."""
+    from pgembed import tokens
+
+    tokens.encoding.cache_clear()
+    provider = OpenAIProvider(ModelSpec("openai:tiny", 8, 8), api_key="sk-test", base_url=api.base_url)
+    asyncio.run(provider.check())
+    assert tokens.encoding.cache_info().currsize == 1
+    assert api.requests == 0  # checked without a request: one would cost

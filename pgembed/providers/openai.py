@@ -187,7 +187,10 @@ class OpenAIProvider:
 
     async def check(self) -> None:
         """Whether this provider can work, before anything is claimed for it: the key and
-        the settings were checked when it was made; nothing is sent (a request would cost)."""
+        the settings were checked when it was made; nothing is sent (a request would cost).
+        The tokenizer is loaded now (~0.5 s, off the event loop), not on the first batch,
+        whose rows would wait for it."""
+        await asyncio.to_thread(self._count, "warm-up")
 
     async def aclose(self) -> None:
         await self._client.close()
