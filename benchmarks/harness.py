@@ -69,8 +69,8 @@ class Scale:
     fresh_rows: int = 200
     fresh_rate: float = 20.0  # inserts per second
     # 6. scale-out
-    scale_rows: int = 10_000
-    scale_workers: tuple[int, ...] = (1, 2, 4)
+    scale_rows: int = 40_000  # enough for 8 workers to stay busy past their first claims
+    scale_workers: tuple[int, ...] = (1, 2, 4, 8)
     scale_latency: float = 0.2
     scale_dims: int = 256
     # 7. memory
@@ -270,8 +270,10 @@ class FakeAPIProcess:
             response.read()
 
     def reset(self, latency: float) -> None:
+        """Counters and faults cleared; answers canned (pre-serialised, the same vector for a
+        position in any request), so that the fake's own CPU does not limit a benchmark."""
         self.control(reset=True)
-        self.control(latency=latency)
+        self.control(latency=latency, canned=True)
 
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.root}/_stats", timeout=10) as response:
