@@ -69,8 +69,8 @@ class Scale:
     fresh_rows: int = 200
     fresh_rate: float = 20.0  # inserts per second
     # 6. scale-out
-    scale_rows: int = 10_000
-    scale_workers: tuple[int, ...] = (1, 2, 4)
+    scale_rows: int = 40_000  # enough for 8 workers to stay busy past their first claims
+    scale_workers: tuple[int, ...] = (1, 2, 4, 8)
     scale_latency: float = 0.2
     scale_dims: int = 256
     # 7. memory
@@ -80,6 +80,11 @@ class Scale:
     audit_rows: int = 1_000_000
     audit_dims: int = 32
     audit_repeats: int = 3
+    # 9. float path: a server that answers number lists; the knobs of the comparison with pgai
+    float_rows: int = 20_000
+    float_dims: int = 768
+    float_batch_size: int = 500
+    float_concurrency: int = 4
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -113,6 +118,7 @@ SCALES: dict[str, Scale] = {
         scale_rows=300, scale_workers=(1, 2),
         memory_rows=5_000,
         audit_rows=10_000, audit_repeats=1,
+        float_rows=1_000,
         checkpoints=False,
     ),
 }
@@ -264,12 +270,21 @@ class FakeAPIProcess:
             response.read()
 
     def reset(self, latency: float) -> None:
+        """Counters and faults cleared; answers canned (pre-serialised, the same vector for a
+        position in any request), so that the fake's own CPU does not limit a benchmark."""
         self.control(reset=True)
-        self.control(latency=latency)
+        self.control(latency=latency, canned=True)
 
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.root}/_stats", timeout=10) as response:
             return json.loads(response.read())
+
+    def cpu(self) -> float:
+        """CPU seconds the fake API has used: it must not be what limits its benchmark."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
 
     def env(self) -> dict[str, str]:
         return {"PGEMBED_OPENAI_BASE_URL": self.base_url,

@@ -1,4 +1,4 @@
-"""6. Scale-out: 1, 2 and 4 `pgembed worker --until-empty` processes draining one queue
+"""6. Scale-out: 1, 2, 4 and 8 `pgembed worker --until-empty` processes draining one queue
 through the fake API (a subprocess, 200 ms per request, openai:text-embedding-3-small at
 256 dimensions): speed-up over one worker, and proof that nothing was embedded twice (the
 API received exactly one input per row; every row is stored once, the queue is empty).
@@ -49,7 +49,7 @@ def drain_with(bench: Bench, workers: int) -> dict[str, Any]:
         copy_docs(conn, corpus(rows))
         vacuum(conn, "pgembed.outbox")
         api.reset(s.scale_latency)
-        before = cpu_now(bench)
+        before, api_before = cpu_now(bench), api.cpu()
         children_before = children_cpu()
         launched = time.perf_counter()
         children = [spawn(bench, f"scale-{workers}-{i}", ["-m", "pgembed", "worker", "--until-empty", "--dsn", dsn],
@@ -89,6 +89,7 @@ def drain_with(bench: Bench, workers: int) -> dict[str, Any]:
                 stop(c)
         used = cpu_now(bench) - before
         workers_cpu = children_cpu() - children_before
+        api_cpu = api.cpu() - api_before
         stats = api.stats()
         stored = count(conn, destination)
         queued = conn.execute("SELECT count(*) + pgembed.statement_keys() FROM pgembed.outbox").fetchone()[0]
@@ -105,7 +106,7 @@ def drain_with(bench: Bench, workers: int) -> dict[str, Any]:
             "all_up_after_s": round(all_up - launched, 3), "rows_while_all_up": rows - stored_when_all_up,
             "rows_per_s": (rows - stored_when_all_up) / (done - all_up),
             "wall_s": round(exited - launched, 3), "startup_s": round(first - launched, 3),
-            "workers_cpu_s": round(workers_cpu, 3),
+            "workers_cpu_s": round(workers_cpu, 3), "fake_api_cpu_s": round(api_cpu, 3),
             "server_cpu_s": None if used.server is None else round(used.server, 3)}
 
 

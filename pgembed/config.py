@@ -40,6 +40,8 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+BULK_FACTOR = 4  # bulk claims are this many times batch_size unless set (128 -> 512)
+
 _POSITIVE = (_seconds(lambda v: v > 0), "greater than 0")
 _NOT_NEGATIVE = (_seconds(lambda v: v >= 0), "0 or more")
 
@@ -48,7 +50,7 @@ _NOT_NEGATIVE = (_seconds(lambda v: v >= 0), "0 or more")
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "concurrency": (_count(1), "a whole number of at least 1"),
     "batch_size": (_count(1), "a whole number of at least 1"),
-    "bulk_batch_size": (_count(1), "a whole number of at least 1"),
+    "bulk_batch_size": (lambda v: v is None or _count(1)(v), "None or a whole number of at least 1"),
     "prefetch": (_count(0), "a whole number, 0 or more"),
     "lease_seconds": _POSITIVE,
     "poll_interval": _POSITIVE,
@@ -69,12 +71,15 @@ def _default_name() -> str:
 
 @dataclass
 class WorkerConfig:
-    concurrency: int = 2  # embedding requests in flight
-    batch_size: int = 128
+    # embedding requests in flight at once: the one bound, for every provider of the worker
+    # (an OpenAI provider's own PGEMBED_OPENAI_CONCURRENCY does not apply in a worker)
+    concurrency: int = 2
+    batch_size: int = 128  # rows per claim of changes made by the application
     # rows per claim while a backlog of bulk work (backfill, repair, migration) lasts: fewer,
     # larger statements and requests (a third more rows/s at 512); changes made by the
-    # application keep the smaller batches, which come back sooner
-    bulk_batch_size: int = 512
+    # application keep the smaller batches, which come back sooner. None: BULK_FACTOR times
+    # batch_size, so that --batch-size alone scales both; a number is used as it is.
+    bulk_batch_size: int | None = None
     # batches claimed, read and looked up in the cache ahead, while the requests are out:
     # without them each request waits for its slot's database work, and an API-bound
     # worker reaches only latency / (latency + database time) of its bound
@@ -100,6 +105,11 @@ class WorkerConfig:
     schedule: ScheduleConfig | None = None  # None: no scheduled jobs in this worker
     metrics_port: int | None = None  # 0 picks a free port (tests)
     metrics_address: str = "127.0.0.1"
+
+    @property
+    def bulk_claim(self) -> int:
+        """Rows per claim of bulk work: bulk_batch_size as given, else BULK_FACTOR × batch_size."""
+        return self.bulk_batch_size if self.bulk_batch_size is not None else BULK_FACTOR * self.batch_size
 
     @property
     def dead_after_seconds(self) -> float:

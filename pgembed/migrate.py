@@ -1,37 +1,59 @@
-"""`pgembed init`: alembic upgrades, run from the migrations installed with the package."""
+"""`pgembed init`: alembic upgrades, run from the migrations installed with the package.
+
+alembic (and SQLAlchemy under it) is imported by the functions that migrate, not by this
+module: it is a third of a second, and every command and worker start imports this module
+only to compare a revision with HEAD.
+"""
 
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from pgembed.db import DatabaseError, redact
 from pgembed.schema import definitions_sql, revision_sql
 from pgembed.sqlfiles import query
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.exc import DBAPIError
+
+#: The schema revision this package's SQL and code are written for: alembic's head, named
+#: here so that a worker's start-up check loads neither alembic nor the revision modules
+#: (tests/test_migrations.py proves that it is the head).
+HEAD = "0002"
 
 VERSION_TABLE = "pgembed_alembic_version"  # also named in queries has_versions and revision
 MIGRATION_LOCK = 7_418_532_001  # pg_advisory_xact_lock key: one init at a time (migrations/env.py)
 
 
 def alembic_config(dsn: str) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(resources.files("pgembed._migrations")))
     config.attributes["dsn"] = dsn
     return config
 
 
+def _script() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(""))
+
+
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config("")).get_current_head() or ""
+    """alembic's own idea of the head, from the revision modules (HEAD names it for speed)."""
+    return _script().get_current_head() or ""
 
 
 def _explained(error: DBAPIError) -> DatabaseError:
     """Alembic wraps psycopg's error in SQLAlchemy's; the user needs PostgreSQL's sentence."""
+    from sqlalchemy.exc import OperationalError
+
     original = error.orig
     diag = getattr(original, "diag", None)
     message = (diag.message_primary if diag else None) or str(original).strip().splitlines()[0]
@@ -43,6 +65,9 @@ def _explained(error: DBAPIError) -> DatabaseError:
 
 
 def upgrade(dsn: str, revision: str = "head") -> None:
+    from alembic import command
+    from sqlalchemy.exc import DBAPIError
+
     try:
         command.upgrade(alembic_config(dsn), revision)
     except DBAPIError as error:
@@ -50,6 +75,9 @@ def upgrade(dsn: str, revision: str = "head") -> None:
 
 
 def downgrade(dsn: str, revision: str = "base") -> None:
+    from alembic import command
+    from sqlalchemy.exc import DBAPIError
+
     try:
         command.downgrade(alembic_config(dsn), revision)
     except DBAPIError as error:
@@ -86,12 +114,11 @@ def check_revision(found: str | None) -> None:
     newer than any revision it knows it could write rows the new schema no longer means.
     A worker already running when a compatible migration lands keeps going: refusing then
     would turn every routine `pgembed init` into an outage."""
-    head = head_revision()
-    if found == head:
+    if found == HEAD:
         return
     if found is None:
         raise SchemaMismatch("this database has no pgembed schema: run `pgembed init` first")
-    script = ScriptDirectory.from_config(alembic_config(""))
+    head, script = HEAD, _script()
     if found in {rev.revision for rev in script.walk_revisions()}:
         raise SchemaMismatch(f"the pgembed schema is at revision {found}, older than this pgembed "
                              f"({head}): run `pgembed init` to upgrade it, then start the worker")
@@ -104,7 +131,7 @@ def upgrade_sql(found: str | None) -> str:
     """The script `pgembed init` would run on a database at revision `found` (None: no
     pgembed schema), for DBAs who apply changes by hand through their own process: the
     pending revisions' frozen SQL, the version row, then the definitions, in one transaction."""
-    script = ScriptDirectory.from_config(alembic_config(""))
+    script = _script()
     pending = []
     for rev in script.walk_revisions():  # head first
         if rev.revision == found:

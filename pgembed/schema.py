@@ -17,8 +17,6 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from alembic import op
-
 from pgembed.sqlfiles import read_sql
 
 # In dependency order: a LANGUAGE sql function or a view is checked when it is created, so
@@ -48,7 +46,10 @@ def revision_sql(path: str) -> str:
 
 def execute(sql: str) -> None:
     """Runs a script inside the migration's transaction, straight through psycopg:
-    SQLAlchemy would read ":name" and "%" in plpgsql bodies as parameters."""
+    SQLAlchemy would read ":name" and "%" in plpgsql bodies as parameters. (alembic is
+    imported here, inside a migration, not by everyone who imports this module.)"""
+    from alembic import op
+
     raw: Any = op.get_bind().connection.dbapi_connection
     with raw.cursor() as cur:
         cur.execute(sql)

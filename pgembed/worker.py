@@ -502,7 +502,7 @@ class Worker:
             if time.monotonic() - checked < RECHECK_UNSERVABLE:
                 return problem
         try:
-            provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec))
+            provider = self._make_provider(info)
             check = getattr(provider, "check", None)
             if check is not None:
                 await check()
@@ -510,14 +510,20 @@ class Worker:
             self._problems[key] = (str(error) or type(error).__name__, time.monotonic())
             return self._problems[key][0]
         self._problems.pop(key, None)
-        self._providers[key] = _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
+        self._providers[key] = provider
         return None
+
+    def _make_provider(self, info: PipelineInfo) -> Provider:
+        """The worker's --concurrency is the provider's bound on requests in flight too."""
+        provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec),
+                                 concurrency=self.config.concurrency)
+        return _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
 
     def _next_limit(self, batch: Batch | None, limit: int) -> int:
         """A full claim of bulk work only: claim bulk_batch_size rows next time."""
         if (batch is not None and len(batch.rows) == limit
                 and all(row.purpose in BULK_PURPOSES for row in batch.rows)):
-            return max(self.config.bulk_batch_size, self.config.batch_size)
+            return self.config.bulk_claim
         return self.config.batch_size
 
     async def _idle(self) -> None:
@@ -587,6 +593,5 @@ class Worker:
     def _provider(self, info: PipelineInfo) -> Provider:
         key = (info.spec.model, info.spec.dimensions)
         if key not in self._providers:
-            provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec))
-            self._providers[key] = _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
+            self._providers[key] = self._make_provider(info)
         return self._providers[key]

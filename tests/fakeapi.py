@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -36,6 +37,8 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import numpy as np
 
 from pgembed.providers.hashing import hash_vector
 
@@ -83,7 +86,10 @@ class FakeAPI:
     request: model, dimensions, encoding_format, input), `in_flight`, `max_in_flight`.
     Controls: `fail_next`, `always_reject`, `latency`, `hang`, `release` (answer the hanging
     requests now), `garbage`, `reverse_data` (answer `data` in reverse order, with correct
-    `index` values), `reset`.
+    `index` values), `floats_only` (answer number lists whatever `encoding_format` asks, as
+    some compatible servers do), `canned` (answer pre-serialised vectors, one per position
+    in the request, not per text: what a benchmark needs, a fake that costs almost no CPU),
+    `reset`.
     With `api_key` set, a request with another bearer token gets 401.
     """
 
@@ -189,6 +195,8 @@ class FakeAPI:
             self._reject_message = ""
             self.latency_seconds = self._base_latency
             self.reverse_data = False
+            self.floats_only = False
+            self.canned = False
 
     def fail_next(self, n: int, status: int = 500, retry_after: float | None = None) -> None:
         """The next n requests get `status` (429 with `retry-after(-ms)` when given)."""
@@ -294,9 +302,9 @@ class FakeAPI:
                 self.trickle(**arg)
             elif name == "garbage":
                 self.garbage(**arg)
-            elif name == "reverse_data":
+            elif name in ("reverse_data", "floats_only", "canned"):
                 with self._lock:
-                    self.reverse_data = bool(arg)
+                    setattr(self, name, bool(arg))
             else:
                 raise ValueError(f"unknown control {name!r}")
 
@@ -365,7 +373,11 @@ class FakeAPI:
         with self._lock:
             garbage = self._garbage.take()
             reverse = self.reverse_data
+            if self.floats_only:
+                fmt = "float"
         kind = garbage["kind"] if garbage else None
+        if self.canned and kind is None:
+            return self._canned(texts, model, size, fmt)
         if kind == "not_json":
             return 200, {"Content-Type": "text/html"}, b"<html>502 Bad Gateway</html>"
         vectors = [hash_vector(t, size + 3 if kind == "wrong_dims" else size) for t in texts]
@@ -395,6 +407,24 @@ class FakeAPI:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
         return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+    def _canned(self, texts: list[str], model: str, size: int, fmt: str) -> tuple[int, dict[str, str], bytes]:
+        tokens = sum(fake_token_count(t) for t in texts)
+        with self._lock:
+            self.tokens += tokens
+        items = b",".join(_canned_item(i, size, fmt) for i in range(len(texts)))
+        tail = json.dumps({"model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return 200, {"Content-Type": "application/json"}, b'{"object": "list", "data": [' + items + b"], " \
+            + tail[1:].encode()
+
+
+@functools.cache
+def _canned_item(index: int, size: int, fmt: str) -> bytes:
+    """Dense, as real embeddings are: a float list of hash vectors would be mostly `0.0`."""
+    vector = np.random.default_rng(index).standard_normal(size).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    return json.dumps(_item(index, vector.tolist(), fmt)).encode()
 
 
 def _parse_request(body: Any) -> tuple[list[str], str, int | None, str]:

@@ -25,7 +25,7 @@ from pgembed.worker import WorkerConfig as ReExported
     ("concurrency", 1.5, "concurrency must be a whole number of at least 1, not 1.5"),
     ("concurrency", True, "concurrency must be a whole number of at least 1, not True"),
     ("batch_size", 0, "batch_size must be a whole number of at least 1, not 0"),
-    ("bulk_batch_size", 0, "bulk_batch_size must be a whole number of at least 1, not 0"),
+    ("bulk_batch_size", 0, "bulk_batch_size must be None or a whole number of at least 1, not 0"),
     ("prefetch", -1, "prefetch must be a whole number, 0 or more, not -1"),
     ("max_attempts", 0, "max_attempts must be a whole number of at least 1, not 0"),
     ("metrics_port", -1, "metrics_port must be None or a port number from 0 to 65535, not -1"),

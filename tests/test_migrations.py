@@ -3,6 +3,9 @@ cluster-wide roles; a worker starts only on the schema revision its package know
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import psycopg
 from typer.testing import CliRunner
 
@@ -68,7 +71,7 @@ def test_a_worker_starts_only_on_the_schema_revision_it_knows(empty_dsn, monkeyp
     migrate.upgrade(empty_dsn)
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         found = migrate.current_revision(conn)
-    monkeypatch.setattr(migrate, "head_revision", lambda: "0099")  # as a later pgembed would
+    monkeypatch.setattr(migrate, "HEAD", "0099")  # as a later pgembed would
     assert (f"the pgembed schema is at revision {found}, older than this pgembed (0099): "
             "run `pgembed init`") in worker()
 
@@ -81,3 +84,13 @@ def test_init_sql_prints_the_upgrade_and_changes_nothing(empty_dsn):
     assert "CREATE OR REPLACE FUNCTION pgembed.enqueue" in result.output
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert migrate.current_revision(conn) == "0001"
+
+
+def test_head_names_the_last_revision_and_no_command_loads_alembic_to_check_it():
+    """HEAD spares every worker start alembic's import and its reading of the revision
+    modules; it must still be alembic's head."""
+    assert migrate.head_revision() == migrate.HEAD
+    probe = ("import sys, pgembed.cli, pgembed.worker; "
+             "print(sorted(m for m in ('alembic', 'sqlalchemy') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -133,15 +133,13 @@ def test_vectors_come_back_in_input_order_with_accounting(api: FakeAPI, embed: R
 
 def test_float_encoding_is_also_understood(api: FakeAPI, embed: Run) -> None:
     """Some compatible servers ignore encoding_format and send floats."""
-    original = api._answer
-
-    def floats(texts: list[str], model: str, dims: int | None, fmt: str, auth: str | None):
-        return original(texts, model, dims, "float", auth)
-
-    api._answer = floats  # type: ignore[method-assign]
-    texts = ["alpha beta", "gamma"]
+    api.floats_only = True
+    api.reverse_data = True
+    texts = ["alpha beta", "gamma", "delta epsilon zeta"]
     result = embed(texts)
+    assert api.log[0]["encoding_format"] == "base64"  # asked for, and ignored
     assert_hash_vectors(result, texts, 8)
+    assert result.tokens == sum(fake_token_count(t) for t in texts)  # usage read too
 
 
 def test_no_texts_no_requests(api: FakeAPI, embed: Run) -> None:
@@ -338,7 +336,11 @@ def test_only_bad_texts_make_no_request(api: FakeAPI, embed: Run) -> None:
         ("not_json", "not a JSON embeddings response"),
     ],
 )
-def test_malformed_answers_become_errors_never_vectors(api: FakeAPI, embed: Run, kind: str, expected: str) -> None:
+@pytest.mark.parametrize("floats_only", [False, True], ids=["base64", "floats"])
+def test_malformed_answers_become_errors_never_vectors(
+    api: FakeAPI, embed: Run, kind: str, expected: str, floats_only: bool
+) -> None:
+    api.floats_only = floats_only
     api.garbage(kind)
     result = embed(["a", "b", "c"])
     assert result.vectors == [None, None, None]
@@ -346,7 +348,9 @@ def test_malformed_answers_become_errors_never_vectors(api: FakeAPI, embed: Run,
     assert result.requests == 1  # answered, so not retried: the worker retries later
 
 
-def test_nan_spoils_only_its_own_vector(api: FakeAPI, embed: Run) -> None:
+@pytest.mark.parametrize("floats_only", [False, True], ids=["base64", "floats"])
+def test_nan_spoils_only_its_own_vector(api: FakeAPI, embed: Run, floats_only: bool) -> None:
+    api.floats_only = floats_only
     api.garbage("nan")
     result = embed(["a", "b", "c"])
     assert result.vectors[0] is None
@@ -437,3 +441,15 @@ def test_fake_api_runs_as_a_process_and_is_controlled_over_http() -> None:
         if process.stdout is not None:
             process.stdout.close()
     assert process.returncode == 0
+
+
+def test_the_check_loads_the_tokenizer_before_any_batch_needs_it(api: FakeAPI) -> None:
+    """A worker checks its providers before it announces ready: the first row must not wait
+    for the tokenizer to load."""
+    from pgembed import tokens
+
+    tokens.encoding.cache_clear()
+    provider = OpenAIProvider(ModelSpec("openai:tiny", 8, 8), api_key="sk-test", base_url=api.base_url)
+    asyncio.run(provider.check())
+    assert tokens.encoding.cache_info().currsize == 1
+    assert api.requests == 0  # checked without a request: one would cost

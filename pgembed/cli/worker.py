@@ -47,15 +47,20 @@ def _positive(option: str, value: str) -> float:
 @friendly
 def worker(
     until_empty: Annotated[bool, _option("PGEMBED_UNTIL_EMPTY", "Drain the queue, then exit.")] = False,
-    concurrency: Annotated[int, _option("PGEMBED_CONCURRENCY", "Embedding requests in flight at once.", min=1)
+    concurrency: Annotated[int, _option(
+        "PGEMBED_CONCURRENCY", "Embedding requests in flight at once, over all pipelines (the bound of the "
+        "API client too).", min=1)
     ] = default_of(WorkerConfig, "concurrency"),
     prefetch: Annotated[int, _option(
         "PGEMBED_PREFETCH", "Batches read ahead while requests are out (more throughput when the API is slow).",
         min=0)] = default_of(WorkerConfig, "prefetch"),
-    batch_size: Annotated[int, _option("PGEMBED_BATCH_SIZE", "Rows per claim.", min=1)
+    batch_size: Annotated[int, _option(
+        "PGEMBED_BATCH_SIZE", "Rows per claim of changes made by the application. Requests still respect the "
+        "provider's input and token limits.", min=1)
     ] = default_of(WorkerConfig, "batch_size"),
-    bulk_batch_size: Annotated[int, _option(
-        "PGEMBED_BULK_BATCH_SIZE", "Rows per claim while a backfill, repair or migration backlog lasts.", min=1)
+    bulk_batch_size: Annotated[int | None, _option(
+        "PGEMBED_BULK_BATCH_SIZE", "Rows per claim while a backfill, repair or migration backlog lasts "
+        "[default: 4 × --batch-size].", min=1, show_default=False)
     ] = default_of(WorkerConfig, "bulk_batch_size"),
     poll_interval: Annotated[float, _option("PGEMBED_POLL_INTERVAL", "Seconds between polls when idle.")
     ] = default_of(WorkerConfig, "poll_interval"),

@@ -9,7 +9,8 @@ come from the environment, so that keys never touch the database:
   `http://localhost:11434/v1`; OpenAI's when unset.
 * `PGEMBED_OPENAI_TIMEOUT`: seconds per HTTP request, in total (60): a server that sends
   its answer a trickle at a time is abandoned then too (a timed-out attempt is retried).
-* `PGEMBED_OPENAI_CONCURRENCY`: HTTP requests in flight per provider (4).
+* `PGEMBED_OPENAI_CONCURRENCY`: HTTP requests in flight per provider (4), for a provider
+  made on its own (search, the Python client); a worker gives its `--concurrency` instead.
 * `PGEMBED_OPENAI_MAX_ATTEMPTS`: attempts per request, the first included (6).
 * `PGEMBED_OPENAI_BACKOFF_BASE` / `PGEMBED_OPENAI_BACKOFF_MAX`: exponential backoff in
   seconds (0.5 / 20).
@@ -51,8 +52,6 @@ The API key never appears in an error message: messages echoed from the API are 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import email.utils
 import json
 import math
@@ -69,6 +68,7 @@ import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from pgembed.providers.base import EmbedResult, ModelSpec, ProviderError, RateLimiter, vector_problem
+from pgembed.providers.response import decode, field, ordered_items, read_body
 
 KEY_VARIABLES = ("PGEMBED_OPENAI_API_KEY", "OPENAI_API_KEY")
 URL_VARIABLES = ("PGEMBED_OPENAI_BASE_URL", "OPENAI_BASE_URL")
@@ -187,7 +187,10 @@ class OpenAIProvider:
 
     async def check(self) -> None:
         """Whether this provider can work, before anything is claimed for it: the key and
-        the settings were checked when it was made; nothing is sent (a request would cost)."""
+        the settings were checked when it was made; nothing is sent (a request would cost).
+        The tokenizer is loaded now (~0.5 s, off the event loop), not on the first batch,
+        whose rows would wait for it."""
+        await asyncio.to_thread(self._count, "warm-up")
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -301,7 +304,7 @@ class OpenAIProvider:
                 # The client's own POST (auth, base URL, timeouts, its errors), read as JSON
                 # here: typing the body into models took a tenth of an API-bound worker's
                 # time, all for fields we check ourselves.
-                return json.loads(await self._post_within_timeout(params))
+                return read_body(await self._post_within_timeout(params))
             except openai.APIStatusError as exc:
                 if exc.status_code in _REJECT_STATUS:
                     raise _Rejected(f"rejected by the API (HTTP {exc.status_code}): {self._api_message(exc)}") from None
@@ -346,15 +349,15 @@ class OpenAIProvider:
     def _store(self, indices: list[int], response: Any, run: _Run) -> None:
         """Put each vector (or why it is unusable) in its input's place."""
         counts = [run.token_counts[i] for i in indices]
-        usage = _field(_field(response, "usage"), "prompt_tokens")
+        usage = field(field(response, "usage"), "prompt_tokens")
         run.tokens += usage if isinstance(usage, int) and usage >= 0 else sum(counts)
-        items, problem = _ordered_items(response, len(indices))
+        items, problem = ordered_items(response, len(indices))
         if problem is not None:
             for i in indices:
                 run.errors[i] = problem
             return
         for i, item in zip(indices, items, strict=True):
-            vector, problem = _decode(_field(item, "embedding"))
+            vector, problem = decode(field(item, "embedding"))
             if problem is None and vector is not None:
                 problem = vector_problem(vector, self.spec.dimensions)
             if problem is None:
@@ -456,44 +459,6 @@ def _retry_after(exc: BaseException | None) -> float | None:
         except (TypeError, ValueError, OverflowError):
             return None
     return None
-
-
-def _field(value: Any, name: str) -> Any:
-    """A member of a JSON object, or None when there is none (or it is not an object)."""
-    return value.get(name) if isinstance(value, dict) else None
-
-
-def _ordered_items(response: Any, expected: int) -> tuple[list[Any], str | None]:
-    """The `data` items in input order (by their `index`), or why that is impossible."""
-    if isinstance(response, str):
-        return [], "embedding API returned a body that is not a JSON embeddings response"
-    data = _field(response, "data")
-    if not isinstance(data, list) or not data:
-        return [], "embedding API returned no embeddings (empty data)"
-    if len(data) != expected:
-        return [], f"embedding API returned {len(data)} embeddings for {expected} inputs"
-    slots: list[Any] = [None] * expected
-    for item in data:
-        index = _field(item, "index")
-        if not isinstance(index, int) or not 0 <= index < expected or slots[index] is not None:
-            return [], f"embedding API returned a bad or duplicate index {index!r}"
-        slots[index] = item
-    return slots, None
-
-
-def _decode(embedding: Any) -> tuple[np.ndarray | list[float] | None, str | None]:
-    """A vector from base64 (little-endian float32, what we ask for) or a float list."""
-    if isinstance(embedding, str):
-        try:
-            raw = base64.b64decode(embedding, validate=True)
-        except (binascii.Error, ValueError):
-            return None, "embedding API returned an embedding that is not valid base64"
-        if len(raw) % 4:
-            return None, "embedding API returned a base64 embedding of a broken length"
-        return np.frombuffer(raw, dtype="<f4").astype(np.float32), None
-    if isinstance(embedding, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding):
-        return [float(x) for x in embedding], None
-    return None, "embedding API returned an embedding that is not a list of numbers"
 
 
 async def _gather(coroutines: Iterable[Awaitable[None]]) -> None:
