@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from pgembed import pipelines
 from pgembed.cli import tables
-from pgembed.cli.common import DsnOption, connect, friendly, out
+from pgembed.cli.common import DsnOption, EmbeddedOption, connect, friendly, out
 from pgembed.pipelines import PipelineOptions
 
 pipeline_app = typer.Typer(no_args_is_help=True, help="Create, list and drop pipelines.")
@@ -46,23 +46,23 @@ def create(
 
 @pipeline_app.command("list")
 @friendly
-def list_pipelines(dsn: DsnOption = None) -> None:
+def list_pipelines(dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
     """List pipelines.
 
     Example: pgembed pipeline list
     """
-    with connect(dsn) as conn:
+    with connect(dsn, embedded) as conn:
         rows = pipelines.list_all(conn)
     out.print(tables.pipelines(rows))
 
 
 @pipeline_app.command("drop")
 @friendly
-def drop(name: str, dsn: DsnOption = None) -> None:
+def drop(name: str, dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
     """Drop a pipeline: its triggers, queue and destination table.
 
     Example: pgembed pipeline drop articles_h384
     """
-    with connect(dsn) as conn:
+    with connect(dsn, embedded) as conn:
         pipelines.drop(conn, name)
     out.print(f"pipeline {escape(name)} dropped", highlight=False)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from pgembed import logs
-from pgembed.cli.common import DsnOption, fail, friendly, out, target
+from pgembed.cli.common import DsnOption, configured_target, fail, friendly, out
 from pgembed.cli.defaults import default_of, duration_default
 from pgembed.scheduler import ScheduleConfig, parse_duration
 from pgembed.worker import Unfinished, Worker, WorkerConfig, WorkerStats
@@ -121,6 +121,9 @@ def worker(
         "PGEMBED_IVFFLAT_REBUILD_FACTOR", "Log that an IVFFlat index needs a rebuild once its table grew this "
         "many times.", panel=SCHEDULED, min=1.1)] = default_of(ScheduleConfig, "ivfflat_rebuild_factor"),
     dsn: DsnOption = None,
+    embedded: Annotated[bool, _option(
+        "PGEMBED_EMBEDDED", "Embed into the embedded PostgreSQL under your data directory (without it, a "
+        "worker with no database configured refuses to start).", "--embedded", panel=SERVICE)] = False,
 ) -> None:
     """Embed queued rows; runs until stopped (SIGTERM/SIGINT drain it gracefully), or with
     --until-empty until the queue is drained. Under systemd it reports READY, WATCHDOG and
@@ -149,7 +152,7 @@ def worker(
     if name:
         config.name = name
     try:
-        stats = asyncio.run(Worker(target(dsn), config).run())
+        stats = asyncio.run(Worker(configured_target(dsn, embedded, "worker"), config).run())
     except Unfinished as unfinished:
         _summary(unfinished.stats)
         fail(f"the queue is not empty: {unfinished}")
