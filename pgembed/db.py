@@ -156,6 +156,16 @@ def configured(dsn: str | None) -> Target | None:
     return None
 
 
+def describe(dsn: str) -> str:
+    """The database a DSN names, for a log line: without its password; an empty DSN by the
+    libpq variables that fill it in."""
+    if dsn:
+        return redact(dsn)
+    named = [f"{name}={os.environ[name]}" for name in LIBPQ_VARIABLES
+             if os.environ.get(name) and name != "PGPASSWORD"]
+    return f"libpq's defaults ({' '.join(named) or 'no PG* variable'})"
+
+
 def resolve(dsn: str | None, *, embedded: bool = False) -> Target:
     """The database to use: the embedded server when asked for, else the configured one,
     else (nothing configured at all) the embedded server."""

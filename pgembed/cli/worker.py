@@ -85,11 +85,12 @@ def worker(
     log_format: Annotated[str, _option(
         "PGEMBED_LOG_FORMAT", "human: one line per record; json: one JSON object per line (ts, level, "
         "message, action, ...).", panel=SERVICE)] = "human",
-    log_level: Annotated[str, _option(
-        "PGEMBED_LOG_LEVEL", "Least severe level logged: debug, info, warning or error; --verbose means info.",
-        panel=SERVICE)] = "warning",
+    log_level: Annotated[str | None, _option(
+        "PGEMBED_LOG_LEVEL", "Least severe level logged: debug, info, warning or error. Default: info (a line "
+        "at start, progress every minute while there is work, one when the queue is empty); warning with "
+        "--until-empty, whose summary is printed.", panel=SERVICE)] = None,
     verbose: Annotated[bool, _option(
-        "PGEMBED_VERBOSE", "Log every batch (level info).", "--verbose", "-v")] = False,
+        "PGEMBED_VERBOSE", "Log every batch too (pgembed's records at level debug).", "--verbose", "-v")] = False,
     scheduler: Annotated[bool, _option(
         "PGEMBED_SCHEDULER", "Run the periodic jobs below (each runs once per period across all workers). "
         "Never with --until-empty.", panel=SCHEDULED)] = True,
@@ -131,7 +132,9 @@ def worker(
 
     Example: pgembed worker --concurrency 4 --metrics-port 9464 --log-format json
     """
-    logs.setup(log_format, logging.INFO if verbose else log_level, stream=sys.stderr)
+    logs.setup(log_format, log_level or ("warning" if until_empty else "info"), stream=sys.stderr)
+    if verbose:
+        logging.getLogger("pgembed").setLevel(logging.DEBUG)
     schedule = None
     if scheduler and not until_empty:
         schedule = ScheduleConfig(
