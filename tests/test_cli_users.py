@@ -19,6 +19,9 @@ from tests.conftest import drain
 
 runner = CliRunner()
 WIDTH = 80
+# the variables libpq reads to find a database, which count as configuration (README: Command line)
+LIBPQ_VARIABLES = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE",
+                   "PGSERVICE", "PGSERVICEFILE")
 LONG = "customer_support_tickets"  # its default pipeline name is 29 characters
 
 
@@ -33,7 +36,7 @@ def narrow(monkeypatch: pytest.MonkeyPatch) -> None:
 def nothing_configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No --dsn, no PGEMBED_DSN, no PG* variable; the embedded server's data directory a
     temporary one (returned), so a command that starts it harms nothing."""
-    for name in ("PGEMBED_DSN", *db.LIBPQ_VARIABLES):
+    for name in ("PGEMBED_DSN", *LIBPQ_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     data = tmp_path / "embedded"
     monkeypatch.setenv("PGEMBED_DATA_DIR", str(data))
@@ -60,8 +63,8 @@ def two_tables(conn: psycopg.Connection) -> None:
 
 def test_status_costs_search_audit_and_pipeline_list_fit_80_columns(conn, dsn, narrow):
     two_tables(conn)
-    for args in (("articles", "title || body"), ("articles", "title || body", "--another"), (LONG, "body")):
-        assert cli("pipeline", "create", *args[:2], "--model", "hash:384", *args[2:], "--dsn", dsn).exit_code == 0
+    for table, content in (("articles", "title || body"), ("articles", "title || body"), (LONG, "body")):
+        conn.execute("SELECT pgembed.create_pipeline(%s, %s, 'hash:384')", (table, content))
     drain(dsn)
     names = ["articles_h384", "articles_h384_2", f"{LONG}_h384"]
     last = conn.execute("SELECT max(embedded_at) FROM pgembed.articles_h384").fetchone()[0]

@@ -15,8 +15,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgembed import db
-
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 80
 PSQL = shutil.which("psql")
@@ -50,8 +48,8 @@ def walkthrough() -> str:
 def environment(**extra: str) -> dict[str, str]:
     """This machine's environment without any database or API configuration, the venv's
     commands first on PATH, an 80-column terminal."""
-    skipped = ("PGEMBED_", "OPENAI_", "XDG_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(skipped) and k not in db.LIBPQ_VARIABLES}
+    skipped = ("PG", "OPENAI_", "XDG_")  # PGEMBED_* and libpq's PGHOST, PGDATABASE, ...
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skipped)}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", COLUMNS=str(WIDTH), **extra)
     return env
 
