@@ -14,32 +14,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from importlib import metadata
-from typing import Protocol
 
 import psycopg
+
+from pgembed.heartbeat import Counts, version
 
 log = logging.getLogger("pgembed.worker")
 PROGRESS_EVERY = 60.0  # seconds between progress lines while there is work
 
 
-class Counters(Protocol):
-    written: int
-    removed: int
-    failed: int
-
-
-def version() -> str:
-    try:
-        return metadata.version("pgembed")
-    except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
-        return "unknown"
-
-
 class Activity:
     """The worker's INFO narration, read off its counters (see the module's docstring)."""
 
-    def __init__(self, stats: Counters, every: float | None = None) -> None:
+    def __init__(self, stats: Counts, every: float | None = None) -> None:
         self.stats = stats
         self.every = PROGRESS_EVERY if every is None else every
         self._line = self._since_idle = self._snapshot()

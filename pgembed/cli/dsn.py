@@ -20,14 +20,13 @@ def _kept(name: str, value: str) -> bool:
     return (name, None) not in _SESSION_ONLY and (name, value) not in _SESSION_ONLY
 
 
+ShowPassword = Annotated[bool, typer.Option(
+    "--show-password", help="Include the password (by default it is left out: libpq finds it in "
+                            "PGPASSWORD or ~/.pgpass, psql asks for it).")]
+
+
 @friendly
-def dsn(
-    show_password: Annotated[bool, typer.Option(
-        "--show-password", help="Include the password (by default it is left out: libpq finds it in "
-                                "PGPASSWORD or ~/.pgpass, psql asks for it).")] = False,
-    dsn: DsnOption = None,
-    embedded: EmbeddedOption = False,
-) -> None:
+def dsn(show_password: ShowPassword = False, dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
     """Print the DSN of the database the commands use (the embedded server is started if
     that is the one), as libpq connected to it.
 
