@@ -47,9 +47,9 @@ def cli(*args: str, env: dict[str, str] | None = None) -> Result:
     return runner.invoke(app, list(args), env=env, catch_exceptions=False)
 
 
-def assert_fits(result: Result) -> None:
+def assert_fits(result: Result, width: int = WIDTH) -> None:
     for line in (result.stdout + result.stderr).splitlines():
-        assert len(line) <= WIDTH, f"{len(line)} columns: {line!r}"
+        assert len(line) <= width, f"{len(line)} columns: {line!r}"
     assert "…" not in result.stdout, result.stdout
 
 
@@ -83,6 +83,12 @@ def test_status_costs_search_audit_and_pipeline_list_fit_80_columns(conn, dsn, n
             assert f"{LONG}_h384" in shown.stdout, shown.stdout
     costs = cli("costs", "--dsn", dsn).stdout
     assert all(name in costs for name in names) and "total" in costs and "usd" in costs
+    out.width = 50  # narrower still: one record per row, every name whole on a line of its own
+    for args in (("status",), ("costs", "--by", "cost-center")):
+        records = cli(*args, "--dsn", dsn)
+        assert_fits(records, 50)
+        assert all(name in records.stdout.splitlines() or f"pipeline: {name}" in records.stdout
+                   for name in names), records.stdout
 
 
 def test_json_on_costs_search_and_audit(conn, dsn):

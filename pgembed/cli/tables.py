@@ -123,17 +123,23 @@ class Fitted:
         return t
 
     def _records(self, width: int) -> Iterator[Text]:
-        """One record per row: its key cells on a line, then `header: value` pairs packed
-        into lines of the width (a pair wider than that is folded)."""
+        """One record per row: its key cells on a line (labelled when there are several),
+        then `header: value` pairs packed into lines of the width (a pair wider than that is
+        folded)."""
         yield Text(literal(self.title).plain, style="italic")
         keys = [i for i, c in enumerate(self.columns) if c.key]
         for r in self.rows:
-            heading = "  ".join(literal(r[i]).plain.replace("\n", " ") for i in keys)
-            yield Text(heading, style="bold", overflow="fold")
-            pairs = [f"{c.header}: {literal(r[i]).plain}".replace("\n", " ")
-                     for i, c in enumerate(self.columns) if i not in keys and literal(r[i]).plain]
-            for line in _packed(pairs, width - 2):
+            heading = self._pairs(r, keys) if len(keys) > 1 else self._pairs(r, keys, labelled=False)
+            for line in _packed(heading, width):
+                yield Text(line, style="bold", overflow="fold")
+            rest = [i for i in range(len(self.columns)) if i not in keys]
+            for line in _packed(self._pairs(r, rest), width - 2):
                 yield Text("  " + line, overflow="fold")
+
+    def _pairs(self, row: Sequence[Any], shown: list[int], labelled: bool = True) -> list[str]:
+        """`header: value` for each shown cell that has a value, on one line."""
+        cells = [(self.columns[i].header, literal(row[i]).plain.replace("\n", " ")) for i in shown]
+        return [f"{header}: {value}" if labelled else value for header, value in cells if value]
 
 
 def _packed(items: list[str], width: int) -> list[str]:
