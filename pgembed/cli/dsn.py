@@ -27,8 +27,9 @@ ShowPassword = Annotated[bool, typer.Option(
 
 @friendly
 def dsn(show_password: ShowPassword = False, dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
-    """Print the DSN of the database the commands use (the embedded server is started if
-    that is the one), as libpq connected to it.
+    """Print the DSN of the database the commands use, for psql and scripts.
+
+    As libpq connected to it; the embedded server is started if that is the one.
 
     Example: psql "$(pgembed dsn)"
     """

@@ -16,8 +16,9 @@ def quickstart(
     model: Annotated[str | None, typer.Option(help="Model to use (default: the best available).")] = None,
     dsn: DsnOption = None,
 ) -> None:
-    """Semantic search in one command: sample data, a pipeline, a drain, two searches. On
-    the embedded PostgreSQL unless --dsn or PGEMBED_DSN names a database.
+    """Semantic search in one command: sample data, a pipeline, a drain, two searches.
+
+    On the embedded PostgreSQL unless --dsn or PGEMBED_DSN names a database.
 
     Example: pgembed quickstart
     """
