@@ -117,6 +117,9 @@ def test_libpq_variables_are_configuration(conn, dsn, nothing_configured, monkey
     listed = cli("pipeline", "list")
     assert listed.exit_code == 0 and "reached_by_libpq" in listed.stdout, listed.output
     assert "embedded" not in listed.stderr
+    conn.execute("INSERT INTO notes VALUES (1, 'a note')")
+    drained = cli("worker", "--until-empty")  # every part of the worker reaches it through libpq too
+    assert drained.exit_code == 0 and "1 rows embedded" in drained.stdout, drained.output
     resolved = db.resolve(None)
     assert (resolved.dsn, resolved.embedded) == ("", False) and "PGHOST" in resolved.source
     assert not (nothing_configured / "PG_VERSION").exists(), "no embedded server was started"
