@@ -14,7 +14,8 @@ from pgembed.worker import Worker, WorkerConfig, WorkerStats
 
 
 class Client:
-    """A handle on one database. With no DSN: PGEMBED_DSN, else the embedded server."""
+    """A handle on one database. With no DSN: PGEMBED_DSN, else libpq's PG* variables, else
+    (nothing configured) the embedded server."""
 
     def __init__(self, dsn: str | None = None) -> None:
         self.target = db.resolve(dsn)

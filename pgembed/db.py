@@ -1,7 +1,10 @@
 r"""Connections: which database, how sessions are set up, and the embedded server.
 
-Every command takes `--dsn`, else PGEMBED_DSN, else the embedded PostgreSQL kept under the
-user's data directory (started on first use, left running for the next command).
+Which database: `--dsn`, else PGEMBED_DSN, else libpq's own variables (PGHOST, PGDATABASE,
+PGSERVICE, ...: an empty connection string lets libpq read them, as every PostgreSQL tool
+does). The embedded PostgreSQL kept under the user's data directory (started on first use,
+left running for the next command) is used when asked for (`--embedded`, the quickstart) or
+when nothing at all is configured, and the command line says so.
 
 Every session the package opens comes from here, so that a DBA can tell them apart in
 pg_stat_activity: application_name is `pgembed-<role>[<worker name>]` (`pgembed-cli` when
@@ -104,10 +107,17 @@ def redact(text: str) -> str:
     return _KV_PASSWORD.sub(rf"\g<1>{MASK}", text)
 
 
+# libpq's variables that name a server, a database or where to find them: any of them set
+# means the user configured a database, the way psql would reach it.
+LIBPQ_VARIABLES = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE",
+                   "PGSERVICE", "PGSERVICEFILE")
+
+
 @dataclass(frozen=True)
 class Target:
     dsn: str
     embedded: bool
+    source: str = "--dsn"  # what chose it: --dsn, PGEMBED_DSN, libpq's variables, --embedded, nothing
 
 
 def embedded_data_dir() -> Path:
@@ -132,14 +142,36 @@ def start_embedded(data_dir: Path | None = None) -> str:
     return server.get_uri()
 
 
-def resolve(dsn: str | None) -> Target:
+def configured(dsn: str | None) -> Target | None:
+    """The database the user configured (--dsn, PGEMBED_DSN, libpq's variables), or None."""
     remember_secrets(dsn)
     remember_secrets(os.environ.get("PGEMBED_DSN"))
     if dsn:
         return Target(dsn, embedded=False)
     if os.environ.get("PGEMBED_DSN"):
-        return Target(os.environ["PGEMBED_DSN"], embedded=False)
-    return Target(start_embedded(), embedded=True)
+        return Target(os.environ["PGEMBED_DSN"], embedded=False, source="PGEMBED_DSN")
+    libpq = [name for name in LIBPQ_VARIABLES if os.environ.get(name)]
+    if libpq:
+        return Target("", embedded=False, source=", ".join(libpq))
+    return None
+
+
+def describe(dsn: str) -> str:
+    """The database a DSN names, for a log line: without its password; an empty DSN by the
+    libpq variables that fill it in."""
+    if dsn:
+        return redact(dsn)
+    named = [f"{name}={os.environ[name]}" for name in LIBPQ_VARIABLES
+             if os.environ.get(name) and name != "PGPASSWORD"]
+    return f"libpq's defaults ({' '.join(named) or 'no PG* variable'})"
+
+
+def resolve(dsn: str | None, *, embedded: bool = False) -> Target:
+    """The database to use: the embedded server when asked for, else the configured one,
+    else (nothing configured at all) the embedded server."""
+    if embedded:
+        return Target(start_embedded(), embedded=True, source="--embedded")
+    return configured(dsn) or Target(start_embedded(), embedded=True, source="nothing configured")
 
 
 def explain(error: psycopg.Error) -> str:

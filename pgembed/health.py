@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
 
@@ -29,9 +30,12 @@ def problems(rows: Iterable[dict[str, Any]], stuck_after: dt.timedelta) -> list[
 
 
 def as_json(value: Any) -> Any:
-    """JSON for the status rows: times as ISO 8601, intervals as seconds."""
+    """JSON for the rows of pgembed's views: times as ISO 8601, intervals as seconds,
+    numeric sums (the cost views') as numbers."""
     if isinstance(value, dt.datetime):
         return value.isoformat()
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
     return str(value)

@@ -34,7 +34,8 @@ class Counts(Protocol):
     failed: int
 
 
-def _version() -> str:
+def version() -> str:
+    """This pgembed's version, as its heartbeat row and its start line give it."""
     try:
         return metadata.version("pgembed")
     except metadata.PackageNotFoundError:
@@ -53,7 +54,7 @@ class Heartbeat:
         self.metrics = metrics
         self.notifier = notifier
         self.state = "running"
-        self.version = _version()
+        self.version = version()
 
     async def run(self, interval: float) -> None:
         """The side task: a beat every `interval` seconds until cancelled."""

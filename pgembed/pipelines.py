@@ -59,6 +59,17 @@ def create(conn: psycopg.Connection, source: str, content: str, model: str,
     return str(row[0])
 
 
+def same(conn: psycopg.Connection, source: str, content: str, model: str, dimensions: int | None) -> list[str]:
+    """Pipelines that already embed this content of this table with this model: a second
+    one would embed and pay for every row again, under a `_2` name nobody asked for."""
+    try:
+        rows = conn.execute(query("pipeline_same"), {"source": source, "content": content, "model": model,
+                                                    "dimensions": dimensions}).fetchall()
+    except psycopg.Error as error:
+        raise refused(error) from error
+    return [str(r[0]) for r in rows]
+
+
 def drop(conn: psycopg.Connection, name: str) -> None:
     try:
         with conn.transaction():

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from pgembed import db
+from pgembed.activity import Activity
 from pgembed.batch import Embedded, InFlight, embed_batch
 from pgembed.config import WorkerConfig
 from pgembed.heartbeat import Heartbeat
@@ -129,6 +130,7 @@ class Worker:
         self.config = config or WorkerConfig()
         self.on_batch = on_batch
         self.stats = WorkerStats()
+        self._activity = Activity(self.stats)
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.notifier = Notifier.from_env()
@@ -223,9 +225,10 @@ class Worker:
                 scheduler = self._scheduler = Scheduler(self.dsn, self.config.name, self.config.schedule,
                                                         on_run=self.metrics.job)
                 await scheduler.start()
-            log.info("worker %s started (concurrency %d, batch size %d)", self.config.name,
-                     self.config.concurrency, self.config.batch_size,
-                     extra={"action": "start", "worker": self.config.name})
+            side["activity"] = asyncio.create_task(self._activity.run(lambda: self._queued(queue)),
+                                                   name="pgembed-activity")
+            self._activity.started(self.config.name, db.describe(self.dsn), self._servable,
+                                   self.config.concurrency, self.config.batch_size)
             ready = asyncio.create_task(self._announce_ready(), name="pgembed-ready")
             slots = [asyncio.create_task(self._slot(queue, indexes), name=f"pgembed-slot-{i}")
                      for i in range(self.config.concurrency + self.config.prefetch)]
@@ -392,6 +395,8 @@ class Worker:
             self._claiming -= 1
         self._claim_limit = self._next_limit(batch, limit)
         if batch is None:
+            if self._busy == 0:
+                self._activity.idle()
             if await self._refresh(queue):
                 return  # a pipeline to serve appeared (or its provider works now): claim again
             await indexes.check(force=self.config.until_empty)
@@ -578,12 +583,16 @@ class Worker:
                                        "lost": result.lost})
         for u in embedded.usage:
             self.metrics.usage(info.spec.model, u.requests, u.tokens, u.cache_hits, u.cache_misses)
-        log.info("pipeline %s: %d written, %d removed, %d failed, %d changed, %d lost",
+        log.debug("pipeline %s: %d written, %d removed, %d failed, %d changed, %d lost",
                  info.name, result.written, result.removed, result.failed, result.changed,
                  result.lost, extra={"action": "batch", "pipeline": info.name, "written": result.written,
                                      "removed": result.removed, "failed": result.failed})
         if self.on_batch:
             self.on_batch(result)
+
+    async def _queued(self, queue: Queue) -> int:
+        """Rows the pipelines this worker serves still have to embed (for progress lines)."""
+        return sum((await queue.backlog_of(self._servable)).values())
 
     async def _pipeline(self, queue: Queue, name: str) -> PipelineInfo | None:
         if name not in self._pipelines:

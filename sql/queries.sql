@@ -214,6 +214,14 @@ SELECT pgembed.create_pipeline(source => %(source)s::regclass, content => %(cont
                                chunk_overlap => %(chunk_overlap)s, backfill => %(backfill)s,
                                cost_center => %(cost_center)s, name => %(name)s)
 
+-- pipeline_same --
+-- pipelines that already embed this content of this table with this model (at these
+-- dimensions, when given): `pgembed pipeline create` refuses to make another unasked
+SELECT name FROM pgembed.pipelines
+ WHERE source = %(source)s::regclass AND content = %(content)s AND model = %(model)s
+   AND dimensions = coalesce(%(dimensions)s::int, dimensions)
+ ORDER BY name
+
 -- pipeline_drop --
 SELECT pgembed.drop_pipeline(%(name)s)
 

@@ -1,5 +1,6 @@
-"""`pgembed …`: the command line. Every command takes --dsn (or PGEMBED_DSN); with neither
-it uses the embedded PostgreSQL and says so. Errors are one sentence, never a traceback.
+"""`pgembed …`: the command line. Every command takes --dsn (or PGEMBED_DSN, or libpq's
+PG* variables); with nothing configured, or --embedded, it uses the embedded PostgreSQL and
+says so (the worker refuses to, unless given --embedded). Errors are one sentence, never a traceback.
 
 This module only assembles the app: each command lives in the module named after what it
 does, and every table they print is built in tables.py."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from pgembed.cli import costs, failures, health, quickstart, schema, search, worker
+from pgembed.cli import costs, dsn, failures, health, quickstart, schema, search, worker
 from pgembed.cli.common import out
 from pgembed.cli.pipeline import pipeline_app
 from pgembed.cli.ratelimit import ratelimit_app
@@ -19,7 +20,7 @@ __all__ = ["app", "out"]  # out: the console every command prints to (tests wide
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Keep pgvector embeddings of PostgreSQL rows correct, cheap and fresh.")
 for command in (schema.init, worker.worker, search.search, quickstart.quickstart, costs.costs,
-                failures.failures, health.status, health.audit):
+                failures.failures, health.status, health.audit, dsn.dsn):
     app.command()(command)
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(ratelimit_app, name="ratelimit")

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
-import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -17,7 +15,7 @@ from rich.markup import escape
 from pgembed import audit as audits
 from pgembed import health
 from pgembed.cli import tables
-from pgembed.cli.common import DsnOption, connect, err, friendly, out
+from pgembed.cli.common import DsnOption, EmbeddedOption, JsonOption, connect, err, friendly, out, print_json
 from pgembed.scheduler import parse_duration
 
 
@@ -56,15 +54,16 @@ def status(
     stuck_after: Annotated[str, typer.Option(
         help="With --check: how long the oldest queued row may wait (e.g. 15m, 1h).")] = "15m",
     dsn: DsnOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Health of every pipeline: rows, queue, gaps (missing, orphaned, stale, failed), lag.
 
     Example: pgembed status --check --stuck-after 30m --dsn postgresql://admin@db/app
     """
     if as_json or check:
-        _report(dsn, as_json, check, stuck_after)
+        _report(dsn, embedded, as_json, check, stuck_after)
         return
-    with connect(dsn) as conn:
+    with connect(dsn, embedded) as conn:
         _print_warnings(conn)
         for section in STATUS_SECTIONS:
             rendered = section(conn)
@@ -72,16 +71,16 @@ def status(
                 out.print(rendered)
 
 
-def _report(dsn: str | None, as_json: bool, check: bool, stuck_after: str) -> None:
+def _report(dsn: str | None, embedded: bool, as_json: bool, check: bool, stuck_after: str) -> None:
     """`status --json` and `status --check`, for scripts and monitoring."""
     limit = parse_duration(stuck_after)
     if limit is None:
         raise ValueError(f"--stuck-after must be a duration like 15m, not {stuck_after!r}")
-    with connect(dsn) as conn:
+    with connect(dsn, embedded) as conn:
         _print_warnings(conn)
         rows = audits.status(conn)
     if as_json:
-        sys.stdout.write(json.dumps(rows, default=health.as_json, indent=2) + "\n")
+        print_json(rows)
     found = health.problems(rows, dt.timedelta(seconds=limit)) if check else []
     for problem in found:
         err.print(escape(problem), highlight=False)
@@ -96,15 +95,20 @@ def audit(
     repair: Annotated[bool, typer.Option(
         "--repair", help="Queue missing and stale rows, delete orphaned vectors.")] = False,
     pipeline: Annotated[str | None, typer.Option(help="Only this pipeline.")] = None,
+    as_json: JsonOption = False,
     dsn: DsnOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Find rows whose vectors are missing, orphaned, stale or failed; record the run.
 
     Example: pgembed audit --repair --pipeline articles_te3s
     """
-    with connect(dsn) as conn:
+    with connect(dsn, embedded) as conn:
         _print_warnings(conn)
         run = audits.run_audit(conn, repair=repair, pipeline=pipeline)
+    if as_json:  # the pgembed.audit_runs row, as SELECT pgembed.audit() returns it
+        print_json(run)
+        return
     out.print(f"audit #{run['id']} of {escape(pipeline or 'all pipelines')}", highlight=False)
     out.print(tables.audit_gaps(run, audits.GAP_KINDS, repair))
     if run["oldest_gap"] is not None:

@@ -18,8 +18,11 @@ def quickstart(
 ) -> None:
     """Semantic search in one command: sample data, a pipeline, a drain, two searches.
 
+    On the embedded PostgreSQL unless --dsn or PGEMBED_DSN names a database.
+
     Example: pgembed quickstart
     """
-    demo.run(target(dsn), out, model)
+    chosen = target(dsn, embedded=not dsn)  # a demo's sample table goes nowhere unasked
+    demo.run(chosen, out, model)
     out.print()
-    status(dsn=dsn)
+    status(dsn=chosen)

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from pgembed import ratelimit
 from pgembed.cli import tables
-from pgembed.cli.common import DsnOption, connect, friendly, out
+from pgembed.cli.common import DsnOption, EmbeddedOption, connect, friendly, out
 from pgembed.providers import ProviderError
 
 ratelimit_app = typer.Typer(no_args_is_help=True, help="Set and show the API rate limit that all workers share.")
@@ -43,6 +43,7 @@ def set_budget(
         min=0.001, max=60, help="How many seconds' worth of the budget may be sent at once.")] = 1.0,
     bucket: BucketOption = None,
     dsn: DsnOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Limit what one API key is sent per minute, by all workers on all hosts together.
 
@@ -53,7 +54,7 @@ def set_budget(
                          "(`pgembed ratelimit clear` removes a budget)")
     budget = ratelimit.Budget.per_minute(requests_per_minute, tokens_per_minute, burst_seconds)
     name, base_url, fingerprint = _bucket(bucket)
-    with connect(dsn) as conn:
+    with connect(dsn, embedded) as conn:
         ratelimit.set_budget(conn, name, budget, base_url=base_url, key_fingerprint=fingerprint)
     out.print(f"budget of {escape(name)}: {tables.limit(requests_per_minute)} requests and "
               f"{tables.limit(tokens_per_minute)} tokens per minute; running workers apply it within "
@@ -62,12 +63,12 @@ def set_budget(
 
 @ratelimit_app.command("show")
 @friendly
-def show(dsn: DsnOption = None) -> None:
+def show(dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
     """Every budget and what is being spent of it (pgembed.rate_limit_status).
 
     Example: pgembed ratelimit show
     """
-    with connect(dsn) as conn:
+    with connect(dsn, embedded) as conn:
         rows = ratelimit.status(conn)
     if not rows:
         out.print("no budgets: no API key is rate limited; set one with "
@@ -78,13 +79,13 @@ def show(dsn: DsnOption = None) -> None:
 
 @ratelimit_app.command("clear")
 @friendly
-def clear(bucket: BucketOption = None, dsn: DsnOption = None) -> None:
+def clear(bucket: BucketOption = None, dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
     """Remove a budget: that API key is no longer limited (workers see it at once).
 
     Example: pgembed ratelimit clear --bucket 'key:3f2a9c1b7d4e5f60@https://api.openai.com/v1'
     """
     name, _, _ = _bucket(bucket)
-    with connect(dsn) as conn:
+    with connect(dsn, embedded) as conn:
         removed = ratelimit.clear_budget(conn, name)
     if not removed:
         raise ValueError(f"no budget for {name}; `pgembed ratelimit show` lists them")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from pgembed import migrate
-from pgembed.cli.common import DsnOption, connect, friendly, out, target
+from pgembed.cli.common import DsnOption, EmbeddedOption, connect, friendly, out, target
 
 
 @friendly
@@ -17,14 +17,15 @@ def init(
         "--sql", help="Print the SQL the upgrade would run on this database, and change nothing "
                       "(for a change process that applies scripts by hand).")] = False,
     dsn: DsnOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Create or upgrade the pgembed schema. Safe to run again.
 
     Example: pgembed init --dsn postgresql://admin@db/app
     """
     if sql:
-        with connect(dsn) as conn:
+        with connect(dsn, embedded) as conn:
             sys.stdout.write(migrate.upgrade_sql(migrate.current_revision(conn)))
         return
-    migrate.upgrade(target(dsn))
+    migrate.upgrade(target(dsn, embedded))
     out.print(f"pgembed schema at revision {migrate.head_revision()}")

@@ -1,14 +1,22 @@
 """Every table the command line prints, and how it writes a number, a time or a price in
-them: one place, so the same value reads the same in every command."""
+them: one place, so the same value reads the same in every command.
+
+Tables fit the terminal they are printed on (80 columns is the width to design for): a
+table that cannot fit in full first leaves out its spare columns (and says which), then
+falls back to one record per row, its identifiers on a line of their own. Identifiers and
+times are never cut with an ellipsis, nor broken across lines while they fit: a reader
+must be able to tell `articles_h384` from `articles_h384_2` and copy either."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from rich.console import Group
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -23,22 +31,126 @@ REPAIRS = {"missing": "queued", "stale": "queued", "orphaned": "vectors deleted"
 _SUMMED = ("requests", "inputs", "tokens", "cache_hits", "cache_misses", "usd")
 
 
-def table(title: str | Text, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+@dataclass(frozen=True)
+class Col:
+    """A column of a table that fits its terminal. `whole`: an identifier or a time, kept on
+    one line; `key`: the row's identity (whole, and the heading of its record when the
+    table falls back to records); `spare`: may be left out when the terminal is narrow,
+    the highest first."""
+
+    header: str
+    whole: bool = False
+    key: bool = False
+    spare: int = 0
+
+    @property
+    def unbroken(self) -> bool:
+        return self.whole or self.key
+
+
+def table(title: str | Text, columns: Sequence[str | Col], rows: Iterable[Sequence[Any]]) -> Table:
     """Every title and cell is printed as it is: rows, keys, error messages and queries are
     user or database text, which rich would otherwise read as markup (`[/]` raises, and
     `[link=...]` would put a hyperlink in the reader's terminal). A cell that is styled is a
-    Text already."""
+    Text already. A cell too long for its column is folded onto the next line, never cut
+    with an ellipsis; a `whole` column is as wide as its longest cell."""
+    cols = [c if isinstance(c, Col) else Col(c) for c in columns]
+    body = [[literal("" if v is None else v) for v in r] for r in rows]
     t = Table(title=literal(title), title_justify="left")
-    for c in columns:
-        t.add_column(literal(c))
-    for r in rows:
-        t.add_row(*(literal("" if v is None else v) for v in r))
+    for i, c in enumerate(cols):
+        widest = max((_longest_line(r[i]) for r in body), default=0) if c.unbroken else None
+        t.add_column(literal(c.header), overflow="fold", no_wrap=c.unbroken, min_width=widest)
+    for r in body:
+        t.add_row(*r)
     return t
 
 
 def literal(value: Any) -> Text:
     """A value as rich prints it without reading markup in it."""
     return value if isinstance(value, Text) else Text(str(value))
+
+
+def _longest_line(text: Text) -> int:
+    return max((cell_len(line) for line in text.plain.split("\n")), default=0)
+
+
+def _longest_word(text: Text) -> int:
+    return max((cell_len(word) for word in text.plain.split()), default=0)
+
+
+class Fitted:
+    """A table that fits the width it is printed at (see the module's docstring): rich asks
+    for it at render time, so it fits whichever console prints it."""
+
+    def __init__(self, title: str | Text, columns: Sequence[Col], rows: Iterable[Sequence[Any]]) -> None:
+        self.title = title
+        self.columns = list(columns)
+        self.rows = [["" if v is None else v for v in r] for r in rows]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        for shown in self._choices():
+            if self._least_width(shown) <= width:
+                yield self._table(shown)
+                return
+        yield from self._records(width)
+
+    def _choices(self) -> Iterator[list[int]]:
+        """The columns to show, all first, then without the spare ones, most spare first."""
+        shown = list(range(len(self.columns)))
+        yield shown
+        for level in sorted({c.spare for c in self.columns if c.spare}, reverse=True):
+            shown = [i for i in shown if self.columns[i].spare != level]
+            yield shown
+
+    def _least_width(self, shown: list[int]) -> int:
+        """The narrowest the table can be with whole cells whole and words unbroken: the
+        widest unbreakable piece of each column, its padding (2) and borders (1 each, and 1)."""
+        least = 1
+        for i in shown:
+            col = self.columns[i]
+            cells = [literal(col.header), *(literal(r[i]) for r in self.rows)]
+            measure = _longest_line if col.unbroken else _longest_word
+            least += max(measure(c) for c in cells) + 3
+        return least
+
+    def _table(self, shown: list[int]) -> Table:
+        t = table(self.title, [self.columns[i] for i in shown], ([r[i] for i in shown] for r in self.rows))
+        left_out = [self.columns[i].header for i in range(len(self.columns)) if i not in shown]
+        if left_out:
+            t.caption = f"not shown at this width: {', '.join(left_out)}"
+            t.caption_justify = "left"
+        return t
+
+    def _records(self, width: int) -> Iterator[Text]:
+        """One record per row: its key cells on a line (labelled when there are several),
+        then `header: value` pairs packed into lines of the width (a pair wider than that is
+        folded)."""
+        yield Text(literal(self.title).plain, style="italic")
+        keys = [i for i, c in enumerate(self.columns) if c.key]
+        for r in self.rows:
+            heading = self._pairs(r, keys) if len(keys) > 1 else self._pairs(r, keys, labelled=False)
+            for line in _packed(heading, width):
+                yield Text(line, style="bold", overflow="fold")
+            rest = [i for i in range(len(self.columns)) if i not in keys]
+            for line in _packed(self._pairs(r, rest), width - 2):
+                yield Text("  " + line, overflow="fold")
+
+    def _pairs(self, row: Sequence[Any], shown: list[int], labelled: bool = True) -> list[str]:
+        """`header: value` for each shown cell that has a value, on one line."""
+        cells = [(self.columns[i].header, literal(row[i]).plain.replace("\n", " ")) for i in shown]
+        return [f"{header}: {value}" if labelled else value for header, value in cells if value]
+
+
+def _packed(items: list[str], width: int) -> list[str]:
+    """Items joined by " · " into lines no wider than `width` where each fits."""
+    lines: list[str] = []
+    for item in items:
+        if lines and cell_len(lines[-1]) + 3 + cell_len(item) <= width:
+            lines[-1] += " · " + item
+        else:
+            lines.append(item)
+    return lines
 
 
 # --- cells ----------------------------------------------------------------------------------
@@ -88,53 +200,68 @@ def limit(value: int | None) -> str:
 
 # --- pipelines and search -------------------------------------------------------------------
 
-def pipelines(rows: list[Row]) -> Table:
-    columns = ["name", "source", "content", "model", "dimensions", "index_type", "queued"]
-    return table("pipelines", columns, ([r[c] for c in columns] for r in rows))
+def pipelines(rows: list[Row]) -> Fitted:
+    columns = [Col("name", key=True), Col("source", whole=True), Col("content"), Col("model", whole=True),
+               Col("dimensions", spare=1), Col("index_type", spare=1), Col("queued")]
+    return Fitted("pipelines", columns, ([r[c.header] for c in columns] for r in rows))
 
 
-def hits(pipeline: str, text: str, found: list[Hit]) -> Table:
-    return table(f"{pipeline}: {text}", ["key", "distance", "chunk"],
-                 ((", ".join(f"{k}={v}" for k, v in h.key.items()), f"{h.distance:.4f}", h.chunk[:100])
-                  for h in found))
+def hits(pipeline: str, text: str, found: list[Hit]) -> Fitted:
+    return Fitted(f"{pipeline}: {text}", [Col("key", whole=True), Col("distance"), Col("chunk")],
+                  ((key_text(h.key), f"{h.distance:.4f}", h.chunk[:100]) for h in found))
+
+
+def key_text(key: Row) -> str:
+    return ", ".join(f"{k}={v}" for k, v in key.items())
 
 
 # --- status and audit -----------------------------------------------------------------------
 
 def pipeline_status(rows: list[Row]) -> Group:
-    """pgembed.pipeline_status as three narrow tables, so each fits an 80-column terminal."""
+    """pgembed.pipeline_status as three narrow tables, each with the full pipeline name, so
+    that each fits an 80-column terminal; the model is the first to go (a default name says
+    it, and `pgembed pipeline list` shows it)."""
+    name = Col("pipeline", key=True)
     return Group(
-        table("pipelines", ["pipeline", "model", "source rows", "embedded", "last embedded"],
-              ([r["pipeline"], r["model"], count(r["source_rows"]), count(r["embedded_rows"]),
-                when(r["last_embedded_at"])] for r in rows)),
-        table("queue", ["pipeline", "queued", "in flight", "retrying"],
-              ([r["pipeline"], count(r["queued"]), count(r["in_flight"]), count(r["retrying"])] for r in rows)),
+        Fitted("pipelines", [name, Col("model", whole=True, spare=1), Col("source rows"), Col("embedded"),
+                             Col("last embedded", whole=True)],
+               ([r["pipeline"], r["model"], count(r["source_rows"]), count(r["embedded_rows"]),
+                 when(r["last_embedded_at"])] for r in rows)),
+        Fitted("queue", [name, Col("queued"), Col("in flight"), Col("retrying"), Col("failed"),
+                         Col("oldest", whole=True)],
+               ([r["pipeline"], count(r["queued"]), count(r["in_flight"]), count(r["retrying"]),
+                 gap_count(r["failed"]), age(r["oldest_gap"])] for r in rows)),
         # missing, orphaned and stale are counted by audits (pgembed audit, the scheduler)
-        table("gaps", ["pipeline", "failed", "missing", "orphaned", "stale", "oldest gap", "audited"],
-              ([r["pipeline"], gap_count(r["failed"]), gap_count(r["missing"]),
-                gap_count(r["orphaned"]), gap_count(r["stale"]), age(r["oldest_gap"]),
-                r["gaps_checked_at"].strftime("%m-%d %H:%M") if r["gaps_checked_at"] else "never"]
-               for r in rows)),
+        Fitted("gaps, as the latest audit found them", [name, Col("missing"), Col("orphaned"), Col("stale"),
+                                                       Col("audited", whole=True)],
+               ([r["pipeline"], gap_count(r["missing"]), gap_count(r["orphaned"]), gap_count(r["stale"]),
+                 r["gaps_checked_at"].strftime("%m-%d %H:%M") if r["gaps_checked_at"] else "never"]
+                for r in rows)),
     )
 
 
-def audit_gaps(run: Row, kinds: Sequence[str], repair: bool) -> Table:
-    return table("gaps", ["kind", "rows"] + (["repair"] if repair else []),
-                 ([kind, gap_count(run[kind])] + ([REPAIRS[kind]] if repair else []) for kind in kinds))
+def audit_gaps(run: Row, kinds: Sequence[str], repair: bool) -> Fitted:
+    columns = [Col("kind", key=True), Col("rows")] + ([Col("repair")] if repair else [])
+    return Fitted("gaps", columns,
+                  ([kind, gap_count(run[kind])] + ([REPAIRS[kind]] if repair else []) for kind in kinds))
 
 
 # --- costs ---------------------------------------------------------------------------------
 
-def spend(rows: list[Row], days: int, by: Grouping) -> Table:
-    """One row per group and a total, as pgembed.cost_daily / cost_by_cost_center add up."""
+def spend(rows: list[Row], days: int, by: Grouping) -> Fitted:
+    """One row per group and a total, as pgembed.cost_daily / cost_by_cost_center add up.
+    At 80 columns the counts a reader can do without (inputs, cache hits, then requests,
+    then the model) are left out first; tokens, hit rate and usd stay."""
     keys = ["pipeline", "model", "purpose"] if by is Grouping.purpose else ["cost_center", "pipeline", "purpose"]
     sums = {c: sum(r[c] or 0 for r in rows) for c in _SUMMED}
     body = [[*(r[k] if r[k] is not None or k != "cost_center" else "(none)" for k in keys), *_spent(r)]
             for r in rows]
     body.append(["total", "", "", *_spent(sums)])
-    return table(f"spend, last {days} day{'s' if days > 1 else ''}, by {by.value}",
-                 [k.replace("_", " ") for k in keys]
-                 + ["requests", "inputs", "tokens", "cache hits", "hit rate", "usd"], body)
+    key_columns = [Col(k.replace("_", " "), whole=True, key=k != "model", spare=4 if k == "model" else 0)
+                   for k in keys]
+    return Fitted(f"spend, last {days} day{'s' if days > 1 else ''}, by {by.value}",
+                  [*key_columns, Col("requests", spare=2), Col("inputs", spare=3), Col("tokens"),
+                   Col("cache hits", spare=3), Col("hit rate"), Col("usd", whole=True)], body)
 
 
 def _spent(r: Row) -> list[str]:
@@ -142,19 +269,21 @@ def _spent(r: Row) -> list[str]:
             rate(r["cache_hits"], r["cache_misses"]), usd(r["usd"])]
 
 
-def anomalies(rows: list[Row]) -> Table:
-    return table(Text("spend far above the 7-day daily average today", style="red"),
-                 ["pipeline", "purpose", "measure", "today", "daily avg (7d)", "ratio"],
-                 ([a["pipeline"], a["purpose"], a["measure"],
-                   *(usd(v) if a["measure"] == "usd" else count(v) for v in (a["today"], a["daily_avg_7d"])),
-                   a["ratio"] or "new"] for a in rows))
+def anomalies(rows: list[Row]) -> Fitted:
+    return Fitted(Text("spend far above the 7-day daily average today", style="red"),
+                  [Col("pipeline", key=True), Col("purpose", key=True), Col("measure"), Col("today"),
+                   Col("daily avg (7d)"), Col("ratio")],
+                  ([a["pipeline"], a["purpose"], a["measure"],
+                    *(usd(v) if a["measure"] == "usd" else count(v) for v in (a["today"], a["daily_avg_7d"])),
+                    a["ratio"] or "new"] for a in rows))
 
 
-def cache(rows: list[Row]) -> Table:
-    return table("cache", ["model", "entries", "hits", "hit rate", "tokens saved", "usd saved"],
-                 ([c["model"], count(c["entries"]), count(c["cache_hits"]),
-                   rate(c["cache_hits"], c["cache_misses"]), count(c["tokens_saved"]), usd(c["usd_saved"])]
-                  for c in rows))
+def cache(rows: list[Row]) -> Fitted:
+    return Fitted("cache", [Col("model", key=True), Col("entries"), Col("hits"), Col("hit rate"),
+                            Col("tokens saved"), Col("usd saved", whole=True)],
+                  ([c["model"], count(c["entries"]), count(c["cache_hits"]),
+                    rate(c["cache_hits"], c["cache_misses"]), count(c["tokens_saved"]), usd(c["usd_saved"])]
+                   for c in rows))
 
 
 # --- rate limits ----------------------------------------------------------------------------

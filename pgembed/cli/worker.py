@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from pgembed import logs
-from pgembed.cli.common import DsnOption, fail, friendly, out, target
+from pgembed.cli.common import DsnOption, configured_target, fail, friendly, out
 from pgembed.cli.defaults import default_of, duration_default
 from pgembed.scheduler import ScheduleConfig, parse_duration
 from pgembed.worker import Unfinished, Worker, WorkerConfig, WorkerStats
@@ -66,7 +66,9 @@ def worker(
     ] = default_of(WorkerConfig, "poll_interval"),
     lease_seconds: Annotated[float, _option("PGEMBED_LEASE_SECONDS", "How long a claim is held.")
     ] = default_of(WorkerConfig, "lease_seconds"),
-    max_attempts: Annotated[int, _option("PGEMBED_MAX_ATTEMPTS", "Failures before a row is parked.", min=1)
+    max_attempts: Annotated[int, _option(
+        "PGEMBED_MAX_ATTEMPTS", "Failures before a row is parked, in the classes whose policy does not say "
+        "(pgembed.failure_classes).", min=1)
     ] = default_of(WorkerConfig, "max_attempts"),
     retry_base: Annotated[float, _option("PGEMBED_RETRY_BASE", "First retry delay of a failed row (s).")
     ] = default_of(WorkerConfig, "retry_base"),
@@ -90,11 +92,12 @@ def worker(
     log_format: Annotated[str, _option(
         "PGEMBED_LOG_FORMAT", "human: one line per record; json: one JSON object per line (ts, level, "
         "message, action, ...).", panel=SERVICE)] = "human",
-    log_level: Annotated[str, _option(
-        "PGEMBED_LOG_LEVEL", "Least severe level logged: debug, info, warning or error; --verbose means info.",
-        panel=SERVICE)] = "warning",
+    log_level: Annotated[str | None, _option(
+        "PGEMBED_LOG_LEVEL", "Least severe level logged: debug, info, warning or error. Default: info (a line "
+        "at start, progress every minute while there is work, one when the queue is empty); warning with "
+        "--until-empty, whose summary is printed.", panel=SERVICE)] = None,
     verbose: Annotated[bool, _option(
-        "PGEMBED_VERBOSE", "Log every batch (level info).", "--verbose", "-v")] = False,
+        "PGEMBED_VERBOSE", "Log every batch too (pgembed's records at level debug).", "--verbose", "-v")] = False,
     scheduler: Annotated[bool, _option(
         "PGEMBED_SCHEDULER", "Run the periodic jobs below (each runs once per period across all workers). "
         "Never with --until-empty.", panel=SCHEDULED)] = True,
@@ -126,6 +129,9 @@ def worker(
         "PGEMBED_IVFFLAT_REBUILD_FACTOR", "Log that an IVFFlat index needs a rebuild once its table grew this "
         "many times.", panel=SCHEDULED, min=1.1)] = default_of(ScheduleConfig, "ivfflat_rebuild_factor"),
     dsn: DsnOption = None,
+    embedded: Annotated[bool, _option(
+        "PGEMBED_EMBEDDED", "Embed into the embedded PostgreSQL under your data directory (without it, a "
+        "worker with no database configured refuses to start).", "--embedded", panel=SERVICE)] = False,
 ) -> None:
     """Embed queued rows; runs until stopped (SIGTERM/SIGINT drain it gracefully), or with
     --until-empty until the queue is drained. Under systemd it reports READY, WATCHDOG and
@@ -133,7 +139,9 @@ def worker(
 
     Example: pgembed worker --concurrency 4 --metrics-port 9464 --log-format json
     """
-    logs.setup(log_format, logging.INFO if verbose else log_level, stream=sys.stderr)
+    logs.setup(log_format, log_level or ("warning" if until_empty else "info"), stream=sys.stderr)
+    if verbose:
+        logging.getLogger("pgembed").setLevel(logging.DEBUG)
     schedule = None
     if scheduler and not until_empty:
         schedule = ScheduleConfig(
@@ -154,7 +162,7 @@ def worker(
     if name:
         config.name = name
     try:
-        stats = asyncio.run(Worker(target(dsn), config).run())
+        stats = asyncio.run(Worker(configured_target(dsn, embedded, "worker"), config).run())
     except Unfinished as unfinished:
         _summary(unfinished.stats)
         fail(f"the queue is not empty: {unfinished}")
