@@ -22,19 +22,39 @@ from pgembed.providers.base import EmbedResult, ModelSpec
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-@lru_cache(maxsize=1 << 16)
 def _slot(word: str, dimensions: int) -> tuple[int, float]:
     digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
     return int.from_bytes(digest[:4], "little") % dimensions, 1.0 if digest[4] & 1 else -1.0
 
 
-def hash_array(text: str, dimensions: int) -> np.ndarray:
+@lru_cache(maxsize=64)
+def _codes(dimensions: int) -> dict[str, int]:
+    """word -> 2 × bucket + (1 if the sign is negative): one dict look-up a word, the
+    cheapest thing Python does per word (each text has dozens)."""
+    return {}
+
+
+def _code(word: str, dimensions: int) -> int:
+    bucket, sign = _slot(word, dimensions)
+    code = 2 * bucket + (sign < 0)
+    codes = _codes(dimensions)
+    if len(codes) < 1 << 16:
+        codes[word] = code
+    return code
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def hash_array(text: str, dimensions: int, words: list[str] | None = None) -> np.ndarray:
     """The vector of a text (float64); an empty text gets the first unit vector."""
-    words = _WORD.findall(text.lower())
-    vector = np.zeros(dimensions)
+    words = _words(text) if words is None else words
+    vector: np.ndarray = np.zeros(dimensions)
     if words:
-        buckets, signs = zip(*(_slot(w, dimensions) for w in words), strict=True)
-        vector = np.bincount(buckets, weights=signs, minlength=dimensions).astype(np.float64)
+        get = _codes(dimensions).get
+        codes = np.array([c if (c := get(w)) is not None else _code(w, dimensions) for w in words])
+        vector = np.bincount(codes >> 1, weights=1.0 - 2.0 * (codes & 1), minlength=dimensions)
     norm = float(np.sqrt(np.dot(vector, vector)))
     if norm == 0:
         vector[0] = 1.0
@@ -51,8 +71,10 @@ class HashProvider:
         self.spec = spec
 
     async def embed(self, texts: list[str]) -> EmbedResult:
-        vectors: list[list[float] | np.ndarray | None] = [hash_array(t, self.spec.dimensions) for t in texts]
-        tokens = [len(_WORD.findall(t)) for t in texts]
+        words = [_words(t) for t in texts]
+        vectors: list[list[float] | np.ndarray | None] = [
+            hash_array(t, self.spec.dimensions, w) for t, w in zip(texts, words, strict=True)]
+        tokens = [len(w) for w in words]
         return EmbedResult(
             vectors=vectors,
             errors=[None] * len(texts),
