@@ -118,8 +118,8 @@ def sound_vectors(vectors: Sequence[list[float] | np.ndarray | None],
     if shaped:
         values = np.asarray([vectors[i] for i in shaped], dtype=np.float64).reshape(len(shaped), dimensions)
         with np.errstate(invalid="ignore", over="ignore"):
-            sound = np.isfinite(values).all(axis=1) & (np.abs(values).max(axis=1, initial=0.0) <= FLOAT4_MAX) \
-                & values.any(axis=1)
+            # NaN fails both comparisons, infinities one of them
+            sound = (values.max(axis=1) <= FLOAT4_MAX) & (values.min(axis=1) >= -FLOAT4_MAX) & values.any(axis=1)
             matrix[shaped] = values
     else:
         sound = np.zeros(0, dtype=bool)
