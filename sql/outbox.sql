@@ -175,6 +175,12 @@ AS $$
 DECLARE
     pl text;
 BEGIN
+    -- A claim need not wait for its commit to reach the disk (a flush is some milliseconds,
+    -- a quarter of a small batch's time): one lost in a crash never happened, its rows are
+    -- not leased, and the acknowledgement of a lease the database forgot writes nothing but
+    -- the cache and the usage it paid for. The acknowledgement's own commit is flushed, and
+    -- with it every earlier one.
+    PERFORM set_config('synchronous_commit', 'off', true);
     FOR pl IN
         SELECT q.name FROM pgembed.pipelines q
          WHERE p_only IS NULL OR q.name = ANY(p_only)
