@@ -50,10 +50,6 @@ class PipelineInfo:
     def read_function(self) -> sql.Composable:
         return sql.SQL("pgembed.{}").format(sql.Identifier(f"p{self.id}_read"))
 
-    @property
-    def store_function(self) -> sql.Composable:
-        return sql.SQL("pgembed.{}").format(sql.Identifier(f"p{self.id}_store"))
-
 
 @dataclass(frozen=True)
 class Claimed:
