@@ -15,7 +15,7 @@ import numpy as np
 from pgembed.cache import chunk_key, document_hash
 from pgembed.chunking import chunk_text
 from pgembed.providers import EmbedResult, Provider, ProviderError
-from pgembed.providers.base import vector_problem
+from pgembed.providers.base import sound_vectors
 from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
 
 # what counts as blank, here and in the audit's gap query (pgembed.gap_sql, kind 'empty')
@@ -137,16 +137,16 @@ def _collect(sent: list[bytes], result: EmbedResult, dimensions: int) -> tuple[
     fresh: dict[bytes, np.ndarray] = {}
     failed: dict[bytes, str] = {}
     new_cache: dict[bytes, tuple[np.ndarray, int]] = {}
+    matrix, problems = sound_vectors(result.vectors[:len(sent)], dimensions)
     for i, h in enumerate(sent):
-        vector, error = result.vectors[i], result.errors[i]
-        if vector is None:
-            failed[h] = error or "provider returned no vector"
+        if result.vectors[i] is None:
+            failed[h] = result.errors[i] or "provider returned no vector"
             continue
-        problem = vector_problem(vector, dimensions)
+        problem = problems[i]
         if problem is not None:
             failed[h] = problem
             continue
-        fresh[h] = np.asarray(vector, dtype=np.float32)
+        fresh[h] = matrix[i]
         tokens = result.token_counts[i] if i < len(result.token_counts) else 0
         new_cache[h] = (fresh[h], tokens)
     return fresh, failed, new_cache

@@ -16,6 +16,7 @@ Without this, a batch embedded during a restart would be thrown away and paid fo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -48,10 +49,6 @@ class PipelineInfo:
     @property
     def read_function(self) -> sql.Composable:
         return sql.SQL("pgembed.{}").format(sql.Identifier(f"p{self.id}_read"))
-
-    @property
-    def store_function(self) -> sql.Composable:
-        return sql.SQL("pgembed.{}").format(sql.Identifier(f"p{self.id}_store"))
 
 
 @dataclass(frozen=True)
@@ -310,93 +307,15 @@ class Queue:
         new_cache: dict[bytes, tuple[np.ndarray, int]], usage: list[Usage], timeout: float,
         *, max_attempts: int, retry_base: float,
     ) -> AckResult:
-        result = AckResult()
-        async with self.pool.connection(timeout) as conn, conn.transaction():
-            await conn.execute(query("ack_begin"))
-            await self._cache_put(conn, info, new_cache)
-            cur = await conn.execute(query("held"), {
-                "pipeline": batch.pipeline, "lease": batch.lease,
-                "keys": _keys([o.claimed.key for o in outcomes]),
-            })
-            held = {tuple(k): v for k, v in await cur.fetchall()}
-            current = [o for o in outcomes if held.get(o.claimed.key) == o.claimed.version]
-            changed = [o.claimed.key for o in outcomes
-                       if o.claimed.key in held and held[o.claimed.key] != o.claimed.version]
-            good = [o for o in current if o.error is None]
-            bad = [o for o in current if o.error is not None]
-            await self._store(conn, info, good)
-            await self._finish(conn, batch.pipeline, [o.claimed.key for o in good])
-            await self._fail(conn, batch, bad, max_attempts, retry_base)
-            if changed:
-                await conn.execute(query("release"), {
-                    "pipeline": batch.pipeline, "lease": batch.lease, "keys": _keys(changed),
-                    "delay": 0,
-                })
-            await self._usage(conn, info, usage)
-        result.written = sum(1 for o in good if not o.gone)
-        result.removed = sum(1 for o in good if o.gone)
-        result.failed = len(bad)
-        result.changed = len(changed)
-        result.lost = len(outcomes) - len(current) - len(changed)
-        result.skipped = [o.claimed.key for o in outcomes if o.claimed.key not in held]
-        return result
-
-    async def _cache_put(self, conn: psycopg.AsyncConnection, info: PipelineInfo,
-                         entries: dict[bytes, tuple[np.ndarray, int]]) -> None:
-        if not entries:
-            return
-        hashes = sorted(entries)
-        await conn.execute(query("cache_put"), {
-            "model": info.spec.model, "dimensions": info.spec.dimensions, "hashes": hashes,
-            "embeddings": [entries[h][0] for h in hashes],
-            "tokens": [entries[h][1] for h in hashes],
-        })
-
-    async def _store(self, conn: psycopg.AsyncConnection, info: PipelineInfo,
-                     outcomes: list[Outcome]) -> None:
-        if not outcomes:
-            return
-        keys, seqs, texts, doc_hashes, hashes, vectors = [], [], [], [], [], []
-        for o in outcomes:
-            # a row that is gone (or has no chunks) passes one NULL chunk: "forget me"
-            row_chunks: list[Chunk | None] = [*o.chunks] if o.chunks else [None]
-            for c in row_chunks:
-                keys.append(Jsonb(list(o.claimed.key)))
-                seqs.append(c.seq if c else None)
-                texts.append(c.text if c else None)
-                doc_hashes.append(o.content_hash if c else None)
-                hashes.append(c.hash if c else None)
-                vectors.append(c.vector if c else None)
-        await conn.execute(
-            sql.SQL(query("store_rows")).format(function=info.store_function),
-            {"keys": keys, "seqs": seqs, "texts": texts, "doc_hashes": doc_hashes,
-             "hashes": hashes, "vectors": vectors})
-
-    async def _finish(self, conn: psycopg.AsyncConnection, pipeline: str, keys: list[Key]) -> None:
-        if keys:
-            params = {"pipeline": pipeline, "keys": _keys(keys)}
-            await conn.execute(query("done"), params)
-            await conn.execute(query("clear_failures"), params)
-
-    async def _fail(self, conn: psycopg.AsyncConnection, batch: Batch, outcomes: list[Outcome],
-                    max_attempts: int, retry_base: float) -> None:
-        if outcomes:
-            await conn.execute(query("fail"), {
-                "pipeline": batch.pipeline, "lease": batch.lease,
-                "keys": _keys([o.claimed.key for o in outcomes]),
-                "errors": [o.error for o in outcomes],
-                "max_attempts": max_attempts, "retry_base": retry_base,
-            })
-
-    async def _usage(self, conn: psycopg.AsyncConnection, info: PipelineInfo,
-                     usage: list[Usage]) -> None:
-        for u in usage:
-            await conn.execute(query("usage"), {
-                "pipeline": info.name, "model": info.spec.model, "purpose": u.purpose,
-                "cost_center": u.cost_center, "requests": u.requests, "inputs": u.inputs,
-                "tokens": u.tokens, "cache_hits": u.cache_hits,
-                "cache_misses": u.cache_misses, "worker": self.worker,
-            })
+        """One statement, pgembed.acknowledge (sql/outbox.sql): cache, lease and version
+        checks, store, outbox, failures and usage in one round trip and one transaction."""
+        params = _ack_params(info, batch, outcomes, new_cache, usage)
+        params.update(worker=self.worker, max_attempts=max_attempts, retry_base=retry_base)
+        async with self.pool.connection(timeout) as conn:
+            cur = await conn.execute(query("acknowledge"), params)
+            row = await cur.fetchone()
+        assert row is not None  # a function with OUT parameters returns one row
+        return _ack_result(outcomes, set(row[0]), set(row[1]))
 
     async def batched(self, only: list[str] | None = None) -> int:
         """Keys of unexpanded statements (of the pipelines in `only`, when given)."""
@@ -432,6 +351,55 @@ class Queue:
                         "queued again", worker, dead_after, rows,
                         extra={"action": "dead_worker", "dead_worker": worker, "rows": rows})
         return found
+
+
+def _ack_params(info: PipelineInfo, batch: Batch, outcomes: list[Outcome],
+                new_cache: dict[bytes, tuple[np.ndarray, int]], usage: list[Usage]) -> dict[str, object]:
+    """pgembed.acknowledge's arguments. Each vector travels once: a new cache entry points
+    at the chunk that carries it (a vector no stored chunk carries, of a row another chunk
+    of which failed, rides along as a chunk of no row)."""
+    entries: list[tuple] = []  # (row, seq, text, content hash, chunk hash, vector)
+    at: dict[bytes, int] = {}
+    for i, o in enumerate(outcomes, 1):
+        # a row that is gone (or has no chunks) passes one NULL chunk: "forget me"
+        row_chunks: list[Chunk | None] = [*o.chunks] if o.chunks else [None]
+        for c in row_chunks:
+            entries.append((i, c.seq, c.text, o.content_hash, c.hash, c.vector) if c
+                           else (i, None, None, None, None, None))
+            if c is not None and c.hash in new_cache:
+                at.setdefault(c.hash, len(entries))
+    for h, (vector, _) in new_cache.items():
+        if h not in at:
+            entries.append((None, None, None, None, h, vector))
+            at[h] = len(entries)
+    rows, seqs, texts, doc_hashes, hashes, vectors = (list(column) for column in zip(*entries, strict=True))
+    cached = sorted(at)
+    return {
+        "pipeline": batch.pipeline, "lease": batch.lease,
+        "keys": _keys([o.claimed.key for o in outcomes]),
+        "versions": [o.claimed.version for o in outcomes], "errors": [o.error for o in outcomes],
+        "rows": rows, "seqs": seqs, "texts": texts, "doc_hashes": doc_hashes, "hashes": hashes,
+        "vectors": vectors, "cache_at": [at[h] for h in cached],
+        "cache_tokens": [new_cache[h][1] for h in cached],
+        "model": info.spec.model, "dimensions": info.spec.dimensions,
+        "usage": Jsonb([dataclasses.asdict(u) for u in usage]),
+    }
+
+
+def _ack_result(outcomes: list[Outcome], changed: set[int], skipped: set[int]) -> AckResult:
+    """What became of the batch, from the positions pgembed.acknowledge did not write."""
+    result = AckResult(changed=len(changed), lost=len(skipped),
+                       skipped=[outcomes[i - 1].claimed.key for i in sorted(skipped)])
+    for i, o in enumerate(outcomes, 1):
+        if i in changed or i in skipped:
+            continue
+        if o.error is not None:
+            result.failed += 1
+        elif o.gone:
+            result.removed += 1
+        else:
+            result.written += 1
+    return result
 
 
 def _one_line(error: BaseException) -> str:

@@ -175,6 +175,12 @@ AS $$
 DECLARE
     pl text;
 BEGIN
+    -- A claim need not wait for its commit to reach the disk (a flush is some milliseconds,
+    -- a quarter of a small batch's time): one lost in a crash never happened, its rows are
+    -- not leased, and the acknowledgement of a lease the database forgot writes nothing but
+    -- the cache and the usage it paid for. The acknowledgement's own commit is flushed, and
+    -- with it every earlier one.
+    PERFORM set_config('synchronous_commit', 'off', true);
     FOR pl IN
         SELECT q.name FROM pgembed.pipelines q
          WHERE p_only IS NULL OR q.name = ANY(p_only)
@@ -221,4 +227,110 @@ AS $$
            count(*) FILTER (WHERE pgembed.outbox_state(lease_id, available_at) = 'in_flight'),
            count(*) FILTER (WHERE pgembed.outbox_state(lease_id, available_at) = 'retrying')
       FROM pgembed.outbox;
+$$;
+
+-- The acknowledgement of a batch: everything a worker writes for a batch it embedded, in
+-- one statement (one round trip, and no transaction left open between statements, where a
+-- paused worker would hold its row locks). In order:
+--   1. the new cache entries, whatever else happens (they are paid for), sorted by hash so
+--      that two workers storing overlapping sets never deadlock;
+--   2. the batch's rows this worker still holds (same lease, lease not expired), locked in
+--      key order; rows an application transaction is changing right now are skipped (SKIP
+--      LOCKED): they come round again. A worker that lost its lease writes nothing more;
+--   3. of the rows held, those still at the version the worker read: their chunks go to the
+--      destination through the pipeline's generated store, their outbox rows and old
+--      failures go, and the failed ones are recorded with their class (record_failures);
+--      rows changed since they were read go back to their place in line, unwritten;
+--   4. the usage ledger's rows (p_usage: a jsonb array of objects, one per purpose and
+--      cost center).
+-- One entry per claimed row: p_keys (one jsonb array of keys, see key_array), p_versions,
+-- p_errors (NULL: embedded, or gone). One entry per chunk: p_rows is its row (1-based
+-- position in p_keys; NULL for a vector only the cache keeps, e.g. of a row another chunk
+-- of which failed); a row that is gone or has no text passes one chunk whose seq is NULL,
+-- which makes the store forget its vectors. p_cache_at: the chunks whose hash and vector
+-- are new to the cache, with their tokens. p_embeddings is the vector[] the store takes
+-- (polymorphic here: pgvector's schema is not on this file's search_path).
+-- Returns the positions (in p_keys) of the rows that had changed and of those not held.
+CREATE OR REPLACE FUNCTION pgembed.acknowledge(
+    p_pipeline text, p_lease uuid, p_keys jsonb, p_versions bigint[], p_errors text[],
+    p_rows int[], p_seqs int[], p_chunks text[], p_content_hashes bytea[], p_chunk_hashes bytea[],
+    p_embeddings anyarray, p_cache_at int[], p_cache_tokens int[], p_model text, p_dimensions int,
+    p_usage jsonb, p_worker text, p_max_attempts int, p_retry_base double precision,
+    OUT changed int[], OUT skipped int[])
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keys jsonb[] := pgembed.key_array(p_keys);
+    current int[];
+    good int[];
+    bad int[];
+BEGIN
+    INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens)
+    SELECT p_chunk_hashes[c.at], p_model, p_dimensions, p_embeddings[c.at], c.tokens
+      FROM unnest(p_cache_at, p_cache_tokens) AS c(at, tokens)
+     ORDER BY p_chunk_hashes[c.at]
+    ON CONFLICT (content_hash) DO NOTHING;
+
+    SELECT coalesce(array_agg(u.i) FILTER (WHERE h.version = u.version), '{}'),
+           coalesce(array_agg(u.i) FILTER (WHERE h.version <> u.version), '{}'),
+           coalesce(array_agg(u.i) FILTER (WHERE h.key IS NULL), '{}')
+      INTO current, changed, skipped
+      FROM unnest(keys, p_versions) WITH ORDINALITY AS u(key, version, i)
+      LEFT JOIN (SELECT o.key, o.version FROM pgembed.outbox o
+                  WHERE o.pipeline = p_pipeline AND o.lease_id = p_lease AND o.available_at > now()
+                    AND o.key = ANY (keys)
+                  ORDER BY o.key
+                    FOR UPDATE SKIP LOCKED) AS h ON h.key = u.key;
+    good := ARRAY(SELECT i FROM unnest(current) AS i WHERE p_errors[i] IS NULL);
+    bad := ARRAY(SELECT i FROM unnest(current) AS i WHERE p_errors[i] IS NOT NULL);
+
+    IF cardinality(good) > 0 THEN
+        PERFORM pgembed.store_chunks(p_pipeline, keys, good, p_rows, p_seqs, p_chunks,
+                                     p_content_hashes, p_chunk_hashes, p_embeddings);
+        DELETE FROM pgembed.outbox o
+         WHERE o.pipeline = p_pipeline AND o.key = ANY (ARRAY(SELECT keys[i] FROM unnest(good) AS i));
+        DELETE FROM pgembed.failures f
+         WHERE f.pipeline = p_pipeline AND f.key = ANY (ARRAY(SELECT keys[i] FROM unnest(good) AS i));
+    END IF;
+    IF cardinality(bad) > 0 THEN
+        PERFORM pgembed.record_failures(p_pipeline, p_lease, ARRAY(SELECT keys[i] FROM unnest(bad) AS i),
+                                        ARRAY(SELECT p_errors[i] FROM unnest(bad) AS i),
+                                        p_max_attempts, p_retry_base);
+    END IF;
+    IF cardinality(changed) > 0 THEN
+        -- back to its place in line (when it was first queued), not to the back
+        UPDATE pgembed.outbox o
+           SET lease_id = NULL, leased_by = NULL, available_at = LEAST(o.queued_at, now())
+         WHERE o.pipeline = p_pipeline AND o.lease_id = p_lease
+           AND o.key = ANY (ARRAY(SELECT keys[i] FROM unnest(changed) AS i));
+    END IF;
+
+    INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inputs, tokens,
+                               cache_hits, cache_misses, worker)
+    SELECT p_pipeline, p_model, u.purpose, u.cost_center, u.requests, u.inputs, u.tokens,
+           u.cache_hits, u.cache_misses, p_worker
+      FROM jsonb_to_recordset(p_usage) AS u(purpose text, cost_center text, requests int, inputs int,
+                                             tokens bigint, cache_hits int, cache_misses int);
+END
+$$;
+
+-- The chunks of the rows p_good (positions in p_keys) through the pipeline's generated store
+-- (pgembed.p<id>_store, named by format('%I')), which replaces every chunk of those keys.
+CREATE OR REPLACE FUNCTION pgembed.store_chunks(
+    p_pipeline text, p_keys jsonb[], p_good int[], p_rows int[], p_seqs int[], p_chunks text[],
+    p_content_hashes bytea[], p_chunk_hashes bytea[], p_embeddings anyarray)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    id bigint := (SELECT q.id FROM pgembed.pipelines q WHERE q.name = p_pipeline);
+BEGIN
+    EXECUTE format('SELECT pgembed.%I(array_agg($1[u.r]), array_agg(u.seq), array_agg(u.chunk), '
+                   'array_agg(u.content_hash), array_agg(u.chunk_hash), array_agg(u.embedding)) '
+                   'FROM unnest($2, $3, $4, $5, $6, $7) AS u(r, seq, chunk, content_hash, chunk_hash, embedding) '
+                   'WHERE u.r = ANY ($8)', 'p' || id || '_store')
+      USING p_keys, p_rows, p_seqs, p_chunks, p_content_hashes, p_chunk_hashes, p_embeddings, p_good;
+END
 $$;

@@ -29,24 +29,21 @@ SELECT content_hash, embedding FROM pgembed.embedding_cache WHERE content_hash =
 UPDATE pgembed.embedding_cache SET last_used_at = pg_catalog.now()
  WHERE content_hash = ANY(%(hashes)b::bytea[]) AND last_used_at < pg_catalog.now() - interval '1 hour'
 
--- cache_put --
--- Sorted by hash so that two workers storing overlapping sets never deadlock. (unnest with
--- several arrays is FROM-clause syntax, not a function call, so it cannot be qualified.)
--- The arrays travel in binary: formatting vectors as text costs more than the insert.
-INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens)
-SELECT h, %(model)s, %(dimensions)s, e, t
-  FROM unnest(%(hashes)b::bytea[], %(embeddings)b::vector[], %(tokens)b::int[]) AS u(h, e, t)
- ORDER BY h
-ON CONFLICT (content_hash) DO NOTHING
-
--- ack_begin --
--- First statement of an acknowledgement. Its statements go back to back; a session idle
--- inside one for seconds belongs to a worker that is paused (SIGSTOP, a VM freeze) or
--- stuck, and its row locks make every other worker skip those rows. End such a session
--- soon (its lease fencing makes that safe) instead of after the session-wide timeout.
-SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', '5s', true)
+-- acknowledge --
+-- A batch's acknowledgement, all of it in one statement and one round trip: the new cache
+-- entries, the lease and version checks, the store, the outbox and the failures, the usage
+-- ledger (see pgembed.acknowledge in sql/outbox.sql). Arrays travel in binary: formatting
+-- vectors as text costs more than the write. Returns the positions of the rows that had
+-- changed and of those this worker no longer held.
+SELECT changed, skipped
+  FROM pgembed.acknowledge(%(pipeline)s, %(lease)s, %(keys)s, %(versions)b::bigint[], %(errors)b::text[],
+                           %(rows)b::int[], %(seqs)b::int[], %(texts)b::text[], %(doc_hashes)b::bytea[],
+                           %(hashes)b::bytea[], %(vectors)b::vector[], %(cache_at)b::int[],
+                           %(cache_tokens)b::int[], %(model)s, %(dimensions)s, %(usage)s, %(worker)s,
+                           %(max_attempts)s, %(retry_base)s)
 
 -- held --
+-- (What pgembed.acknowledge checks first; the tests use it to hold a batch's rows.)
 -- The rows of a batch this worker still holds: same lease, lease not expired. Rows an
 -- application transaction is changing right now are skipped: they come round again.
 SELECT key, version FROM pgembed.outbox
@@ -73,10 +70,8 @@ SELECT key FROM pgembed.outbox
  WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(pgembed.key_array(%(keys)s))
 
 -- done --
+-- (What pgembed.acknowledge does for the rows it stored; for the tests.)
 DELETE FROM pgembed.outbox WHERE pipeline = %(pipeline)s AND key = ANY(pgembed.key_array(%(keys)s))
-
--- clear_failures --
-DELETE FROM pgembed.failures WHERE pipeline = %(pipeline)s AND key = ANY(pgembed.key_array(%(keys)s))
 
 -- release --
 -- Gives rows back, e.g. changed while they were embedded, or after an API outage. Without a
@@ -88,16 +83,6 @@ UPDATE pgembed.outbox
                            THEN pg_catalog.now() + pg_catalog.make_interval(secs => %(delay)s::float8)
                            ELSE LEAST(queued_at, pg_catalog.now()) END
  WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(pgembed.key_array(%(keys)s))
-
--- fail --
-SELECT pgembed.record_failures(%(pipeline)s, %(lease)s, pgembed.key_array(%(keys)s), %(errors)b::text[],
-                               %(max_attempts)s, %(retry_base)s)
-
--- usage --
-INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inputs, tokens,
-                           cache_hits, cache_misses, worker)
-VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(inputs)s,
-        %(tokens)s, %(cache_hits)s, %(cache_misses)s, %(worker)s)
 
 -- statement_keys --
 -- Keys of statements not yet expanded: a claim that found nothing while another worker
@@ -130,13 +115,6 @@ SELECT 1 FROM pgembed.pipelines WHERE name = %(name)s AND id = %(id)s
 -- Current content of claimed rows, through the pipeline's reader: {function} is
 -- pgembed.p<id>_read, composed as an identifier.
 SELECT key, found, content, cost_center FROM {function}(%(keys)s)
-
--- store_rows --
--- Writes chunks and vectors through the pipeline's writer ({function} is pgembed.p<id>_store).
--- Binary parameters: text-formatting thousands of floats costs more than the write.
-SELECT {function}(%(keys)b::jsonb[], %(seqs)b::int[], %(texts)b::text[], %(doc_hashes)b::bytea[],
-                  %(hashes)b::bytea[], %(vectors)b::vector[])
-
 
 -- ===== pgembed/indexes.py: deferred HNSW index builds =====
 

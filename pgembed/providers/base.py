@@ -106,6 +106,30 @@ def vector_problem(vector: list[float] | np.ndarray, dimensions: int) -> str | N
     return None
 
 
+def sound_vectors(vectors: Sequence[list[float] | np.ndarray | None],
+                  dimensions: int) -> tuple[np.ndarray, list[str | None]]:
+    """The vectors of one answer as one float32 matrix (a row per vector; zeros where there
+    is none or it is unsound) and why each must not be stored (None: sound). One pass of
+    numpy over the whole batch instead of three over each vector; vector_problem words the
+    message of the rare bad one."""
+    matrix = np.zeros((len(vectors), dimensions), dtype=np.float32)
+    problems: list[str | None] = [None] * len(vectors)
+    shaped = [i for i, v in enumerate(vectors) if v is not None and len(v) == dimensions]
+    if shaped:
+        values = np.asarray([vectors[i] for i in shaped], dtype=np.float64).reshape(len(shaped), dimensions)
+        with np.errstate(invalid="ignore", over="ignore"):
+            # NaN fails both comparisons, infinities one of them
+            sound = (values.max(axis=1) <= FLOAT4_MAX) & (values.min(axis=1) >= -FLOAT4_MAX) & values.any(axis=1)
+            matrix[shaped] = values
+    else:
+        sound = np.zeros(0, dtype=bool)
+    ok = {i for i, good in zip(shaped, sound, strict=True) if good}
+    for i, vector in enumerate(vectors):
+        if vector is not None and i not in ok:
+            problems[i] = vector_problem(vector, dimensions)
+    return matrix, problems
+
+
 def truncate_and_normalise(vector: list[float], dimensions: int) -> list[float]:
     """Matryoshka truncation for providers whose API cannot shorten vectors itself."""
     head = vector[:dimensions]

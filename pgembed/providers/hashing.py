@@ -22,24 +22,50 @@ from pgembed.providers.base import EmbedResult, ModelSpec
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-@lru_cache(maxsize=1 << 16)
 def _slot(word: str, dimensions: int) -> tuple[int, float]:
     digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
     return int.from_bytes(digest[:4], "little") % dimensions, 1.0 if digest[4] & 1 else -1.0
 
 
+@lru_cache(maxsize=64)
+def _codes(dimensions: int) -> dict[str, int]:
+    """word -> 2 × bucket + (1 if the sign is negative): one dict look-up a word, the
+    cheapest thing Python does per word (each text has dozens)."""
+    return {}
+
+
+def _code(word: str, dimensions: int) -> int:
+    bucket, sign = _slot(word, dimensions)
+    code = 2 * bucket + (sign < 0)
+    codes = _codes(dimensions)
+    if len(codes) < 1 << 16:
+        codes[word] = code
+    return code
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def hash_arrays(words: list[list[str]], dimensions: int) -> np.ndarray:
+    """The vectors of texts given by their words, one row each (float64), in one numpy
+    pass over the whole batch: per-text numpy calls cost more than the arithmetic. An
+    empty text gets the first unit vector."""
+    get = _codes(dimensions).get
+    codes = np.array([c if (c := get(w)) is not None else _code(w, dimensions) for ws in words for w in ws],
+                     dtype=np.int64)
+    rows = np.repeat(np.arange(len(words), dtype=np.int64), [len(ws) for ws in words])
+    matrix = np.bincount(rows * dimensions + (codes >> 1), weights=1.0 - 2.0 * (codes & 1),
+                         minlength=len(words) * dimensions).reshape(len(words), dimensions)
+    norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+    empty = norms == 0
+    matrix[empty, 0], norms[empty] = 1.0, 1.0
+    return matrix / norms[:, None]
+
+
 def hash_array(text: str, dimensions: int) -> np.ndarray:
-    """The vector of a text (float64); an empty text gets the first unit vector."""
-    words = _WORD.findall(text.lower())
-    vector = np.zeros(dimensions)
-    if words:
-        buckets, signs = zip(*(_slot(w, dimensions) for w in words), strict=True)
-        vector = np.bincount(buckets, weights=signs, minlength=dimensions).astype(np.float64)
-    norm = float(np.sqrt(np.dot(vector, vector)))
-    if norm == 0:
-        vector[0] = 1.0
-        return vector
-    return vector / norm
+    """The vector of one text (float64)."""
+    return hash_arrays([_words(text)], dimensions)[0]
 
 
 def hash_vector(text: str, dimensions: int) -> list[float]:
@@ -51,8 +77,9 @@ class HashProvider:
         self.spec = spec
 
     async def embed(self, texts: list[str]) -> EmbedResult:
-        vectors: list[list[float] | np.ndarray | None] = [hash_array(t, self.spec.dimensions) for t in texts]
-        tokens = [len(_WORD.findall(t)) for t in texts]
+        words = [_words(t) for t in texts]
+        vectors: list[list[float] | np.ndarray | None] = list(hash_arrays(words, self.spec.dimensions))
+        tokens = [len(w) for w in words]
         return EmbedResult(
             vectors=vectors,
             errors=[None] * len(texts),
