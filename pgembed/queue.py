@@ -30,6 +30,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from pgembed.providers import ModelSpec
+from pgembed.splitting import Plan
 from pgembed.sqlfiles import query
 
 Key = tuple[str, ...]
@@ -44,6 +45,12 @@ class PipelineInfo:
     spec: ModelSpec
     chunk_tokens: int
     chunk_overlap: int
+    chunking: str = "none"
+    tokenizer: str | None = None  # pgembed.models.tokenizer: how the model counts
+
+    @property
+    def plan(self) -> Plan:
+        return Plan(self.chunking, self.chunk_tokens, self.chunk_overlap)
 
     @property
     def read_function(self) -> sql.Composable:
@@ -85,6 +92,7 @@ class Chunk:
     text: str
     hash: bytes
     vector: np.ndarray
+    truncated: bool = False  # the start of a text that chunking 'truncate' cut off
 
 
 @dataclass
@@ -174,7 +182,7 @@ class Queue:
         rows = await self._retrying("pipelines", call)
         return {
             r[0]: PipelineInfo(
-                name=r[0], id=r[1], chunk_tokens=r[4], chunk_overlap=r[5],
+                name=r[0], id=r[1], chunk_tokens=r[4], chunk_overlap=r[5], chunking=r[10], tokenizer=r[11],
                 spec=ModelSpec(model=r[2], dimensions=r[3], native_dimensions=r[6],
                                max_input_tokens=r[7], max_batch_inputs=r[8],
                                max_batch_tokens=r[9]),
@@ -356,7 +364,7 @@ class Queue:
                      outcomes: list[Outcome]) -> None:
         if not outcomes:
             return
-        keys, seqs, texts, doc_hashes, hashes, vectors = [], [], [], [], [], []
+        keys, seqs, texts, doc_hashes, hashes, vectors, truncated = [], [], [], [], [], [], []
         for o in outcomes:
             # a row that is gone (or has no chunks) passes one NULL chunk: "forget me"
             row_chunks: list[Chunk | None] = [*o.chunks] if o.chunks else [None]
@@ -367,10 +375,11 @@ class Queue:
                 doc_hashes.append(o.content_hash if c else None)
                 hashes.append(c.hash if c else None)
                 vectors.append(c.vector if c else None)
+                truncated.append(c.truncated if c else None)
         await conn.execute(
             sql.SQL(query("store_rows")).format(function=info.store_function),
             {"keys": keys, "seqs": seqs, "texts": texts, "doc_hashes": doc_hashes,
-             "hashes": hashes, "vectors": vectors})
+             "hashes": hashes, "vectors": vectors, "truncated": truncated})
 
     async def _finish(self, conn: psycopg.AsyncConnection, pipeline: str, keys: list[Key]) -> None:
         if keys:

@@ -17,7 +17,7 @@ SELECT pipeline, key, version, purpose, attempts
 -- pipelines --
 SELECT p.name, p.id, p.model, p.dimensions, p.chunk_tokens, p.chunk_overlap,
        m.dimensions AS native_dimensions, m.max_input_tokens, m.max_batch_inputs,
-       m.max_batch_tokens
+       m.max_batch_tokens, p.chunking, m.tokenizer
   FROM pgembed.pipelines p
   CROSS JOIN LATERAL pgembed.model_info(p.model) AS m
 
@@ -135,7 +135,7 @@ SELECT key, found, content, cost_center FROM {function}(%(keys)s)
 -- Writes chunks and vectors through the pipeline's writer ({function} is pgembed.p<id>_store).
 -- Binary parameters: text-formatting thousands of floats costs more than the write.
 SELECT {function}(%(keys)b::jsonb[], %(seqs)b::int[], %(texts)b::text[], %(doc_hashes)b::bytea[],
-                  %(hashes)b::bytea[], %(vectors)b::vector[])
+                  %(hashes)b::bytea[], %(vectors)b::vector[], %(truncated)b::boolean[])
 
 
 -- ===== pgembed/indexes.py: deferred HNSW index builds =====
@@ -208,14 +208,15 @@ SELECT pgembed.create_pipeline(source => %(source)s::regclass, content => %(cont
                                index => %(index)s, index_options => %(index_options)s::jsonb,
                                distance => %(distance)s, chunk_tokens => %(chunk_tokens)s,
                                chunk_overlap => %(chunk_overlap)s, backfill => %(backfill)s,
-                               cost_center => %(cost_center)s, name => %(name)s)
+                               cost_center => %(cost_center)s, name => %(name)s,
+                               chunking => %(chunking)s)
 
 -- pipeline_drop --
 SELECT pgembed.drop_pipeline(%(name)s)
 
 -- pipeline_list --
 SELECT name, source::text AS source, content, model, dimensions, index_type, distance,
-       chunk_tokens,
+       chunking, chunk_tokens,
        (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p.name)
        + pgembed.statement_keys(p.name) AS queued
   FROM pgembed.pipelines p

@@ -25,6 +25,10 @@ SHIPPED = {
         "8d8c11be24c3e93f27db9b10fec0698c1fe1ff9c544ca470fdaa6685fb13cc5c",
     "0002_outbox_statements_and_one_enqueue_rule.down.sql":
         "53235b4030c27d0a2e95f3f273024583b0d61d50cadba50dbd5a14802394a30b",
+    "0003_chunking_that_fits_the_model.sql":
+        "5500cfaee8a15d2f6fca522bcdba1b8423947bbe020fe5ad43cf1df9a1b47bb9",
+    "0003_chunking_that_fits_the_model.down.sql":
+        "e3ca57b991cca3c2c5bd863b98f94bf82a3f13cda6974f26a2f39e6634a828d0",
 }
 
 

@@ -24,8 +24,10 @@ def create(
     dimensions: Annotated[int | None, typer.Option(help="Output dimensions (Matryoshka).")] = None,
     index: Annotated[str, typer.Option(help="hnsw, ivfflat or none.")] = "hnsw",
     distance: Annotated[str, typer.Option(help="cosine, l2 or ip.")] = "cosine",
-    chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk; 0 = no chunking.")] = 0,
-    chunk_overlap: Annotated[int, typer.Option(help="Tokens shared by neighbouring chunks.")] = 0,
+    chunking: Annotated[str | None, typer.Option(
+        help="recursive (default), markdown, tokens, truncate or none.")] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="Tokens per chunk (default: fits the model).")] = None,
+    chunk_overlap: Annotated[int | None, typer.Option(help="Tokens shared by neighbouring chunks.")] = None,
     backfill: Annotated[bool, typer.Option(help="Queue the rows already in the table.")] = True,
     cost_center: Annotated[str | None, typer.Option(help="SQL expression naming who pays, e.g. tenant_id.")] = None,
     name: Annotated[str | None, typer.Option(help="Pipeline name (default: {table}_{model}).")] = None,
@@ -36,7 +38,7 @@ def create(
     Example: pgembed pipeline create articles "title || ' ' || body" --model hash:384
     """
     options = PipelineOptions(dimensions=dimensions, index=index, distance=distance,
-                              chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
+                              chunking=chunking, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
                               backfill=backfill, cost_center=cost_center, name=name)
     with connect(dsn) as conn:
         created = pipelines.create(conn, table_name, content, model, options)

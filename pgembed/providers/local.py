@@ -17,10 +17,11 @@ truncated embedding would look fine and match only the start of the row.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgembed.providers.base import (
     EmbedResult,
@@ -30,6 +31,9 @@ from pgembed.providers.base import (
     truncate_and_normalise,
     vector_problem,
 )
+
+if TYPE_CHECKING:
+    from pgembed.splitting import Counter
 
 MINILM_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
 INSTALL_HINT = (
@@ -119,6 +123,24 @@ def input_error(text: str, count: int, limit: int) -> str | None:
     if count > limit:
         return f"text has {count} tokens, more than the model's limit of {limit}"
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def chunk_counter(spec: ModelSpec) -> Counter:
+    """What chunks of text for this model are measured with: its own tokenizer (a copy, with
+    the truncation and padding sentence-transformers sets switched off, or every text would
+    count as at most 128 tokens) and its window less [CLS]/[SEP]."""
+    from tokenizers import Tokenizer
+
+    from pgembed.splitting import Counter
+
+    source = resolve_model(spec.name)
+    model = load_model(source)
+    tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    window = LocalProvider(spec).input_limit(model) - model.tokenizer.num_special_tokens_to_add()
+    return Counter(f"hf:{source}", max(window, 1), tokenizer)
 
 
 class LocalProvider:

@@ -1,0 +1,32 @@
+-- Revision 0003, downgrade: back to the tables of 0002. Pipelines go back to chunk_tokens
+-- alone (a recursive or markdown pipeline becomes cl100k windows of its size).
+--
+-- Each pipeline's store goes back to 0002's signature (no truncated flag) as a stand-in that
+-- refuses to run: the generator of the release being returned to replaces it (0001's
+-- definitions, which 0002's downgrade applies, regenerate every pipeline after granting).
+
+DO $$
+DECLARE
+    p record;
+    f text;
+BEGIN
+    FOR p IN SELECT id, destination FROM pgembed.pipelines LOOP
+        FOR f IN SELECT q.oid::pg_catalog.regprocedure::text FROM pg_catalog.pg_proc q
+                  WHERE q.pronamespace = 'pgembed'::regnamespace AND q.proname = 'p' || p.id || '_store' LOOP
+            EXECUTE 'DROP FUNCTION ' || f;
+        END LOOP;
+        EXECUTE format('CREATE FUNCTION pgembed.%I(keys jsonb[], chunk_seqs int[], chunks text[], '
+                       'content_hashes bytea[], chunk_hashes bytea[], embeddings %s.vector[]) RETURNS void '
+                       'LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS %L',
+                       'p' || p.id || '_store', pgembed.vector_schema(),
+                       'BEGIN RAISE EXCEPTION ''pgembed: this store awaits its pipeline''''s code: run pgembed init''; END');
+        IF to_regclass(format('pgembed.%I', p.destination)) IS NOT NULL THEN
+            EXECUTE format('ALTER TABLE pgembed.%I DROP COLUMN IF EXISTS truncated', p.destination);
+        END IF;
+    END LOOP;
+END
+$$;
+
+ALTER TABLE pgembed.pipelines DROP CONSTRAINT pipelines_chunking_size;
+ALTER TABLE pgembed.pipelines DROP COLUMN chunking;
+ALTER TABLE pgembed.models DROP COLUMN tokenizer;
