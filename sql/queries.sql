@@ -251,13 +251,9 @@ INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inpu
 VALUES (%(pipeline)s, %(model)s, 'query', %(cost_center)s, %(requests)s, %(inputs)s,
         %(tokens)s, %(cache_hits)s, %(cache_misses)s)
 
--- nearest --
--- {keys} are the source's key columns, {op} the pipeline's distance operator (one of
--- <=>, <->, <#>) and {destination} its table in schema pgembed, all composed by the caller.
-SELECT {keys}, chunk, embedding {op} %(vector)s AS distance
-  FROM pgembed.{destination}
- ORDER BY embedding {op} %(vector)s
- LIMIT %(k)s
+-- search --
+-- The k rows nearest to a query vector, one per row (its best chunk): see sql/search.sql.
+SELECT key, chunk_seq, chunk, distance FROM pgembed.search(%(pipeline)s, %(vector)s::real[], %(k)s)
 
 -- ===== pgembed/quickstart.py: the sample corpus =====
 
