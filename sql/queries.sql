@@ -255,6 +255,26 @@ VALUES (%(pipeline)s, %(model)s, 'query', %(cost_center)s, %(requests)s, %(input
 -- The k rows nearest to a query vector, one per row (its best chunk): see sql/search.sql.
 SELECT key, chunk_seq, chunk, distance FROM pgembed.search(%(pipeline)s, %(vector)s::real[], %(k)s)
 
+-- ===== pgembed/evaluation/beir.py: a pipeline's quality on a BEIR corpus =====
+
+-- evaluation_table --
+-- {table} is the corpus table's name, composed as an identifier.
+CREATE TABLE {table} (id text PRIMARY KEY, title text NOT NULL, body text NOT NULL)
+
+-- evaluation_copy --
+COPY {table} (id, title, body) FROM STDIN
+
+-- evaluation_pipeline --
+-- Default options: the chunking and the HNSW index a user gets without asking.
+SELECT pgembed.create_pipeline(%(table)s::regclass, 'title || '' '' || body', %(model)s)
+
+-- evaluation_failures --
+SELECT count(*) FROM pgembed.failures WHERE pipeline = %(pipeline)s
+
+-- evaluation_chunks --
+-- {destination} is the pipeline's table in schema pgembed.
+SELECT id, chunk FROM pgembed.{destination} ORDER BY id, chunk_seq
+
 -- ===== pgembed/quickstart.py: the sample corpus =====
 
 -- sample_table --
