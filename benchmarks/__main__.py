@@ -11,6 +11,7 @@ Scenarios (targets from issue 5; every figure is measured next to its limit in o
   scale_out    1, 2, 4 worker processes against a 200 ms fake API: speed-up, no duplicates
   memory       peak RSS of a worker process draining a large backlog
   audit        SELECT * FROM pgembed.pipeline_status vs count(*) of the destination
+  quality      SciFact nDCG@10 of a default local pipeline vs exact search, same model, same run
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.harness import REPO, SCALES, Bench, Result
 
-SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit")
+SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit",
+             "quality")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

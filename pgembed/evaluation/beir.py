@@ -96,6 +96,16 @@ def _ranked(scores: np.ndarray, ids: Sequence[str], k: int) -> list[list[str]]:
     return [[ids[j] for j in row] for row in top]
 
 
+def max_sim_run(query_vectors: np.ndarray, qids: Sequence[str], chunk_vectors: np.ndarray,
+                chunks: Sequence[tuple[str, str]], k: int = 10) -> Run:
+    """Exact search over chunks, a document scoring as its best chunk (max-sim)."""
+    owners = sorted({doc for doc, _ in chunks})
+    column = np.searchsorted(np.array(owners), [doc for doc, _ in chunks])
+    best = np.full((len(qids), len(owners)), -np.inf, dtype=np.float32)
+    np.maximum.at(best.T, column, (query_vectors @ chunk_vectors.T).T)
+    return dict(zip(qids, _ranked(best, owners, k), strict=True))
+
+
 def exact_runs(encode: Any, corpus: Corpus, chunks: list[tuple[str, str]], k: int = 10) -> tuple[Run, Run]:
     """Brute-force runs with the same model: whole documents, and max-sim over `chunks`
     ((document id, chunk text), the pipeline's own)."""
@@ -104,14 +114,7 @@ def exact_runs(encode: Any, corpus: Corpus, chunks: list[tuple[str, str]], k: in
     ids = list(corpus.docs)
     d = encode([f"{t} {b}" for t, b in corpus.docs.values()])
     whole = dict(zip(qids, _ranked(q @ d.T, ids, k), strict=True))
-    c = encode([text for _, text in chunks])
-    owners = sorted({doc for doc, _ in chunks})
-    column = {doc: i for i, doc in enumerate(owners)}
-    best = np.full((len(qids), len(owners)), -np.inf, dtype=np.float32)
-    sims = q @ c.T
-    for j, (doc, _) in enumerate(chunks):
-        best[:, column[doc]] = np.maximum(best[:, column[doc]], sims[:, j])
-    return whole, dict(zip(qids, _ranked(best, owners, k), strict=True))
+    return whole, max_sim_run(q, qids, encode([text for _, text in chunks]), chunks, k)
 
 
 def _load_table(conn: psycopg.Connection, table: str, corpus: Corpus) -> None:
