@@ -16,7 +16,7 @@ from pgembed.cache import chunk_key, document_hash
 from pgembed.providers import EmbedResult, Provider, ProviderError
 from pgembed.providers.base import vector_problem
 from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
-from pgembed.splitting import Piece, counter_for, split
+from pgembed.splitting import Piece, counter_for, split, split_prefixed
 
 # what counts as blank, here and in the audit's gap query (pgembed.gap_sql, kind 'empty')
 _BLANK = " \t\n\r\f\v"
@@ -45,9 +45,12 @@ def _texts(info: PipelineInfo, row: SourceRow) -> list[Piece]:
     go, and the audit counts it as empty, not missing."""
     if row.content is None or not row.content.strip(_BLANK):
         return []
-    if info.chunking == "none":
+    if info.chunking == "none" and not info.prefixed:
         return [Piece(row.content)]
-    return split(info.plan, counter_for(info.spec, info.tokenizer), row.content)
+    counter = counter_for(info.spec, info.tokenizer)
+    if info.prefixed:
+        return split_prefixed(info.plan, counter, row.content)
+    return split(info.plan, counter, row.content)
 
 
 def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],

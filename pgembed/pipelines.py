@@ -32,6 +32,7 @@ class PipelineOptions:
     cost_center: str | None = None
     name: str | None = None
     chunking: str | None = None
+    chunk_prefix: str | None = None  # an expression embedded at the head of every chunk
 
 
 def refused(error: psycopg.Error) -> PipelineError:
@@ -51,6 +52,7 @@ def create(conn: psycopg.Connection, source: str, content: str, model: str,
         "distance": o.distance, "chunk_tokens": o.chunk_tokens,
         "chunk_overlap": o.chunk_overlap, "backfill": o.backfill,
         "cost_center": o.cost_center, "name": o.name, "chunking": o.chunking,
+        "chunk_prefix": o.chunk_prefix,
     }
     try:
         with conn.transaction():

@@ -36,6 +36,8 @@ from pgembed.providers.base import ModelSpec
 from pgembed.tokens import count_tokens
 
 STRATEGIES = ("recursive", "markdown", "tokens", "truncate", "none")
+# between a chunk prefix and the content in what the reader returns (pgembed.prefixed_content)
+SEPARATOR = "\x1e"
 # The tiktoken model whose encoding (cl100k_base) the splitter's Rust side bundles: no network.
 CL100K_MODEL = "text-embedding-3-small"
 
@@ -135,3 +137,18 @@ def split(plan: Plan, counter: Counter, text: str) -> list[Piece]:
     if plan.strategy not in _BY_STRATEGY:
         raise ValueError(f"unknown chunking strategy {plan.strategy!r}: use one of {', '.join(STRATEGIES)}")
     return [piece for piece in _BY_STRATEGY[plan.strategy](plan, counter, text) if piece.text.strip()]
+
+
+def split_prefixed(plan: Plan, counter: Counter, content: str) -> list[Piece]:
+    """The chunks of a pipeline with a chunk prefix (content = prefix U+001E text): each
+    chunk of the text is embedded after the prefix and a newline, so every chunk of an
+    abstract carries its title. The prefix takes at most half the window (its start, if it
+    is longer); the chunks get the rest."""
+    prefix, _, text = content.partition(SEPARATOR)
+    prefix = prefix.strip()
+    if not prefix:
+        return split(plan, counter, text)
+    half = Plan("truncate", max(counter.window // 2, 1), 0)
+    head = _split(half, counter, prefix)[0].text
+    room = Counter(counter.name, max(counter.window - counter.count(head + "\n"), 1), counter.tokenizer)
+    return [Piece(f"{head}\n{p.text}", p.truncated) for p in split(plan, room, text)]

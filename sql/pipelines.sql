@@ -234,6 +234,22 @@ BEGIN
 END
 $$;
 
+-- The content a pipeline with a chunk prefix evaluates: the prefix, U+001E, the content.
+-- The worker embeds the prefix at the head of every chunk of the content; one expression
+-- carries both, so everything that follows the content (the capture's columns, the binding
+-- view, the audit's hash) follows the prefix too. A U+001E in the prefix's value becomes a
+-- space (the first one is the separator); content that is NULL or blank stays NULL: the row
+-- has nothing to embed, with or without its title.
+CREATE OR REPLACE FUNCTION pgembed.prefixed_content(p_prefix text, p_content text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format(E'CASE WHEN pg_catalog.btrim((%2$s\n)::pg_catalog.text, E'' \\t\\n\\r\\f\\v'') = '''' THEN NULL '
+                  || E'ELSE pg_catalog.replace(coalesce((%1$s\n)::pg_catalog.text, ''''), E''\\x1e'', '' '') '
+                  || E'|| E''\\x1e'' || (%2$s\n)::pg_catalog.text END', p_prefix, p_content)
+$$;
+
 CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
     search_path     text,
     source          regclass,
@@ -248,7 +264,8 @@ CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
     backfill        boolean DEFAULT true,
     cost_center     text DEFAULT NULL,
     name            text DEFAULT NULL,
-    chunking        text DEFAULT NULL
+    chunking        text DEFAULT NULL,
+    chunk_prefix    text DEFAULT NULL
 )
 RETURNS text
 LANGUAGE plpgsql
@@ -339,9 +356,16 @@ BEGIN
     p.source := source;
     p.content := content;
     p.search_path := search_path;
+    p.chunk_prefix := chunk_prefix;
+    IF chunk_prefix IS NOT NULL THEN  -- alone first, for a message that names it
+        PERFORM pgembed.probe_expression(source, chunk_prefix, search_path, 'chunk_prefix');
+        PERFORM pgembed.probe_expression(source, content, search_path);
+    END IF;
     SELECT e.columns, e.bound, e.functions
       INTO p.content_columns, p.content_bound, p.content_functions
-      FROM pgembed.probe_expression(source, content, search_path, p_bind => true) AS e;
+      FROM pgembed.probe_expression(source, CASE WHEN chunk_prefix IS NULL THEN content
+                                                 ELSE pgembed.prefixed_content(chunk_prefix, content) END,
+                                    search_path, p_bind => true) AS e;
     p.cost_center := cost_center;
     IF cost_center IS NOT NULL THEN
         SELECT e.bound INTO p.cost_center_bound
@@ -363,11 +387,12 @@ BEGIN
         INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
             content_functions, cost_center, cost_center_bound, model,
             dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
-            index_type, index_options, distance, search_path, chunking)
+            index_type, index_options, distance, search_path, chunking, chunk_prefix)
         VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
             p.content_functions, p.cost_center, p.cost_center_bound, p.model,
             p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
-            p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path, p.chunking)
+            p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path, p.chunking,
+            p.chunk_prefix)
         RETURNING * INTO p;
     EXCEPTION WHEN unique_violation THEN
         -- a concurrent create_pipeline of the same name committed after our check
@@ -422,7 +447,8 @@ CREATE OR REPLACE FUNCTION pgembed.create_pipeline(
     backfill        boolean DEFAULT true,
     cost_center     text DEFAULT NULL,
     name            text DEFAULT NULL,
-    chunking        text DEFAULT NULL
+    chunking        text DEFAULT NULL,
+    chunk_prefix    text DEFAULT NULL
 )
 RETURNS text
 LANGUAGE sql
@@ -433,7 +459,7 @@ AS $$
            FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS u(s, i)
           WHERE NOT pg_catalog.starts_with(s, 'pg_temp')),
         source, content, model, dimensions, index, index_options, distance,
-        chunk_tokens, chunk_overlap, backfill, cost_center, name, chunking)
+        chunk_tokens, chunk_overlap, backfill, cost_center, name, chunking, chunk_prefix)
 $$;
 
 CREATE OR REPLACE FUNCTION pgembed.drop_pipeline(name text)

@@ -17,7 +17,7 @@ SELECT pipeline, key, version, purpose, attempts
 -- pipelines --
 SELECT p.name, p.id, p.model, p.dimensions, p.chunk_tokens, p.chunk_overlap,
        m.dimensions AS native_dimensions, m.max_input_tokens, m.max_batch_inputs,
-       m.max_batch_tokens, p.chunking, m.tokenizer
+       m.max_batch_tokens, p.chunking, m.tokenizer, p.chunk_prefix IS NOT NULL AS prefixed
   FROM pgembed.pipelines p
   CROSS JOIN LATERAL pgembed.model_info(p.model) AS m
 
@@ -209,7 +209,7 @@ SELECT pgembed.create_pipeline(source => %(source)s::regclass, content => %(cont
                                distance => %(distance)s, chunk_tokens => %(chunk_tokens)s,
                                chunk_overlap => %(chunk_overlap)s, backfill => %(backfill)s,
                                cost_center => %(cost_center)s, name => %(name)s,
-                               chunking => %(chunking)s)
+                               chunking => %(chunking)s, chunk_prefix => %(chunk_prefix)s)
 
 -- pipeline_drop --
 SELECT pgembed.drop_pipeline(%(name)s)

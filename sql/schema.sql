@@ -76,6 +76,9 @@ CREATE TABLE pgembed.pipelines (
     -- only, flagged), none (never: a row too long for the model fails)
     chunking        text NOT NULL DEFAULT 'none'
                     CHECK (chunking IN ('recursive', 'markdown', 'tokens', 'truncate', 'none')),
+    -- an expression embedded at the head of every chunk of a row (the title, say), as given;
+    -- content_bound then carries it (see pgembed.prefixed_content)
+    chunk_prefix    text,
     CHECK (chunk_tokens = 0 OR chunk_overlap < chunk_tokens),
     CONSTRAINT pipelines_chunking_size CHECK ((chunking = 'none') = (chunk_tokens = 0))
 );

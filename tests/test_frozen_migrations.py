@@ -26,9 +26,9 @@ SHIPPED = {
     "0002_outbox_statements_and_one_enqueue_rule.down.sql":
         "53235b4030c27d0a2e95f3f273024583b0d61d50cadba50dbd5a14802394a30b",
     "0003_chunking_that_fits_the_model.sql":
-        "5500cfaee8a15d2f6fca522bcdba1b8423947bbe020fe5ad43cf1df9a1b47bb9",
+        "c4338056b8ad7e0ff5a4867f0200e773bf592dbacf11ae241b70ab84275576fd",
     "0003_chunking_that_fits_the_model.down.sql":
-        "e3ca57b991cca3c2c5bd863b98f94bf82a3f13cda6974f26a2f39e6634a828d0",
+        "2e810714e3df042ef430c5a6ad4a173c5d0f3210dfc9a33cb7792510560b6b96",
 }
 
 

@@ -118,3 +118,35 @@ def test_unchanged_text_hits_the_cache_when_embedded_again(long_rows, dsn):
     hits, misses = long_rows.execute(
         "SELECT sum(cache_hits), sum(cache_misses) FROM pgembed.usage WHERE purpose = 'repair'").fetchone()
     assert misses == 0 and hits > 1
+
+
+@pytest.fixture
+def articles(conn):
+    conn.execute("CREATE TABLE articles (id int PRIMARY KEY, title text, body text)")
+    conn.execute("INSERT INTO articles VALUES (1, 'Lighthouses', %s), (2, E'odd\\x1etitle', 'short body'), "
+                 "(3, 'Blank', '   ')", (LONG,))
+    return conn
+
+
+def test_a_chunk_prefix_heads_every_chunk_and_follows_its_column(articles, dsn):
+    name = pipelines.create(articles, "articles", "body", "hash:8",
+                            pipelines.PipelineOptions(chunk_prefix="title", chunk_tokens=60))
+    drain(dsn)
+    chunks = articles.execute(f'SELECT id, chunk FROM pgembed."{name}" ORDER BY id, chunk_seq').fetchall()
+    assert len([c for i, c in chunks if i == 1]) > 5
+    assert all(c.startswith("Lighthouses\n") for i, c in chunks if i == 1)
+    assert [c for i, c in chunks if i == 2] == ["odd title\nshort body"]  # U+001E in a value is a space
+    assert not [c for i, c in chunks if i == 3]  # blank content: nothing to embed, title or not
+    articles.execute("UPDATE articles SET title = 'Beacons' WHERE id = 1")  # the prefix's column queues it
+    drain(dsn)
+    assert articles.execute(f'SELECT bool_and(chunk LIKE %s) FROM pgembed."{name}" WHERE id = 1',
+                            ("Beacons\n%",)).fetchone() == (True,)
+    assert articles.execute("SELECT kind FROM pgembed.gaps(%s) WHERE kind <> 'empty'", (name,)).fetchall() == []
+
+
+def test_a_bad_chunk_prefix_is_refused_by_name(articles):
+    with pytest.raises(pipelines.PipelineError, match="invalid chunk_prefix expression"):
+        pipelines.create(articles, "articles", "body", "hash:8", pipelines.PipelineOptions(chunk_prefix="nope"))
+    with pytest.raises(pipelines.PipelineError, match="invalid chunk_prefix expression"):
+        pipelines.create(articles, "articles", "body", "hash:8",
+                         pipelines.PipelineOptions(chunk_prefix="title; DROP TABLE articles"))

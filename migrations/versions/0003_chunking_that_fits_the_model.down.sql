@@ -28,5 +28,5 @@ END
 $$;
 
 ALTER TABLE pgembed.pipelines DROP CONSTRAINT pipelines_chunking_size;
-ALTER TABLE pgembed.pipelines DROP COLUMN chunking;
+ALTER TABLE pgembed.pipelines DROP COLUMN chunking, DROP COLUMN chunk_prefix;
 ALTER TABLE pgembed.models DROP COLUMN tokenizer;

@@ -16,6 +16,9 @@ ALTER TABLE pgembed.pipelines ADD COLUMN chunking text NOT NULL DEFAULT 'none'
 UPDATE pgembed.pipelines SET chunking = 'tokens' WHERE chunk_tokens > 0;
 ALTER TABLE pgembed.pipelines ADD CONSTRAINT pipelines_chunking_size
     CHECK ((chunking = 'none') = (chunk_tokens = 0));
+-- An expression embedded at the head of every chunk of a row (the title, say), as given; the
+-- bound content then carries it (see pgembed.prefixed_content).
+ALTER TABLE pgembed.pipelines ADD COLUMN chunk_prefix text;
 
 -- Every destination row says whether its chunk is the start of a longer text (chunking
 -- 'truncate'). The stores' signatures change with it: the old ones go, refresh.sql
