@@ -4,7 +4,6 @@ with the current pgembed.models price, and the CLI shows spend, anomalies and fa
 from __future__ import annotations
 
 import dataclasses
-
 from decimal import Decimal
 
 import pytest
