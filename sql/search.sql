@@ -63,8 +63,7 @@ AS $$
     SELECT format('SELECT jsonb_build_object(%1$s) AS key, d.chunk_seq, d.chunk, '
                   '(d.embedding %2$s $1::%3$s.vector)::float8 AS distance '
                   'FROM pgembed.%4$I d ORDER BY d.embedding %2$s $1::%3$s.vector LIMIT $2',
-                  (SELECT string_agg(format('%L, d.%I', c, c), ', ' ORDER BY i)
-                     FROM unnest(p.key_columns) WITH ORDINALITY AS u(c, i)),
+                  pgembed.sql_list('%1$L, d.%1$I', p.key_columns),
                   format('OPERATOR(%s.%s)', pgembed.vector_schema(),
                          CASE p.distance WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' ELSE '<#>' END),
                   pgembed.vector_schema(), p.destination)
