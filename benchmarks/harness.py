@@ -80,6 +80,8 @@ class Scale:
     audit_rows: int = 1_000_000
     audit_dims: int = 32
     audit_repeats: int = 3
+    # 9. retrieval quality: SciFact documents (0: all 5,183 and the 809 train queries)
+    quality_docs: int = 0
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -113,6 +115,7 @@ SCALES: dict[str, Scale] = {
         scale_rows=300, scale_workers=(1, 2),
         memory_rows=5_000,
         audit_rows=10_000, audit_repeats=1,
+        quality_docs=40,
         checkpoints=False,
     ),
 }
