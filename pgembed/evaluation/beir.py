@@ -106,14 +106,17 @@ def max_sim_run(query_vectors: np.ndarray, qids: Sequence[str], chunk_vectors: n
     return dict(zip(qids, _ranked(best, owners, k), strict=True))
 
 
-def exact_runs(encode: Any, corpus: Corpus, chunks: list[tuple[str, str]], k: int = 10) -> tuple[Run, Run]:
-    """Brute-force runs with the same model: whole documents, and max-sim over `chunks`
-    ((document id, chunk text), the pipeline's own)."""
+def exact_runs(encode: Any, corpus: Corpus, chunks: list[tuple[str, str]], k: int = 10,
+               whole_documents: bool = True) -> tuple[Run, Run]:
+    """Brute-force runs with the same model: whole documents (empty when not asked for:
+    encoding them is the dearest part), and max-sim over `chunks` ((document id, chunk
+    text), the pipeline's own)."""
     qids = list(corpus.queries)
     q = encode([corpus.queries[i] for i in qids])
-    ids = list(corpus.docs)
-    d = encode([f"{t} {b}" for t, b in corpus.docs.values()])
-    whole = dict(zip(qids, _ranked(q @ d.T, ids, k), strict=True))
+    whole: Run = {}
+    if whole_documents:
+        d = encode([f"{t} {b}" for t, b in corpus.docs.values()])
+        whole = dict(zip(qids, _ranked(q @ d.T, list(corpus.docs), k), strict=True))
     return whole, max_sim_run(q, qids, encode([text for _, text in chunks]), chunks, k)
 
 
@@ -149,11 +152,11 @@ def pipeline_run(dsn: str, corpus: Corpus, model: str, table: str = "beir_docs",
     return run, chunks, failures, seconds
 
 
-def measure(dsn: str, corpus: Corpus, model: str, encode: Any) -> Quality:
-    """Every figure of one run: the pipeline's, and both references' over the same texts."""
+def measure(dsn: str, corpus: Corpus, model: str, encode: Any, whole_documents: bool = True) -> Quality:
+    """Every figure of one run: the pipeline's, and the references' over the same texts."""
     run, chunks, failures, seconds = pipeline_run(dsn, corpus, model)
     started = time.perf_counter()
-    whole, chunked = exact_runs(encode, corpus, chunks)
+    whole, chunked = exact_runs(encode, corpus, chunks, whole_documents=whole_documents)
     seconds["reference"] = time.perf_counter() - started
     qrels: Qrels = corpus.qrels
     return Quality(evaluate(qrels, run), evaluate(qrels, whole), evaluate(qrels, chunked), failures,
