@@ -17,6 +17,7 @@ truncated embedding would look fine and match only the start of the row.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import os
 import threading
@@ -45,6 +46,7 @@ _models: dict[str, Any] = {}
 _load_lock = threading.Lock()
 # torch already spreads one batch over every core; concurrent batches would only thrash.
 _encode_lock = threading.Lock()
+_encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgembed-encode")
 
 
 class LocalModelError(ProviderError, UnknownModelError):
@@ -196,8 +198,12 @@ class LocalProvider:
                                   f"fewer than the {self.spec.dimensions} asked for")
 
     async def embed(self, texts: list[str]) -> EmbedResult:
-        """Embed in a thread: the model is CPU-bound and must not stall the event loop."""
-        return await asyncio.to_thread(self._embed_sync, list(texts))
+        """Embed in a thread: the model is CPU-bound and must not stall the event loop. One
+        thread for the process, not the event loop's: torch gives each new calling thread
+        a thread pool of its own, and a search (one event loop per query) paid that
+        each time, some hundreds of milliseconds."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_encoder, self._embed_sync, list(texts))
 
     async def aclose(self) -> None:
         """Nothing to close: the model stays loaded for the next provider in this process."""
