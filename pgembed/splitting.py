@@ -64,6 +64,14 @@ class Counter:
             return count_tokens(text)
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def fits(self, text: str, capacity: int) -> bool:
+        """Whether `text` is at most `capacity` tokens. A cl100k token holds at least one
+        byte, so a text of no more bytes than that fits without being encoded: most rows
+        of a short-text pipeline cost no tokenizer call."""
+        if self.tokenizer is None and len(text) <= capacity and len(text.encode()) <= capacity:
+            return True
+        return self.count(text) <= capacity
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -111,7 +119,7 @@ def budget(plan: Plan, counter: Counter) -> tuple[int, int]:
 
 def _split(plan: Plan, counter: Counter, text: str) -> list[Piece]:
     capacity, overlap = budget(plan, counter)
-    if counter.count(text) <= capacity:
+    if counter.fits(text, capacity):
         return [Piece(text)]
     if plan.strategy == "truncate":
         first = _splitter("recursive", counter, capacity, 0).chunks(text)[:1]
