@@ -1,9 +1,9 @@
--- Revision 0003, downgrade: back to the tables of 0002. Pipelines go back to chunk_tokens
+-- Revision 0004, downgrade: back to the tables of 0003. Pipelines go back to chunk_tokens
 -- alone (a recursive or markdown pipeline becomes cl100k windows of its size).
 --
--- Each pipeline's store goes back to 0002's signature (no truncated flag) as a stand-in that
--- refuses to run: the generator of the release being returned to replaces it (0001's
--- definitions, which 0002's downgrade applies, regenerate every pipeline after granting).
+-- Each pipeline's store goes back to 0003's signature (no truncated flag) as a stand-in that
+-- refuses to run: 0003's definitions, applied next (…down.definitions.sql), regenerate every
+-- pipeline's code.
 
 DO $$
 DECLARE
