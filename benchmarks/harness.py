@@ -85,6 +85,8 @@ class Scale:
     float_dims: int = 768
     float_batch_size: int = 500
     float_concurrency: int = 4
+    # 11. retrieval quality: SciFact documents (0: all 5,183 and the 809 train queries)
+    quality_docs: int = 0
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -119,6 +121,7 @@ SCALES: dict[str, Scale] = {
         memory_rows=5_000,
         audit_rows=10_000, audit_repeats=1,
         float_rows=1_000,
+        quality_docs=40,
         checkpoints=False,
     ),
 }

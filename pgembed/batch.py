@@ -13,13 +13,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pgembed.cache import chunk_key, document_hash
-from pgembed.chunking import chunk_text
 from pgembed.providers import EmbedResult, Provider, ProviderError
 from pgembed.providers.base import sound_vectors
 from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
+from pgembed.splitting import Piece, counter_for, split, split_prefixed
 
 # what counts as blank, here and in the audit's gap query (pgembed.gap_sql, kind 'empty')
 _BLANK = " \t\n\r\f\v"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A chunk to embed: its text, its cache key, whether it is a truncated text's start."""
+
+    text: str
+    hash: bytes
+    truncated: bool = False
 
 
 @dataclass
@@ -30,19 +39,22 @@ class Embedded:
     sent: list[bytes] = field(default_factory=list)  # hashes this batch asked the provider for
 
 
-def _texts(info: PipelineInfo, row: SourceRow) -> list[str]:
+def _texts(info: PipelineInfo, row: SourceRow) -> list[Piece]:
     """The chunks of a row's content. NULL or blank content has none: the row has nothing
     to embed, which is not a failure; its old vectors (of content that no longer exists)
     go, and the audit counts it as empty, not missing."""
     if row.content is None or not row.content.strip(_BLANK):
         return []
-    if info.chunk_tokens == 0:
-        return [row.content]
-    return chunk_text(row.content, info.chunk_tokens, info.chunk_overlap)
+    if info.chunking == "none" and not info.prefixed:
+        return [Piece(row.content)]
+    counter = counter_for(info.spec, info.tokenizer)
+    if info.prefixed:
+        return split_prefixed(info.plan, counter, row.content)
+    return split(info.plan, counter, row.content)
 
 
 def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
-          read_errors: dict[Key, str]) -> tuple[list[Outcome], dict[Key, list[tuple[str, bytes]]]]:
+          read_errors: dict[Key, str]) -> tuple[list[Outcome], dict[Key, list[Planned]]]:
     by_key = {r.key: r for r in rows}
     outcomes, texts = [], {}
     for claimed in batch.rows:
@@ -56,8 +68,8 @@ def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
         else:
             outcome.cost_center = row.cost_center
             outcome.content_hash = document_hash(row.content or "")
-            texts[claimed.key] = [(t, chunk_key(info.spec.model, info.spec.dimensions, t))
-                                  for t in _texts(info, row)]
+            texts[claimed.key] = [Planned(p.text, chunk_key(info.spec.model, info.spec.dimensions, p.text),
+                                          p.truncated) for p in _texts(info, row)]
     return outcomes, texts
 
 
@@ -97,8 +109,9 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: 
     """`requests` bounds the provider calls in flight; reading and the cache look-up run
     outside it, so the next batch is ready when a request slot frees up."""
     rows, read_errors = await queue.read(info, [c.key for c in batch.rows])
-    outcomes, texts = _plan(info, batch, rows, read_errors)
-    wanted = {h: t for chunks in texts.values() for t, h in chunks}
+    # chunking long rows takes milliseconds each: off the event loop, like the embedding
+    outcomes, texts = await asyncio.to_thread(_plan, info, batch, rows, read_errors)
+    wanted = {c.hash: c.text for chunks in texts.values() for c in chunks}
     cached = await queue.cached(list(wanted))
     mine, theirs = inflight.claim([h for h in wanted if h not in cached])
     result = EmbedResult([], [])
@@ -152,19 +165,19 @@ def _collect(sent: list[bytes], result: EmbedResult, dimensions: int) -> tuple[
     return fresh, failed, new_cache
 
 
-def _assemble(outcome: Outcome, chunks: list[tuple[str, bytes]], cached: dict[bytes, np.ndarray],
+def _assemble(outcome: Outcome, chunks: list[Planned], cached: dict[bytes, np.ndarray],
               fresh: dict[bytes, np.ndarray], failed: dict[bytes, str]) -> None:
-    for seq, (text, h) in enumerate(chunks):
-        if h in failed:
+    for seq, c in enumerate(chunks):
+        if c.hash in failed:
             where = f"chunk {seq}: " if len(chunks) > 1 else ""
-            outcome.error = f"{where}{failed[h]}"
+            outcome.error = f"{where}{failed[c.hash]}"
             outcome.chunks = []
             return
-        vector = cached[h] if h in cached else fresh[h]
-        outcome.chunks.append(Chunk(seq, text, h, vector))
+        vector = cached[c.hash] if c.hash in cached else fresh[c.hash]
+        outcome.chunks.append(Chunk(seq, c.text, c.hash, vector, c.truncated))
 
 
-def _attribute(outcomes: list[Outcome], texts: dict[Key, list[tuple[str, bytes]]],
+def _attribute(outcomes: list[Outcome], texts: dict[Key, list[Planned]],
                misses: list[bytes], cached: dict[bytes, np.ndarray],
                failed: dict[bytes, str], result: EmbedResult) -> list[Usage]:
     """Splits the batch's cost by (purpose, cost center): each text is charged to the first
@@ -179,7 +192,7 @@ def _attribute(outcomes: list[Outcome], texts: dict[Key, list[tuple[str, bytes]]
     for outcome in outcomes:
         group = (outcome.claimed.purpose, outcome.cost_center)
         usage = groups.setdefault(group, Usage(*group))
-        for _, h in texts.get(outcome.claimed.key, []):
+        for h in (c.hash for c in texts.get(outcome.claimed.key, [])):
             if h in cached or h in charged or h not in counts:
                 usage.cache_hits += 1
                 continue

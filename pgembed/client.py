@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
 import psycopg
 
 from pgembed import audit, db, migrate, pipelines
 from pgembed.pipelines import PipelineOptions
-from pgembed.search import Hit, search
+from pgembed.search import Hit, search, search_with_vector
 from pgembed.worker import Worker, WorkerConfig, WorkerStats
 
 
@@ -60,6 +61,12 @@ class Client:
         """One row per pipeline from pgembed.pipeline_status: counts, gaps, freshness."""
         return audit.status(self.conn)
 
-    def search(self, pipeline: str, text: str, k: int = 5,
-               cost_center: str | None = None) -> list[Hit]:
-        return search(self.conn, pipeline, text, k, cost_center)
+    def search(self, pipeline: str, text: str | None = None, k: int = 5, cost_center: str | None = None,
+               *, vector: np.ndarray | list[float] | None = None) -> list[Hit]:
+        """The k rows nearest to a text or a vector, one hit per row with its best chunk."""
+        return search(self.conn, pipeline, text, k, cost_center, vector=vector)
+
+    def search_with_vector(self, pipeline: str, text: str, k: int = 5,
+                           cost_center: str | None = None) -> tuple[list[Hit], np.ndarray]:
+        """`search`, returning the query's vector as well (to search again without embedding)."""
+        return search_with_vector(self.conn, pipeline, text, k, cost_center)

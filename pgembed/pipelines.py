@@ -25,11 +25,14 @@ class PipelineOptions:
     index: str = "hnsw"
     index_options: dict[str, int] | None = None
     distance: str = "cosine"
-    chunk_tokens: int = 0
-    chunk_overlap: int = 0
+    # None: what fits the model (pgembed.chunking_settings); chunk_tokens 0 alone: no chunking
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
     backfill: bool = True
     cost_center: str | None = None
     name: str | None = None
+    chunking: str | None = None
+    chunk_prefix: str | None = None  # an expression embedded at the head of every chunk
 
 
 def refused(error: psycopg.Error) -> PipelineError:
@@ -48,7 +51,8 @@ def create(conn: psycopg.Connection, source: str, content: str, model: str,
         "index": o.index, "index_options": json.dumps(o.index_options or {}),
         "distance": o.distance, "chunk_tokens": o.chunk_tokens,
         "chunk_overlap": o.chunk_overlap, "backfill": o.backfill,
-        "cost_center": o.cost_center, "name": o.name,
+        "cost_center": o.cost_center, "name": o.name, "chunking": o.chunking,
+        "chunk_prefix": o.chunk_prefix,
     }
     try:
         with conn.transaction():

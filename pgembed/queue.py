@@ -31,6 +31,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from pgembed.providers import ModelSpec
+from pgembed.splitting import Plan
 from pgembed.sqlfiles import query
 
 Key = tuple[str, ...]
@@ -45,6 +46,13 @@ class PipelineInfo:
     spec: ModelSpec
     chunk_tokens: int
     chunk_overlap: int
+    chunking: str = "none"
+    tokenizer: str | None = None  # pgembed.models.tokenizer: how the model counts
+    prefixed: bool = False  # content is "prefix U+001E content" (pgembed.prefixed_content)
+
+    @property
+    def plan(self) -> Plan:
+        return Plan(self.chunking, self.chunk_tokens, self.chunk_overlap)
 
     @property
     def read_function(self) -> sql.Composable:
@@ -82,6 +90,7 @@ class Chunk:
     text: str
     hash: bytes
     vector: np.ndarray
+    truncated: bool = False  # the start of a text that chunking 'truncate' cut off
 
 
 @dataclass
@@ -171,7 +180,8 @@ class Queue:
         rows = await self._retrying("pipelines", call)
         return {
             r[0]: PipelineInfo(
-                name=r[0], id=r[1], chunk_tokens=r[4], chunk_overlap=r[5],
+                name=r[0], id=r[1], chunk_tokens=r[4], chunk_overlap=r[5], chunking=r[10], tokenizer=r[11],
+                prefixed=r[12],
                 spec=ModelSpec(model=r[2], dimensions=r[3], native_dimensions=r[6],
                                max_input_tokens=r[7], max_batch_inputs=r[8],
                                max_batch_tokens=r[9]),
@@ -358,28 +368,29 @@ def _ack_params(info: PipelineInfo, batch: Batch, outcomes: list[Outcome],
     """pgembed.acknowledge's arguments. Each vector travels once: a new cache entry points
     at the chunk that carries it (a vector no stored chunk carries, of a row another chunk
     of which failed, rides along as a chunk of no row)."""
-    entries: list[tuple] = []  # (row, seq, text, content hash, chunk hash, vector)
+    entries: list[tuple] = []  # (row, seq, text, content hash, chunk hash, vector, truncated)
     at: dict[bytes, int] = {}
     for i, o in enumerate(outcomes, 1):
         # a row that is gone (or has no chunks) passes one NULL chunk: "forget me"
         row_chunks: list[Chunk | None] = [*o.chunks] if o.chunks else [None]
         for c in row_chunks:
-            entries.append((i, c.seq, c.text, o.content_hash, c.hash, c.vector) if c
-                           else (i, None, None, None, None, None))
+            entries.append((i, c.seq, c.text, o.content_hash, c.hash, c.vector, c.truncated) if c
+                           else (i, None, None, None, None, None, None))
             if c is not None and c.hash in new_cache:
                 at.setdefault(c.hash, len(entries))
     for h, (vector, _) in new_cache.items():
         if h not in at:
-            entries.append((None, None, None, None, h, vector))
+            entries.append((None, None, None, None, h, vector, None))
             at[h] = len(entries)
-    rows, seqs, texts, doc_hashes, hashes, vectors = (list(column) for column in zip(*entries, strict=True))
+    rows, seqs, texts, doc_hashes, hashes, vectors, truncated = (
+        list(column) for column in zip(*entries, strict=True))
     cached = sorted(at)
     return {
         "pipeline": batch.pipeline, "lease": batch.lease,
         "keys": _keys([o.claimed.key for o in outcomes]),
         "versions": [o.claimed.version for o in outcomes], "errors": [o.error for o in outcomes],
         "rows": rows, "seqs": seqs, "texts": texts, "doc_hashes": doc_hashes, "hashes": hashes,
-        "vectors": vectors, "cache_at": [at[h] for h in cached],
+        "vectors": vectors, "truncated": truncated, "cache_at": [at[h] for h in cached],
         "cache_tokens": [new_cache[h][1] for h in cached],
         "model": info.spec.model, "dimensions": info.spec.dimensions,
         "usage": Jsonb([dataclasses.asdict(u) for u in usage]),

@@ -16,14 +16,11 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg import sql
 
 from pgembed import pipelines, ratelimit
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, ProviderError, make_provider
 from pgembed.sqlfiles import query
-
-OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +28,7 @@ class Hit:
     key: dict[str, Any]
     chunk: str
     distance: float
+    chunk_seq: int = 0  # which chunk of the row matched best
 
 
 def model_spec(conn: psycopg.Connection, model: str, dimensions: int) -> ModelSpec:
@@ -83,18 +81,29 @@ def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline:
     return vector
 
 
-def search(conn: psycopg.Connection, pipeline: str, text: str, k: int = 5,
-           cost_center: str | None = None) -> list[Hit]:
+def search(conn: psycopg.Connection, pipeline: str, text: str | None = None, k: int = 5,
+           cost_center: str | None = None, *, vector: np.ndarray | list[float] | None = None) -> list[Hit]:
+    """The k rows nearest to a text (embedded with the pipeline's model, through the cache)
+    or to a vector given as is: one hit per row, its best chunk (pgembed.search in SQL)."""
+    return search_with_vector(conn, pipeline, text, k, cost_center, vector=vector)[0]
+
+
+def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None = None, k: int = 5,
+                       cost_center: str | None = None, *,
+                       vector: np.ndarray | list[float] | None = None) -> tuple[list[Hit], np.ndarray]:
+    """`search`, and the query's vector too: a caller that searches again, or reranks, need
+    not embed the text twice."""
     if k < 1:
         raise ValueError("k must be at least 1")
+    if (text is None) == (vector is None):
+        raise ValueError("search takes a text or a vector, exactly one of them")
     p = pipelines.get(conn, pipeline)
-    vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text,
-                          pipeline, cost_center)
-    keys = [str(c) for c in p["key_columns"]]
-    op = sql.SQL(OPERATORS[p["distance"]])
-    cur = conn.execute(
-        sql.SQL(query("nearest")).format(
-            keys=sql.SQL(", ").join(sql.Identifier(c) for c in keys), op=op,
-            destination=sql.Identifier(p["destination"])),
-        {"vector": vector, "k": k})
-    return [Hit(dict(zip(keys, r[:-2], strict=True)), r[-2], float(r[-1])) for r in cur.fetchall()]
+    if vector is None:
+        assert text is not None
+        vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, pipeline, cost_center)
+    array = np.asarray(vector, dtype=np.float32)
+    try:
+        rows = conn.execute(query("search"), {"pipeline": pipeline, "vector": array.tolist(), "k": k}).fetchall()
+    except psycopg.Error as error:
+        raise pipelines.refused(error) from error
+    return [Hit(key, chunk, float(distance), seq) for key, seq, chunk, distance in rows], array

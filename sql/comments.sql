@@ -10,6 +10,7 @@ COMMENT ON COLUMN pgembed.models.max_batch_inputs IS 'most inputs in one embeddi
 COMMENT ON COLUMN pgembed.models.max_batch_tokens IS 'most tokens in one embedding request';
 COMMENT ON COLUMN pgembed.models.usd_per_1m_tokens IS 'price; the cost views read it, so an edit applies to past usage too';
 COMMENT ON COLUMN pgembed.models.short_name IS 'used in destination table names';
+COMMENT ON COLUMN pgembed.models.tokenizer IS 'how chunks are counted: cl100k, model (a local model''s own), NULL (cl100k, a quarter of the window kept free)';
 
 COMMENT ON TABLE pgembed.pipelines IS 'One row per pipeline: a source table, a content expression, a model, a destination table';
 COMMENT ON COLUMN pgembed.pipelines.content IS 'the content expression as the creator wrote it';
@@ -21,7 +22,9 @@ COMMENT ON COLUMN pgembed.pipelines.cost_center_bound IS 'cost_center bound like
 COMMENT ON COLUMN pgembed.pipelines.destination IS 'table pgembed.<destination> holds the vectors: key columns, chunk_seq, chunk, hashes, embedding';
 COMMENT ON COLUMN pgembed.pipelines.key_columns IS 'the source''s primary key columns, in key order';
 COMMENT ON COLUMN pgembed.pipelines.key_types IS 'their SQL types';
-COMMENT ON COLUMN pgembed.pipelines.chunk_tokens IS '0: no chunking; else tokens per chunk';
+COMMENT ON COLUMN pgembed.pipelines.chunk_tokens IS '0: no chunking; else tokens per chunk, in the model''s tokens (cl100k for chunking tokens)';
+COMMENT ON COLUMN pgembed.pipelines.chunking IS 'recursive, markdown, tokens (cl100k windows), truncate (start only, flagged) or none (too long fails)';
+COMMENT ON COLUMN pgembed.pipelines.chunk_prefix IS 'expression embedded at the head of every chunk of a row, as given (content_bound carries it)';
 COMMENT ON COLUMN pgembed.pipelines.search_path IS 'the creator''s search_path, on which content and cost_center were read';
 
 COMMENT ON TABLE pgembed.outbox IS 'Keys to embed, one row per (pipeline, key); see pgembed.outbox_state for the states of a row';

@@ -249,12 +249,14 @@ $$;
 -- of which failed); a row that is gone or has no text passes one chunk whose seq is NULL,
 -- which makes the store forget its vectors. p_cache_at: the chunks whose hash and vector
 -- are new to the cache, with their tokens. p_embeddings is the vector[] the store takes
--- (polymorphic here: pgvector's schema is not on this file's search_path).
+-- (polymorphic here: pgvector's schema is not on this file's search_path); p_truncated
+-- marks the chunks that are the start of a text cut off (chunking 'truncate').
 -- Returns the positions (in p_keys) of the rows that had changed and of those not held.
 CREATE OR REPLACE FUNCTION pgembed.acknowledge(
     p_pipeline text, p_lease uuid, p_keys jsonb, p_versions bigint[], p_errors text[],
     p_rows int[], p_seqs int[], p_chunks text[], p_content_hashes bytea[], p_chunk_hashes bytea[],
-    p_embeddings anyarray, p_cache_at int[], p_cache_tokens int[], p_model text, p_dimensions int,
+    p_embeddings anyarray, p_truncated boolean[], p_cache_at int[], p_cache_tokens int[], p_model text,
+    p_dimensions int,
     p_usage jsonb, p_worker text, p_max_attempts int, p_retry_base double precision,
     OUT changed int[], OUT skipped int[])
 LANGUAGE plpgsql
@@ -287,7 +289,7 @@ BEGIN
 
     IF cardinality(good) > 0 THEN
         PERFORM pgembed.store_chunks(p_pipeline, keys, good, p_rows, p_seqs, p_chunks,
-                                     p_content_hashes, p_chunk_hashes, p_embeddings);
+                                     p_content_hashes, p_chunk_hashes, p_embeddings, p_truncated);
         DELETE FROM pgembed.outbox o
          WHERE o.pipeline = p_pipeline AND o.key = ANY (ARRAY(SELECT keys[i] FROM unnest(good) AS i));
         DELETE FROM pgembed.failures f
@@ -319,7 +321,7 @@ $$;
 -- (pgembed.p<id>_store, named by format('%I')), which replaces every chunk of those keys.
 CREATE OR REPLACE FUNCTION pgembed.store_chunks(
     p_pipeline text, p_keys jsonb[], p_good int[], p_rows int[], p_seqs int[], p_chunks text[],
-    p_content_hashes bytea[], p_chunk_hashes bytea[], p_embeddings anyarray)
+    p_content_hashes bytea[], p_chunk_hashes bytea[], p_embeddings anyarray, p_truncated boolean[])
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -328,9 +330,12 @@ DECLARE
     id bigint := (SELECT q.id FROM pgembed.pipelines q WHERE q.name = p_pipeline);
 BEGIN
     EXECUTE format('SELECT pgembed.%I(array_agg($1[u.r]), array_agg(u.seq), array_agg(u.chunk), '
-                   'array_agg(u.content_hash), array_agg(u.chunk_hash), array_agg(u.embedding)) '
-                   'FROM unnest($2, $3, $4, $5, $6, $7) AS u(r, seq, chunk, content_hash, chunk_hash, embedding) '
-                   'WHERE u.r = ANY ($8)', 'p' || id || '_store')
-      USING p_keys, p_rows, p_seqs, p_chunks, p_content_hashes, p_chunk_hashes, p_embeddings, p_good;
+                   'array_agg(u.content_hash), array_agg(u.chunk_hash), array_agg(u.embedding), '
+                   'array_agg(u.truncated)) '
+                   'FROM unnest($2, $3, $4, $5, $6, $7, $8) '
+                   'AS u(r, seq, chunk, content_hash, chunk_hash, embedding, truncated) '
+                   'WHERE u.r = ANY ($9)', 'p' || id || '_store')
+      USING p_keys, p_rows, p_seqs, p_chunks, p_content_hashes, p_chunk_hashes, p_embeddings, p_truncated,
+            p_good;
 END
 $$;

@@ -19,7 +19,7 @@ BEGIN
         IF n NOT BETWEEN 1 AND 16000 THEN
             RAISE EXCEPTION 'pgembed: hash models take 1 to 16000 dimensions, not %', n;
         END IF;
-        RETURN ROW(p_model, n, true, 1000000, 100000, 100000000, 0, 'h' || n)::pgembed.models;
+        RETURN ROW(p_model, n, true, 1000000, 100000, 100000000, 0, 'h' || n, 'cl100k')::pgembed.models;
     END IF;
     RAISE EXCEPTION 'pgembed: unknown model "%"', p_model
         USING HINT = 'Use one of pgembed.models (e.g. openai:text-embedding-3-small), hash:N, '
@@ -174,6 +174,82 @@ BEGIN
 END
 $$;
 
+-- The signatures before `chunking` was an argument: a call naming its arguments would find
+-- both. (refresh.sql drops what the definitions no longer define, but not what an earlier
+-- revision created in the same transaction, as a fresh init does.)
+DROP FUNCTION IF EXISTS pgembed.create_pipeline(regclass, text, text, int, text, jsonb, text, int, int, boolean,
+                                                text, text);
+DROP FUNCTION IF EXISTS pgembed.create_pipeline_on_path(text, regclass, text, text, int, text, jsonb, text, int,
+                                                        int, boolean, text, text);
+
+-- A pipeline's chunking, from create_pipeline's arguments: (strategy, tokens, overlap).
+-- Left out, they fit the model: recursive chunks of min(256, 3/4 of the model's window)
+-- tokens overlapping by 15%, counted with the model's tokenizer (the worker also keeps every
+-- chunk within the window less the special tokens). chunk_tokens alone keeps its old
+-- meaning: 0 is no chunking (chunking 'none', a row too long for the model fails), N > 0
+-- cl100k windows of N tokens (chunking 'tokens').
+CREATE OR REPLACE FUNCTION pgembed.chunking_settings(m pgembed.models, p_chunking text, p_tokens int,
+                                                     p_overlap int,
+                                                     OUT chunking text, OUT chunk_tokens int, OUT chunk_overlap int)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    strategies text[] := '{recursive,markdown,tokens,truncate,none}';
+    rule text := 'chunking => ''recursive'' (the default), ''markdown'', ''tokens'', ''truncate'' or '
+                 '''none''; chunk_tokens 1 to the model''s window, chunk_overlap 0 to chunk_tokens - 1.';
+BEGIN
+    chunking := coalesce(p_chunking, CASE WHEN p_tokens = 0 THEN 'none'
+                                          WHEN p_tokens > 0 THEN 'tokens' ELSE 'recursive' END);
+    IF NOT chunking = ANY (strategies) THEN
+        RAISE EXCEPTION 'pgembed: unknown chunking strategy %', quote_literal(chunking) USING HINT = rule;
+    END IF;
+    IF chunking = 'none' THEN
+        IF coalesce(p_tokens, 0) <> 0 OR coalesce(p_overlap, 0) <> 0 THEN
+            RAISE EXCEPTION 'pgembed: chunking ''none'' embeds the content whole: it takes no chunk_tokens or chunk_overlap (got %, %)',
+                p_tokens, p_overlap USING HINT = rule;
+        END IF;
+        chunk_tokens := 0;
+        chunk_overlap := 0;
+        RETURN;
+    END IF;
+    chunk_tokens := coalesce(p_tokens, least(256, m.max_input_tokens * 3 / 4));
+    IF chunk_tokens < 1 THEN
+        RAISE EXCEPTION 'pgembed: chunking % needs chunk_tokens of 1 or more, not %', quote_literal(chunking),
+            chunk_tokens USING HINT = rule;
+    END IF;
+    IF chunk_tokens > m.max_input_tokens THEN
+        RAISE EXCEPTION 'pgembed: chunk_tokens % is more than model % reads (% tokens)', chunk_tokens,
+            m.model, m.max_input_tokens USING HINT = rule;
+    END IF;
+    chunk_overlap := coalesce(p_overlap, CASE WHEN chunking = 'truncate' THEN 0 ELSE chunk_tokens * 15 / 100 END);
+    IF chunk_overlap < 0 OR chunk_overlap >= chunk_tokens THEN
+        RAISE EXCEPTION 'pgembed: chunk_overlap must be 0 to chunk_tokens - 1 (%), not %', chunk_tokens - 1,
+            chunk_overlap USING HINT = rule;
+    END IF;
+    IF chunking = 'truncate' AND chunk_overlap <> 0 THEN
+        RAISE EXCEPTION 'pgembed: chunking ''truncate'' keeps one chunk: chunk_overlap must be 0, not %',
+            chunk_overlap USING HINT = rule;
+    END IF;
+END
+$$;
+
+-- The content a pipeline with a chunk prefix evaluates: the prefix, U+001E, the content.
+-- The worker embeds the prefix at the head of every chunk of the content; one expression
+-- carries both, so everything that follows the content (the capture's columns, the binding
+-- view, the audit's hash) follows the prefix too. A U+001E in the prefix's value becomes a
+-- space (the first one is the separator); content that is NULL or blank stays NULL: the row
+-- has nothing to embed, with or without its title.
+CREATE OR REPLACE FUNCTION pgembed.prefixed_content(p_prefix text, p_content text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format(E'CASE WHEN pg_catalog.btrim((%2$s\n)::pg_catalog.text, E'' \\t\\n\\r\\f\\v'') = '''' THEN NULL '
+                  || E'ELSE pg_catalog.replace(coalesce((%1$s\n)::pg_catalog.text, ''''), E''\\x1e'', '' '') '
+                  || E'|| E''\\x1e'' || (%2$s\n)::pg_catalog.text END', p_prefix, p_content)
+$$;
+
 CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
     search_path     text,
     source          regclass,
@@ -183,11 +259,13 @@ CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
     index           text DEFAULT 'hnsw',
     index_options   jsonb DEFAULT '{}',
     distance        text DEFAULT 'cosine',
-    chunk_tokens    int DEFAULT 0,
-    chunk_overlap   int DEFAULT 0,
+    chunk_tokens    int DEFAULT NULL,
+    chunk_overlap   int DEFAULT NULL,
     backfill        boolean DEFAULT true,
     cost_center     text DEFAULT NULL,
-    name            text DEFAULT NULL
+    name            text DEFAULT NULL,
+    chunking        text DEFAULT NULL,
+    chunk_prefix    text DEFAULT NULL
 )
 RETURNS text
 LANGUAGE plpgsql
@@ -199,7 +277,8 @@ DECLARE
     dims int;
     pk record;
     p pgembed.pipelines;
-    reserved name[] := '{chunk_seq,chunk,content_hash,chunk_hash,embedding,embedded_at}';
+    reserved name[] := '{chunk_seq,chunk,content_hash,chunk_hash,embedding,embedded_at,truncated}';
+    chunks record;
     clash name;
     queued bigint := 0;
     options jsonb;
@@ -249,21 +328,7 @@ BEGIN
             index, dims USING HINT = 'Pass dimensions => 2000 or fewer, or index => ''none''.';
     END IF;
     options := pgembed.check_index_options(index, index_options);
-    IF chunk_tokens IS NULL THEN
-        RAISE EXCEPTION 'pgembed: chunk_tokens must be a number (0: no chunking), not NULL'
-            USING HINT = 'chunk_tokens => 0 embeds the content whole; N > 0 cuts it into windows of N tokens.';
-    END IF;
-    IF chunk_overlap IS NULL THEN
-        RAISE EXCEPTION 'pgembed: chunk_overlap must be a number (0: no overlap), not NULL'
-            USING HINT = 'chunk_overlap is 0, or fewer tokens than chunk_tokens.';
-    END IF;
-    IF chunk_tokens < 0 OR chunk_overlap < 0 OR (chunk_tokens > 0 AND chunk_overlap >= chunk_tokens)
-       OR (chunk_tokens = 0 AND chunk_overlap > 0) THEN
-        RAISE EXCEPTION 'pgembed: chunk_tokens must be 0 (no chunking) or more than chunk_overlap (got %, %)',
-            chunk_tokens, chunk_overlap
-            USING HINT = 'chunk_tokens => 0 embeds the content whole; with chunk_tokens N > 0, '
-                         'chunk_overlap is 0 to N - 1.';
-    END IF;
+    chunks := pgembed.chunking_settings(m, chunking, chunk_tokens, chunk_overlap);
     IF backfill IS NULL THEN
         RAISE EXCEPTION 'pgembed: backfill must be true or false, not NULL'
             USING HINT = 'backfill => true (the default) queues the rows already in the table; false does not.';
@@ -291,9 +356,16 @@ BEGIN
     p.source := source;
     p.content := content;
     p.search_path := search_path;
+    p.chunk_prefix := chunk_prefix;
+    IF chunk_prefix IS NOT NULL THEN  -- alone first, for a message that names it
+        PERFORM pgembed.probe_expression(source, chunk_prefix, search_path, 'chunk_prefix');
+        PERFORM pgembed.probe_expression(source, content, search_path);
+    END IF;
     SELECT e.columns, e.bound, e.functions
       INTO p.content_columns, p.content_bound, p.content_functions
-      FROM pgembed.probe_expression(source, content, search_path, p_bind => true) AS e;
+      FROM pgembed.probe_expression(source, CASE WHEN chunk_prefix IS NULL THEN content
+                                                 ELSE pgembed.prefixed_content(chunk_prefix, content) END,
+                                    search_path, p_bind => true) AS e;
     p.cost_center := cost_center;
     IF cost_center IS NOT NULL THEN
         SELECT e.bound INTO p.cost_center_bound
@@ -304,8 +376,9 @@ BEGIN
     p.destination := p.name;
     p.key_columns := pk.columns;
     p.key_types := pk.types;
-    p.chunk_tokens := chunk_tokens;
-    p.chunk_overlap := chunk_overlap;
+    p.chunking := chunks.chunking;
+    p.chunk_tokens := chunks.chunk_tokens;
+    p.chunk_overlap := chunks.chunk_overlap;
     p.index_type := index;
     p.index_options := options;
     p.distance := distance;
@@ -314,11 +387,12 @@ BEGIN
         INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
             content_functions, cost_center, cost_center_bound, model,
             dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
-            index_type, index_options, distance, search_path)
+            index_type, index_options, distance, search_path, chunking, chunk_prefix)
         VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
             p.content_functions, p.cost_center, p.cost_center_bound, p.model,
             p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
-            p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path)
+            p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path, p.chunking,
+            p.chunk_prefix)
         RETURNING * INTO p;
     EXCEPTION WHEN unique_violation THEN
         -- a concurrent create_pipeline of the same name committed after our check
@@ -329,7 +403,7 @@ BEGIN
     EXECUTE format('CREATE TABLE pgembed.%I (%s, chunk_seq int NOT NULL, chunk text NOT NULL, '
                    'content_hash bytea NOT NULL, chunk_hash bytea NOT NULL, '
                    'embedding %s.vector(%s) NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now(), '
-                   'PRIMARY KEY (%s, chunk_seq))',
+                   'truncated boolean NOT NULL DEFAULT false, PRIMARY KEY (%s, chunk_seq))',
                    p.destination,
                    (SELECT string_agg(format('%I %s NOT NULL', c, t), ', ' ORDER BY i)
                       FROM unnest(pk.columns, pk.types) WITH ORDINALITY AS u(c, t, i)),
@@ -368,11 +442,13 @@ CREATE OR REPLACE FUNCTION pgembed.create_pipeline(
     index           text DEFAULT 'hnsw',
     index_options   jsonb DEFAULT '{}',
     distance        text DEFAULT 'cosine',
-    chunk_tokens    int DEFAULT 0,
-    chunk_overlap   int DEFAULT 0,
+    chunk_tokens    int DEFAULT NULL,
+    chunk_overlap   int DEFAULT NULL,
     backfill        boolean DEFAULT true,
     cost_center     text DEFAULT NULL,
-    name            text DEFAULT NULL
+    name            text DEFAULT NULL,
+    chunking        text DEFAULT NULL,
+    chunk_prefix    text DEFAULT NULL
 )
 RETURNS text
 LANGUAGE sql
@@ -383,7 +459,7 @@ AS $$
            FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS u(s, i)
           WHERE NOT pg_catalog.starts_with(s, 'pg_temp')),
         source, content, model, dimensions, index, index_options, distance,
-        chunk_tokens, chunk_overlap, backfill, cost_center, name)
+        chunk_tokens, chunk_overlap, backfill, cost_center, name, chunking, chunk_prefix)
 $$;
 
 CREATE OR REPLACE FUNCTION pgembed.drop_pipeline(name text)

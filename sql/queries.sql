@@ -17,7 +17,7 @@ SELECT pipeline, key, version, purpose, attempts
 -- pipelines --
 SELECT p.name, p.id, p.model, p.dimensions, p.chunk_tokens, p.chunk_overlap,
        m.dimensions AS native_dimensions, m.max_input_tokens, m.max_batch_inputs,
-       m.max_batch_tokens
+       m.max_batch_tokens, p.chunking, m.tokenizer, p.chunk_prefix IS NOT NULL AS prefixed
   FROM pgembed.pipelines p
   CROSS JOIN LATERAL pgembed.model_info(p.model) AS m
 
@@ -38,7 +38,7 @@ UPDATE pgembed.embedding_cache SET last_used_at = pg_catalog.now()
 SELECT changed, skipped
   FROM pgembed.acknowledge(%(pipeline)s, %(lease)s, %(keys)s, %(versions)b::bigint[], %(errors)b::text[],
                            %(rows)b::int[], %(seqs)b::int[], %(texts)b::text[], %(doc_hashes)b::bytea[],
-                           %(hashes)b::bytea[], %(vectors)b::vector[], %(cache_at)b::int[],
+                           %(hashes)b::bytea[], %(vectors)b::vector[], %(truncated)b::boolean[], %(cache_at)b::int[],
                            %(cache_tokens)b::int[], %(model)s, %(dimensions)s, %(usage)s, %(worker)s,
                            %(max_attempts)s, %(retry_base)s)
 
@@ -190,7 +190,8 @@ SELECT pgembed.create_pipeline(source => %(source)s::regclass, content => %(cont
                                index => %(index)s, index_options => %(index_options)s::jsonb,
                                distance => %(distance)s, chunk_tokens => %(chunk_tokens)s,
                                chunk_overlap => %(chunk_overlap)s, backfill => %(backfill)s,
-                               cost_center => %(cost_center)s, name => %(name)s)
+                               cost_center => %(cost_center)s, name => %(name)s,
+                               chunking => %(chunking)s, chunk_prefix => %(chunk_prefix)s)
 
 -- pipeline_same --
 -- pipelines that already embed this content of this table with this model (at these
@@ -205,7 +206,7 @@ SELECT pgembed.drop_pipeline(%(name)s)
 
 -- pipeline_list --
 SELECT name, source::text AS source, content, model, dimensions, index_type, distance,
-       chunk_tokens,
+       chunking, chunk_tokens,
        (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p.name)
        + pgembed.statement_keys(p.name) AS queued
   FROM pgembed.pipelines p
@@ -240,13 +241,29 @@ INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inpu
 VALUES (%(pipeline)s, %(model)s, 'query', %(cost_center)s, %(requests)s, %(inputs)s,
         %(tokens)s, %(cache_hits)s, %(cache_misses)s)
 
--- nearest --
--- {keys} are the source's key columns, {op} the pipeline's distance operator (one of
--- <=>, <->, <#>) and {destination} its table in schema pgembed, all composed by the caller.
-SELECT {keys}, chunk, embedding {op} %(vector)s AS distance
-  FROM pgembed.{destination}
- ORDER BY embedding {op} %(vector)s
- LIMIT %(k)s
+-- search --
+-- The k rows nearest to a query vector, one per row (its best chunk): see sql/search.sql.
+SELECT key, chunk_seq, chunk, distance FROM pgembed.search(%(pipeline)s, %(vector)s::real[], %(k)s)
+
+-- ===== pgembed/evaluation/beir.py: a pipeline's quality on a BEIR corpus =====
+
+-- evaluation_table --
+-- {table} is the corpus table's name, composed as an identifier.
+CREATE TABLE {table} (id text PRIMARY KEY, title text NOT NULL, body text NOT NULL)
+
+-- evaluation_copy --
+COPY {table} (id, title, body) FROM STDIN
+
+-- evaluation_pipeline --
+-- Default options: the chunking and the HNSW index a user gets without asking.
+SELECT pgembed.create_pipeline(%(table)s::regclass, 'title || '' '' || body', %(model)s)
+
+-- evaluation_failures --
+SELECT count(*) FROM pgembed.failures WHERE pipeline = %(pipeline)s
+
+-- evaluation_chunks --
+-- {destination} is the pipeline's table in schema pgembed.
+SELECT id, chunk FROM pgembed.{destination} ORDER BY id, chunk_seq
 
 -- ===== pgembed/quickstart.py: the sample corpus =====
 

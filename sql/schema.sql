@@ -27,16 +27,19 @@ CREATE TABLE pgembed.models (
     max_batch_inputs    int NOT NULL DEFAULT 2048 CHECK (max_batch_inputs > 0),
     max_batch_tokens    int NOT NULL DEFAULT 300000 CHECK (max_batch_tokens > 0),
     usd_per_1m_tokens   numeric(12, 6) NOT NULL DEFAULT 0 CHECK (usd_per_1m_tokens >= 0),
-    short_name          text NOT NULL CHECK (short_name ~ '^[a-z0-9]{1,12}$')
+    short_name          text NOT NULL CHECK (short_name ~ '^[a-z0-9]{1,12}$'),
+    -- how the model counts tokens: 'cl100k' (OpenAI's), 'model' (a local model's own
+    -- tokenizer), NULL (not declared: counted in cl100k with a quarter of the window kept free)
+    tokenizer           text CHECK (tokenizer IN ('cl100k', 'model'))
 );
 
 INSERT INTO pgembed.models
-    (model, dimensions, shortenable, max_input_tokens, max_batch_inputs, usd_per_1m_tokens, short_name)
+    (model, dimensions, shortenable, max_input_tokens, max_batch_inputs, usd_per_1m_tokens, short_name, tokenizer)
 VALUES
-    ('openai:text-embedding-3-small', 1536, true, 8191, 2048, 0.02, 'te3s'),
-    ('openai:text-embedding-3-large', 3072, true, 8191, 2048, 0.13, 'te3l'),
-    ('openai:text-embedding-ada-002', 1536, false, 8191, 2048, 0.10, 'ada2'),
-    ('local:all-MiniLM-L6-v2', 384, true, 256, 256, 0, 'minilm');
+    ('openai:text-embedding-3-small', 1536, true, 8191, 2048, 0.02, 'te3s', 'cl100k'),
+    ('openai:text-embedding-3-large', 3072, true, 8191, 2048, 0.13, 'te3l', 'cl100k'),
+    ('openai:text-embedding-ada-002', 1536, false, 8191, 2048, 0.10, 'ada2', 'cl100k'),
+    ('local:all-MiniLM-L6-v2', 384, true, 256, 256, 0, 'minilm', 'model');
 
 CREATE TABLE pgembed.pipelines (
     name            text PRIMARY KEY,
@@ -68,7 +71,16 @@ CREATE TABLE pgembed.pipelines (
     -- reader and the audit evaluate the bound forms, on search_path pg_catalog)
     search_path     text NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    CHECK (chunk_tokens = 0 OR chunk_overlap < chunk_tokens)
+    -- how content longer than chunk_tokens is cut: recursive (paragraphs, sentences, words),
+    -- markdown (headings, lists, code blocks), tokens (cl100k windows), truncate (its start
+    -- only, flagged), none (never: a row too long for the model fails)
+    chunking        text NOT NULL DEFAULT 'none'
+                    CHECK (chunking IN ('recursive', 'markdown', 'tokens', 'truncate', 'none')),
+    -- an expression embedded at the head of every chunk of a row (the title, say), as given;
+    -- content_bound then carries it (see pgembed.prefixed_content)
+    chunk_prefix    text,
+    CHECK (chunk_tokens = 0 OR chunk_overlap < chunk_tokens),
+    CONSTRAINT pipelines_chunking_size CHECK ((chunking = 'none') = (chunk_tokens = 0))
 );
 
 -- One row per (pipeline, key) that needs embedding. Repeated changes bump `version`.

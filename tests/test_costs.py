@@ -3,6 +3,7 @@ with the current pgembed.models price, and the CLI shows spend, anomalies and fa
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import pytest
@@ -36,10 +37,10 @@ def totals(conn, where: str = "true") -> tuple:
                         f"FROM pgembed.usage WHERE {where}").fetchone()
 
 
-def tenant_table(conn, rows: list[tuple[int, str, str]]) -> str:
+def tenant_table(conn, rows: list[tuple[int, str, str]], options: pipelines.PipelineOptions = TENANTS) -> str:
     conn.execute("CREATE TABLE docs (id int PRIMARY KEY, tenant text, body text)")
     conn.cursor().executemany("INSERT INTO docs VALUES (%s, %s, %s)", rows)
-    return pipelines.create(conn, "docs", "body", MODEL, TENANTS)
+    return pipelines.create(conn, "docs", "body", MODEL, options)
 
 
 def usage_row(conn, days_ago: int, pipeline: str | None, model: str, purpose: str,
@@ -112,7 +113,8 @@ def test_texts_that_were_never_billed_charge_nobody(conn, dsn, fake_api):
     so their tenants must not be charged a share of the batch's tokens."""
     tenant_table(conn, [(1, "payer", "an ordinary sentence"),
                         (2, "rejected", "poison pill"),
-                        (3, "too_long", "word " * 9000)])
+                        (3, "too_long", "word " * 9000)],
+                 dataclasses.replace(TENANTS, chunking="none"))  # unchunked, a too-long row fails
     fake_api.always_reject("poison")
     drain(dsn, batch_size=10, max_attempts=1)
     assert conn.execute("SELECT count(*) FROM pgembed.failures").fetchone()[0] == 2

@@ -28,10 +28,17 @@ SHIPPED = {
     "0003_failure_classes_and_dead_workers.sql":
         "7248de90a846e7a5b68655506876557afbab61ba0ce787a66ddc2bdcc2851971",
     "0003_failure_classes_and_dead_workers.down.sql":
-        "230acec442f649b47a6d3239423a5100cc896107f328e8c02c3b13bb24e3aca4",
+        "403273e376879442f35aea8e6ed0f91a037a700050079cc66996e869b71f7bc9",
     # sql/'s definitions as 0002 shipped them, for 0003's downgrade
     "0003_failure_classes_and_dead_workers.down.definitions.sql":
         "5a81109891a2328dc63f84b77fd5b50ae4baa06c66fb1ac686f079917a39903f",
+    "0004_chunking_that_fits_the_model.sql":
+        "c4338056b8ad7e0ff5a4867f0200e773bf592dbacf11ae241b70ab84275576fd",
+    "0004_chunking_that_fits_the_model.down.sql":
+        "1f5c641dd88bc7e18312e0add36e6d18c1376ceb6b3b60d36018781c8eec75df",
+    # sql/'s definitions as 0003 shipped them, for 0004's downgrade
+    "0004_chunking_that_fits_the_model.down.definitions.sql":
+        "f1dbc3bc635f3adc21bd81ff73b13d9dfd8be8963426a9d53c24905bfb4eb592",
 }
 
 

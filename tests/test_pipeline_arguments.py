@@ -18,6 +18,7 @@ TYPES = {
     "source": "regclass", "content": "text", "model": "text", "dimensions": "int",
     "index": "text", "index_options": "jsonb", "distance": "text", "chunk_tokens": "int",
     "chunk_overlap": "int", "backfill": "boolean", "cost_center": "text", "name": "text",
+    "chunking": "text",
 }
 BASE = {"source": "docs", "content": "body", "model": "hash:8"}
 
@@ -102,10 +103,18 @@ def test_bad_index_options(docs, index, options, message):
     ({"dimensions": 0}, "dimensions must be 1 or more, not 0"),
     ({"dimensions": -8}, "dimensions must be 1 or more, not -8"),
     ({"dimensions": 9}, "model hash:8 gives 8 dimensions or fewer; 9 is not possible"),
-    ({"chunk_tokens": None}, "chunk_tokens must be a number (0: no chunking), not NULL"),
-    ({"chunk_overlap": None}, "chunk_overlap must be a number (0: no overlap), not NULL"),
-    ({"chunk_tokens": -1}, "chunk_tokens must be 0 (no chunking) or more than chunk_overlap"),
-    ({"chunk_tokens": 0, "chunk_overlap": 5}, "chunk_tokens must be 0 (no chunking) or more than chunk_overlap"),
+    ({"chunk_tokens": -1}, "chunking 'recursive' needs chunk_tokens of 1 or more, not -1"),
+    ({"chunk_tokens": 0, "chunk_overlap": 5}, "chunking 'none' embeds the content whole"),
+    ({"chunking": "none", "chunk_tokens": 100}, "chunking 'none' embeds the content whole"),
+    ({"chunking": "semantic"}, "unknown chunking strategy 'semantic'"),
+    ({"chunking": "recursive", "chunk_tokens": 0}, "chunking 'recursive' needs chunk_tokens of 1 or more"),
+    ({"chunking": "markdown", "chunk_tokens": 100, "chunk_overlap": 100},
+     "chunk_overlap must be 0 to chunk_tokens - 1 (99), not 100"),
+    ({"chunk_tokens": 10, "chunk_overlap": 10}, "chunk_overlap must be 0 to chunk_tokens - 1 (9), not 10"),
+    ({"chunking": "recursive", "chunk_overlap": -1}, "chunk_overlap must be 0 to chunk_tokens - 1"),
+    ({"chunking": "truncate", "chunk_overlap": 5}, "chunking 'truncate' keeps one chunk"),
+    ({"model": "local:all-MiniLM-L6-v2", "chunk_tokens": 300},
+     "chunk_tokens 300 is more than model local:all-MiniLM-L6-v2 reads (256 tokens)"),
     ({"backfill": None}, "backfill must be true or false, not NULL"),
 ])
 def test_bad_arguments(docs, arguments, message):
@@ -194,3 +203,19 @@ def test_allowed_names(docs, name):
     assert create(docs, name=name) == name
     assert docs.execute("SELECT to_regclass(format('pgembed.%%I', %s::text)) IS NOT NULL",
                         (name,)).fetchone() == (True,)
+
+
+@pytest.mark.parametrize(("arguments", "settings"), [
+    ({}, ("recursive", 256, 38)),                                   # hash:8: fits the model
+    ({"model": "local:all-MiniLM-L6-v2"}, ("recursive", 192, 28)),  # 3/4 of MiniLM's 256
+    ({"chunk_tokens": 0}, ("none", 0, 0)),                          # the old "no chunking"
+    ({"chunk_tokens": 180, "chunk_overlap": 30}, ("tokens", 180, 30)),  # the old cl100k windows
+    ({"chunking": "markdown", "chunk_tokens": 100}, ("markdown", 100, 15)),
+    ({"chunking": "truncate"}, ("truncate", 256, 0)),
+    ({"chunking": "none"}, ("none", 0, 0)),
+])
+def test_chunking_defaults_fit_the_model(docs, arguments, settings):
+    name = create(docs, **arguments)
+    row = docs.execute("SELECT chunking, chunk_tokens, chunk_overlap FROM pgembed.pipelines WHERE name = %s",
+                       (name,)).fetchone()
+    assert row == settings

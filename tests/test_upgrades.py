@@ -8,6 +8,7 @@ from pgvector.psycopg import register_vector
 
 from pgembed import migrate
 from pgembed.cache import chunk_key, document_hash
+from pgembed.chunking import chunk_text
 from pgembed.providers.hashing import hash_array
 from pgembed.schema import revision_sql
 from tests.conftest import drain
@@ -109,3 +110,33 @@ def test_0002_with_failures_and_workers_upgrades_classified_and_keeps_its_worker
         assert dict(conn.execute("SELECT name, state FROM pgembed.workers")) == {"old-worker": "dead",
                                                                                  "live": "stopping"}
         assert conn.execute("SELECT pgembed.retry_failures(class => 'too_long')").fetchone() == (1,)
+
+
+def test_0002_with_data_upgrades_and_its_pipelines_keep_their_chunking(empty_dsn):
+    """Revision 0004 (chunking that fits the model) keeps what pipelines did: chunk_tokens 0
+    stays unchunked ('none'), chunk_tokens N stays cl100k windows ('tokens'); stored vectors
+    stay, with truncated = false, and the regenerated store writes the new column."""
+    migrate.upgrade(empty_dsn, "0002")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)")
+        conn.execute("INSERT INTO notes SELECT * FROM unnest(%s::int[], %s::text[])",
+                     (list(BODIES), list(BODIES.values())))
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', name => 'whole')")
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', chunk_tokens => 6, "
+                     "chunk_overlap => 2, name => 'windows')")
+        text = BODIES[1]
+        conn.execute("INSERT INTO pgembed.whole (id, chunk_seq, chunk, content_hash, chunk_hash, embedding) "
+                     "VALUES (1, 0, %s, %s, %s, %s)",
+                     (text, document_hash(text), chunk_key("hash:8", 8, text), hash_array(text, 8)))
+        conn.execute("DELETE FROM pgembed.outbox WHERE pipeline = 'whole' AND key = '[\"1\"]'")
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        assert conn.execute("SELECT name, chunking, chunk_tokens, chunk_overlap FROM pgembed.pipelines "
+                            "ORDER BY name").fetchall() == [("whole", "none", 0, 0), ("windows", "tokens", 6, 2)]
+        assert conn.execute("SELECT chunk, truncated FROM pgembed.whole").fetchall() == [(text, False)]
+        drain(empty_dsn)
+        assert conn.execute("SELECT id, chunk FROM pgembed.whole ORDER BY id").fetchall() == sorted(BODIES.items())
+        windows = conn.execute("SELECT id, chunk FROM pgembed.windows ORDER BY id, chunk_seq").fetchall()
+        assert windows == [(i, c) for i, body in sorted(BODIES.items()) for c in chunk_text(body, 6, 2)]

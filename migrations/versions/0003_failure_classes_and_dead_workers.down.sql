@@ -18,6 +18,16 @@ BEGIN
 END
 $$;
 
+-- Functions 0003's definitions made that 0002's do not: the sweep at the end of 0002's
+-- definitions keeps whatever this transaction made, and a downgrade past 0003 made them.
+DROP FUNCTION IF EXISTS pgembed.acknowledge(text, uuid, jsonb, bigint[], text[], int[], int[], text[], bytea[],
+                                            bytea[], anyarray, int[], int[], text, int, jsonb, text, int,
+                                            double precision);
+DROP FUNCTION IF EXISTS pgembed.store_chunks(text, jsonb[], int[], int[], int[], text[], bytea[], bytea[], anyarray);
+DROP FUNCTION IF EXISTS pgembed.failure_class(text);
+DROP FUNCTION IF EXISTS pgembed.requeue_parked(text, text, interval, interval);
+DROP FUNCTION IF EXISTS pgembed.retry_failures(text, text);
+
 ALTER TABLE pgembed.failures DROP COLUMN class;
 DROP TABLE pgembed.failure_classes;
 

@@ -28,8 +28,10 @@ def create(
         help="The index's options as a JSON object: hnsw '{\"m\":16,\"ef_construction\":64}', "
              "ivfflat '{\"lists\":100}'.")] = None,
     distance: Annotated[str, typer.Option(help="cosine, l2 or ip.")] = "cosine",
-    chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk; 0 = no chunking.")] = 0,
-    chunk_overlap: Annotated[int, typer.Option(help="Tokens shared by neighbouring chunks.")] = 0,
+    chunking: Annotated[str | None, typer.Option(
+        help="recursive (default), markdown, tokens, truncate or none.")] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="Tokens per chunk (default: fits the model).")] = None,
+    chunk_overlap: Annotated[int | None, typer.Option(help="Tokens shared by neighbouring chunks.")] = None,
     backfill: Annotated[bool, typer.Option(help="Queue the rows already in the table.")] = True,
     cost_center: Annotated[str | None, typer.Option(help="SQL expression naming who pays, e.g. tenant_id.")] = None,
     name: Annotated[str | None, typer.Option(help="Pipeline name (default: {table}_{model}).")] = None,
@@ -45,7 +47,8 @@ def create(
     Example: pgembed pipeline create articles "title || ' ' || body" --model hash:384
     """
     options = PipelineOptions(dimensions=dimensions, index=index, index_options=_json_object(index_options),
-                              distance=distance, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
+                              distance=distance, chunking=chunking, chunk_tokens=chunk_tokens,
+                              chunk_overlap=chunk_overlap,
                               backfill=backfill, cost_center=cost_center, name=name)
     with connect(dsn, embedded) as conn:
         existing = [] if another or name else pipelines.same(conn, table_name, content, model, dimensions)

@@ -17,10 +17,12 @@ truncated embedding would look fine and match only the start of the row.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgembed.providers.base import (
     EmbedResult,
@@ -30,6 +32,9 @@ from pgembed.providers.base import (
     truncate_and_normalise,
     vector_problem,
 )
+
+if TYPE_CHECKING:
+    from pgembed.splitting import Counter
 
 MINILM_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
 INSTALL_HINT = (
@@ -41,6 +46,7 @@ _models: dict[str, Any] = {}
 _load_lock = threading.Lock()
 # torch already spreads one batch over every core; concurrent batches would only thrash.
 _encode_lock = threading.Lock()
+_encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgembed-encode")
 
 
 class LocalModelError(ProviderError, UnknownModelError):
@@ -121,6 +127,24 @@ def input_error(text: str, count: int, limit: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def chunk_counter(spec: ModelSpec) -> Counter:
+    """What chunks of text for this model are measured with: its own tokenizer (a copy, with
+    the truncation and padding sentence-transformers sets switched off, or every text would
+    count as at most 128 tokens) and its window less [CLS]/[SEP]."""
+    from tokenizers import Tokenizer
+
+    from pgembed.splitting import Counter
+
+    source = resolve_model(spec.name)
+    model = load_model(source)
+    tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    window = LocalProvider(spec).input_limit(model) - model.tokenizer.num_special_tokens_to_add()
+    return Counter(f"hf:{source}", max(window, 1), tokenizer)
+
+
 class LocalProvider:
     """Provider protocol over one sentence-transformers model shared by the process."""
 
@@ -174,8 +198,12 @@ class LocalProvider:
                                   f"fewer than the {self.spec.dimensions} asked for")
 
     async def embed(self, texts: list[str]) -> EmbedResult:
-        """Embed in a thread: the model is CPU-bound and must not stall the event loop."""
-        return await asyncio.to_thread(self._embed_sync, list(texts))
+        """Embed in a thread: the model is CPU-bound and must not stall the event loop. One
+        thread for the process, not the event loop's: torch gives each new calling thread
+        a thread pool of its own, and a search (one event loop per query) paid that
+        each time, some hundreds of milliseconds."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_encoder, self._embed_sync, list(texts))
 
     async def aclose(self) -> None:
         """Nothing to close: the model stays loaded for the next provider in this process."""
