@@ -85,6 +85,10 @@ class Scale:
     float_dims: int = 768
     float_batch_size: int = 500
     float_concurrency: int = 4
+    # 10. read path: rows searched (1M takes a quarter of an hour to load and index here)
+    read_rows: tuple[int, ...] = (100_000,)
+    read_queries: int = 200
+    read_cli_runs: int = 5
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -119,6 +123,7 @@ SCALES: dict[str, Scale] = {
         memory_rows=5_000,
         audit_rows=10_000, audit_repeats=1,
         float_rows=1_000,
+        read_rows=(2_000,), read_queries=20, read_cli_runs=2,
         checkpoints=False,
     ),
 }
