@@ -13,6 +13,7 @@ Scenarios (targets from issue 5; every figure is measured next to its limit in o
   audit        SELECT * FROM pgembed.pipeline_status vs count(*) of the destination
   float_path   a server answering JSON floats: decode and drain vs base64 and vs the old reader
   quality      SciFact nDCG@10 of a default local pipeline vs exact search, same model, same run
+  read_path    search p50/p99 and queries/s (SQL, Client, CLI) vs raw SQL, recall@10 vs exact
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from benchmarks import report
 from benchmarks.harness import REPO, SCALES, Bench, Result
 
 SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit",
-             "float_path", "quality")
+             "float_path", "quality", "read_path")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

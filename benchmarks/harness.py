@@ -87,6 +87,10 @@ class Scale:
     float_concurrency: int = 4
     # 11. retrieval quality: SciFact documents (0: all 5,183 and the 809 train queries)
     quality_docs: int = 0
+    # 10. read path: rows searched (1M takes a quarter of an hour to load and index here)
+    read_rows: tuple[int, ...] = (100_000,)
+    read_queries: int = 200
+    read_cli_runs: int = 5
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -122,6 +126,7 @@ SCALES: dict[str, Scale] = {
         audit_rows=10_000, audit_repeats=1,
         float_rows=1_000,
         quality_docs=40,
+        read_rows=(2_000,), read_queries=20, read_cli_runs=2,
         checkpoints=False,
     ),
 }

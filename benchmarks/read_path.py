@@ -1,0 +1,176 @@
+"""10. The read path: search latency and throughput over `read_rows` rows (384-d, HNSW).
+
+The destination is filled by binary COPY of hash vectors of the corpus (the worker is not
+what this measures) and its HNSW index built afterwards, as pgembed's deferred build does.
+The same queries, one client, one at a time, go through:
+
+* raw SQL with the precomputed vector: `ORDER BY embedding <=> q LIMIT k` on the
+  destination, prepared, at the `hnsw.ef_search` pgembed.search sets: the limit;
+* `pgembed.search(pipeline, vector, k)` in SQL;
+* `Client.search(pipeline, vector=...)`: the overhead beyond the embedding call, the
+  figure the target (≤ 1.2 × raw SQL) is about;
+* `Client.search(pipeline, text)`: with the embedding (hash provider: near free) and the
+  usage ledger;
+* the `pgembed search` command, a few times (a process start each).
+
+Recall@10 of pgembed.search against exact search (numpy, brute force over the same
+vectors, in this run) is reported beside the latencies, with the ef_search used.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from benchmarks.harness import (
+    REPO,
+    Bench,
+    Result,
+    at_least,
+    at_most,
+    connect,
+    content_of,
+    copy_docs,
+    copy_vectors,
+    corpus,
+    create_docs,
+    create_pipeline,
+    percentile,
+    ratio,
+    sha256,
+)
+from pgembed.cache import chunk_key
+from pgembed.client import Client
+from pgembed.providers.hashing import hash_array
+
+NAME = "read_path"
+DIMS = 384
+MODEL = f"hash:{DIMS}"
+K = 10
+
+
+def run(bench: Bench) -> list[Result]:
+    results: list[Result] = []
+    for rows in bench.scale.read_rows:
+        bench.log(f"  {NAME}: {rows:,} rows, {bench.scale.read_queries} queries, k = {K}")
+        results += _at(bench, rows)
+    return results
+
+
+def _at(bench: Bench, rows: int) -> list[Result]:
+    docs = corpus(rows)
+    texts = [content_of(title, body) for _, title, body in docs]
+    vectors = np.stack([hash_array(t, DIMS) for t in texts]).astype(np.float32)
+    queries = [content_of(title, body) for _, title, body in corpus(bench.scale.read_queries, offset=900_000)]
+    query_vectors = [hash_array(q, DIMS).astype(np.float32) for q in queries]
+    with bench.database() as dsn, connect(dsn) as conn:
+        destination = _load(conn, docs, texts, vectors)
+        conn.execute(sql.SQL("ANALYZE pgembed.{}").format(sql.Identifier(destination)))
+        ef = _ef_search(conn)
+        latencies = _latencies(bench, conn, dsn, destination, queries, query_vectors, ef)
+        recall = _recall(conn, vectors, query_vectors)
+    return _results(rows, latencies, recall, ef)
+
+
+def _load(conn: psycopg.Connection, docs: list[tuple[int, str, str]], texts: list[str],
+          vectors: np.ndarray) -> str:
+    """Source rows, then the pipeline (no backfill), then its destination by COPY; the HNSW
+    index is built once the rows are in, as a deferred build would."""
+    create_docs(conn)
+    copy_docs(conn, docs)
+    destination = create_pipeline(conn, MODEL, index="hnsw", backfill=False)
+    index = conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass "
+                         "AND NOT indisprimary", (f"pgembed.{destination}",)).fetchone()[0]
+    conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(index)))
+    copy_vectors(conn, destination, ((d[0], 0, t, sha256(t), chunk_key(MODEL, DIMS, t), v)
+                                     for d, t, v in zip(docs, texts, vectors, strict=True)), schema="pgembed")
+    conn.execute("SET maintenance_work_mem = '1GB'")
+    conn.execute("SELECT pgembed.create_vector_index(p) FROM pgembed.pipelines p")
+    return destination
+
+
+def _ef_search(conn: psycopg.Connection) -> int:
+    """The hnsw.ef_search pgembed.search runs with for k rows (it sets it per call)."""
+    with conn.transaction():
+        conn.execute("SELECT count(*) FROM pgembed.search((SELECT name FROM pgembed.pipelines), "
+                     "array_fill(0.5::real, ARRAY[%s]), %s)", (DIMS, K))
+        return int(conn.execute("SELECT current_setting('hnsw.ef_search')").fetchone()[0])
+
+
+def _timed(calls: list[Callable[[], object]]) -> list[float]:
+    """Seconds of each call, after two untimed ones (plans, caches)."""
+    for call in calls[:2]:
+        call()
+    times = []
+    for call in calls:
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _latencies(bench: Bench, conn: psycopg.Connection, dsn: str, destination: str, queries: list[str],
+               vectors: list[np.ndarray], ef: int) -> dict[str, list[float]]:
+    raw = sql.SQL("SELECT id, chunk_seq, chunk, embedding <=> %(q)s AS distance FROM pgembed.{} "
+                  "ORDER BY embedding <=> %(q)s LIMIT %(k)s").format(sql.Identifier(destination))
+    pipeline = conn.execute("SELECT name FROM pgembed.pipelines").fetchone()[0]
+    conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef)))
+    conn.execute("SET hnsw.iterative_scan = relaxed_order")
+    client = Client(dsn)
+    try:
+        measured = {
+            "raw SQL": _timed([lambda v=v: conn.execute(raw, {"q": v, "k": K}, prepare=True).fetchall()
+                               for v in vectors]),
+            "pgembed.search()": _timed([lambda v=v: conn.execute(
+                "SELECT * FROM pgembed.search(%s, %s::real[], %s)", (pipeline, v.tolist(), K),
+                prepare=True).fetchall() for v in vectors]),
+            "Client.search(vector)": _timed([lambda v=v: client.search(pipeline, vector=v, k=K) for v in vectors]),
+            "Client.search(text)": _timed([lambda q=q: client.search(pipeline, q, k=K) for q in queries]),
+        }
+    finally:
+        client.close()
+    command = [sys.executable, "-m", "pgembed", "search", pipeline, queries[0], "-k", str(K), "--dsn", dsn]
+    measured["pgembed search (CLI)"] = _timed(
+        [lambda: subprocess.run(command, cwd=REPO, check=True, capture_output=True)] * bench.scale.read_cli_runs)
+    return measured
+
+
+def _recall(conn: psycopg.Connection, vectors: np.ndarray, queries: list[np.ndarray]) -> float:
+    """Recall@K of pgembed.search against exact cosine search over the same vectors."""
+    pipeline = conn.execute("SELECT name FROM pgembed.pipelines").fetchone()[0]
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    found = 0
+    for q in queries:
+        exact = {int(i) + 1 for i in np.argsort(-(unit @ (q / np.linalg.norm(q))))[:K]}  # ids start at 1
+        got = {int(r[0]["id"]) for r in conn.execute(
+            "SELECT key FROM pgembed.search(%s, %s::real[], %s)", (pipeline, q.tolist(), K)).fetchall()}
+        found += len(exact & got)
+    return found / (K * len(queries))
+
+
+def _summary(times: list[float]) -> dict[str, Any]:
+    ms = [t * 1000 for t in times]
+    return {"p50_ms": round(percentile(ms, 50), 3), "p99_ms": round(percentile(ms, 99), 3),
+            "qps": round(len(ms) / (sum(ms) / 1000), 1), "n": len(ms)}
+
+
+def _results(rows: int, latencies: dict[str, list[float]], recall: float, ef: int) -> list[Result]:
+    summaries = {name: _summary(times) for name, times in latencies.items()}
+    base = summaries["raw SQL"]["p50_ms"]
+    label = f"{rows // 1000}k" if rows < 1_000_000 else f"{rows // 1_000_000}M"
+    results = []
+    for name, s in summaries.items():
+        r = ratio(s["p50_ms"], base)
+        target, met = ("≤ 1.2 × raw SQL", at_most(r, 1.2)) if name == "Client.search(vector)" else ("", None)
+        results.append(Result(NAME, f"{label} {name} p50", s["p50_ms"], "ms", base, "ms", "raw SQL, same vector",
+                              r, target, met, details={**s, "rows": rows, "ef_search": ef}))
+    results.append(Result(NAME, f"{label} recall@{K}", recall, "", 1.0, "", "exact search", recall,
+                          "reported", at_least(recall, 0.0), details={"ef_search": ef, "rows": rows}))
+    return results
