@@ -29,6 +29,10 @@ SHIPPED = {
         "c4338056b8ad7e0ff5a4867f0200e773bf592dbacf11ae241b70ab84275576fd",
     "0003_chunking_that_fits_the_model.down.sql":
         "2e810714e3df042ef430c5a6ad4a173c5d0f3210dfc9a33cb7792510560b6b96",
+    "0004_halfvec_and_quantization.sql":
+        "69313ff058890c31fb27d3fd512891796dbd331c61f7513bbcf434bfe824c739",
+    "0004_halfvec_and_quantization.down.sql":
+        "e2efebd1bcc9da26f1b47c703b4927689eee36e786b59339143996170dd403c3",
 }
 
 

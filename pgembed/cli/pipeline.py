@@ -31,6 +31,12 @@ def create(
     backfill: Annotated[bool, typer.Option(help="Queue the rows already in the table.")] = True,
     cost_center: Annotated[str | None, typer.Option(help="SQL expression naming who pays, e.g. tenant_id.")] = None,
     name: Annotated[str | None, typer.Option(help="Pipeline name (default: {table}_{model}).")] = None,
+    storage: Annotated[str, typer.Option(
+        help="vector (default) or halfvec (half the size, indexed up to 4000 dimensions).")] = "vector",
+    quantization: Annotated[str, typer.Option(
+        help="none (default) or binary (an HNSW index of bits, searches re-ranked).")] = "none",
+    rerank: Annotated[int | None, typer.Option(
+        help="Binary quantization: candidates read per row returned (default 10).")] = None,
     dsn: DsnOption = None,
 ) -> None:
     """Start embedding a table.
@@ -39,7 +45,8 @@ def create(
     """
     options = PipelineOptions(dimensions=dimensions, index=index, distance=distance,
                               chunking=chunking, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
-                              backfill=backfill, cost_center=cost_center, name=name)
+                              backfill=backfill, cost_center=cost_center, name=name,
+                              storage=storage, quantization=quantization, rerank=rerank)
     with connect(dsn) as conn:
         created = pipelines.create(conn, table_name, content, model, options)
     out.print(f"pipeline [bold]{escape(created)}[/bold] created; vectors go to pgembed.{escape(created)}",
