@@ -12,6 +12,8 @@ Scenarios (targets from issue 5; every figure is measured next to its limit in o
   memory       peak RSS of a worker process draining a large backlog
   audit        SELECT * FROM pgembed.pipeline_status vs count(*) of the destination
   quality      SciFact nDCG@10 of a default local pipeline vs exact search, same model, same run
+  storage      vector, halfvec and binary quantization on the same SciFact vectors: sizes, index
+               build time, nDCG@10 and recall@10 vs exact search
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from benchmarks import report
 from benchmarks.harness import REPO, SCALES, Bench, Result
 
 SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit",
-             "quality")
+             "quality", "storage")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

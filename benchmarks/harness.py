@@ -82,6 +82,8 @@ class Scale:
     audit_repeats: int = 3
     # 9. retrieval quality: SciFact documents (0: all 5,183 and the 809 train queries)
     quality_docs: int = 0
+    # 10. storage: SciFact documents (a subset keeping the train queries' relevant ones; 0: all)
+    storage_docs: int = 1_500
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -116,6 +118,7 @@ SCALES: dict[str, Scale] = {
         memory_rows=5_000,
         audit_rows=10_000, audit_repeats=1,
         quality_docs=40,
+        storage_docs=40,
         checkpoints=False,
     ),
 }

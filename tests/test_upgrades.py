@@ -67,3 +67,46 @@ def test_first_shipped_0001_with_data_upgrades_and_drains(empty_dsn):
         drain(empty_dsn)
         converge(conn, [Expect("notes", "notes", ["id"], ["body"], lambda body: body)], timeout=5)
         assert conn.execute("SELECT count(*) FROM pgembed.notes").fetchone() == (8,)
+
+
+def _pipelines_and_vectors(conn: psycopg.Connection) -> dict[str, object]:
+    return {
+        "pipelines": conn.execute("SELECT name, index_type, dimensions FROM pgembed.pipelines ORDER BY name").fetchall(),
+        "vectors": conn.execute("SELECT id, chunk, embedding::text FROM pgembed.notes ORDER BY id").fetchall(),
+        "halved": conn.execute("SELECT id, embedding::text FROM pgembed.halved ORDER BY id").fetchall(),
+    }
+
+
+def test_0003_with_vectors_upgrades_to_vector_storage_and_keeps_searching(empty_dsn):
+    """A database at the previous revision (down from head: a vector pipeline and a halfvec
+    one at 3,072 dimensions, which 0003 cannot index) upgrades: both are `vector`, without
+    quantization, their vectors kept; new writes sync and searches answer."""
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)")
+        conn.execute("INSERT INTO notes SELECT * FROM unnest(%s::int[], %s::text[])",
+                     (list(BODIES), list(BODIES.values())))
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', name => 'notes')")
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:3072', name => 'halved', "
+                     "storage => 'halfvec')")
+        drain(empty_dsn)
+    migrate.downgrade(empty_dsn, "0003")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        before = _pipelines_and_vectors(conn)
+        assert before["pipelines"] == [("halved", "none", 3072), ("notes", "hnsw", 8)], \
+            "0003 cannot index 3,072 dimensions: the downgrade leaves that pipeline without an index"
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        assert _pipelines_and_vectors(conn) == before, "the upgrade changed rows"
+        assert conn.execute("SELECT DISTINCT storage, quantization, rerank FROM pgembed.pipelines").fetchall() == [
+            ("vector", "none", None)]
+        conn.execute("UPDATE notes SET body = body || ' (edited)' WHERE id = 8")
+        drain(empty_dsn)
+        hits = conn.execute("SELECT key->>'id' FROM pgembed.search('notes', %s::real[], 3)",
+                            (list(map(float, hash_array(BODIES[8] + " (edited)", 8))),)).fetchall()
+        assert len(hits) == 3 and hits[0] == ("8",)
+        report = conn.execute("SELECT missing, orphaned, stale FROM pgembed.audit()").fetchall()
+        assert report == [(0, 0, 0)]
