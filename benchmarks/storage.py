@@ -50,8 +50,10 @@ def _rebuild_index(bench: Bench, conn: psycopg.Connection, name: str) -> dict[st
     for (index,) in conn.execute("SELECT indexrelid::regclass::text FROM pg_index "
                                  "WHERE indrelid = %s::regclass AND NOT indisprimary", (f'pgembed."{name}"',)):
         conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(index)))
-    ddl = conn.execute("SELECT pgembed.vector_index_sql(p) FROM pgembed.pipelines p WHERE name = %s",
-                       (name,)).fetchone()[0]
+    found = conn.execute("SELECT pgembed.vector_index_sql(p) FROM pgembed.pipelines p WHERE name = %s",
+                         (name,)).fetchone()
+    assert found is not None
+    ddl = found[0]
     conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(bench.scale.maintenance_work_mem)))
     if bench.scale.checkpoints:
         conn.execute("CHECKPOINT")
@@ -59,10 +61,12 @@ def _rebuild_index(bench: Bench, conn: psycopg.Connection, name: str) -> dict[st
     conn.execute(ddl)
     build = time.perf_counter() - started
     conn.execute(sql.SQL("VACUUM ANALYZE {}").format(destination))
-    index_bytes, table_bytes, rows = conn.execute(sql.SQL(
+    sizes = conn.execute(sql.SQL(
         "SELECT (SELECT sum(pg_relation_size(indexrelid)) FROM pg_index WHERE indrelid = {t}::regclass "
         "AND NOT indisprimary), pg_table_size({t}::regclass), (SELECT count(*) FROM {d})").format(
             t=sql.Literal(f'pgembed."{name}"'), d=destination)).fetchone()
+    assert sizes is not None
+    index_bytes, table_bytes, rows = sizes
     return {"build_seconds": build, "index_bytes": int(index_bytes), "table_bytes": int(table_bytes),
             "rows": int(rows)}
 
@@ -74,7 +78,8 @@ def _exact_run(conn: psycopg.Connection, query_vectors: np.ndarray, qids: list[s
     rows = conn.execute(sql.SQL("SELECT id, embedding FROM {} ORDER BY id, chunk_seq").format(
         sql.Identifier("pgembed", _pipeline("vector")))).fetchall()
     vectors = np.stack([np.asarray(v.to_numpy(), dtype=np.float32) for _, v in rows])
-    return max_sim_run(query_vectors, qids, vectors, [(str(i), "") for i, _ in rows], k)
+    return {q: list(ranked) for q, ranked in
+            max_sim_run(query_vectors, qids, vectors, [(str(i), "") for i, _ in rows], k).items()}
 
 
 def _searches(conn: psycopg.Connection, queries: dict[str, str], k: int) -> tuple[dict[str, Any], np.ndarray]:

@@ -127,3 +127,31 @@ def test_binary_quantization_indexes_more_than_4000_dimensions_and_vector_withou
     assert "bit(5000)" in _indexes(conn, big)[0]
     plain = pipelines.create(conn, notes, "body", "hash:3072", PipelineOptions(index="none", name="plain"))
     assert _indexes(conn, plain) == []
+
+
+def test_hostile_names_with_halfvec_and_binary_quantization(conn, dsn):
+    """Every name the generated index and search SQL write is quoted: the table, its key,
+    the pipeline."""
+    conn.execute('CREATE TABLE "tab\'le; --" ("id ""k""" int PRIMARY KEY, "bo$body$dy" text)')
+    conn.execute("""INSERT INTO "tab'le; --" SELECT g, 'row ' || g FROM generate_series(1, 12) g""")
+    name = pipelines.create(conn, '"tab\'le; --"', '"bo$body$dy"', "hash:32",
+                            PipelineOptions(storage="halfvec", quantization="binary", name="p'; --"))
+    drain(dsn)
+    rows = conn.execute("SELECT key, distance FROM pgembed.search(%s, %s::real[], 4)",
+                        (name, list(map(float, hash_vector("row 3", 32))))).fetchall()
+    assert len(rows) == 4 and rows[0][0] == {'id "k"': 3}
+
+
+def test_the_command_line_creates_a_halfvec_binary_pipeline(conn, dsn, notes):
+    from typer.testing import CliRunner
+
+    from pgembed.cli import app
+
+    result = CliRunner().invoke(app, ["pipeline", "create", notes, "body", "--model", "hash:3072", "--storage",
+                                      "halfvec", "--quantization", "binary", "--rerank", "4", "--dsn", dsn])
+    assert result.exit_code == 0, result.output
+    assert conn.execute("SELECT storage, quantization, rerank FROM pgembed.pipelines").fetchone() == (
+        "halfvec", "binary", 4)
+    refused = CliRunner().invoke(app, ["pipeline", "create", notes, "body", "--model", "hash:3072", "--name", "x",
+                                       "--dsn", dsn])
+    assert refused.exit_code != 0 and "storage => 'halfvec'" in refused.output

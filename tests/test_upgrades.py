@@ -71,7 +71,8 @@ def test_first_shipped_0001_with_data_upgrades_and_drains(empty_dsn):
 
 def _pipelines_and_vectors(conn: psycopg.Connection) -> dict[str, object]:
     return {
-        "pipelines": conn.execute("SELECT name, index_type, dimensions FROM pgembed.pipelines ORDER BY name").fetchall(),
+        "pipelines": conn.execute("SELECT name, index_type, dimensions FROM pgembed.pipelines "
+                                  "ORDER BY name").fetchall(),
         "vectors": conn.execute("SELECT id, chunk, embedding::text FROM pgembed.notes ORDER BY id").fetchall(),
         "halved": conn.execute("SELECT id, embedding::text FROM pgembed.halved ORDER BY id").fetchall(),
     }
