@@ -155,3 +155,26 @@ def test_the_command_line_creates_a_halfvec_binary_pipeline(conn, dsn, notes):
     refused = CliRunner().invoke(app, ["pipeline", "create", notes, "body", "--model", "hash:3072", "--name", "x",
                                        "--dsn", dsn])
     assert refused.exit_code != 0 and "storage => 'halfvec'" in refused.output
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (PipelineOptions(storage="halfvec", distance="l2"), "halfvec_l2_ops"),
+    (PipelineOptions(storage="halfvec", quantization="binary"), "bit_hamming_ops"),
+])
+def test_a_deferred_build_uses_the_storage_s_operator_class_or_the_quantized_expression(conn, dsn, notes,
+                                                                                       options, expected):
+    """What a worker builds after a large backfill (pgembed.deferred_index_plan): here its
+    index dropped and its deferral recorded by hand, as 10,000 rows would."""
+    import asyncio
+
+    from pgembed import indexes
+
+    name = pipelines.create(conn, notes, "body", "hash:3072", options)
+    drain(dsn)
+    for (index,) in conn.execute("SELECT indexrelid::regclass::text FROM pg_index "
+                                 "WHERE indrelid = %s::regclass AND NOT indisprimary", (f'pgembed."{name}"',)):
+        conn.execute(f"DROP INDEX {index}")
+    conn.execute("INSERT INTO pgembed.deferred_indexes (pipeline, rows_queued) VALUES (%s, %s)", (name, ROWS))
+    assert asyncio.run(indexes.build_ready(dsn, "64MB", set())) == [name]
+    [index] = _indexes(conn, name)
+    assert "USING hnsw" in index and expected in index
