@@ -38,10 +38,11 @@ BEGIN
     nearest := pgembed.nearest_chunks_sql(p);
     wanted := k * 4;
     LOOP
-        PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted * coalesce(p.rerank, 1)))::text, true);
+        PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted, k * coalesce(p.rerank, 0)))::text,
+                           true);
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
         EXECUTE format('SELECT count(*), count(DISTINCT n.key) FROM (%s) AS n', nearest)
-            INTO chunks, keys USING query, wanted;
+            INTO chunks, keys USING query, wanted, k;
         EXIT WHEN keys >= k OR chunks < wanted;
         wanted := wanted * 4;
     END LOOP;
@@ -56,9 +57,9 @@ $$;
 -- The `wanted` ($2) nearest chunks of a pipeline to the query ($1), by the pipeline's
 -- distance, through its vector index when it has one (ORDER BY the index's expression, LIMIT).
 -- The query is cast to the pipeline's storage (a halfvec index orders by halfvec distances).
--- A binary-quantized pipeline reads `rerank` times as many candidates by Hamming distance
--- through its index of bits, then keeps the nearest by the stored vectors: the distance
--- returned is always the stored vectors' own.
+-- A binary-quantized pipeline reads `rerank` times as many candidates as rows asked for ($3),
+-- and never fewer than `wanted`, by Hamming distance through its index of bits, then keeps
+-- the nearest by the stored vectors: the distance returned is always the stored vectors' own.
 CREATE OR REPLACE FUNCTION pgembed.nearest_chunks_sql(p pgembed.pipelines)
 RETURNS text
 LANGUAGE sql STABLE
@@ -67,7 +68,7 @@ AS $$
     SELECT CASE WHEN p.quantization = 'binary' THEN format(
                'SELECT c.key, c.chunk_seq, c.chunk, (c.embedding %1$s $1::%2$s)::float8 AS distance FROM ('
                'SELECT jsonb_build_object(%3$s) AS key, d.chunk_seq, d.chunk, d.embedding FROM pgembed.%4$I d '
-               'ORDER BY %5$s OPERATOR(%6$s.<~>) %7$s LIMIT $2 * %8$s) AS c '
+               'ORDER BY %5$s OPERATOR(%6$s.<~>) %7$s LIMIT greatest($2, $3 * %8$s)) AS c '
                'ORDER BY c.embedding %1$s $1::%2$s LIMIT $2',
                o.op, pgembed.embedding_type(p), pgembed.sql_list('%1$L, d.%1$I', p.key_columns), p.destination,
                pgembed.index_expression(p, 'd.embedding'), pgembed.vector_schema(),

@@ -73,7 +73,7 @@ def test_binary_quantized_search_returns_k_rows_one_each_by_the_stored_distance(
     conn.execute("SET enable_seqscan = off")
     plan = "\n".join(r[0] for r in conn.execute(
         "EXPLAIN " + conn.execute("SELECT pgembed.nearest_chunks_sql(p) FROM pgembed.pipelines p WHERE name = %s",
-                                  (name,)).fetchone()[0].replace("$1", "%(q)s::real[]").replace("$2", "8"),
+                                  (name,)).fetchone()[0].replace("$1", "%(q)s::real[]").replace("$2", "8").replace("$3", "2"),
         {"q": list(query)}).fetchall())
     assert "Index Scan" in plan, plan
     hits = search.search(conn, name, vector=query, k=7)
