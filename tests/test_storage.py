@@ -152,6 +152,8 @@ def test_the_command_line_creates_a_halfvec_binary_pipeline(conn, dsn, notes):
     assert result.exit_code == 0, result.output
     assert conn.execute("SELECT storage, quantization, rerank FROM pgembed.pipelines").fetchone() == (
         "halfvec", "binary", 4)
+    listed = CliRunner().invoke(app, ["pipeline", "list", "--dsn", dsn], env={"COLUMNS": "200"}).output
+    assert "halfvec+binary" in listed
     refused = CliRunner().invoke(app, ["pipeline", "create", notes, "body", "--model", "hash:3072", "--name", "x",
                                        "--dsn", dsn])
     assert refused.exit_code != 0 and "storage => 'halfvec'" in refused.output
