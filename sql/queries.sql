@@ -219,7 +219,6 @@ SELECT pgembed.drop_pipeline(%(name)s)
 -- pipeline_list --
 SELECT name, source::text AS source, content, model, dimensions, index_type, distance,
        chunking, chunk_tokens,
-       storage || CASE WHEN quantization = 'none' THEN '' ELSE '+' || quantization END AS storage,
        (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p.name)
        + pgembed.statement_keys(p.name) AS queued
   FROM pgembed.pipelines p

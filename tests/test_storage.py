@@ -71,10 +71,10 @@ def test_binary_quantized_search_returns_k_rows_one_each_by_the_stored_distance(
     assert conn.execute(f'SELECT count(*) > %s FROM pgembed."{name}"', (ROWS,)).fetchone() == (True,)
     query = hash_vector("note 12 on lighthouses", 64)
     conn.execute("SET enable_seqscan = off")
-    plan = "\n".join(r[0] for r in conn.execute(
-        "EXPLAIN " + conn.execute("SELECT pgembed.nearest_chunks_sql(p) FROM pgembed.pipelines p WHERE name = %s",
-                                  (name,)).fetchone()[0].replace("$1", "%(q)s::real[]").replace("$2", "8").replace("$3", "2"),
-        {"q": list(query)}).fetchall())
+    nearest = conn.execute("SELECT pgembed.nearest_chunks_sql(p) FROM pgembed.pipelines p WHERE name = %s",
+                           (name,)).fetchone()[0]
+    nearest = nearest.replace("$1", "%(q)s::real[]").replace("$2", "8").replace("$3", "2")
+    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + nearest, {"q": list(query)}).fetchall())
     assert "Index Scan" in plan, plan
     hits = search.search(conn, name, vector=query, k=7)
     assert len(hits) == 7 and len({h.key["id"] for h in hits}) == 7
@@ -152,8 +152,6 @@ def test_the_command_line_creates_a_halfvec_binary_pipeline(conn, dsn, notes):
     assert result.exit_code == 0, result.output
     assert conn.execute("SELECT storage, quantization, rerank FROM pgembed.pipelines").fetchone() == (
         "halfvec", "binary", 4)
-    listed = CliRunner().invoke(app, ["pipeline", "list", "--dsn", dsn], env={"COLUMNS": "200"}).output
-    assert "halfvec+binary" in listed
     refused = CliRunner().invoke(app, ["pipeline", "create", notes, "body", "--model", "hash:3072", "--name", "x",
                                        "--dsn", dsn])
     assert refused.exit_code != 0 and "storage => 'halfvec'" in refused.output

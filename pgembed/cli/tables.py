@@ -89,7 +89,7 @@ def limit(value: int | None) -> str:
 # --- pipelines and search -------------------------------------------------------------------
 
 def pipelines(rows: list[Row]) -> Table:
-    columns = ["name", "source", "content", "model", "dimensions", "index_type", "storage", "queued"]
+    columns = ["name", "source", "content", "model", "dimensions", "index_type", "queued"]
     return table("pipelines", columns, ([r[c] for c in columns] for r in rows))
 
 
