@@ -91,13 +91,18 @@ def test_0003_with_vectors_upgrades_to_vector_storage_and_keeps_searching(empty_
         conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', name => 'notes')")
         conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:3072', name => 'halved', "
                      "storage => 'halfvec')")
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', name => 'bits', "
+                     "quantization => 'binary', index_options => '{\"m\": 8}')")
         drain(empty_dsn)
     migrate.downgrade(empty_dsn, "0003")
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         register_vector(conn)
         before = _pipelines_and_vectors(conn)
-        assert before["pipelines"] == [("halved", "none", 3072), ("notes", "hnsw", 8)], \
+        assert before["pipelines"] == [("bits", "hnsw", 8), ("halved", "none", 3072), ("notes", "hnsw", 8)], \
             "0003 cannot index 3,072 dimensions: the downgrade leaves that pipeline without an index"
+        [bits] = conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'bits' "
+                              "AND indexdef LIKE '%hnsw%'").fetchone()
+        assert "embedding vector_cosine_ops" in bits and "m='8'" in bits, "the index 0003 gives it, its options kept"
     migrate.upgrade(empty_dsn)
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         register_vector(conn)
