@@ -14,6 +14,8 @@ Scenarios (targets from issue 5; every figure is measured next to its limit in o
   float_path   a server answering JSON floats: decode and drain vs base64 and vs the old reader
   quality      SciFact nDCG@10 of a default local pipeline vs exact search, same model, same run
   read_path    search p50/p99 and queries/s (SQL, Client, CLI) vs raw SQL, recall@10 vs exact
+  storage      vector, halfvec and binary quantization on the same SciFact vectors: sizes, index
+               build time, nDCG@10 and recall@10 vs exact search
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from benchmarks import report
 from benchmarks.harness import REPO, SCALES, Bench, Result
 
 SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit",
-             "float_path", "quality", "read_path")
+             "float_path", "quality", "read_path", "storage")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -91,6 +91,8 @@ class Scale:
     read_rows: tuple[int, ...] = (100_000,)
     read_queries: int = 200
     read_cli_runs: int = 5
+    # 12. storage: SciFact documents (a subset keeping the train queries' relevant ones; 0: all)
+    storage_docs: int = 1_500
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -127,6 +129,7 @@ SCALES: dict[str, Scale] = {
         float_rows=1_000,
         quality_docs=40,
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
+        storage_docs=40,
         checkpoints=False,
     ),
 }

@@ -33,6 +33,9 @@ class PipelineOptions:
     name: str | None = None
     chunking: str | None = None
     chunk_prefix: str | None = None  # an expression embedded at the head of every chunk
+    storage: str = "vector"  # or "halfvec": half the size, indexed up to 4,000 dimensions
+    quantization: str = "none"  # or "binary": an HNSW index of bits, searches re-ranked
+    rerank: int | None = None  # binary: candidates read per row returned (10 when None)
 
 
 def refused(error: psycopg.Error) -> PipelineError:
@@ -52,7 +55,8 @@ def create(conn: psycopg.Connection, source: str, content: str, model: str,
         "distance": o.distance, "chunk_tokens": o.chunk_tokens,
         "chunk_overlap": o.chunk_overlap, "backfill": o.backfill,
         "cost_center": o.cost_center, "name": o.name, "chunking": o.chunking,
-        "chunk_prefix": o.chunk_prefix,
+        "chunk_prefix": o.chunk_prefix, "storage": o.storage, "quantization": o.quantization,
+        "rerank": o.rerank,
     }
     try:
         with conn.transaction():

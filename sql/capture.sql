@@ -318,7 +318,8 @@ $$;
 -- pair. The delete finds them through `key column = ANY (array)`, an index scan whatever the
 -- statistics say: as a join with unnest() the planner, misjudging the expression's
 -- selectivity, chose to hash the whole destination on every batch once it held some 50,000
--- rows.
+-- rows. The worker passes full-precision vectors (the cache's); the store narrows them to the
+-- pipeline's storage (halfvec), so the worker and the store's signature are one for all.
 CREATE OR REPLACE FUNCTION pgembed.store_body(p pgembed.pipelines)
 RETURNS text
 LANGUAGE sql STABLE
@@ -330,13 +331,15 @@ AS $$
      WHERE {{same_keys}};
     INSERT INTO {{destination}} ({{key_columns}}, chunk_seq, chunk, content_hash, chunk_hash, embedding,
                                  truncated)
-    SELECT {{key_casts}}, r.seq, r.chunk, r.content_hash, r.chunk_hash, r.embedding, coalesce(r.truncated, false)
+    SELECT {{key_casts}}, r.seq, r.chunk, r.content_hash, r.chunk_hash, r.embedding::{{embedding_type}},
+           coalesce(r.truncated, false)
       FROM unnest(keys, chunk_seqs, chunks, content_hashes, chunk_hashes, embeddings, truncated)
            AS r(key, seq, chunk, content_hash, chunk_hash, embedding, truncated)
      WHERE r.seq IS NOT NULL;
 $t$, jsonb_build_object(
         'id', p.id,
         'destination', format('pgembed.%I', p.destination),
+        'embedding_type', pgembed.embedding_type(p),
         'key_columns', pgembed.sql_list('%1$I', p.key_columns),
         'key_casts', pgembed.key_casts(p, 'r.key'),
         'same_keys',

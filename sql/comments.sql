@@ -25,6 +25,9 @@ COMMENT ON COLUMN pgembed.pipelines.key_types IS 'their SQL types';
 COMMENT ON COLUMN pgembed.pipelines.chunk_tokens IS '0: no chunking; else tokens per chunk, in the model''s tokens (cl100k for chunking tokens)';
 COMMENT ON COLUMN pgembed.pipelines.chunking IS 'recursive, markdown, tokens (cl100k windows), truncate (start only, flagged) or none (too long fails)';
 COMMENT ON COLUMN pgembed.pipelines.chunk_prefix IS 'expression embedded at the head of every chunk of a row, as given (content_bound carries it)';
+COMMENT ON COLUMN pgembed.pipelines.storage IS 'vector (4-byte floats, indexed up to 2,000 dimensions) or halfvec (2-byte floats, up to 4,000)';
+COMMENT ON COLUMN pgembed.pipelines.quantization IS 'none, or binary: the HNSW index holds binary_quantize(embedding), searches re-rank by the stored vectors';
+COMMENT ON COLUMN pgembed.pipelines.rerank IS 'a binary-quantized search reads rerank times as many candidates as it returns';
 COMMENT ON COLUMN pgembed.pipelines.search_path IS 'the creator''s search_path, on which content and cost_center were read';
 
 COMMENT ON TABLE pgembed.outbox IS 'Keys to embed, one row per (pipeline, key); see pgembed.outbox_state for the states of a row';

@@ -75,7 +75,8 @@ END
 $$;
 
 -- The vector index of a destination table.
--- The CREATE INDEX statement of a pipeline's vector index (NULL for index 'none').
+-- The CREATE INDEX statement of a pipeline's vector index (NULL for index 'none'): over the
+-- stored vectors with their storage's operator class, or over their binary quantization.
 -- CONCURRENTLY for a build while the application writes: its deletes remove vectors.
 CREATE OR REPLACE FUNCTION pgembed.vector_index_sql(p pgembed.pipelines, p_concurrently boolean DEFAULT false)
 RETURNS text
@@ -83,8 +84,6 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    ops text := CASE p.distance WHEN 'cosine' THEN 'vector_cosine_ops'
-                                WHEN 'l2' THEN 'vector_l2_ops' ELSE 'vector_ip_ops' END;
     allowed text[] := CASE p.index_type WHEN 'hnsw' THEN '{m,ef_construction}'::text[]
                                         ELSE '{lists}'::text[] END;
     opts text;
@@ -102,9 +101,9 @@ BEGIN
     SELECT string_agg(format('%s = %s', key, (value #>> '{}')::int), ', ')
       INTO opts FROM jsonb_each(p.index_options);
     -- unnamed: PostgreSQL picks a unique name even when long table names share a prefix
-    RETURN format('CREATE INDEX %sON pgembed.%I USING %s (embedding %s.%s)%s',
+    RETURN format('CREATE INDEX %sON pgembed.%I USING %s (%s %s)%s',
                   CASE WHEN p_concurrently THEN 'CONCURRENTLY ' ELSE '' END,
-                  p.destination, p.index_type, pgembed.vector_schema(), ops,
+                  p.destination, p.index_type, pgembed.index_expression(p, 'embedding'), pgembed.index_opclass(p),
                   CASE WHEN opts IS NULL THEN '' ELSE ' WITH (' || opts || ')' END);
 END
 $$;
@@ -172,7 +171,6 @@ DECLARE
     p pgembed.pipelines;
     b pgembed.index_builds;
     current_ok boolean;
-    ops text;
 BEGIN
     FOR p IN SELECT * FROM pgembed.pipelines q WHERE q.index_type = 'ivfflat' ORDER BY q.name LOOP
         pipeline := p.name;
@@ -196,11 +194,8 @@ BEGIN
             ELSE 'ok' END;
         index_name := left(p.destination, 40) || '_ivfflat_'
                       || to_char(clock_timestamp(), 'YYYYMMDDHH24MISS');
-        ops := CASE p.distance WHEN 'cosine' THEN 'vector_cosine_ops'
-                               WHEN 'l2' THEN 'vector_l2_ops' ELSE 'vector_ip_ops' END;
-        create_sql := format('CREATE INDEX CONCURRENTLY %I ON pgembed.%I USING ivfflat (embedding %s.%s) '
-                             'WITH (lists = %s)', index_name, p.destination,
-                             pgembed.vector_schema(), ops, lists);
+        create_sql := format('CREATE INDEX CONCURRENTLY %I ON pgembed.%I USING ivfflat (embedding %s) '
+                             'WITH (lists = %s)', index_name, p.destination, pgembed.index_opclass(p), lists);
         -- every other ivfflat index on the destination goes once the new one is valid
         SELECT coalesce(array_agg(format('DROP INDEX CONCURRENTLY IF EXISTS pgembed.%I', c.relname)
                                   ORDER BY c.relname), '{}')

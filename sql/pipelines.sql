@@ -40,6 +40,56 @@ AS $$
      WHERE e.extname = 'vector'
 $$;
 
+-- The SQL type of a pipeline's stored vectors, vector(n) or halfvec(n), named through
+-- pgvector's schema: the destination's column, the store's cast and the search's query
+-- vector all say it the same way.
+CREATE OR REPLACE FUNCTION pgembed.embedding_type(p pgembed.pipelines)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('%s.%s(%s)', pgembed.vector_schema(),
+                  CASE p.storage WHEN 'halfvec' THEN 'halfvec' ELSE 'vector' END, p.dimensions)
+$$;
+
+-- What a pipeline's vector index holds, as CREATE INDEX and ORDER BY write it over `col`
+-- (the column, qualified or not): the stored vectors themselves, or for binary quantization
+-- one bit a dimension, binary_quantize(col)::bit(n). A search reaches the index only if its
+-- ORDER BY says exactly this.
+CREATE OR REPLACE FUNCTION pgembed.index_expression(p pgembed.pipelines, col text)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN p.quantization = 'binary'
+                THEN format('(%s.binary_quantize(%s)::bit(%s))', pgembed.vector_schema(), col, p.dimensions)
+                ELSE col END
+$$;
+
+-- The operator class of a pipeline's vector index: the storage's, for the distance
+-- (halfvec_cosine_ops...), or bit_hamming_ops over binary-quantized vectors.
+CREATE OR REPLACE FUNCTION pgembed.index_opclass(p pgembed.pipelines)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgembed.vector_schema() || '.'
+           || CASE WHEN p.quantization = 'binary' THEN 'bit_hamming'
+                   ELSE CASE p.storage WHEN 'halfvec' THEN 'halfvec' ELSE 'vector' END
+                        || CASE p.distance WHEN 'cosine' THEN '_cosine' WHEN 'l2' THEN '_l2' ELSE '_ip' END
+              END || '_ops'
+$$;
+
+-- pgvector's limits on what an index holds: vector 2,000 dimensions, halfvec 4,000, bit
+-- (binary quantization) 64,000.
+CREATE OR REPLACE FUNCTION pgembed.index_max_dimensions(p_storage text, p_quantization text)
+RETURNS int
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN p_quantization = 'binary' THEN 64000 WHEN p_storage = 'halfvec' THEN 4000 ELSE 2000 END
+$$;
+
 -- Primary key columns of a table, in key order, with their SQL types.
 CREATE OR REPLACE FUNCTION pgembed.primary_key(p_source regclass,
                                                OUT columns name[], OUT types text[])
@@ -181,6 +231,11 @@ DROP FUNCTION IF EXISTS pgembed.create_pipeline(regclass, text, text, int, text,
                                                 text, text);
 DROP FUNCTION IF EXISTS pgembed.create_pipeline_on_path(text, regclass, text, text, int, text, jsonb, text, int,
                                                         int, boolean, text, text);
+-- and before storage, quantization and rerank were
+DROP FUNCTION IF EXISTS pgembed.create_pipeline(regclass, text, text, int, text, jsonb, text, int, int, boolean,
+                                                text, text, text, text);
+DROP FUNCTION IF EXISTS pgembed.create_pipeline_on_path(text, regclass, text, text, int, text, jsonb, text, int,
+                                                        int, boolean, text, text, text, text);
 
 -- A pipeline's chunking, from create_pipeline's arguments: (strategy, tokens, overlap).
 -- Left out, they fit the model: recursive chunks of min(256, 3/4 of the model's window)
@@ -250,6 +305,61 @@ AS $$
                   || E'|| E''\\x1e'' || (%2$s\n)::pg_catalog.text END', p_prefix, p_content)
 $$;
 
+-- A pipeline's storage, from create_pipeline's arguments: (storage, quantization, rerank),
+-- checked against the index and its dimensions before anything is created, so that a
+-- pipeline pgvector cannot index is refused with what would fit instead of failing in
+-- CREATE INDEX. rerank (candidates read per row returned) is 10 unless given, and only
+-- for binary quantization.
+CREATE OR REPLACE FUNCTION pgembed.storage_settings(p_index text, p_dimensions int, p_storage text,
+                                                    p_quantization text, p_rerank int,
+                                                    OUT storage text, OUT quantization text, OUT rerank int)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    limit_dims int;
+BEGIN
+    storage := coalesce(p_storage, 'vector');
+    quantization := coalesce(p_quantization, 'none');
+    IF storage NOT IN ('vector', 'halfvec') THEN
+        RAISE EXCEPTION 'pgembed: storage must be vector or halfvec, not %', quote_literal(storage)
+            USING HINT = 'storage => ''vector'' (the default: 4-byte floats) or ''halfvec'' (2-byte floats, '
+                         'half the size, indexed up to 4000 dimensions).';
+    END IF;
+    IF quantization NOT IN ('none', 'binary') THEN
+        RAISE EXCEPTION 'pgembed: quantization must be none or binary, not %', quote_literal(quantization)
+            USING HINT = 'quantization => ''none'' (the default) or ''binary'' (an HNSW index of one bit a '
+                         'dimension, searches re-ranked by the stored vectors).';
+    END IF;
+    IF quantization = 'binary' AND p_index <> 'hnsw' THEN
+        RAISE EXCEPTION 'pgembed: binary quantization needs index => ''hnsw'', not %', quote_literal(p_index)
+            USING HINT = 'A binary-quantized index is an HNSW index of bits; leave quantization out for '
+                         'an ivfflat index or none.';
+    END IF;
+    IF p_rerank IS NOT NULL AND quantization = 'none' THEN
+        RAISE EXCEPTION 'pgembed: rerank is for quantization => ''binary'' only'
+            USING HINT = 'Leave rerank out, or pass quantization => ''binary''.';
+    END IF;
+    IF quantization = 'binary' THEN
+        rerank := coalesce(p_rerank, 10);
+        IF rerank NOT BETWEEN 1 AND 100 THEN
+            RAISE EXCEPTION 'pgembed: rerank must be from 1 to 100, not %', rerank
+                USING HINT = 'A search reads rerank times as many candidates as it returns (10 when left out).';
+        END IF;
+    END IF;
+    limit_dims := pgembed.index_max_dimensions(storage, quantization);
+    IF p_index <> 'none' AND p_dimensions > limit_dims THEN
+        RAISE EXCEPTION 'pgembed: % indexes of % hold at most % dimensions, not %', p_index,
+            CASE WHEN quantization = 'binary' THEN 'binary-quantized vectors' ELSE storage END, limit_dims,
+            p_dimensions
+            USING HINT = CASE WHEN storage = 'vector' AND p_dimensions <= 4000
+                              THEN 'Pass storage => ''halfvec'' (indexed up to 4000 dimensions), '
+                              ELSE 'Pass ' END
+                         || format('dimensions => %s or fewer, or index => ''none''.', limit_dims);
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
     search_path     text,
     source          regclass,
@@ -265,7 +375,10 @@ CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
     cost_center     text DEFAULT NULL,
     name            text DEFAULT NULL,
     chunking        text DEFAULT NULL,
-    chunk_prefix    text DEFAULT NULL
+    chunk_prefix    text DEFAULT NULL,
+    storage         text DEFAULT 'vector',
+    quantization    text DEFAULT 'none',
+    rerank          int DEFAULT NULL
 )
 RETURNS text
 LANGUAGE plpgsql
@@ -282,6 +395,7 @@ DECLARE
     clash name;
     queued bigint := 0;
     options jsonb;
+    stored record;
 BEGIN
     -- Every argument is checked before anything is locked or created, each refusal with
     -- pgembed's own message and a hint saying what is allowed.
@@ -323,10 +437,7 @@ BEGIN
         RAISE EXCEPTION 'pgembed: distance must be cosine, l2 or ip, not %', coalesce(distance, 'NULL')
             USING HINT = 'distance => ''cosine'' (the default), ''l2'' (Euclidean) or ''ip'' (inner product).';
     END IF;
-    IF index <> 'none' AND dims > 2000 THEN
-        RAISE EXCEPTION 'pgembed: % indexes hold vectors of at most 2000 dimensions, not %',
-            index, dims USING HINT = 'Pass dimensions => 2000 or fewer, or index => ''none''.';
-    END IF;
+    stored := pgembed.storage_settings(index, dims, storage, quantization, rerank);
     options := pgembed.check_index_options(index, index_options);
     chunks := pgembed.chunking_settings(m, chunking, chunk_tokens, chunk_overlap);
     IF backfill IS NULL THEN
@@ -382,17 +493,21 @@ BEGIN
     p.index_type := index;
     p.index_options := options;
     p.distance := distance;
+    p.storage := stored.storage;
+    p.quantization := stored.quantization;
+    p.rerank := stored.rerank;
 
     BEGIN
         INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
             content_functions, cost_center, cost_center_bound, model,
             dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
-            index_type, index_options, distance, search_path, chunking, chunk_prefix)
+            index_type, index_options, distance, search_path, chunking, chunk_prefix, storage,
+            quantization, rerank)
         VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
             p.content_functions, p.cost_center, p.cost_center_bound, p.model,
             p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
             p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path, p.chunking,
-            p.chunk_prefix)
+            p.chunk_prefix, p.storage, p.quantization, p.rerank)
         RETURNING * INTO p;
     EXCEPTION WHEN unique_violation THEN
         -- a concurrent create_pipeline of the same name committed after our check
@@ -402,12 +517,12 @@ BEGIN
 
     EXECUTE format('CREATE TABLE pgembed.%I (%s, chunk_seq int NOT NULL, chunk text NOT NULL, '
                    'content_hash bytea NOT NULL, chunk_hash bytea NOT NULL, '
-                   'embedding %s.vector(%s) NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now(), '
+                   'embedding %s NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now(), '
                    'truncated boolean NOT NULL DEFAULT false, PRIMARY KEY (%s, chunk_seq))',
                    p.destination,
                    (SELECT string_agg(format('%I %s NOT NULL', c, t), ', ' ORDER BY i)
                       FROM unnest(pk.columns, pk.types) WITH ORDINALITY AS u(c, t, i)),
-                   pgembed.vector_schema(), dims, pgembed.sql_list('%1$I', pk.columns));
+                   pgembed.embedding_type(p), pgembed.sql_list('%1$I', pk.columns));
     -- Past about 500 dimensions a vector is TOASTed. Float vectors do not compress, so the
     -- default EXTENDED only burns CPU trying; EXTERNAL stores them out of line as they are
     -- (half again faster inserts at 768-d).
@@ -448,7 +563,10 @@ CREATE OR REPLACE FUNCTION pgembed.create_pipeline(
     cost_center     text DEFAULT NULL,
     name            text DEFAULT NULL,
     chunking        text DEFAULT NULL,
-    chunk_prefix    text DEFAULT NULL
+    chunk_prefix    text DEFAULT NULL,
+    storage         text DEFAULT 'vector',
+    quantization    text DEFAULT 'none',
+    rerank          int DEFAULT NULL
 )
 RETURNS text
 LANGUAGE sql
@@ -459,7 +577,8 @@ AS $$
            FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS u(s, i)
           WHERE NOT pg_catalog.starts_with(s, 'pg_temp')),
         source, content, model, dimensions, index, index_options, distance,
-        chunk_tokens, chunk_overlap, backfill, cost_center, name, chunking, chunk_prefix)
+        chunk_tokens, chunk_overlap, backfill, cost_center, name, chunking, chunk_prefix,
+        storage, quantization, rerank)
 $$;
 
 CREATE OR REPLACE FUNCTION pgembed.drop_pipeline(name text)

@@ -191,7 +191,9 @@ SELECT pgembed.create_pipeline(source => %(source)s::regclass, content => %(cont
                                distance => %(distance)s, chunk_tokens => %(chunk_tokens)s,
                                chunk_overlap => %(chunk_overlap)s, backfill => %(backfill)s,
                                cost_center => %(cost_center)s, name => %(name)s,
-                               chunking => %(chunking)s, chunk_prefix => %(chunk_prefix)s)
+                               chunking => %(chunking)s, chunk_prefix => %(chunk_prefix)s,
+                               storage => %(storage)s, quantization => %(quantization)s,
+                               rerank => %(rerank)s)
 
 -- pipeline_same --
 -- pipelines that already embed this content of this table with this model (at these

@@ -79,8 +79,18 @@ CREATE TABLE pgembed.pipelines (
     -- an expression embedded at the head of every chunk of a row (the title, say), as given;
     -- content_bound then carries it (see pgembed.prefixed_content)
     chunk_prefix    text,
+    -- how the vectors are stored: 'vector' (4-byte floats, indexes up to 2,000 dimensions) or
+    -- 'halfvec' (2-byte floats, indexes up to 4,000)
+    storage         text NOT NULL DEFAULT 'vector' CHECK (storage IN ('vector', 'halfvec')),
+    -- 'binary': the HNSW index holds binary_quantize(embedding) (one bit a dimension); a search
+    -- reads `rerank` times as many candidates by Hamming distance and re-ranks them by the
+    -- stored vectors. 'none': the index holds the vectors themselves.
+    quantization    text NOT NULL DEFAULT 'none' CHECK (quantization IN ('none', 'binary')),
+    rerank          int CHECK (rerank BETWEEN 1 AND 100),
     CHECK (chunk_tokens = 0 OR chunk_overlap < chunk_tokens),
-    CONSTRAINT pipelines_chunking_size CHECK ((chunking = 'none') = (chunk_tokens = 0))
+    CONSTRAINT pipelines_chunking_size CHECK ((chunking = 'none') = (chunk_tokens = 0)),
+    CONSTRAINT pipelines_quantization_index CHECK (quantization = 'none' OR index_type = 'hnsw'),
+    CONSTRAINT pipelines_quantization_rerank CHECK ((quantization = 'none') = (rerank IS NULL))
 );
 
 -- One row per (pipeline, key) that needs embedding. Repeated changes bump `version`.

@@ -38,10 +38,11 @@ BEGIN
     nearest := pgembed.nearest_chunks_sql(p);
     wanted := k * 4;
     LOOP
-        PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted))::text, true);
+        PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted, k * coalesce(p.rerank, 0)))::text,
+                           true);
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
         EXECUTE format('SELECT count(*), count(DISTINCT n.key) FROM (%s) AS n', nearest)
-            INTO chunks, keys USING query, wanted;
+            INTO chunks, keys USING query, wanted, k;
         EXIT WHEN keys >= k OR chunks < wanted;
         wanted := wanted * 4;
     END LOOP;
@@ -54,17 +55,30 @@ END
 $$;
 
 -- The `wanted` ($2) nearest chunks of a pipeline to the query ($1), by the pipeline's
--- distance, through its vector index when it has one (ORDER BY the operator, LIMIT).
+-- distance, through its vector index when it has one (ORDER BY the index's expression, LIMIT).
+-- The query is cast to the pipeline's storage (a halfvec index orders by halfvec distances).
+-- A binary-quantized pipeline reads `rerank` times as many candidates as rows asked for ($3),
+-- and never fewer than `wanted`, by Hamming distance through its index of bits, then keeps
+-- the nearest by the stored vectors: the distance returned is always the stored vectors' own.
 CREATE OR REPLACE FUNCTION pgembed.nearest_chunks_sql(p pgembed.pipelines)
 RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT format('SELECT jsonb_build_object(%1$s) AS key, d.chunk_seq, d.chunk, '
-                  '(d.embedding %2$s $1::%3$s.vector)::float8 AS distance '
-                  'FROM pgembed.%4$I d ORDER BY d.embedding %2$s $1::%3$s.vector LIMIT $2',
-                  pgembed.sql_list('%1$L, d.%1$I', p.key_columns),
-                  format('OPERATOR(%s.%s)', pgembed.vector_schema(),
-                         CASE p.distance WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' ELSE '<#>' END),
-                  pgembed.vector_schema(), p.destination)
+    SELECT CASE WHEN p.quantization = 'binary' THEN format(
+               'SELECT c.key, c.chunk_seq, c.chunk, (c.embedding %1$s $1::%2$s)::float8 AS distance FROM ('
+               'SELECT jsonb_build_object(%3$s) AS key, d.chunk_seq, d.chunk, d.embedding FROM pgembed.%4$I d '
+               'ORDER BY %5$s OPERATOR(%6$s.<~>) %7$s LIMIT greatest($2, $3 * %8$s)) AS c '
+               'ORDER BY c.embedding %1$s $1::%2$s LIMIT $2',
+               o.op, pgembed.embedding_type(p), pgembed.sql_list('%1$L, d.%1$I', p.key_columns), p.destination,
+               pgembed.index_expression(p, 'd.embedding'), pgembed.vector_schema(),
+               pgembed.index_expression(p, '$1::' || pgembed.embedding_type(p)), p.rerank)
+           ELSE format(
+               'SELECT jsonb_build_object(%1$s) AS key, d.chunk_seq, d.chunk, '
+               '(d.embedding %2$s $1::%3$s)::float8 AS distance '
+               'FROM pgembed.%4$I d ORDER BY d.embedding %2$s $1::%3$s LIMIT $2',
+               pgembed.sql_list('%1$L, d.%1$I', p.key_columns), o.op, pgembed.embedding_type(p), p.destination)
+           END
+      FROM (SELECT format('OPERATOR(%s.%s)', pgembed.vector_schema(),
+                          CASE p.distance WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' ELSE '<#>' END) AS op) AS o
 $$;

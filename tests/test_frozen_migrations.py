@@ -35,10 +35,17 @@ SHIPPED = {
     "0004_chunking_that_fits_the_model.sql":
         "c4338056b8ad7e0ff5a4867f0200e773bf592dbacf11ae241b70ab84275576fd",
     "0004_chunking_that_fits_the_model.down.sql":
-        "1f5c641dd88bc7e18312e0add36e6d18c1376ceb6b3b60d36018781c8eec75df",
+        "dca131caf50d1c07f93e82acca9832a0fa2ab04cb42986d2db636fbcc899b61a",
     # sql/'s definitions as 0003 shipped them, for 0004's downgrade
     "0004_chunking_that_fits_the_model.down.definitions.sql":
         "f1dbc3bc635f3adc21bd81ff73b13d9dfd8be8963426a9d53c24905bfb4eb592",
+    "0005_halfvec_and_quantization.sql":
+        "69313ff058890c31fb27d3fd512891796dbd331c61f7513bbcf434bfe824c739",
+    "0005_halfvec_and_quantization.down.sql":
+        "8ce7ea2e592431846802626c6e5e285f2fe96100626a46fdcbf94b77125ec366",
+    # sql/'s definitions as 0004 shipped them, for 0005's downgrade
+    "0005_halfvec_and_quantization.down.definitions.sql":
+        "0ad70d6909588eb605c328d2e7d6f78ed4bd54091909a73655817f961d6247d7",
 }
 
 

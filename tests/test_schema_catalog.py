@@ -88,6 +88,27 @@ def test_downgrade_to_0003_gives_0003_as_shipped_and_upgrade_gives_head_again(em
     assert_same(empty_dsn, another_empty_dsn)
 
 
+def test_downgrade_to_0004_gives_0004_as_shipped_and_upgrade_gives_head_again(empty_dsn, another_empty_dsn):
+    """0004 as it shipped: its tables, and the definitions of sql/ then (frozen for 0005's
+    downgrade). A halfvec, binary-quantized pipeline does not stop the way back."""
+    migrate.upgrade(another_empty_dsn, "0004")
+    with psycopg.connect(another_empty_dsn, autocommit=True) as conn:
+        conn.execute(revision_sql("0005_halfvec_and_quantization.down.definitions.sql"))
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', storage => 'halfvec', "
+                     "quantization => 'binary')")
+    migrate.downgrade(empty_dsn, "0004")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgembed.drop_pipeline(name) FROM pgembed.pipelines")
+        conn.execute("DROP TABLE notes")
+    assert_same(empty_dsn, another_empty_dsn)
+    migrate.upgrade(empty_dsn)
+    migrate.upgrade(another_empty_dsn)
+    assert_same(empty_dsn, another_empty_dsn)
+
+
 @pytest.mark.parametrize("release", ["0001_2026-11-30"])
 def test_a_database_of_the_previous_release_upgrades_to_head(release, empty_dsn, another_empty_dsn):
     """The last build that shipped revision 0001 had changed sql/ under the same number."""

@@ -140,3 +140,52 @@ def test_0002_with_data_upgrades_and_its_pipelines_keep_their_chunking(empty_dsn
         assert conn.execute("SELECT id, chunk FROM pgembed.whole ORDER BY id").fetchall() == sorted(BODIES.items())
         windows = conn.execute("SELECT id, chunk FROM pgembed.windows ORDER BY id, chunk_seq").fetchall()
         assert windows == [(i, c) for i, body in sorted(BODIES.items()) for c in chunk_text(body, 6, 2)]
+
+
+def _pipelines_and_vectors(conn: psycopg.Connection) -> dict[str, object]:
+    return {
+        "pipelines": conn.execute("SELECT name, index_type, dimensions FROM pgembed.pipelines "
+                                  "ORDER BY name").fetchall(),
+        "vectors": conn.execute("SELECT id, chunk, embedding::text FROM pgembed.notes ORDER BY id").fetchall(),
+        "halved": conn.execute("SELECT id, embedding::text FROM pgembed.halved ORDER BY id").fetchall(),
+    }
+
+
+def test_0004_with_vectors_upgrades_to_vector_storage_and_keeps_searching(empty_dsn):
+    """A database at the previous revision (down from head: a vector pipeline and a halfvec
+    one at 3,072 dimensions, which 0004 cannot index) upgrades: both are `vector`, without
+    quantization, their vectors kept; new writes sync and searches answer."""
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)")
+        conn.execute("INSERT INTO notes SELECT * FROM unnest(%s::int[], %s::text[])",
+                     (list(BODIES), list(BODIES.values())))
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', name => 'notes')")
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:3072', name => 'halved', "
+                     "storage => 'halfvec')")
+        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', name => 'bits', "
+                     "quantization => 'binary', index_options => '{\"m\": 8}')")
+        drain(empty_dsn)
+    migrate.downgrade(empty_dsn, "0004")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        before = _pipelines_and_vectors(conn)
+        assert before["pipelines"] == [("bits", "hnsw", 8), ("halved", "none", 3072), ("notes", "hnsw", 8)], \
+            "0004 cannot index 3,072 dimensions: the downgrade leaves that pipeline without an index"
+        [bits] = conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'bits' "
+                              "AND indexdef LIKE '%hnsw%'").fetchone()
+        assert "embedding vector_cosine_ops" in bits and "m='8'" in bits, "the index 0004 gives it, its options kept"
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        assert _pipelines_and_vectors(conn) == before, "the upgrade changed rows"
+        assert conn.execute("SELECT DISTINCT storage, quantization, rerank FROM pgembed.pipelines").fetchall() == [
+            ("vector", "none", None)]
+        conn.execute("UPDATE notes SET body = body || ' (edited)' WHERE id = 8")
+        drain(empty_dsn)
+        hits = conn.execute("SELECT key->>'id' FROM pgembed.search('notes', %s::real[], 3)",
+                            (list(map(float, hash_array(BODIES[8] + " (edited)", 8))),)).fetchall()
+        assert len(hits) == 3 and hits[0] == ("8",)
+        report = conn.execute("SELECT missing, orphaned, stale FROM pgembed.audit()").fetchall()
+        assert report == [(0, 0, 0)]

@@ -32,14 +32,17 @@ ALTER TABLE pgembed.pipelines DROP COLUMN chunking, DROP COLUMN chunk_prefix;
 ALTER TABLE pgembed.models DROP COLUMN tokenizer;
 
 -- Functions whose arguments changed in 0004 go, every overload: 0003's definitions, applied
--- next, create theirs, and two overloads of one name would make every call ambiguous.
+-- next, create theirs, and two overloads of one name would make every call ambiguous. So do
+-- the functions 0004 added: in a downgrade past 0004 they were made in this transaction,
+-- which the sweep at the end of the definitions keeps.
 DO $$
 DECLARE
     f text;
 BEGIN
     FOR f IN SELECT q.oid::pg_catalog.regprocedure::text FROM pg_catalog.pg_proc q
               WHERE q.pronamespace = 'pgembed'::regnamespace
-                AND q.proname IN ('acknowledge', 'store_chunks', 'create_pipeline', 'create_pipeline_on_path') LOOP
+                AND q.proname IN ('acknowledge', 'store_chunks', 'create_pipeline', 'create_pipeline_on_path',
+                                  'chunking_settings', 'nearest_chunks_sql', 'prefixed_content', 'search') LOOP
         EXECUTE 'DROP FUNCTION ' || f;
     END LOOP;
 END

@@ -38,6 +38,12 @@ def create(
     another: Annotated[bool, typer.Option(
         "--another", help="Create it even if a pipeline of this table, content and model exists "
                           "(it gets a _2 name); --name does the same.")] = False,
+    storage: Annotated[str, typer.Option(
+        help="vector (default) or halfvec (half the size, indexed up to 4000 dimensions).")] = "vector",
+    quantization: Annotated[str, typer.Option(
+        help="none (default) or binary (an HNSW index of bits, searches re-ranked).")] = "none",
+    rerank: Annotated[int | None, typer.Option(
+        help="Binary quantization: candidates read per row returned (default 10).")] = None,
     dsn: DsnOption = None,
     embedded: EmbeddedOption = False,
 ) -> None:
@@ -48,8 +54,8 @@ def create(
     """
     options = PipelineOptions(dimensions=dimensions, index=index, index_options=_json_object(index_options),
                               distance=distance, chunking=chunking, chunk_tokens=chunk_tokens,
-                              chunk_overlap=chunk_overlap,
-                              backfill=backfill, cost_center=cost_center, name=name)
+                              chunk_overlap=chunk_overlap, backfill=backfill, cost_center=cost_center,
+                              name=name, storage=storage, quantization=quantization, rerank=rerank)
     with connect(dsn, embedded) as conn:
         existing = [] if another or name else pipelines.same(conn, table_name, content, model, dimensions)
         if existing:

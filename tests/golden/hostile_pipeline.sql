@@ -111,7 +111,8 @@ AS $function$
      WHERE d."id ""k""" = ANY (ARRAY(SELECT DISTINCT (k->>0)::integer FROM unnest(keys) AS k));
     INSERT INTO pgembed."hostile 'name; --" ("id ""k""", chunk_seq, chunk, content_hash, chunk_hash, embedding,
                                  truncated)
-    SELECT (r.key->>0)::integer, r.seq, r.chunk, r.content_hash, r.chunk_hash, r.embedding, coalesce(r.truncated, false)
+    SELECT (r.key->>0)::integer, r.seq, r.chunk, r.content_hash, r.chunk_hash, r.embedding::public.vector(8),
+           coalesce(r.truncated, false)
       FROM unnest(keys, chunk_seqs, chunks, content_hashes, chunk_hashes, embeddings, truncated)
            AS r(key, seq, chunk, content_hash, chunk_hash, embedding, truncated)
      WHERE r.seq IS NOT NULL;
