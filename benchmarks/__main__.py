@@ -16,6 +16,7 @@ Scenarios (targets from issue 5; every figure is measured next to its limit in o
   read_path    search p50/p99 and queries/s (SQL, Client, CLI) vs raw SQL, recall@10 vs exact
   storage      vector, halfvec and binary quantization on the same SciFact vectors: sizes, index
                build time, nDCG@10 and recall@10 vs exact search
+  local_model  a local:all-MiniLM-L6-v2 drain vs model.encode of the same chunks; numpy vs torch
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from benchmarks import report
 from benchmarks.harness import REPO, SCALES, Bench, Result
 
 SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit",
-             "float_path", "quality", "read_path", "storage")
+             "float_path", "quality", "read_path", "storage",
+             "local_model")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     model = load_model(resolve_model("all-MiniLM-L6-v2"))
 
     def encode(texts):
-        return model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+        return model.encode(texts)
 
     qids = list(corpus.queries)
     queries = encode([corpus.queries[q] for q in qids])

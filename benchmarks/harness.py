@@ -93,6 +93,8 @@ class Scale:
     read_cli_runs: int = 5
     # 12. storage: SciFact documents (a subset keeping the train queries' relevant ones; 0: all)
     storage_docs: int = 1_500
+    # 13. local model: SciFact abstracts drained with all-MiniLM-L6-v2
+    local_docs: int = 300
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -129,7 +131,7 @@ SCALES: dict[str, Scale] = {
         float_rows=1_000,
         quality_docs=40,
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
-        storage_docs=40,
+        storage_docs=40, local_docs=20,
         checkpoints=False,
     ),
 }

@@ -40,7 +40,7 @@ def run(bench: Bench) -> list[Result]:
     corpus = beir.load(directory, max_docs=bench.scale.quality_docs or None)
 
     def encode(texts: list[str]):
-        return model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+        return model.encode(texts)
 
     started = time.perf_counter()
     with bench.database() as dsn:

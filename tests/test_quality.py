@@ -42,7 +42,7 @@ def test_a_default_local_pipeline_matches_exact_search_on_scifact(empty_dsn):
     assert len(corpus.queries) >= 25
 
     def encode(texts):
-        return model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+        return model.encode(texts)
 
     quality = beir.measure(empty_dsn, corpus, "local:all-MiniLM-L6-v2", encode, whole_documents=False)
     assert quality.failures == 0

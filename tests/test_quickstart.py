@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 from pgembed.cli import app
@@ -57,5 +56,4 @@ def test_model_choice_prefers_openai_then_local_then_hash(monkeypatch):
     if model == "hash:384":
         assert warning and "lexical" in warning
     else:
-        pytest.importorskip("sentence_transformers")
         assert model == "local:all-MiniLM-L6-v2" and warning is None

@@ -7,7 +7,6 @@ token counts come out. Limits arrive in a `ModelSpec`, which the caller reads fr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -128,10 +127,3 @@ def sound_vectors(vectors: Sequence[list[float] | np.ndarray | None],
         if vector is not None and i not in ok:
             problems[i] = vector_problem(vector, dimensions)
     return matrix, problems
-
-
-def truncate_and_normalise(vector: list[float], dimensions: int) -> list[float]:
-    """Matryoshka truncation for providers whose API cannot shorten vectors itself."""
-    head = vector[:dimensions]
-    norm = math.sqrt(sum(x * x for x in head))
-    return [x / norm for x in head] if norm > 0 else head

@@ -128,6 +128,7 @@ class BertEncoder:
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.special_tokens = self.tokenizer.num_special_tokens_to_add(False)  # [CLS], [SEP]
         self._cutting = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self._cutting.no_padding()
         self._cutting.enable_truncation(self.max_seq_length)

