@@ -7,6 +7,8 @@ policy says so. Each path runs the real worker against the fake OpenAI-compatibl
 
 from __future__ import annotations
 
+import dataclasses
+
 import psycopg
 import pytest
 from typer.testing import CliRunner
@@ -23,10 +25,11 @@ def failures(conn: psycopg.Connection) -> dict[str, tuple[str, int, bool]]:
         "SELECT key->>0, class, attempts, parked_at IS NOT NULL FROM pgembed.failures")}
 
 
-def one_table(conn: psycopg.Connection, bodies: list[str], content: str = "body", model: str = MODEL) -> str:
+def one_table(conn: psycopg.Connection, bodies: list[str], content: str = "body", model: str = MODEL,
+              options: pipelines.PipelineOptions = SMALL) -> str:
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
     conn.execute("INSERT INTO t SELECT i, b FROM unnest(%s::text[]) WITH ORDINALITY AS x(b, i)", (bodies,))
-    return pipelines.create(conn, "t", content, model, SMALL)
+    return pipelines.create(conn, "t", content, model, options)
 
 
 @pytest.mark.parametrize(("error", "expected"), [
@@ -68,7 +71,8 @@ def test_a_rejected_input_is_parked_at_once(conn, dsn, fake_api):
 def test_an_input_over_the_models_limit_is_parked_at_once(conn, dsn, fake_api):
     conn.execute("INSERT INTO pgembed.models (model, dimensions, shortenable, max_input_tokens, short_name) "
                  "VALUES ('openai:tiny', 1536, true, 5, 'tiny')")
-    one_table(conn, ["short", "a text of many more words than the tiny model takes"], model="openai:tiny")
+    one_table(conn, ["short", "a text of many more words than the tiny model takes"], model="openai:tiny",
+              options=dataclasses.replace(SMALL, chunking="none"))  # chunked, it would fit
     drain(dsn, max_attempts=5)
     assert failures(conn) == {"2": ("too_long", 1, True)}
     assert fake_api.inputs == 1, "never sent"

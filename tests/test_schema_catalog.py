@@ -51,58 +51,42 @@ def test_downgrade_to_0001_gives_0001_as_shipped_and_upgrade_gives_head_again(em
     assert_same(empty_dsn, another_empty_dsn)
 
 
-def test_downgrade_to_0002_gives_0002_as_shipped_and_upgrade_gives_head_again(empty_dsn, another_empty_dsn):
-    """0002 as it shipped: its tables, and the definitions of sql/ then (frozen for 0003's
-    downgrade). Dead workers and classified failures do not stop the way back."""
-    migrate.upgrade(another_empty_dsn, "0002")
-    with psycopg.connect(another_empty_dsn, autocommit=True) as conn:
-        conn.execute(revision_sql("0003_failure_classes_and_dead_workers.down.definitions.sql"))
-    migrate.upgrade(empty_dsn)
-    with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pgembed.heartbeat('gone', 'h', 1, 'v', 'dead', 1, 0, 0, 0, 0)")
-    migrate.downgrade(empty_dsn, "0002")
-    assert_same(empty_dsn, another_empty_dsn)
-    migrate.upgrade(empty_dsn)
-    migrate.upgrade(another_empty_dsn)
-    assert_same(empty_dsn, another_empty_dsn)
+# Each revision's downgrade re-applies the definitions of the revision before it, frozen; the
+# data set up at head is what that revision must be able to take back.
+DOWNGRADES = {
+    # dead workers and classified failures
+    "0002": ("0003_failure_classes_and_dead_workers.down.definitions.sql",
+             ["SELECT pgembed.heartbeat('gone', 'h', 1, 'v', 'dead', 1, 0, 0, 0, 0)"]),
+    # a pipeline with chunking options (and its truncated column)
+    "0003": ("0004_chunking_that_fits_the_model.down.definitions.sql",
+             ["CREATE TABLE notes (id int PRIMARY KEY, title text, body text)",
+              "SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', chunking => 'markdown', "
+              "chunk_prefix => 'title')"]),
+    # a halfvec, binary-quantized pipeline
+    "0004": ("0005_halfvec_and_quantization.down.definitions.sql",
+             ["CREATE TABLE notes (id int PRIMARY KEY, title text, body text)",
+              "SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', storage => 'halfvec', "
+              "quantization => 'binary')"]),
+}
 
 
-def test_downgrade_to_0003_gives_0003_as_shipped_and_upgrade_gives_head_again(empty_dsn, another_empty_dsn):
-    """0003 as it shipped: its tables, and the definitions of sql/ then (frozen for 0004's
-    downgrade). Pipelines with chunking options and truncated rows do not stop the way back."""
-    migrate.upgrade(another_empty_dsn, "0003")
+@pytest.mark.parametrize("revision", sorted(DOWNGRADES))
+def test_downgrade_gives_the_revision_as_shipped_and_upgrade_gives_head_again(revision, empty_dsn,
+                                                                              another_empty_dsn):
+    """A revision as it shipped: its tables, and the definitions of sql/ then (frozen for the
+    next revision's downgrade). What the later revisions hold does not stop the way back."""
+    frozen, setup = DOWNGRADES[revision]
+    migrate.upgrade(another_empty_dsn, revision)
     with psycopg.connect(another_empty_dsn, autocommit=True) as conn:
-        conn.execute(revision_sql("0004_chunking_that_fits_the_model.down.definitions.sql"))
+        conn.execute(revision_sql(frozen))
     migrate.upgrade(empty_dsn)
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, title text, body text)")
-        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', chunking => 'markdown', "
-                     "chunk_prefix => 'title')")
-    migrate.downgrade(empty_dsn, "0003")
-    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        for statement in setup:
+            conn.execute(statement)
+    migrate.downgrade(empty_dsn, revision)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:  # the pipeline is data, not schema
         conn.execute("SELECT pgembed.drop_pipeline(name) FROM pgembed.pipelines")
-        conn.execute("DROP TABLE notes")
-    assert_same(empty_dsn, another_empty_dsn)
-    migrate.upgrade(empty_dsn)
-    migrate.upgrade(another_empty_dsn)
-    assert_same(empty_dsn, another_empty_dsn)
-
-
-def test_downgrade_to_0004_gives_0004_as_shipped_and_upgrade_gives_head_again(empty_dsn, another_empty_dsn):
-    """0004 as it shipped: its tables, and the definitions of sql/ then (frozen for 0005's
-    downgrade). A halfvec, binary-quantized pipeline does not stop the way back."""
-    migrate.upgrade(another_empty_dsn, "0004")
-    with psycopg.connect(another_empty_dsn, autocommit=True) as conn:
-        conn.execute(revision_sql("0005_halfvec_and_quantization.down.definitions.sql"))
-    migrate.upgrade(empty_dsn)
-    with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
-        conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'hash:8', storage => 'halfvec', "
-                     "quantization => 'binary')")
-    migrate.downgrade(empty_dsn, "0004")
-    with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pgembed.drop_pipeline(name) FROM pgembed.pipelines")
-        conn.execute("DROP TABLE notes")
+        conn.execute("DROP TABLE IF EXISTS notes")
     assert_same(empty_dsn, another_empty_dsn)
     migrate.upgrade(empty_dsn)
     migrate.upgrade(another_empty_dsn)

@@ -77,10 +77,11 @@ def test_bad_input_fails_alone_with_its_cause(form, db, api, fleet, results):
     bad_bytes = [10_000 + i for i in range(3)]
     db.execute("INSERT INTO notes SELECT g, 'some body', '\\xc328ff'::bytea FROM unnest(%s::int[]) g",
                (bad_bytes,))
-    plain = api_pipeline(db, "notes", "body")
+    # plain, divided and decoded are unchunked ('none'): a text over the model's limit fails
+    plain = api_pipeline(db, "notes", "body", chunking="none")
     chunked = api_pipeline(db, "notes", "body", chunk_tokens=200, chunk_overlap=20, name="notes_chunked")
-    divided = api_pipeline(db, "notes", "body || (1/(id % 7))::text", name="notes_divided")
-    decoded = api_pipeline(db, "notes", "convert_from(raw, 'UTF8')", name="notes_decoded")
+    divided = api_pipeline(db, "notes", "body || (1/(id % 7))::text", name="notes_divided", chunking="none")
+    decoded = api_pipeline(db, "notes", "convert_from(raw, 'UTF8')", name="notes_decoded", chunking="none")
     api.always_reject(None)
     fleet.start(batch_size=64, concurrency=2, max_attempts=1, lease=120)
 
