@@ -19,7 +19,7 @@ DECLARE
     nearest text;
     wanted bigint;
     chunks bigint;
-    keys bigint;
+    best jsonb;
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = search.pipeline;
     IF NOT FOUND THEN
@@ -37,20 +37,26 @@ BEGIN
     END IF;
     nearest := pgembed.nearest_chunks_sql(p);
     wanted := k * 4;
+    -- one read of the nearest chunks a round: their count says whether a larger read could
+    -- name more rows, and the best chunk of each row comes from the same read
     LOOP
         PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted, k * coalesce(p.rerank, 0)))::text,
                            true);
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-        EXECUTE format('SELECT count(*), count(DISTINCT n.key) FROM (%s) AS n', nearest)
-            INTO chunks, keys USING query, wanted, k;
-        EXIT WHEN keys >= k OR chunks < wanted;
+        EXECUTE format(
+            'WITH n AS MATERIALIZED (%s), '
+            '     b AS (SELECT DISTINCT ON (n.key) n.* FROM n ORDER BY n.key, n.distance, n.chunk_seq) '
+            'SELECT (SELECT count(*) FROM n), '
+            '       coalesce((SELECT jsonb_agg(to_jsonb(t) ORDER BY t.distance, t.key) '
+            '                   FROM (SELECT * FROM b ORDER BY b.distance, b.key LIMIT $3) AS t), ''[]'')',
+            nearest)
+            INTO chunks, best USING query, wanted, k;
+        EXIT WHEN jsonb_array_length(best) >= k OR chunks < wanted;
         wanted := wanted * 4;
     END LOOP;
-    RETURN QUERY EXECUTE format(
-        'SELECT b.key, b.chunk_seq, b.chunk, b.distance FROM ('
-        '  SELECT DISTINCT ON (n.key) n.* FROM (%s) AS n ORDER BY n.key, n.distance, n.chunk_seq) AS b '
-        'ORDER BY b.distance, b.key LIMIT $3', nearest)
-        USING query, wanted, k;
+    RETURN QUERY SELECT b.key, b.chunk_seq, b.chunk, b.distance
+                   FROM jsonb_to_recordset(best) AS b(key jsonb, chunk_seq int, chunk text, distance float8)
+                  ORDER BY b.distance, b.key;
 END
 $$;
 

@@ -87,13 +87,17 @@ def _import_sentence_transformers() -> Any:
     """Import with the hub switched to offline first: its settings are read at import."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # a worker's log and a command's output are no place for a loading progress bar
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import sentence_transformers
+        from transformers.utils import logging as transformers_logging
     except ImportError as error:
         raise LocalModelError(
             "local models need sentence-transformers: pip install 'pgembed[local]' "
             "(install torch==2.13.0 or another CPU build of torch first)"
         ) from error
+    transformers_logging.disable_progress_bar()
     return sentence_transformers
 
 
