@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 #: The schema revision this package's SQL and code are written for: alembic's head, named
 #: here so that a worker's start-up check loads neither alembic nor the revision modules
 #: (tests/test_migrations.py proves that it is the head).
-HEAD = "0005"
+HEAD = "0006"
 
 VERSION_TABLE = "pgembed_alembic_version"  # also named in queries has_versions and revision
 MIGRATION_LOCK = 7_418_532_001  # pg_advisory_xact_lock key: one init at a time (migrations/env.py)
