@@ -117,8 +117,7 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: 
     result = EmbedResult([], [])
     try:
         if mine:
-            async with requests:
-                result = await provider.embed([wanted[h] for h in mine])
+            result = await _embed_within(provider, requests, [wanted[h] for h in mine])
     except BaseException as error:
         inflight.settle(mine, {}, {}, outage=str(error) or type(error).__name__)
         inflight.forget(mine)
@@ -139,6 +138,16 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: 
             _assemble(outcome, chunks, cached, fresh, failed)
     usage = _attribute(outcomes, texts, mine, cached, failed, result)
     return Embedded(outcomes, new_cache, usage, sent=mine)
+
+
+async def _embed_within(provider: Provider, requests: asyncio.Semaphore, texts: list[str]) -> EmbedResult:
+    """A provider that bounds its own HTTP requests (`bounds_requests`) holds a request slot
+    only while a request is out: counting tokens before it and decoding after it overlap
+    other requests. Any other provider's whole call is one request."""
+    if getattr(provider, "bounds_requests", False):
+        return await provider.embed(texts)
+    async with requests:
+        return await provider.embed(texts)
 
 
 def _collect(sent: list[bytes], result: EmbedResult, dimensions: int) -> tuple[

@@ -106,6 +106,7 @@ class _TimedProvider:
     def __init__(self, inner: Provider, metrics: Metrics) -> None:
         self.inner = inner
         self.spec = inner.spec
+        self.bounds_requests = getattr(inner, "bounds_requests", False)
         self.metrics = metrics
 
     async def embed(self, texts: list[str]) -> EmbedResult:

@@ -136,6 +136,10 @@ class OpenAIProvider:
     `limiter` is the shared rate-limit budget, asked before every HTTP request.
     """
 
+    #: its `concurrency` (the worker's --concurrency) bounds the requests in flight, around
+    #: the HTTP request alone: the worker does not hold a request slot around the whole call
+    bounds_requests = True
+
     def __init__(
         self,
         spec: ModelSpec,
