@@ -42,19 +42,9 @@ SELECT changed, skipped
                            %(cache_tokens)b::int[], %(model)s, %(dimensions)s, %(usage)s, %(worker)s,
                            %(max_attempts)s, %(retry_base)s)
 
--- held --
--- (What pgembed.acknowledge checks first; the tests use it to hold a batch's rows.)
--- The rows of a batch this worker still holds: same lease, lease not expired. Rows an
--- application transaction is changing right now are skipped: they come round again.
-SELECT key, version FROM pgembed.outbox
- WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND available_at > pg_catalog.now()
-   AND key = ANY(pgembed.key_array(%(keys)s))
- ORDER BY key
-   FOR UPDATE SKIP LOCKED
-
 -- release_unlocked --
--- Gives back rows of a batch that `held` skipped because someone held their row lock at that
--- instant (an application statement changing them: they need embedding again). Without
+-- Gives back rows of a batch that pgembed.acknowledge skipped because someone held their
+-- row lock at that instant (an application statement changing them: they need embedding again). Without
 -- this they would wait for the lease to expire. Rows still locked are skipped again.
 UPDATE pgembed.outbox o
    SET lease_id = NULL, leased_by = NULL, available_at = LEAST(o.queued_at, pg_catalog.now())
@@ -68,10 +58,6 @@ RETURNING o.key
 -- Which of these rows are still leased under this lease (without waiting for any lock).
 SELECT key FROM pgembed.outbox
  WHERE pipeline = %(pipeline)s AND lease_id = %(lease)s AND key = ANY(pgembed.key_array(%(keys)s))
-
--- done --
--- (What pgembed.acknowledge does for the rows it stored; for the tests.)
-DELETE FROM pgembed.outbox WHERE pipeline = %(pipeline)s AND key = ANY(pgembed.key_array(%(keys)s))
 
 -- release --
 -- Gives rows back, e.g. changed while they were embedded, or after an API outage. Without a

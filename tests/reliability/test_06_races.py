@@ -14,7 +14,6 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from pgembed import pipelines
-from pgembed.sqlfiles import query
 from tests.reliability.convergence import converge
 from tests.reliability.harness import (
     FORMS,
@@ -107,7 +106,9 @@ def test_pipeline_dropped_while_a_worker_holds_and_writes_its_rows(dsn, db, api,
     errors: list[BaseException] = []
     with psycopg.connect(dsn) as ack:
         ack.execute("SET lock_timeout = '20s'")
-        held = ack.execute(query("held"), {"pipeline": third, "lease": lease, "keys": Jsonb(keys)}).fetchall()
+        # what pgembed.acknowledge locks first: the batch's rows still under its lease
+        held = ack.execute("SELECT key FROM pgembed.outbox WHERE pipeline = %s AND lease_id = %s "
+                           "AND key = ANY(%s) FOR UPDATE", (third, lease, [Jsonb(k) for k in keys])).fetchall()
         assert len(held) == len(keys)
 
         def drop() -> None:
@@ -123,7 +124,8 @@ def test_pipeline_dropped_while_a_worker_holds_and_writes_its_rows(dsn, db, api,
         time.sleep(0.5)  # the drop is now waiting for the acknowledgement's row locks
         ack.execute(f"DELETE FROM pgembed.third_te3s_16 WHERE id = ANY(%s)  -- p{pid}_store",
                     ([int(k[0]) for k in keys],))
-        ack.execute(query("done"), {"pipeline": third, "keys": Jsonb(keys)})
+        ack.execute("DELETE FROM pgembed.outbox WHERE pipeline = %s AND key = ANY(%s)",
+                    (third, [Jsonb(k) for k in keys]))
         ack.commit()
         dropper.join(30)
     assert not errors, f"drop_pipeline failed against an acknowledgement: {errors[0]!r}"
