@@ -194,7 +194,7 @@ SELECT pgembed.drop_pipeline(%(name)s)
 
 -- pipeline_list --
 SELECT name, source::text AS source, content, model, dimensions, index_type, distance,
-       chunking, chunk_tokens,
+       chunking, chunk_tokens, storage, quantization,
        (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p.name)
        + pgembed.statement_keys(p.name) AS queued
   FROM pgembed.pipelines p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,17 @@ def test_init_is_repeatable_and_explains_a_missing_pgvector(empty_dsn, monkeypat
     assert 'extension "no_such_vector_ext" is not available' in failed.output
     down = cli("init", "--dsn", "host=/nonexistent dbname=x")
     assert down.exit_code == 1 and "cannot connect to PostgreSQL" in down.output
+
+
+def test_pipeline_list_shows_how_vectors_are_stored_and_prints_json(conn, dsn):
+    conn.execute("CREATE TABLE halves (id int PRIMARY KEY, body text)")
+    conn.execute("SELECT pgembed.create_pipeline('halves', 'body', 'hash:16', name => 'halves_bq', "
+                 "storage => 'halfvec', quantization => 'binary')")
+    conn.execute("SELECT pgembed.create_pipeline('halves', 'body', 'hash:8', name => 'halves_plain')")
+    listed = cli("pipeline", "list", "--dsn", dsn)
+    assert listed.exit_code == 0, listed.output
+    lines = {line.split()[1]: line for line in listed.output.splitlines() if "halves_" in line}
+    assert "halfvec binary" in lines["halves_bq"] and "halfvec" not in lines["halves_plain"], listed.output
+    document = json.loads(cli("pipeline", "list", "--json", "--dsn", dsn).stdout)
+    stored = {p["name"]: (p["storage"], p["quantization"]) for p in document}
+    assert stored == {"halves_bq": ("halfvec", "binary"), "halves_plain": ("vector", "none")}

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from pgembed import pipelines
 from pgembed.cli import tables
-from pgembed.cli.common import DsnOption, EmbeddedOption, connect, fail, friendly, out
+from pgembed.cli.common import DsnOption, EmbeddedOption, JsonOption, connect, fail, friendly, out, print_json
 from pgembed.pipelines import PipelineOptions
 
 pipeline_app = typer.Typer(no_args_is_help=True, help="Create, list and drop pipelines.")
@@ -78,13 +78,16 @@ def _json_object(text: str | None) -> Any:
 
 @pipeline_app.command("list")
 @friendly
-def list_pipelines(dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
-    """List pipelines.
+def list_pipelines(dsn: DsnOption = None, embedded: EmbeddedOption = False, as_json: JsonOption = False) -> None:
+    """List pipelines: model, index (with its storage and quantization), rows queued.
 
     Example: pgembed pipeline list
     """
     with connect(dsn, embedded) as conn:
         rows = pipelines.list_all(conn)
+    if as_json:
+        print_json(rows)
+        return
     out.print(tables.pipelines(rows))
 
 

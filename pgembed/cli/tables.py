@@ -202,8 +202,19 @@ def limit(value: int | None) -> str:
 
 def pipelines(rows: list[Row]) -> Fitted:
     columns = [Col("name", key=True), Col("source", whole=True), Col("content"), Col("model", whole=True),
-               Col("dimensions", spare=1), Col("index_type", spare=1), Col("queued")]
-    return Fitted("pipelines", columns, ([r[c.header] for c in columns] for r in rows))
+               Col("dimensions", spare=1), Col("index", whole=True), Col("queued")]
+    return Fitted("pipelines", columns, ([r["name"], r["source"], r["content"], r["model"], r["dimensions"],
+                                          index_text(r), r["queued"]] for r in rows))
+
+
+def index_text(row: Row) -> str:
+    """The index and how it holds the vectors: `hnsw`, `hnsw halfvec`, `hnsw binary`."""
+    parts = [row["index_type"]]
+    if row["storage"] != "vector":
+        parts.append(row["storage"])
+    if row["quantization"] != "none":
+        parts.append(row["quantization"])
+    return " ".join(parts)
 
 
 def hits(pipeline: str, text: str, found: list[Hit]) -> Fitted:
