@@ -10,6 +10,7 @@ import datetime as dt
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from pgembed.pipelines import refused
 from pgembed.sqlfiles import query
@@ -48,7 +49,5 @@ def set_evaluation(conn: psycopg.Connection, alias: str, eval_set: str | None,
 
 
 def list_all(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    cur = conn.execute(query("alias_list"))
-    names = [c.name for c in cur.description or []]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    return conn.cursor(row_factory=dict_row).execute(query("alias_list")).fetchall()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgembed import aliases, pipelines
@@ -88,3 +89,15 @@ def latest_run(conn: psycopg.Connection, pipeline: str, eval_set: str) -> EvalRu
         return None
     run_id, target, answered, model, set_name, metrics = row
     return EvalRun(int(run_id), target, answered, model, set_name, {k: float(v) for k, v in metrics.items()})
+
+
+def history(conn: psycopg.Connection, target: str | None = None, eval_set: str | None = None) -> list[dict[str, Any]]:
+    """Runs oldest first (pgembed.eval_history), of one target (alias or pipeline, asked or
+    answering) and one set when given."""
+    return conn.cursor(row_factory=dict_row).execute(
+        query("eval_history"), {"target": target, "eval_set": eval_set}).fetchall()
+
+
+def regressions(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Runs whose nDCG@10 fell beyond their threshold since the run before (pgembed.eval_regressions)."""
+    return conn.cursor(row_factory=dict_row).execute(query("eval_regressions")).fetchall()
