@@ -41,7 +41,7 @@ def docs(conn, dsn):
 
 def test_alias_set_list_drop(conn, dsn, docs, narrow):
     old, new = docs
-    assert cli("alias", "list", "--dsn", dsn).stdout.strip() == "no aliases; make one with pgembed alias set NAME PIPELINE"
+    assert cli("alias", "list", "--dsn", dsn).stdout.startswith("no aliases; make one with pgembed alias set")
     made = cli("alias", "set", "articles", old, "--dsn", dsn)
     assert made.exit_code == 0 and made.stdout.strip() == f"articles -> {old}"
     moved = cli("alias", "set", "articles", new, "--json", "--dsn", dsn)
@@ -73,7 +73,7 @@ def test_bad_input_is_one_line_with_exit_code_2(conn, dsn, docs, args, message):
 
 
 def test_eval_import_run_history_regressions(conn, dsn, docs, narrow, tmp_path):
-    old, new = docs
+    old = docs[0]
     lines = [{"id": "q1", "query": "lighthouse 7", "relevant": [7]}, {"id": "q2", "query": "lighthouse 3",
                                                                       "relevant": [3], "irrelevant": [4]}]
     path = tmp_path / "set.jsonl"
