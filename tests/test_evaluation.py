@@ -5,6 +5,7 @@ trend."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -15,6 +16,7 @@ from pgembed.evaluation import runs, sets
 from pgembed.evaluation.metrics import evaluate
 from pgembed.evaluation.sets import EvalSetError
 from pgembed.pipelines import PipelineError
+from pgembed.scheduler import ScheduleConfig, Scheduler
 from tests.conftest import drain
 from tests.fakeapi import fake_token_count
 
@@ -206,3 +208,23 @@ def test_history_shows_the_trend_and_regressions_the_drops(conn, dsn, docs, tmp_
     assert conn.execute("SELECT id, threshold FROM pgembed.eval_regressions").fetchall() == [(second.id, 0.02)]
     aliases.set_evaluation(conn, "articles", "smoke", threshold=0.9)  # a drop smaller than that is no regression
     assert conn.execute("SELECT count(*) FROM pgembed.eval_regressions").fetchone() == (0,)
+
+
+def test_the_scheduler_re_runs_an_alias_s_set_when_it_is_due(conn, dsn, docs, tmp_path):
+    sets.import_set(conn, "smoke", "docs", sets.read_jsonl(write_jsonl(tmp_path / "set.jsonl", GOOD)))
+    aliases.set_alias(conn, "unwatched", docs)  # no set attached: never run
+    aliases.set_evaluation(conn, "articles", "smoke")  # weekly, the default
+    config = ScheduleConfig(audit_every=None, cleanup_every=None, retry_every=None, index_every=None,
+                            eval_every=3600)
+    assert asyncio.run(Scheduler(dsn, "w1", config).run_job("evaluation")) is True
+    assert conn.execute("SELECT target, eval_set, scheduled FROM pgembed.eval_runs").fetchall() == [
+        ("articles", "smoke", True)]
+    assert conn.execute("SELECT ok, detail FROM pgembed.job_runs WHERE job = 'evaluation'").fetchone() == (
+        True, f"articles on smoke: nDCG@10 {runs.latest_run(conn, docs, 'smoke').metrics['ndcg@10']:.4f}")
+    assert runs.evaluate_due(conn) == "no evaluation due"  # within the week
+    conn.execute("UPDATE pgembed.eval_runs SET at = at - interval '8 days'")
+    assert runs.evaluate_due(conn).startswith("articles on smoke")
+    aliases.set_evaluation(conn, "articles", "smoke", every=None)  # never
+    conn.execute("UPDATE pgembed.eval_runs SET at = at - interval '8 days'")
+    assert runs.evaluate_due(conn) == "no evaluation due"
+    assert conn.execute("SELECT count(*) FROM pgembed.eval_runs WHERE scheduled").fetchone() == (2,)

@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 from pgembed import aliases, pipelines
 from pgembed.evaluation.metrics import evaluate
+from pgembed.providers import ProviderError
 from pgembed.search import search
 from pgembed.sqlfiles import query
 
@@ -79,6 +80,23 @@ def run_evaluation(conn: psycopg.Connection, target: str, eval_set: str, ks: Seq
             "metrics": Jsonb(metrics), "ks": ks, "queries": len(questions), "query_tokens": int(tokens or 0),
             "cost_center": cost_center, "seconds": seconds, "scheduled": scheduled})
     return EvalRun(int(run_id), target, pipeline, model, eval_set, metrics)
+
+
+def evaluate_due(conn: psycopg.Connection) -> str:
+    """The scheduler's evaluation job: every alias whose set is due (none of its runs within
+    its period) is run once; what each scored, and an error naming those that could not run
+    (they are due again at the next look)."""
+    notes, failed = [], []
+    for alias, eval_set in conn.execute(query("eval_due")).fetchall():
+        try:
+            done = run_evaluation(conn, alias, eval_set, scheduled=True)
+        except (pipelines.PipelineError, ProviderError) as error:
+            failed.append(f"{alias} on {eval_set}: {error}")
+            continue
+        notes.append(f"{alias} on {eval_set}: nDCG@10 {done.metrics['ndcg@10']:.4f}")
+    if failed:
+        raise pipelines.PipelineError("; ".join(failed + notes))
+    return "; ".join(notes) or "no evaluation due"
 
 
 def latest_run(conn: psycopg.Connection, pipeline: str, eval_set: str) -> EvalRun | None:
