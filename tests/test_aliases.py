@@ -6,6 +6,7 @@ collide; a pipeline an alias points at cannot be dropped."""
 from __future__ import annotations
 
 import threading
+import uuid
 
 import psycopg
 import pytest
@@ -163,3 +164,38 @@ def test_a_repoint_in_a_transaction_never_fails_a_concurrent_search(conn, dsn, t
     assert not errors, errors
     assert 0 not in seen  # no search came back empty
     assert set(seen) == {8, 16}
+
+
+def test_alias_views_survive_the_definitions_of_an_upgrade(conn, two_pipelines):
+    """An upgrade re-applies sql/ and drops the views it did not make (refresh.sql): the
+    alias's view is made again, with its grants, and the reader still cannot see it."""
+    from pgembed.schema import definitions_sql
+
+    aliases.set_alias(conn, "articles", two_pipelines[0])
+    conn.execute("GRANT SELECT ON pgembed.articles TO pgembed_worker")
+    with conn.transaction():
+        conn.execute(definitions_sql())
+    assert conn.execute("SELECT count(*) FROM pgembed.articles").fetchone() == (20,)
+    assert conn.execute("SELECT has_table_privilege('pgembed_worker', 'pgembed.articles', 'SELECT'), "
+                        "has_table_privilege('pgembed_reader', 'pgembed.articles', 'SELECT')").fetchone() \
+        == (True, False)
+
+
+def test_the_reader_sees_aliases_and_runs_not_vectors(conn, dsn, two_pipelines):
+    from psycopg.conninfo import make_conninfo
+
+    aliases.set_alias(conn, "articles", two_pipelines[0])
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE pgembed_reader")
+    try:
+        with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as reader:
+            assert reader.execute("SELECT name, pipeline FROM pgembed.aliases").fetchall() == [
+                ("articles", two_pipelines[0])]
+            for readable in ("pgembed.eval_runs", "pgembed.eval_sets", "pgembed.eval_history",
+                             "pgembed.eval_regressions", "pgembed.eval_set_summary"):
+                assert reader.execute(f"SELECT count(*) FROM {readable}").fetchone() == (0,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                reader.execute("SELECT * FROM pgembed.articles")
+    finally:
+        conn.execute(f"DROP OWNED BY {role} CASCADE")
+        conn.execute(f"DROP ROLE {role}")

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from pgembed.costs import Grouping
 from pgembed.evaluation.runs import EvalRun
+from pgembed.scheduler import format_duration
 from pgembed.search import Hit
 
 Row = dict[str, Any]
@@ -314,7 +315,8 @@ def change(value: float | None) -> str | Text:
 def aliases(rows: list[Row]) -> Fitted:
     return Fitted("aliases", [Col("name", key=True), Col("pipeline", whole=True), Col("previous", spare=2),
                               Col("eval set", spare=1), Col("every", spare=1), Col("changed", whole=True, spare=3)],
-                  ([r["name"], r["pipeline"], r["previous"], r["eval_set"], age(r["eval_every"]) or "never",
+                  ([r["name"], r["pipeline"], r["previous"], r["eval_set"],
+                    format_duration(r["eval_every"].total_seconds()) if r["eval_every"] else "never",
                     when(r["changed_at"])] for r in rows))
 
 
@@ -335,10 +337,9 @@ def eval_metrics(run: EvalRun) -> Fitted:
 
 
 def eval_history(rows: list[Row]) -> Fitted:
-    return Fitted("evaluation runs", [Col("at", whole=True), Col("target", key=True), Col("pipeline", whole=True,
-                                                                                        spare=2),
-                                      Col("set", whole=True, spare=1), Col("nDCG@10"), Col("change"),
-                                      Col("queries", spare=3)],
+    return Fitted("evaluation runs", [Col("at", whole=True), Col("target", key=True), Col("pipeline", whole=True),
+                                      Col("set", whole=True, spare=2), Col("nDCG@10"), Col("change"),
+                                      Col("queries", spare=1)],
                   ([when(r["at"]), r["target"], r["pipeline"], r["eval_set"], score(r["ndcg_10"]),
                     change(r["ndcg_10_change"]), count(r["queries"])] for r in rows))
 
