@@ -326,7 +326,7 @@ SELECT id, target, pipeline, model, eval_set, metrics FROM pgembed.eval_runs
 
 -- eval_history --
 SELECT id, at, target, pipeline, model, eval_set, ndcg_10, recall_10, mrr_10, ndcg_10_change,
-       queries, query_tokens, scheduled
+       queries, query_tokens, query_usd, scheduled
   FROM pgembed.eval_history
  WHERE (%(eval_set)s::text IS NULL OR eval_set = %(eval_set)s)
    AND (%(target)s::text IS NULL OR target = %(target)s OR pipeline = %(target)s)

@@ -182,6 +182,9 @@ def test_a_run_records_what_its_query_embeddings_cost(conn, dsn, fake_api, tmp_p
     assert fake_api.tokens - billed == fake_token_count("what shines at night") + fake_token_count("breakfast")
     assert conn.execute("SELECT sum(tokens) FROM pgembed.cost_by_cost_center WHERE purpose = 'query' "
                         "AND cost_center = 'eval:smoke'").fetchone() == (fake_api.tokens - billed,)
+    usd = conn.execute("SELECT sum(usd) FROM pgembed.cost_by_cost_center WHERE purpose = 'query' "
+                       "AND cost_center = 'eval:smoke'").fetchone()[0]
+    assert conn.execute("SELECT sum(query_usd) FROM pgembed.eval_history").fetchone() == (usd,) and usd > 0
 
 
 def test_a_run_of_an_unknown_set_or_target_is_refused(conn, docs):
