@@ -199,3 +199,19 @@ def test_the_reader_sees_aliases_and_runs_not_vectors(conn, dsn, two_pipelines):
     finally:
         conn.execute(f"DROP OWNED BY {role} CASCADE")
         conn.execute(f"DROP ROLE {role}")
+
+
+def test_the_alias_view_follows_its_source_s_primary_key(conn, two_pipelines):
+    """A retyped or renamed primary key of the source changes the pipeline's table under the
+    alias's view: the application's ALTER TABLE goes through, the view comes back over the
+    new columns with its grants."""
+    old = two_pipelines[0]
+    aliases.set_alias(conn, "articles", old)
+    conn.execute("GRANT SELECT ON pgembed.articles TO pgembed_worker")
+    conn.execute("ALTER TABLE docs ALTER COLUMN id TYPE bigint")
+    conn.execute("ALTER TABLE docs RENAME COLUMN id TO doc_id")
+    row = conn.execute("SELECT pg_typeof(doc_id)::text, count(*) FROM pgembed.articles GROUP BY 1").fetchone()
+    assert row == ("bigint", 20)
+    assert conn.execute("SELECT has_table_privilege('pgembed_worker', 'pgembed.articles', 'SELECT')").fetchone() \
+        == (True,)
+    assert search.search(conn, "articles", "lighthouse 4", k=1)[0].key == {"doc_id": 4}
