@@ -62,6 +62,9 @@ def test_search_through_an_alias_from_sql_python_client_and_cli(conn, dsn, two_p
     assert len(vector) == 8 and hits[0].key == {"id": 7}  # embedded with the new pipeline's model
     with Client(dsn) as client:
         assert client.search("articles", "lighthouse 7", k=1)[0].key == {"id": 7}
+        client.set_alias("news", new)
+        assert [a["name"] for a in client.aliases()] == ["articles", "news"]
+        client.drop_alias("news")
     found = CliRunner().invoke(app, ["search", "articles", "lighthouse 7", "-k", "1", "--dsn", dsn],
                                catch_exceptions=False)
     assert found.exit_code == 0 and "id=7" in found.output

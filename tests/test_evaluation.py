@@ -12,6 +12,7 @@ import re
 import pytest
 
 from pgembed import aliases, pipelines
+from pgembed.client import Client
 from pgembed.evaluation import runs, sets
 from pgembed.evaluation.metrics import evaluate
 from pgembed.evaluation.sets import EvalSetError
@@ -165,6 +166,9 @@ def test_a_run_through_an_alias_is_stored_with_its_cost(conn, dsn, docs, tmp_pat
     assert runs.latest_run(conn, docs, "other") is None
     again = runs.run_evaluation(conn, docs, "smoke")  # by the pipeline's own name
     assert runs.latest_run(conn, docs, "smoke") == again
+    with Client(dsn) as client:
+        through_client = client.evaluate("articles", "smoke", ks=(1, 5))
+    assert through_client.metrics == run.metrics and runs.latest_run(conn, docs, "smoke") == through_client
 
 
 def test_a_run_records_what_its_query_embeddings_cost(conn, dsn, fake_api, tmp_path):
