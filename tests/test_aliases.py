@@ -218,3 +218,34 @@ def test_the_alias_view_follows_its_source_s_primary_key(conn, two_pipelines):
     assert conn.execute("SELECT has_table_privilege('pgembed_worker', 'pgembed.articles', 'SELECT')").fetchone() \
         == (True,)
     assert search.search(conn, "articles", "lighthouse 4", k=1)[0].key == {"doc_id": 4}
+
+
+def test_a_query_of_the_alias_view_waits_for_a_repoint_and_reads_the_new_pipeline(conn, dsn, two_pipelines):
+    """The view is made anew in the repoint's transaction: a query of it meanwhile waits for
+    the commit (never an error), then reads the new pipeline's rows."""
+    old, new = two_pipelines
+    aliases.set_alias(conn, "articles", old)
+    answer: list[object] = []
+    with psycopg.connect(dsn) as repointer, psycopg.connect(dsn, autocommit=True) as reader:
+        reader_pid = reader.info.backend_pid
+
+        def read() -> None:
+            try:
+                answer.append(reader.execute("SELECT count(*), min(vector_dims(embedding)) FROM pgembed.articles"
+                                             ).fetchone())
+            except psycopg.Error as error:
+                answer.append(error)
+
+        repointer.execute("SELECT pgembed.set_alias('articles', %s)", (new,))
+        thread = threading.Thread(target=read)
+        thread.start()
+        for _ in range(6000):  # until the reader waits on the view's lock (a hang guard, not a timing)
+            if conn.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted)",
+                            (reader_pid,)).fetchone()[0]:
+                break
+            threading.Event().wait(0.01)
+        else:
+            pytest.fail("the reader never waited for the repoint")
+        repointer.commit()
+        thread.join(60)
+    assert answer == [(20, 8)]
