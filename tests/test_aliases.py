@@ -249,3 +249,17 @@ def test_a_query_of_the_alias_view_waits_for_a_repoint_and_reads_the_new_pipelin
         repointer.commit()
         thread.join(60)
     assert answer == [(20, 8)]
+
+
+def test_dropping_the_content_column_with_cascade_stops_at_an_alias(conn, two_pipelines):
+    """DROP COLUMN ... CASCADE takes the pipelines that read the column, except one an alias
+    points at: the statement is refused, naming the alias, and nothing is lost."""
+    old, new = two_pipelines
+    aliases.set_alias(conn, "articles", old)
+    with pytest.raises(psycopg.Error, match=f'pipeline "{old}" is what alias "articles" points at'):
+        conn.execute("ALTER TABLE docs DROP COLUMN body CASCADE")
+    assert conn.execute("SELECT count(*) FROM pgembed.pipelines").fetchone() == (2,)
+    assert search.search(conn, "articles", "lighthouse 2", k=1)[0].key == {"id": 2}
+    aliases.drop(conn, "articles")
+    conn.execute("ALTER TABLE docs DROP COLUMN body CASCADE")
+    assert conn.execute("SELECT count(*) FROM pgembed.pipelines").fetchone() == (0,)
