@@ -37,6 +37,17 @@ def resolve(conn: psycopg.Connection, name: str) -> str:
     return str(row[0])
 
 
+def pipeline_of(conn: psycopg.Connection, name: str) -> dict[str, Any]:
+    """`resolve` and pipelines.get in one read: what a search needs of the pipeline that
+    answers it."""
+    try:
+        row = conn.cursor(row_factory=dict_row).execute(query("pipeline_resolved"), {"name": name}).fetchone()
+    except psycopg.Error as error:
+        raise refused(error) from error
+    assert row is not None
+    return row
+
+
 def set_alias(conn: psycopg.Connection, alias: str, pipeline: str) -> None:
     """Creates the alias or repoints it, in one transaction."""
     _call(conn, "alias_set", {"alias": alias, "pipeline": pipeline})

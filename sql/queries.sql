@@ -272,6 +272,11 @@ SELECT id, chunk FROM pgembed.{destination} ORDER BY id, chunk_seq
 -- resolve_pipeline --
 SELECT pgembed.resolve_pipeline(%(name)s)
 
+-- pipeline_resolved --
+-- pipeline_get's columns, of the pipeline a name (an alias, or a pipeline's) stands for.
+SELECT name, destination, distance, key_columns, model, dimensions, index_type
+  FROM pgembed.pipelines WHERE name = pgembed.resolve_pipeline(%(name)s)
+
 -- alias_set --
 SELECT pgembed.set_alias(%(alias)s, %(pipeline)s)
 

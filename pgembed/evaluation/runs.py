@@ -57,8 +57,8 @@ def run_evaluation(conn: psycopg.Connection, target: str, eval_set: str, ks: Seq
     ks = sorted(set(ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"every k must be 1 or more, not {list(ks)}")
-    pipeline = aliases.resolve(conn, target)
-    model = str(pipelines.get(conn, pipeline)["model"])
+    answering = aliases.pipeline_of(conn, target)
+    pipeline, model = str(answering["name"]), str(answering["model"])
     questions = conn.execute(query("eval_queries"), {"eval_set": eval_set}).fetchall()
     if not questions:
         raise pipelines.PipelineError(f"no evaluation set named {eval_set!r} (pgembed eval sets lists them)")
