@@ -7,6 +7,7 @@ chunked is refused, nothing created."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import numpy as np
 import psycopg
@@ -166,7 +167,7 @@ def test_windows_overlap_by_half_and_each_token_reads_the_window_where_it_is_mos
     assert windows(100, 254) == [(0, 100)]
     ranges = windows(1000, 254)
     assert ranges[0] == (0, 254) and ranges[-1] == (746, 1000)
-    assert all(b[0] - a[0] <= 127 for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(b[0] - a[0] <= 127 for a, b in itertools.pairwise(ranges))
     who = owners(1000, ranges)
     for token, w in enumerate(who):
         start, end = ranges[w]

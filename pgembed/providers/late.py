@@ -51,7 +51,7 @@ def windows(count: int, width: int) -> list[Span]:
     if count <= width:
         return [(0, count)]
     stride = max(width // 2, 1)
-    starts = list(range(0, count - width, stride)) + [count - width]
+    starts = [*range(0, count - width, stride), count - width]
     return [(s, s + width) for s in starts]
 
 
