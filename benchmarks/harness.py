@@ -134,7 +134,7 @@ SCALES: dict[str, Scale] = {
         float_rows=1_000,
         quality_docs=40,
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
-        storage_docs=40, local_docs=20, late_docs=40,
+        storage_docs=40, local_docs=20, late_docs=10,
         checkpoints=False,
     ),
 }
