@@ -102,7 +102,7 @@ def chunk_spans(text: str, max_tokens: int, overlap: int) -> list[tuple[int, int
         _validate(max_tokens, overlap)
         return [(0, len(text))] if text.strip() else []
     windows, offsets, data = _split(text, max_tokens, overlap)
-    # window edges are character edges, so each byte offset is a character offset too
+    # window edges fall between characters: each edge's byte offset has a character offset
     chars = {at: len(data[:at].decode("utf-8")) for w in windows for at in (offsets[w[0]], offsets[w[1]])}
     spans = [(chars[offsets[s]], chars[offsets[e]]) for s, e in windows]
     return [(s, e) for s, e in spans if text[s:e].strip()]

@@ -28,12 +28,13 @@ ABSTRACTS = [
     "taking it before surgery bleed less. Some trials found that the benefit outweighs the bleeding "
     "for people over sixty. Others found no such benefit in people who never had a heart attack.",
     "Lighthouses guided ships along dangerous coasts for centuries. Their keepers trimmed the wicks "
-    "and wound the clockwork that turned the lens. Fresnel's lens made the beam visible for twenty "
+    "and wound the clockwork that turned the lens. Fresnel’s lens made the beam visible for twenty "
     "miles. Most lights are automatic now. The last keepers left in the nineteen-nineties, and "
-    "many towers became museums or holiday homes.",
+    "many towers became museums, cafés or holiday homes.",
     "A short abstract, one chunk only.",
 ]
 LATE = pipelines.PipelineOptions(chunk_tokens=24, chunk_overlap=0, late_chunking=True, name="late")
+TOKENS = pipelines.PipelineOptions(chunking="tokens", chunk_tokens=24, chunk_overlap=4, late_chunking=True)
 PLAIN = pipelines.PipelineOptions(chunk_tokens=24, chunk_overlap=0, name="plain")
 
 
@@ -87,8 +88,9 @@ def stored(conn, name: str) -> dict[tuple[int, int], tuple[str, bytes, np.ndarra
 
 
 @pytest.mark.local_model
-def test_the_worker_stores_each_chunk_s_tokens_pooled_from_its_whole_document(abstracts, dsn, reference):
-    name = pipelines.create(abstracts, "abstracts", "body", MINILM, LATE)
+@pytest.mark.parametrize("options", [LATE, TOKENS], ids=["recursive", "tokens"])
+def test_the_worker_stores_each_chunk_s_tokens_pooled_from_its_whole_document(abstracts, dsn, reference, options):
+    name = pipelines.create(abstracts, "abstracts", "body", MINILM, options)
     drain(dsn, max_attempts=1)
     assert abstracts.execute("SELECT count(*) FROM pgembed.failures").fetchone() == (0,)
     rows = stored(abstracts, name)
