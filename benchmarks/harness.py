@@ -95,6 +95,9 @@ class Scale:
     storage_docs: int = 1_500
     # 13. local model: SciFact abstracts drained with all-MiniLM-L6-v2
     local_docs: int = 300
+    # 14. late chunking: SciFact documents (as storage_docs), tokens a chunk (0: what fits the model)
+    late_docs: int = 600
+    late_chunk_tokens: int = 0
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -131,7 +134,7 @@ SCALES: dict[str, Scale] = {
         float_rows=1_000,
         quality_docs=40,
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
-        storage_docs=40, local_docs=20,
+        storage_docs=40, local_docs=20, late_docs=10,
         checkpoints=False,
     ),
 }

@@ -43,7 +43,7 @@ def _pipeline(storage: str) -> str:
     return f"{TABLE}_{storage.replace('+', '_')}"
 
 
-def _rebuild_index(bench: Bench, conn: psycopg.Connection, name: str) -> dict[str, float]:
+def rebuild_index(bench: Bench, conn: psycopg.Connection, name: str) -> dict[str, float]:
     """Drops the pipeline's vector index and times building it again over the loaded rows;
     the sizes of the index and the destination (heap and TOAST)."""
     destination = sql.Identifier("pgembed", name)
@@ -71,12 +71,13 @@ def _rebuild_index(bench: Bench, conn: psycopg.Connection, name: str) -> dict[st
             "rows": int(rows)}
 
 
-def _exact_run(conn: psycopg.Connection, query_vectors: np.ndarray, qids: list[str], k: int) -> dict[str, list[str]]:
-    """Exact max-sim over the full-precision vectors the `vector` pipeline stored."""
+def exact_run(conn: psycopg.Connection, pipeline: str, query_vectors: np.ndarray, qids: list[str],
+              k: int) -> dict[str, list[str]]:
+    """Exact max-sim over the full-precision vectors a `vector` pipeline stored."""
     from pgembed.evaluation.beir import max_sim_run
 
     rows = conn.execute(sql.SQL("SELECT id, embedding FROM {} ORDER BY id, chunk_seq").format(
-        sql.Identifier("pgembed", _pipeline("vector")))).fetchall()
+        sql.Identifier("pgembed", pipeline))).fetchall()
     vectors = np.stack([np.asarray(v.to_numpy(), dtype=np.float32) for _, v in rows])
     return {q: list(ranked) for q, ranked in
             max_sim_run(query_vectors, qids, vectors, [(str(i), "") for i, _ in rows], k).items()}
@@ -140,9 +141,9 @@ def run(bench: Bench) -> list[Result]:
     with bench.database() as dsn:
         drains = _embed_through_pipelines(bench, dsn, corpus)
         with connect(dsn, autocommit=True) as conn:
-            measured = {s: _rebuild_index(bench, conn, _pipeline(s)) for s in STORAGES}
+            measured = {s: rebuild_index(bench, conn, _pipeline(s)) for s in STORAGES}
             searched, query_vectors = _searches(conn, corpus.queries, k)
-            exact = _exact_run(conn, query_vectors, list(corpus.queries), k)
+            exact = exact_run(conn, _pipeline("vector"), query_vectors, list(corpus.queries), k)
     reference = evaluate(corpus.qrels, exact)["ndcg@10"]
     results = []
     for storage in STORAGES:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pgembed.cache import chunk_key, document_hash
+from pgembed.cache import chunk_key, document_hash, late_chunk_key
 from pgembed.providers import EmbedResult, Provider, ProviderError
-from pgembed.providers.base import sound_vectors
+from pgembed.providers.base import late_chunker, sound_vectors
 from pgembed.queue import Batch, Chunk, Key, Outcome, PipelineInfo, Queue, SourceRow, Usage
-from pgembed.splitting import Piece, counter_for, split, split_prefixed
+from pgembed.splitting import Piece, counter_for, document
 
 # what counts as blank, here and in the audit's gap query (pgembed.gap_sql, kind 'empty')
 _BLANK = " \t\n\r\f\v"
@@ -24,11 +25,14 @@ _BLANK = " \t\n\r\f\v"
 
 @dataclass(frozen=True)
 class Planned:
-    """A chunk to embed: its text, its cache key, whether it is a truncated text's start."""
+    """A chunk to embed: its text, its cache key, whether it is a truncated text's start;
+    for late chunking, the document the model reads and the chunk's span in it."""
 
     text: str
     hash: bytes
     truncated: bool = False
+    document: str = ""
+    span: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -39,18 +43,27 @@ class Embedded:
     sent: list[bytes] = field(default_factory=list)  # hashes this batch asked the provider for
 
 
-def _texts(info: PipelineInfo, row: SourceRow) -> list[Piece]:
-    """The chunks of a row's content. NULL or blank content has none: the row has nothing
-    to embed, which is not a failure; its old vectors (of content that no longer exists)
-    go, and the audit counts it as empty, not missing."""
+def _texts(info: PipelineInfo, row: SourceRow) -> tuple[str, list[Piece]]:
+    """What the model reads of a row and its chunks. NULL or blank content has none: the
+    row has nothing to embed, which is not a failure; its old vectors (of content that no
+    longer exists) go, and the audit counts it as empty, not missing."""
     if row.content is None or not row.content.strip(_BLANK):
-        return []
+        return "", []
     if info.chunking == "none" and not info.prefixed:
-        return [Piece(row.content)]
-    counter = counter_for(info.spec, info.tokenizer)
-    if info.prefixed:
-        return split_prefixed(info.plan, counter, row.content)
-    return split(info.plan, counter, row.content)
+        return row.content, [Piece(row.content, span=(0, len(row.content)))]
+    return document(info.plan, counter_for(info.spec, info.tokenizer), row.content, info.prefixed)
+
+
+def _planned(info: PipelineInfo, row: SourceRow) -> list[Planned]:
+    """A row's chunks with their cache keys. A late-chunked chunk's vector depends on its
+    whole document, so its key covers the document and the span (and is never a plain
+    chunk's: see pgembed.cache)."""
+    text, pieces = _texts(info, row)
+    model, dimensions = info.spec.model, info.spec.dimensions
+    if info.late_chunking:
+        return [Planned(p.text, late_chunk_key(model, dimensions, text, p.span), p.truncated, text, p.span)
+                for p in pieces]
+    return [Planned(p.text, chunk_key(model, dimensions, p.text), p.truncated) for p in pieces]
 
 
 def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
@@ -68,8 +81,7 @@ def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
         else:
             outcome.cost_center = row.cost_center
             outcome.content_hash = document_hash(row.content or "")
-            texts[claimed.key] = [Planned(p.text, chunk_key(info.spec.model, info.spec.dimensions, p.text),
-                                          p.truncated) for p in _texts(info, row)]
+            texts[claimed.key] = _planned(info, row)
     return outcomes, texts
 
 
@@ -111,13 +123,16 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: 
     rows, read_errors = await queue.read(info, [c.key for c in batch.rows])
     # chunking long rows takes milliseconds each: off the event loop, like the embedding
     outcomes, texts = await asyncio.to_thread(_plan, info, batch, rows, read_errors)
-    wanted = {c.hash: c.text for chunks in texts.values() for c in chunks}
+    wanted = {c.hash: c for chunks in texts.values() for c in chunks}
     cached = await queue.cached(list(wanted))
     mine, theirs = inflight.claim([h for h in wanted if h not in cached])
+    if info.late_chunking:
+        mine = _by_document(mine, wanted)
     result = EmbedResult([], [])
     try:
         if mine:
-            result = await _embed_within(provider, requests, [wanted[h] for h in mine])
+            result = await _embed_within(provider, requests,
+                                         lambda: _request(provider, info.late_chunking, mine, wanted))
     except BaseException as error:
         inflight.settle(mine, {}, {}, outage=str(error) or type(error).__name__)
         inflight.forget(mine)
@@ -140,14 +155,34 @@ async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: 
     return Embedded(outcomes, new_cache, usage, sent=mine)
 
 
-async def _embed_within(provider: Provider, requests: asyncio.Semaphore, texts: list[str]) -> EmbedResult:
+async def _embed_within(provider: Provider, requests: asyncio.Semaphore,
+                        call: Callable[[], Awaitable[EmbedResult]]) -> EmbedResult:
     """A provider that bounds its own HTTP requests (`bounds_requests`) holds a request slot
     only while a request is out: counting tokens before it and decoding after it overlap
     other requests. Any other provider's whole call is one request."""
     if getattr(provider, "bounds_requests", False):
-        return await provider.embed(texts)
+        return await call()
     async with requests:
-        return await provider.embed(texts)
+        return await call()
+
+
+def _by_document(hashes: list[bytes], wanted: dict[bytes, Planned]) -> list[bytes]:
+    """The hashes with those of one document together, as a late-chunking request answers."""
+    groups: dict[str, list[bytes]] = {}
+    for h in hashes:
+        groups.setdefault(wanted[h].document, []).append(h)
+    return [h for group in groups.values() for h in group]
+
+
+async def _request(provider: Provider, late: bool, sent: list[bytes], wanted: dict[bytes, Planned]) -> EmbedResult:
+    """The provider's answer for `sent`, in its order: the chunks' texts, or (late chunking)
+    each document once with the spans of its chunks that are not cached."""
+    if not late:
+        return await provider.embed([wanted[h].text for h in sent])
+    documents: dict[str, list[tuple[int, int]]] = {}
+    for h in sent:
+        documents.setdefault(wanted[h].document, []).append(wanted[h].span)
+    return await late_chunker(provider).embed_late(list(documents.items()))
 
 
 def _collect(sent: list[bytes], result: EmbedResult, dimensions: int) -> tuple[

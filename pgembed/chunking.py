@@ -95,6 +95,19 @@ def token_windows(text: str, max_tokens: int, overlap: int) -> list[Window]:
     return _split(text, max_tokens, overlap)[0]
 
 
+def chunk_spans(text: str, max_tokens: int, overlap: int) -> list[tuple[int, int]]:
+    """The [start, end) character ranges of `chunk_text`'s chunks in `text` (late chunking
+    pools the model's states of exactly those characters)."""
+    if max_tokens == 0:
+        _validate(max_tokens, overlap)
+        return [(0, len(text))] if text.strip() else []
+    windows, offsets, data = _split(text, max_tokens, overlap)
+    # window edges fall between characters: each edge's byte offset has a character offset
+    chars = {at: len(data[:at].decode("utf-8")) for w in windows for at in (offsets[w[0]], offsets[w[1]])}
+    spans = [(chars[offsets[s]], chars[offsets[e]]) for s, e in windows]
+    return [(s, e) for s, e in spans if text[s:e].strip()]
+
+
 def chunk_text(text: str, max_tokens: int, overlap: int) -> list[str]:
     """Overlapping chunks of at most `max_tokens` cl100k tokens; `max_tokens=0`: one chunk.
 
@@ -102,9 +115,4 @@ def chunk_text(text: str, max_tokens: int, overlap: int) -> list[str]:
     a longer text is dropped: there is nothing in it to embed, and an embedding API would
     reject it. The caller decides what an empty result means (for a row: "empty text").
     """
-    if max_tokens == 0:
-        _validate(max_tokens, overlap)
-        return [text] if text.strip() else []
-    windows, offsets, data = _split(text, max_tokens, overlap)
-    chunks = [data[offsets[s] : offsets[e]].decode("utf-8") for s, e in windows]
-    return [chunk for chunk in chunks if chunk.strip()]
+    return [text[s:e] for s, e in chunk_spans(text, max_tokens, overlap)]

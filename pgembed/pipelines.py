@@ -36,6 +36,7 @@ class PipelineOptions:
     storage: str = "vector"  # or "halfvec": half the size, indexed up to 4,000 dimensions
     quantization: str = "none"  # or "binary": an HNSW index of bits, searches re-ranked
     rerank: int | None = None  # binary: candidates read per row returned (10 when None)
+    late_chunking: bool = False  # local models: each chunk pooled from one run over its document
 
 
 def refused(error: psycopg.Error) -> PipelineError:
@@ -56,7 +57,7 @@ def create(conn: psycopg.Connection, source: str, content: str, model: str,
         "chunk_overlap": o.chunk_overlap, "backfill": o.backfill,
         "cost_center": o.cost_center, "name": o.name, "chunking": o.chunking,
         "chunk_prefix": o.chunk_prefix, "storage": o.storage, "quantization": o.quantization,
-        "rerank": o.rerank,
+        "rerank": o.rerank, "late_chunking": o.late_chunking,
     }
     try:
         with conn.transaction():

@@ -49,6 +49,7 @@ class PipelineInfo:
     chunking: str = "none"
     tokenizer: str | None = None  # pgembed.models.tokenizer: how the model counts
     prefixed: bool = False  # content is "prefix U+001E content" (pgembed.prefixed_content)
+    late_chunking: bool = False  # chunks pooled from one run of the model over the document
 
     @property
     def plan(self) -> Plan:
@@ -181,7 +182,7 @@ class Queue:
         return {
             r[0]: PipelineInfo(
                 name=r[0], id=r[1], chunk_tokens=r[4], chunk_overlap=r[5], chunking=r[10], tokenizer=r[11],
-                prefixed=r[12],
+                prefixed=r[12], late_chunking=r[13],
                 spec=ModelSpec(model=r[2], dimensions=r[3], native_dimensions=r[6],
                                max_input_tokens=r[7], max_batch_inputs=r[8],
                                max_batch_tokens=r[9]),

@@ -31,7 +31,7 @@ from typing import Any
 
 from semantic_text_splitter import MarkdownSplitter, TextSplitter
 
-from pgembed.chunking import chunk_text
+from pgembed.chunking import chunk_spans
 from pgembed.providers.base import ModelSpec
 from pgembed.tokens import count_tokens
 
@@ -44,10 +44,13 @@ CL100K_MODEL = "text-embedding-3-small"
 
 @dataclass(frozen=True)
 class Piece:
-    """One chunk to embed; `truncated` when it is the start of a text that was cut off."""
+    """One chunk to embed; `truncated` when it is the start of a text that was cut off;
+    `span`, where the chunk's own characters lie in its document (what late chunking pools:
+    see `document`)."""
 
     text: str
     truncated: bool = False
+    span: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -120,19 +123,21 @@ def budget(plan: Plan, counter: Counter) -> tuple[int, int]:
 def _split(plan: Plan, counter: Counter, text: str) -> list[Piece]:
     capacity, overlap = budget(plan, counter)
     if counter.fits(text, capacity):
-        return [Piece(text)]
+        return [Piece(text, span=(0, len(text)))]
     if plan.strategy == "truncate":
-        first = _splitter("recursive", counter, capacity, 0).chunks(text)[:1]
-        return [Piece(chunk, truncated=True) for chunk in first]
-    return [Piece(chunk) for chunk in _splitter(plan.strategy, counter, capacity, overlap).chunks(text)]
+        first = _splitter("recursive", counter, capacity, 0).chunk_indices(text)[:1]
+        return [Piece(chunk, True, (at, at + len(chunk))) for at, chunk in first]
+    # the splitter's offsets count characters, as str indices do
+    return [Piece(chunk, span=(at, at + len(chunk)))
+            for at, chunk in _splitter(plan.strategy, counter, capacity, overlap).chunk_indices(text)]
 
 
 def _tokens(plan: Plan, counter: Counter, text: str) -> list[Piece]:
-    return [Piece(chunk) for chunk in chunk_text(text, plan.tokens, plan.overlap)]
+    return [Piece(text[s:e], span=(s, e)) for s, e in chunk_spans(text, plan.tokens, plan.overlap)]
 
 
 def _whole(plan: Plan, counter: Counter, text: str) -> list[Piece]:
-    return [Piece(text)]
+    return [Piece(text, span=(0, len(text)))]
 
 
 _BY_STRATEGY: dict[str, Callable[[Plan, Counter, str], list[Piece]]] = {
@@ -147,16 +152,23 @@ def split(plan: Plan, counter: Counter, text: str) -> list[Piece]:
     return [piece for piece in _BY_STRATEGY[plan.strategy](plan, counter, text) if piece.text.strip()]
 
 
-def split_prefixed(plan: Plan, counter: Counter, content: str) -> list[Piece]:
-    """The chunks of a pipeline with a chunk prefix (content = prefix U+001E text): each
-    chunk of the text is embedded after the prefix and a newline, so every chunk of an
-    abstract carries its title. The prefix takes at most half the window (its start, if it
-    is longer); the chunks get the rest."""
+def document(plan: Plan, counter: Counter, content: str, prefixed: bool) -> tuple[str, list[Piece]]:
+    """What the model reads of a row, and its chunks with their spans in it. With a chunk
+    prefix (content = prefix U+001E text) each chunk of the text is embedded after the
+    prefix and a newline, so every chunk of an abstract carries its title; the prefix takes
+    at most half the window (its start, if it is longer), the chunks get the rest. Late
+    chunking runs the model over the document, the prefix then read once at its head
+    (context for the whole document), and pools each span, which covers the chunk's own
+    text only, though the chunk stored is the prefixed one, as plain chunking stores."""
+    if not prefixed:
+        return content, split(plan, counter, content)
     prefix, _, text = content.partition(SEPARATOR)
     prefix = prefix.strip()
     if not prefix:
-        return split(plan, counter, text)
+        return text, split(plan, counter, text)
     half = Plan("truncate", max(counter.window // 2, 1), 0)
     head = _split(half, counter, prefix)[0].text
     room = Counter(counter.name, max(counter.window - counter.count(head + "\n"), 1), counter.tokenizer)
-    return [Piece(f"{head}\n{p.text}", p.truncated) for p in split(plan, room, text)]
+    shift = len(head) + 1
+    return f"{head}\n{text}", [Piece(f"{head}\n{p.text}", p.truncated, (p.span[0] + shift, p.span[1] + shift))
+                               for p in split(plan, room, text)]

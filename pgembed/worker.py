@@ -41,6 +41,7 @@ from pgembed.indexes import DeferredIndexBuilder
 from pgembed.listener import CHANNEL, Listener
 from pgembed.metrics import Metrics, MetricsServer
 from pgembed.providers import EmbedResult, Provider, ProviderError, UnknownModelError, make_provider
+from pgembed.providers.base import late_chunker
 from pgembed.queue import AckResult, Batch, PipelineInfo, Queue
 from pgembed.ratelimit import RateLimits
 from pgembed.scheduler import Scheduler
@@ -110,9 +111,15 @@ class _TimedProvider:
         self.metrics = metrics
 
     async def embed(self, texts: list[str]) -> EmbedResult:
+        return await self._timed(self.inner.embed(texts))
+
+    async def embed_late(self, documents: list[tuple[str, list[tuple[int, int]]]]) -> EmbedResult:
+        return await self._timed(late_chunker(self.inner).embed_late(documents))
+
+    async def _timed(self, call: Coroutine[Any, Any, EmbedResult]) -> EmbedResult:
         started = time.perf_counter()
         try:
-            result = await self.inner.embed(texts)
+            result = await call
         except ProviderError:
             self.metrics.api_call(self.spec.model, time.perf_counter() - started, ok=False)
             raise

@@ -28,6 +28,7 @@ COMMENT ON COLUMN pgembed.pipelines.chunk_prefix IS 'expression embedded at the 
 COMMENT ON COLUMN pgembed.pipelines.storage IS 'vector (4-byte floats, indexed up to 2,000 dimensions) or halfvec (2-byte floats, up to 4,000)';
 COMMENT ON COLUMN pgembed.pipelines.quantization IS 'none, or binary: the HNSW index holds binary_quantize(embedding), searches re-rank by the stored vectors';
 COMMENT ON COLUMN pgembed.pipelines.rerank IS 'a binary-quantized search reads rerank times as many candidates as it returns';
+COMMENT ON COLUMN pgembed.pipelines.late_chunking IS 'each chunk''s vector pools its own tokens of one run of the model over the whole document (local models)';
 COMMENT ON COLUMN pgembed.pipelines.search_path IS 'the creator''s search_path, on which content and cost_center were read';
 
 COMMENT ON TABLE pgembed.outbox IS 'Keys to embed, one row per (pipeline, key); see pgembed.outbox_state for the states of a row';

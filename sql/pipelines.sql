@@ -240,6 +240,11 @@ DROP FUNCTION IF EXISTS pgembed.create_pipeline(regclass, text, text, int, text,
                                                 text, text, text, text);
 DROP FUNCTION IF EXISTS pgembed.create_pipeline_on_path(text, regclass, text, text, int, text, jsonb, text, int,
                                                         int, boolean, text, text, text, text);
+-- and before late_chunking was
+DROP FUNCTION IF EXISTS pgembed.create_pipeline(regclass, text, text, int, text, jsonb, text, int, int, boolean,
+                                                text, text, text, text, text, text, int);
+DROP FUNCTION IF EXISTS pgembed.create_pipeline_on_path(text, regclass, text, text, int, text, jsonb, text, int,
+                                                        int, boolean, text, text, text, text, text, text, int);
 
 -- A pipeline's chunking, from create_pipeline's arguments: (strategy, tokens, overlap).
 -- Left out, they fit the model: recursive chunks of min(256, 3/4 of the model's window)
@@ -364,6 +369,36 @@ BEGIN
 END
 $$;
 
+-- Late chunking runs the model once over the whole document and pools each chunk's own
+-- tokens: only a local model gives pgembed its token states, and a strategy that keeps one
+-- chunk of a document (none, truncate) has nothing to pool apart.
+CREATE OR REPLACE FUNCTION pgembed.check_late_chunking(m pgembed.models, p_chunking text, p_late boolean)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_late IS NULL THEN
+        RAISE EXCEPTION 'pgembed: late_chunking must be true or false, not NULL'
+            USING HINT = 'late_chunking => true pools each chunk from one run of the model over its document.';
+    END IF;
+    IF NOT p_late THEN
+        RETURN;
+    END IF;
+    IF NOT starts_with(m.model, 'local:') THEN
+        RAISE EXCEPTION 'pgembed: late chunking needs a local: model, not %: it reads the model''s token states, '
+                        'which an embedding API does not return', quote_literal(m.model)
+            USING HINT = 'Use a local model (e.g. local:all-MiniLM-L6-v2), or leave late_chunking out.';
+    END IF;
+    IF p_chunking IN ('none', 'truncate') THEN
+        RAISE EXCEPTION 'pgembed: late chunking needs chunks of the whole document, and chunking % keeps one',
+            quote_literal(p_chunking)
+            USING HINT = 'Use chunking => ''recursive'' (the default), ''markdown'' or ''tokens'', '
+                         'or leave late_chunking out.';
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
     search_path     text,
     source          regclass,
@@ -382,7 +417,8 @@ CREATE OR REPLACE FUNCTION pgembed.create_pipeline_on_path(
     chunk_prefix    text DEFAULT NULL,
     storage         text DEFAULT 'vector',
     quantization    text DEFAULT 'none',
-    rerank          int DEFAULT NULL
+    rerank          int DEFAULT NULL,
+    late_chunking   boolean DEFAULT false
 )
 RETURNS text
 LANGUAGE plpgsql
@@ -444,6 +480,7 @@ BEGIN
     stored := pgembed.storage_settings(index, dims, storage, quantization, rerank);
     options := pgembed.check_index_options(index, index_options);
     chunks := pgembed.chunking_settings(m, chunking, chunk_tokens, chunk_overlap);
+    PERFORM pgembed.check_late_chunking(m, chunks.chunking, late_chunking);
     IF backfill IS NULL THEN
         RAISE EXCEPTION 'pgembed: backfill must be true or false, not NULL'
             USING HINT = 'backfill => true (the default) queues the rows already in the table; false does not.';
@@ -500,18 +537,19 @@ BEGIN
     p.storage := stored.storage;
     p.quantization := stored.quantization;
     p.rerank := stored.rerank;
+    p.late_chunking := late_chunking;
 
     BEGIN
         INSERT INTO pgembed.pipelines (name, source, content, content_columns, content_bound,
             content_functions, cost_center, cost_center_bound, model,
             dimensions, destination, key_columns, key_types, chunk_tokens, chunk_overlap,
             index_type, index_options, distance, search_path, chunking, chunk_prefix, storage,
-            quantization, rerank)
+            quantization, rerank, late_chunking)
         VALUES (p.name, p.source, p.content, p.content_columns, p.content_bound,
             p.content_functions, p.cost_center, p.cost_center_bound, p.model,
             p.dimensions, p.destination, p.key_columns, p.key_types, p.chunk_tokens,
             p.chunk_overlap, p.index_type, p.index_options, p.distance, p.search_path, p.chunking,
-            p.chunk_prefix, p.storage, p.quantization, p.rerank)
+            p.chunk_prefix, p.storage, p.quantization, p.rerank, p.late_chunking)
         RETURNING * INTO p;
     EXCEPTION WHEN unique_violation THEN
         -- a concurrent create_pipeline of the same name committed after our check
@@ -570,7 +608,8 @@ CREATE OR REPLACE FUNCTION pgembed.create_pipeline(
     chunk_prefix    text DEFAULT NULL,
     storage         text DEFAULT 'vector',
     quantization    text DEFAULT 'none',
-    rerank          int DEFAULT NULL
+    rerank          int DEFAULT NULL,
+    late_chunking   boolean DEFAULT false
 )
 RETURNS text
 LANGUAGE sql
@@ -582,7 +621,7 @@ AS $$
           WHERE NOT pg_catalog.starts_with(s, 'pg_temp')),
         source, content, model, dimensions, index, index_options, distance,
         chunk_tokens, chunk_overlap, backfill, cost_center, name, chunking, chunk_prefix,
-        storage, quantization, rerank)
+        storage, quantization, rerank, late_chunking)
 $$;
 
 CREATE OR REPLACE FUNCTION pgembed.drop_pipeline(name text)

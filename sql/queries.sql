@@ -17,7 +17,8 @@ SELECT pipeline, key, version, purpose, attempts
 -- pipelines --
 SELECT p.name, p.id, p.model, p.dimensions, p.chunk_tokens, p.chunk_overlap,
        m.dimensions AS native_dimensions, m.max_input_tokens, m.max_batch_inputs,
-       m.max_batch_tokens, p.chunking, m.tokenizer, p.chunk_prefix IS NOT NULL AS prefixed
+       m.max_batch_tokens, p.chunking, m.tokenizer, p.chunk_prefix IS NOT NULL AS prefixed,
+       p.late_chunking
   FROM pgembed.pipelines p
   CROSS JOIN LATERAL pgembed.model_info(p.model) AS m
 
@@ -179,7 +180,7 @@ SELECT pgembed.create_pipeline(source => %(source)s::regclass, content => %(cont
                                cost_center => %(cost_center)s, name => %(name)s,
                                chunking => %(chunking)s, chunk_prefix => %(chunk_prefix)s,
                                storage => %(storage)s, quantization => %(quantization)s,
-                               rerank => %(rerank)s)
+                               rerank => %(rerank)s, late_chunking => %(late_chunking)s)
 
 -- pipeline_same --
 -- pipelines that already embed this content of this table with this model (at these

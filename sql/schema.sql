@@ -87,10 +87,15 @@ CREATE TABLE pgembed.pipelines (
     -- stored vectors. 'none': the index holds the vectors themselves.
     quantization    text NOT NULL DEFAULT 'none' CHECK (quantization IN ('none', 'binary')),
     rerank          int CHECK (rerank BETWEEN 1 AND 100),
+    -- late chunking: the model reads the whole document (window by window) and each chunk's
+    -- vector is the mean of its own tokens' states; a local model's, chunks of a document
+    late_chunking   boolean NOT NULL DEFAULT false,
     CHECK (chunk_tokens = 0 OR chunk_overlap < chunk_tokens),
     CONSTRAINT pipelines_chunking_size CHECK ((chunking = 'none') = (chunk_tokens = 0)),
     CONSTRAINT pipelines_quantization_index CHECK (quantization = 'none' OR index_type = 'hnsw'),
-    CONSTRAINT pipelines_quantization_rerank CHECK ((quantization = 'none') = (rerank IS NULL))
+    CONSTRAINT pipelines_quantization_rerank CHECK ((quantization = 'none') = (rerank IS NULL)),
+    CONSTRAINT pipelines_late_chunking
+        CHECK (NOT late_chunking OR (starts_with(model, 'local:') AND chunking NOT IN ('none', 'truncate')))
 );
 
 -- One row per (pipeline, key) that needs embedding. Repeated changes bump `version`.

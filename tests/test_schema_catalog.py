@@ -77,7 +77,9 @@ DOWNGRADES = {
               "SELECT pgembed.import_eval_set('s', 'notes', 'jsonl', '[{\"id\": \"q\", \"query\": \"b\"}]', "
               "'[{\"query_id\": \"q\", \"key\": 1, \"relevance\": 1}]')",
               "INSERT INTO pgembed.eval_runs (target, pipeline, model, eval_set, metrics, ks, queries) "
-              "VALUES ('notes_search', 'notes_h8', 'hash:8', 's', '{}', '{5}', 1)"]),
+              "VALUES ('notes_search', 'notes_h8', 'hash:8', 's', '{}', '{5}', 1)",
+              # late chunking
+              "SELECT pgembed.create_pipeline('notes', 'body', 'local:all-MiniLM-L6-v2', late_chunking => true)"]),
 }
 
 

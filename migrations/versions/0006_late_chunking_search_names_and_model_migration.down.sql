@@ -35,7 +35,8 @@ DROP TABLE pgembed.eval_runs, pgembed.aliases, pgembed.eval_judgments, pgembed.e
 -- Late chunking
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- Late-chunked pipelines become plain ones: their vectors stay until their rows change.
+ALTER TABLE pgembed.pipelines DROP COLUMN late_chunking;
 
 -- ---------------------------------------------------------------------------------------
 -- Functions
@@ -53,7 +54,7 @@ BEGIN
               WHERE q.pronamespace = 'pgembed'::regnamespace
                 AND q.proname IN (
                     -- late chunking
-                    '',
+                    'create_pipeline', 'create_pipeline_on_path', 'check_late_chunking',
                     -- indexes that wait for their data
                     '',
                     -- stable search names and evaluation

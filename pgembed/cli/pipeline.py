@@ -44,6 +44,9 @@ def create(
         help="none (default) or binary (an HNSW index of bits, searches re-ranked).")] = "none",
     rerank: Annotated[int | None, typer.Option(
         help="Binary quantization: candidates read per row returned (default 10).")] = None,
+    late_chunking: Annotated[bool, typer.Option(
+        "--late-chunking", help="Local models: run the model over the whole row and pool each "
+                                "chunk's tokens, so every chunk carries its row's context.")] = False,
     dsn: DsnOption = None,
     embedded: EmbeddedOption = False,
 ) -> None:
@@ -55,7 +58,8 @@ def create(
     options = PipelineOptions(dimensions=dimensions, index=index, index_options=_json_object(index_options),
                               distance=distance, chunking=chunking, chunk_tokens=chunk_tokens,
                               chunk_overlap=chunk_overlap, backfill=backfill, cost_center=cost_center,
-                              name=name, storage=storage, quantization=quantization, rerank=rerank)
+                              name=name, storage=storage, quantization=quantization, rerank=rerank,
+                              late_chunking=late_chunking)
     with connect(dsn, embedded) as conn:
         existing = [] if another or name else pipelines.same(conn, table_name, content, model, dimensions)
         if existing:

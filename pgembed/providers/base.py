@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -70,6 +70,22 @@ class Provider(Protocol):
     # A provider may also have `async def check(self) -> None`, which raises ProviderError
     # when it cannot work at all (a model that cannot be loaded); a worker calls it before
     # it claims anything for the provider's pipelines. Making the provider checks the rest.
+
+
+@runtime_checkable
+class LateChunker(Protocol):
+    """A provider that can embed chunks in their document's context (local models only:
+    pgembed.providers.late): one vector a span, documents after one another."""
+
+    async def embed_late(self, documents: list[tuple[str, list[tuple[int, int]]]]) -> EmbedResult: ...
+
+
+def late_chunker(provider: object) -> LateChunker:
+    """The provider as a LateChunker; create_pipeline lets only local models late-chunk, so
+    another is a configuration error: the batch goes back."""
+    if not isinstance(provider, LateChunker):
+        raise ProviderError(f"{type(provider).__name__} cannot late-chunk: only local: models can")
+    return provider
 
 
 class RateLimiter(Protocol):

@@ -149,12 +149,19 @@ class BertEncoder:
 
     def _batch(self, texts: list[str]) -> np.ndarray:
         ids, mask = self._ids(texts)
+        x = self.hidden_states(ids, mask)
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    def hidden_states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The last layer's state of every token (batch, width, hidden), padding (mask 0)
+        masked out of attention: what mean pooling, and late chunking, average."""
+        mask = mask.astype(np.float32)
         x = self._embed(ids)
         bias = ((1.0 - mask) * np.float32(-1e9))[:, None, :]  # per text, over the keys
         for layer in range(self.shape.layers):
             x = self._layer(x, bias, f"encoder.layer.{layer}.")
-        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        return x
 
     def _ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         encoded = self._cutting.encode_batch(texts)

@@ -42,6 +42,7 @@ from pgembed.providers.base import (
     vector_problem,
 )
 from pgembed.providers.bert import BertEncoder, UnsupportedModel
+from pgembed.providers.late import Span, embed_spans
 
 if TYPE_CHECKING:
     from pgembed.splitting import Counter
@@ -128,6 +129,16 @@ class TorchModel:
     def encode(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self.model.encode(texts, batch_size=32, show_progress_bar=False,
                                             normalize_embeddings=True), dtype=np.float32)
+
+    def hidden_states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The transformer's last hidden states (batch, width, hidden), before pooling."""
+        import torch
+
+        transformer = self.model[0].auto_model
+        with torch.inference_mode():
+            output = transformer(input_ids=torch.from_numpy(ids).to(transformer.device),
+                                 attention_mask=torch.from_numpy(mask).to(transformer.device))
+        return np.asarray(output.last_hidden_state.float().cpu().numpy(), dtype=np.float32)
 
 
 Model = TorchModel | BertEncoder
@@ -220,11 +231,14 @@ class LocalProvider:
         """Unit vectors of the requested size: Matryoshka-truncated when it is smaller."""
         if not texts:
             return []
-        array = model.encode(texts)
+        return list(self._sized(model, model.encode(texts)))
+
+    def _sized(self, model: Model, array: np.ndarray) -> np.ndarray:
+        """Unit vectors (one a row) cut to the requested size, normalised again."""
         if self.spec.dimensions < model.dimensions:
             array = array[:, :self.spec.dimensions]
             array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), np.float32(1e-12))
-        return list(array)
+        return array
 
     def _embed_sync(self, texts: list[str]) -> EmbedResult:
         model = load_model(resolve_model(self.spec.name))
@@ -244,6 +258,32 @@ class LocalProvider:
             inputs_sent=len(todo),
             token_counts=counts,
         )
+
+    def _late_sync(self, documents: list[tuple[str, list[Span]]]) -> EmbedResult:
+        """One vector a span, in order, documents after one another; no length limit (a
+        long document is read window by window). Tokens: each document's once, as if it
+        were one input; each span's own count is its cache entry's."""
+        model = load_model(resolve_model(self.spec.name))
+        pooled = embed_spans(model, documents, self.input_limit(model))
+        vectors: list[list[float] | np.ndarray | None] = []
+        errors: list[str | None] = []
+        for document in pooled:
+            for vector in document.vectors:
+                sized = None if vector is None else self._sized(model, vector[None, :])[0]
+                problem = "chunk has no tokens" if sized is None else vector_problem(sized, self.spec.dimensions)
+                errors.append(problem)
+                vectors.append(sized if problem is None else None)
+        sent = sum(v is not None for v in vectors)
+        return EmbedResult(vectors=vectors, errors=errors, tokens=sum(d.tokens for d in pooled),
+                           requests=1 if sent else 0, inputs_sent=sent,
+                           token_counts=[n for d in pooled for n in d.span_tokens])
+
+    async def embed_late(self, documents: list[tuple[str, list[Span]]]) -> EmbedResult:
+        """Late chunking (pgembed.providers.late): for each document and its chunks'
+        character spans, one vector a chunk, from one run of the model over the document.
+        In the encoding thread, as `embed`."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_encoder, self._late_sync, list(documents))
 
     async def check(self) -> None:
         """Loads the model now (in a thread), so that a worker finds a model that cannot be
