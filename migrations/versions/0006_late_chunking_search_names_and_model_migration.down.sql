@@ -17,7 +17,11 @@
 -- Indexes that wait for their data
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- 0005 defers HNSW indexes only: an IVFFlat index still waiting is left to 0005's
+-- scheduled upkeep, which builds it once the table holds its minimum of rows.
+DELETE FROM pgembed.deferred_indexes d
+ USING pgembed.pipelines p
+ WHERE p.name = d.pipeline AND p.index_type = 'ivfflat';
 
 -- ---------------------------------------------------------------------------------------
 -- Late chunking
@@ -43,7 +47,8 @@ BEGIN
                     -- late chunking
                     '',
                     -- indexes that wait for their data
-                    '',
+                    'search', 'nearest_chunks_sql', 'search_filter_sql', 'ivfflat_probes',
+                    'ivfflat_rows_per_list', 'ivfflat_lists', 'deferred_index_built',
                     -- stable search names and evaluation
                     '',
                     -- model migrations and the live lane
