@@ -402,3 +402,14 @@ SELECT pipeline, row_count, built_rows, built_lists, lists, action, index_name, 
 
 -- ivfflat_record_build --
 SELECT pgembed.record_index_build(%(pipeline)s, %(index_name)s, %(lists)s, %(row_count)s, %(worker)s)
+
+-- ===== pgembed/orm.py: a pipeline's tables for SQLAlchemy =====
+
+-- orm_pipeline --
+-- Where a pipeline's rows live, for reflection: the source's schema and name apart (not
+-- the regclass text, whose quoting depends on the search_path), the destination, the key.
+SELECT n.nspname AS source_schema, c.relname AS source_table, p.destination, p.key_columns, p.distance
+  FROM pgembed.pipelines p
+  JOIN pg_catalog.pg_class c ON c.oid = p.source
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE p.name = %(name)s
