@@ -129,7 +129,7 @@ def _latencies(bench: Bench, conn: psycopg.Connection, dsn: str, destination: st
             "raw SQL": _timed([lambda v=v: conn.execute(raw, {"q": v, "k": K}, prepare=True).fetchall()
                                for v in vectors]),
             "pgembed.search()": _timed([lambda v=v: conn.execute(
-                "SELECT * FROM pgembed.search(%s, %s::real[], %s)", (pipeline, v.tolist(), K),
+                "SELECT * FROM pgembed.search(%s, %s::real[], %s)", (pipeline, v, K),
                 prepare=True).fetchall() for v in vectors]),
             "Client.search(vector)": _timed([lambda v=v: client.search(pipeline, vector=v, k=K) for v in vectors]),
             "Client.search(text)": _timed([lambda q=q: client.search(pipeline, q, k=K) for q in queries]),

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg.adapt import PyFormat
 from psycopg.types.json import Jsonb
 
 from pgembed import pipelines, ratelimit
@@ -82,6 +83,17 @@ def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline:
     return vector
 
 
+def _sendable(conn: psycopg.Connection, array: np.ndarray) -> np.ndarray | list[float]:
+    """The query vector as pgvector's type (from the array's buffer; the server casts it to
+    real[]) on a connection that has it registered, as pgembed's have: a list of floats is
+    printed and parsed as text, which costs about as much as the index scan itself."""
+    try:
+        conn.adapters.get_dumper(np.ndarray, PyFormat.AUTO)
+    except psycopg.ProgrammingError:
+        return array.tolist()
+    return array
+
+
 Filter = dict[str, Any]  # source column -> value, or -> list of values (IN)
 
 
@@ -116,7 +128,7 @@ def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None
         p = pipelines.get(conn, pipeline)
         vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, pipeline, cost_center)
     array = np.asarray(vector, dtype=np.float32)
-    params = {"pipeline": pipeline, "vector": array.tolist(), "k": k,
+    params = {"pipeline": pipeline, "vector": _sendable(conn, array), "k": k,
               "filter": None if filter is None else Jsonb(filter)}
     try:
         rows = conn.execute(query("search"), params).fetchall()
