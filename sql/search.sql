@@ -34,8 +34,12 @@ DECLARE
     trained bigint;
     nearest text;
     wanted bigint;
-    chunks bigint;
-    best jsonb;
+    r record;
+    keys jsonb[];
+    seqs int[];
+    chunks text[];
+    distances float8[];
+    read bigint;
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = search.pipeline;
     IF NOT FOUND THEN
@@ -51,12 +55,18 @@ BEGIN
             quote_literal(p.name), p.dimensions, coalesce(cardinality(query), 0)
             USING HINT = 'Embed the query with the pipeline''s model and dimensions.';
     END IF;
-    deferred := EXISTS (SELECT 1 FROM pgembed.deferred_indexes d WHERE d.pipeline = p.name);
-    SELECT b.lists, b.rows_at_build INTO lists, trained FROM pgembed.index_builds b WHERE b.pipeline = p.name;
-    nearest := pgembed.nearest_chunks_sql(p, deferred, pgembed.search_filter_sql(p, filter));
+    -- whether its index is built yet, and an IVFFlat index's lists and rows when it was
+    SELECT EXISTS (SELECT 1 FROM pgembed.deferred_indexes d WHERE d.pipeline = p.name), b.lists, b.rows_at_build
+      INTO deferred, lists, trained
+      FROM (SELECT) AS one LEFT JOIN pgembed.index_builds b ON b.pipeline = p.name;
+    -- each row's best chunk, best rows first, and (on every row) how many chunks were read:
+    -- fewer than wanted means the table has no more, so a larger read could name no more rows
+    nearest := format(
+        'SELECT b.key, b.chunk_seq, b.chunk, b.distance, b.read FROM ('
+        'SELECT DISTINCT ON (n.key) n.*, count(*) OVER () AS read FROM (%s) AS n '
+        'ORDER BY n.key, n.distance, n.chunk_seq) AS b ORDER BY b.distance, b.key LIMIT $3',
+        pgembed.nearest_chunks_sql(p, deferred, pgembed.search_filter_sql(p, filter)));
     wanted := k * 4;
-    -- one read of the nearest chunks a round: their count says whether a larger read could
-    -- name more rows, and the best chunk of each row comes from the same read
     LOOP
         PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted, k * coalesce(p.rerank, 0)))::text,
                            true);
@@ -65,20 +75,22 @@ BEGIN
             PERFORM set_config('ivfflat.probes', pgembed.ivfflat_probes(lists, trained, wanted)::text, true);
             PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
         END IF;
-        EXECUTE format(
-            'WITH n AS MATERIALIZED (%s), '
-            '     b AS (SELECT DISTINCT ON (n.key) n.* FROM n ORDER BY n.key, n.distance, n.chunk_seq) '
-            'SELECT (SELECT count(*) FROM n), '
-            '       coalesce((SELECT jsonb_agg(to_jsonb(t) ORDER BY t.distance, t.key) '
-            '                   FROM (SELECT * FROM b ORDER BY b.distance, b.key LIMIT $3) AS t), ''[]'')',
-            nearest)
-            INTO chunks, best USING query, wanted, k, filter;
-        EXIT WHEN jsonb_array_length(best) >= k OR chunks < wanted;
+        keys := '{}';
+        seqs := '{}';
+        chunks := '{}';
+        distances := '{}';
+        read := 0;
+        FOR r IN EXECUTE nearest USING query, wanted, k, filter LOOP
+            keys := keys || r.key;
+            seqs := seqs || r.chunk_seq;
+            chunks := chunks || r.chunk;
+            distances := distances || r.distance;
+            read := r.read;
+        END LOOP;
+        EXIT WHEN cardinality(keys) >= k OR read < wanted;
         wanted := wanted * 4;
     END LOOP;
-    RETURN QUERY SELECT b.key, b.chunk_seq, b.chunk, b.distance
-                   FROM jsonb_to_recordset(best) AS b(key jsonb, chunk_seq int, chunk text, distance float8)
-                  ORDER BY b.distance, b.key;
+    RETURN QUERY SELECT * FROM unnest(keys, seqs, chunks, distances);
 END
 $$;
 
