@@ -113,17 +113,20 @@ def _timed(calls: list[Callable[[], object]]) -> list[float]:
 def _interleaved(variants: dict[str, list[Callable[[], object]]]) -> dict[str, list[float]]:
     """Seconds of each call of each variant, the variants taking turns query by query (after
     two untimed rounds): on a shared machine the load drifts, and a variant timed in a block
-    of its own would carry the drift of its minute into its ratio to the others."""
+    of its own would carry the drift of its minute into its ratio to the others. Who goes
+    first rotates: the first to search near a new query warms the caches for the others."""
+    names = list(variants)
     rounds = list(zip(*variants.values(), strict=True))
     for calls in rounds[:2]:
         for call in calls:
             call()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for calls in rounds:
-        for name, call in zip(variants, calls, strict=True):
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i, calls in enumerate(rounds):
+        for j in range(len(names)):
+            turn = (i + j) % len(names)
             started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
+            calls[turn]()
+            times[names[turn]].append(time.perf_counter() - started)
     return times
 
 
