@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 import numpy as np
+import psycopg
 
 from pgembed import indexes, pipelines, search
 from pgembed.providers.hashing import hash_array
@@ -164,3 +165,29 @@ def test_an_ivfflat_index_waits_for_rows_to_train_on_then_search_probes_it(conn,
         found += sum(h.distance <= kth + 1e-6 for h in hits)
         total += 10
     assert found / total >= 0.9, found / total
+
+
+def test_an_untrained_ivfflat_index_of_0005_becomes_a_deferred_one(empty_dsn):
+    """Before 0006 create_pipeline made the IVFFlat index on the empty table; the upgrade
+    drops such an index (never trained: no index_builds row) and defers it, so that a worker
+    builds it once the rows are there and searches are exact until then."""
+    from pgembed import migrate
+    from pgembed.schema import revision_sql
+
+    migrate.upgrade(empty_dsn, "0005")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        # 0005's definitions as shipped, frozen for 0006's downgrade
+        conn.execute(revision_sql("0006_late_chunking_search_names_and_model_migration.down.definitions.sql"))
+        populated(conn, 1200)
+        conn.execute("SELECT pgembed.create_pipeline('docs', 'body', 'hash:8', index => 'ivfflat', backfill => false)")
+        name = "docs_h8"
+        assert vector_indexes(conn, name) == [("ivfflat", True)]
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert vector_indexes(conn, name) == []
+        assert conn.execute("SELECT pipeline FROM pgembed.deferred_indexes").fetchall() == [(name,)]
+        conn.execute("SELECT pgembed.queue_all(%s, 'backfill')", (name,))
+    drain(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert vector_indexes(conn, name) == [("ivfflat", True)]
+        assert conn.execute("SELECT lists, rows_at_build FROM pgembed.index_builds").fetchone() == (10, 1200)

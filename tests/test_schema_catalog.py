@@ -70,7 +70,9 @@ DOWNGRADES = {
     # this session's: see the sections of revision 0006 (each adds what its downgrade must undo)
     "0005": ("0006_late_chunking_search_names_and_model_migration.down.definitions.sql",
              ["CREATE TABLE notes (id int PRIMARY KEY, title text, body text)",
-              "SELECT pgembed.create_pipeline('notes', 'body', 'hash:8')"]),
+              "SELECT pgembed.create_pipeline('notes', 'body', 'hash:8')",
+              # indexes that wait for their data: an IVFFlat index deferred
+              "SELECT pgembed.create_pipeline('notes', 'title', 'hash:8', index => 'ivfflat')"]),
 }
 
 
