@@ -1,10 +1,12 @@
 """Filtered search (issue 13): equality on the source's columns, k rows through the HNSW
 index even when the filter keeps 2 % of the rows, the source read with the caller's rights,
-and the same filter from SQL, Python and the command line."""
+the same filter from SQL, Python and the command line, and on SciFact with the local model
+as near as exact filtered search."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -16,12 +18,15 @@ from typer.testing import CliRunner
 from pgembed import pipelines, search
 from pgembed.cli import app
 from pgembed.client import Client
+from pgembed.evaluation import beir
 from pgembed.providers.hashing import hash_array
 from tests.conftest import drain
 
 ROWS = 2000
 DIMS = 32
 ODD = 'Odd "col"'  # a column name that must be quoted
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+TOLERANCE = 1e-4  # float4 vectors and their float8 distances in numpy
 
 
 def body(i: int) -> str:
@@ -143,3 +148,36 @@ def test_client_and_command_line_filter_alike(conn, dsn, notes):
         bad = runner.invoke(app, ["search", notes, "harbour", *args, "--dsn", dsn], catch_exceptions=False)
         assert bad.exit_code == 2, bad.output
         assert message in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.local_model
+@pytest.mark.skipif(not SCIFACT.exists(), reason="needs the SciFact data in ../shared/data")
+def test_filtered_search_on_scifact_matches_exact_filtered_search(conn, dsn):
+    """A default local:all-MiniLM-L6-v2 pipeline on 100 SciFact abstracts (chunked), half of
+    them kept by a filter: each query's hits are rows of that half, as near as the exact
+    filtered search over the very chunks stored (numpy, best chunk per row, same run)."""
+    corpus = beir.load(SCIFACT, max_docs=100)
+    conn.execute("CREATE TABLE papers (id text PRIMARY KEY, title text, body text, half int NOT NULL)")
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO papers VALUES (%s, %s, %s, %s)",
+                        [(doc, title, body, i % 2) for i, (doc, (title, body)) in enumerate(corpus.docs.items())])
+    name = pipelines.create(conn, "papers", "title || ' ' || body", "local:all-MiniLM-L6-v2")
+    drain(dsn)
+    stored = conn.execute(sql.SQL("SELECT d.id, d.embedding::real[] FROM pgembed.{} d JOIN papers p USING (id) "
+                                  "WHERE p.half = 0").format(sql.Identifier(name))).fetchall()
+    assert len(stored) > len(corpus.docs) // 2, "long abstracts were not chunked"
+    ids = [r[0] for r in stored]
+    unit = np.array([r[1] for r in stored], dtype=np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    found = total = 0
+    for text in list(corpus.queries.values())[:25]:
+        hits, vector = search.search_with_vector(conn, name, text, k=10, filter={"half": 0})
+        distances = 1 - unit @ (vector / np.linalg.norm(vector))
+        best: dict[str, float] = {}
+        for doc, distance in zip(ids, distances, strict=True):
+            best[doc] = min(distance, best.get(doc, 2.0))
+        kth = sorted(best.values())[9]
+        assert len(hits) == 10 and {h.key["id"] for h in hits} <= set(best)
+        found += sum(h.distance <= kth + TOLERANCE for h in hits)
+        total += 10
+    assert found / total >= 0.95, found / total
