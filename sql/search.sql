@@ -3,8 +3,8 @@
 -- A row cut into many chunks would otherwise fill the k results with itself, and a plain
 -- LIMIT k over an HNSW index returns fewer than k once rows are grouped. So the nearest
 -- chunks are read k * 4 at a time (more while they name fewer than k rows), with
--- hnsw.ef_search raised to the number asked for (ivfflat.probes from the lists and the
--- rows it was trained on) and pgvector's iterative index scans on (relaxed_order: the scan
+-- hnsw.ef_search raised to the number asked for (ivfflat.probes from the index's lists and
+-- rows) and pgvector's iterative index scans on (relaxed_order: the scan
 -- goes on past ef_search or the probes until the LIMIT is met), and each row keeps its best
 -- chunk. Python's search, the Client and `pgembed search` all come here.
 --
@@ -12,7 +12,8 @@
 -- (the key), with the caller's rights, so the source's row-level security applies; the
 -- iterative scan goes on until k rows pass. A source with row-level security is joined
 -- even without a filter. A pipeline whose index is not built yet (deferred for its
--- backfill, or an IVFFlat waiting for its rows) has no index to read: the search is exact.
+-- backfill, or an IVFFlat waiting for its rows, or dropped) has no index to read: the
+-- search is exact.
 
 -- Before 0006: no filter.
 DROP FUNCTION IF EXISTS pgembed.search(text, real[], int);
@@ -29,7 +30,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     p pgembed.pipelines;
-    deferred boolean;
+    exact boolean;
     lists int;
     trained bigint;
     nearest text;
@@ -55,24 +56,37 @@ BEGIN
             quote_literal(p.name), p.dimensions, coalesce(cardinality(query), 0)
             USING HINT = 'Embed the query with the pipeline''s model and dimensions.';
     END IF;
-    -- whether its index is built yet, and an IVFFlat index's lists and rows when it was
-    SELECT EXISTS (SELECT 1 FROM pgembed.deferred_indexes d WHERE d.pipeline = p.name), b.lists, b.rows_at_build
-      INTO deferred, lists, trained
-      FROM (SELECT) AS one LEFT JOIN pgembed.index_builds b ON b.pipeline = p.name;
+    -- whether its index is built (valid) yet, and an IVFFlat index's lists and rows, read
+    -- from the catalog: a caller needs no grant on pgembed's bookkeeping to search
+    SELECT ix.oid IS NULL, (SELECT split_part(o, '=', 2)::int FROM unnest(ix.reloptions) AS o WHERE o LIKE 'lists=%'),
+           ix.reltuples::bigint
+      INTO exact, lists, trained
+      FROM (SELECT) AS one
+      LEFT JOIN LATERAL (SELECT c.oid, c.reloptions, c.reltuples
+                           FROM pg_catalog.pg_index i
+                           JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+                           JOIN pg_catalog.pg_am am ON am.oid = c.relam
+                          WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
+                            AND am.amname = p.index_type AND i.indisvalid
+                          ORDER BY c.oid DESC LIMIT 1) AS ix ON true;
+    IF p.index_type = 'ivfflat' AND NOT exact THEN
+        lists := coalesce(lists, 100);  -- pgvector's default
+    END IF;
     -- each row's best chunk, best rows first, and (on every row) how many chunks were read:
     -- fewer than wanted means the table has no more, so a larger read could name no more rows
     nearest := format(
         'SELECT b.key, b.chunk_seq, b.chunk, b.distance, b.read FROM ('
         'SELECT DISTINCT ON (n.key) n.*, count(*) OVER () AS read FROM (%s) AS n '
         'ORDER BY n.key, n.distance, n.chunk_seq) AS b ORDER BY b.distance, b.key LIMIT $3',
-        pgembed.nearest_chunks_sql(p, deferred, pgembed.search_filter_sql(p, filter)));
+        pgembed.nearest_chunks_sql(p, exact, pgembed.search_filter_sql(p, filter)));
     wanted := k * 4;
     LOOP
         PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted, k * coalesce(p.rerank, 0)))::text,
                            true);
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
         IF lists IS NOT NULL THEN
-            PERFORM set_config('ivfflat.probes', pgembed.ivfflat_probes(lists, trained, wanted)::text, true);
+            PERFORM set_config('ivfflat.probes', pgembed.ivfflat_probes(lists, greatest(trained, 1), wanted)::text,
+                               true);
             PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
         END IF;
         keys := '{}';
@@ -96,7 +110,7 @@ $$;
 
 -- How many IVFFlat lists a search of `wanted` chunks probes: the square root of the lists
 -- (pgvector's guidance for recall), plus as many lists as `wanted` chunks fill on average
--- (rows / lists each, counted when the index was trained), and never more than all of them.
+-- (rows / lists each, as the catalog counts the index's rows), and never more than all of them.
 CREATE OR REPLACE FUNCTION pgembed.ivfflat_probes(lists int, trained bigint, wanted bigint)
 RETURNS int
 LANGUAGE sql IMMUTABLE
