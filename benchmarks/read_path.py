@@ -2,7 +2,8 @@
 
 The destination is filled by binary COPY of hash vectors of the corpus (the worker is not
 what this measures) and its HNSW index built afterwards, as pgembed's deferred build does.
-The same queries, one client, one at a time, go through:
+The same queries, one client, one at a time (the variants taking turns, query by query, so
+that the machine's drifting load falls on all of them alike), go through:
 
 * raw SQL with the precomputed vector: `ORDER BY embedding <=> q LIMIT k` on the
   destination, prepared, at the `hnsw.ef_search` pgembed.search sets: the limit;
@@ -106,13 +107,26 @@ def _ef_search(conn: psycopg.Connection) -> int:
 
 def _timed(calls: list[Callable[[], object]]) -> list[float]:
     """Seconds of each call, after two untimed ones (plans, caches)."""
-    for call in calls[:2]:
-        call()
-    times = []
-    for call in calls:
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
+    return _interleaved({"": calls})[""]
+
+
+def _interleaved(variants: dict[str, list[Callable[[], object]]]) -> dict[str, list[float]]:
+    """Seconds of each call of each variant, the variants taking turns query by query (after
+    two untimed rounds): on a shared machine the load drifts, and a variant timed in a block
+    of its own would carry the drift of its minute into its ratio to the others. Who goes
+    first rotates: the first to search near a new query warms the caches for the others."""
+    names = list(variants)
+    rounds = list(zip(*variants.values(), strict=True))
+    for calls in rounds[:2]:
+        for call in calls:
+            call()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i, calls in enumerate(rounds):
+        for j in range(len(names)):
+            turn = (i + j) % len(names)
+            started = time.perf_counter()
+            calls[turn]()
+            times[names[turn]].append(time.perf_counter() - started)
     return times
 
 
@@ -125,15 +139,14 @@ def _latencies(bench: Bench, conn: psycopg.Connection, dsn: str, destination: st
     conn.execute("SET hnsw.iterative_scan = relaxed_order")
     client = Client(dsn)
     try:
-        measured = {
-            "raw SQL": _timed([lambda v=v: conn.execute(raw, {"q": v, "k": K}, prepare=True).fetchall()
-                               for v in vectors]),
-            "pgembed.search()": _timed([lambda v=v: conn.execute(
-                "SELECT * FROM pgembed.search(%s, %s::real[], %s)", (pipeline, v.tolist(), K),
-                prepare=True).fetchall() for v in vectors]),
-            "Client.search(vector)": _timed([lambda v=v: client.search(pipeline, vector=v, k=K) for v in vectors]),
-            "Client.search(text)": _timed([lambda q=q: client.search(pipeline, q, k=K) for q in queries]),
-        }
+        measured = _interleaved({
+            "raw SQL": [lambda v=v: conn.execute(raw, {"q": v, "k": K}, prepare=True).fetchall() for v in vectors],
+            "pgembed.search()": [lambda v=v: conn.execute(
+                "SELECT * FROM pgembed.search(%s, %s::real[], %s)", (pipeline, v, K),
+                prepare=True).fetchall() for v in vectors],
+            "Client.search(vector)": [lambda v=v: client.search(pipeline, vector=v, k=K) for v in vectors],
+            "Client.search(text)": [lambda q=q: client.search(pipeline, q, k=K) for q in queries],
+        })
     finally:
         client.close()
     command = [sys.executable, "-m", "pgembed", "search", pipeline, queries[0], "-k", str(K), "--dsn", dsn]

@@ -12,7 +12,7 @@ import psycopg
 from pgembed import aliases, audit, db, migrate, pipelines
 from pgembed.evaluation.runs import EvalRun, run_evaluation
 from pgembed.pipelines import PipelineOptions
-from pgembed.search import Hit, search, search_with_vector
+from pgembed.search import Filter, Hit, search, search_with_vector
 from pgembed.worker import Worker, WorkerConfig, WorkerStats
 
 
@@ -64,14 +64,15 @@ class Client:
         return audit.status(self.conn)
 
     def search(self, pipeline: str, text: str | None = None, k: int = 5, cost_center: str | None = None,
-               *, vector: np.ndarray | list[float] | None = None) -> list[Hit]:
-        """The k rows nearest to a text or a vector, one hit per row with its best chunk."""
-        return search(self.conn, pipeline, text, k, cost_center, vector=vector)
+               *, vector: np.ndarray | list[float] | None = None, filter: Filter | None = None) -> list[Hit]:
+        """The k rows nearest to a text or a vector, one hit per row with its best chunk;
+        `filter` keeps the rows whose source columns equal its values (a list: any of them)."""
+        return search(self.conn, pipeline, text, k, cost_center, vector=vector, filter=filter)
 
-    def search_with_vector(self, pipeline: str, text: str, k: int = 5,
-                           cost_center: str | None = None) -> tuple[list[Hit], np.ndarray]:
+    def search_with_vector(self, pipeline: str, text: str, k: int = 5, cost_center: str | None = None,
+                           *, filter: Filter | None = None) -> tuple[list[Hit], np.ndarray]:
         """`search`, returning the query's vector as well (to search again without embedding)."""
-        return search_with_vector(self.conn, pipeline, text, k, cost_center)
+        return search_with_vector(self.conn, pipeline, text, k, cost_center, filter=filter)
 
     def set_alias(self, alias: str, pipeline: str) -> None:
         """Point `alias` at `pipeline` (`pgembed alias set`): searches through it follow at once."""

@@ -1,7 +1,8 @@
-"""Deferred vector indexes: built once their backfill is over, CONCURRENTLY, by one worker.
+"""Deferred vector indexes: built once their data is in, CONCURRENTLY, by one worker.
 
 create_pipeline puts off the HNSW index of a large backfill, because inserting into an HNSW
-graph row by row is many times slower than building it once over the loaded rows. A worker
+graph row by row is many times slower than building it once over the loaded rows, and
+every IVFFlat index until the table holds enough rows to train its lists on. A worker
 builds it here, on a session of its own: no statement timeout (a build over millions of
 rows takes minutes), maintenance_work_mem raised so that the graph is built in memory
 (PostgreSQL also uses its parallel maintenance workers), CONCURRENTLY so that the
@@ -80,7 +81,7 @@ async def build_ready(dsn: str, maintenance_work_mem: str, skip: set[str],
         await conn.execute(query("index_session"), {"memory": maintenance_work_mem})
         for pipeline in ready:
             try:
-                if await _build(conn, pipeline):
+                if await _build(conn, pipeline, worker):
                     built.append(pipeline)
             except psycopg.Error as error:
                 skip.add(pipeline)
@@ -91,7 +92,7 @@ async def build_ready(dsn: str, maintenance_work_mem: str, skip: set[str],
     return built
 
 
-async def _build(conn: psycopg.AsyncConnection, pipeline: str) -> bool:
+async def _build(conn: psycopg.AsyncConnection, pipeline: str, worker: str | None) -> bool:
     params = {"pipeline": pipeline}
     locked = await (await conn.execute(query("index_lock"), params)).fetchone()
     if not locked or not locked[0]:
@@ -109,7 +110,7 @@ async def _build(conn: psycopg.AsyncConnection, pipeline: str) -> bool:
         log.info("pipeline %s: backfill done, building its vector index", pipeline,
                  extra={"action": "index_build", "pipeline": pipeline})
         await conn.execute(create_sql)
-        await conn.execute(query("index_built"), params)
+        await conn.execute(query("index_built"), {**params, "worker": worker})
         log.info("pipeline %s: vector index built in %.1fs", pipeline, time.monotonic() - started,
                  extra={"action": "index_built", "pipeline": pipeline})
         return True

@@ -192,6 +192,8 @@ async def index_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
                 "next index upkeep rebuilds it concurrently", name, rows, rows / max(plan["built_rows"], 1),
                 plan["built_rows"], plan["built_lists"], name.replace("'", "''"),
                 extra={"action": "index_rebuild_advised", "pipeline": name})
+        elif plan["action"] == "deferred":
+            notes.append(f"{name}: {rows} rows, its first index is built by a worker once enough are in")
         elif plan["action"] == "wait":
             notes.append(f"{name}: {rows} of {ctx.config.ivfflat_min_rows} rows needed to train")
         else:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg.adapt import PyFormat
+from psycopg.types.json import Jsonb
 
 from pgembed import aliases, pipelines, ratelimit
 from pgembed.cache import chunk_key
@@ -81,33 +83,62 @@ def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline:
     return vector
 
 
+def _sendable(conn: psycopg.Connection, array: np.ndarray) -> np.ndarray | list[float]:
+    """The query vector as pgvector's type (from the array's buffer; the server casts it to
+    real[]) on a connection that has it registered, as pgembed's have: a list of floats is
+    printed and parsed as text, which costs about as much as the index scan itself."""
+    try:
+        conn.adapters.get_dumper(np.ndarray, PyFormat.AUTO)
+    except psycopg.ProgrammingError:
+        return array.tolist()
+    return array
+
+
+Filter = dict[str, Any]  # source column -> value, or -> list of values (IN)
+
+
+class FilterError(pipelines.PipelineError):
+    """A filter naming a column the source does not have, or a value that is no value:
+    the caller's input, which the command line answers with a usage error."""
+
+
 def search(conn: psycopg.Connection, pipeline: str, text: str | None = None, k: int = 5,
-           cost_center: str | None = None, *, vector: np.ndarray | list[float] | None = None) -> list[Hit]:
+           cost_center: str | None = None, *, vector: np.ndarray | list[float] | None = None,
+           filter: Filter | None = None) -> list[Hit]:
     """The k rows nearest to a text (embedded with the pipeline's model, through the cache)
-    or to a vector given as is: one hit per row, its best chunk (pgembed.search in SQL).
-    `pipeline` may be an alias: it searches the pipeline the alias points at."""
-    return search_with_vector(conn, pipeline, text, k, cost_center, vector=vector)[0]
+    or to a vector given as is: one hit per row, its best chunk (pgembed.search in SQL),
+    among the rows whose source columns equal `filter`'s values. `pipeline` may be an
+    alias: it searches the pipeline the alias points at."""
+    return search_with_vector(conn, pipeline, text, k, cost_center, vector=vector, filter=filter)[0]
 
 
 def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None = None, k: int = 5,
-                       cost_center: str | None = None, *,
-                       vector: np.ndarray | list[float] | None = None) -> tuple[list[Hit], np.ndarray]:
+                       cost_center: str | None = None, *, vector: np.ndarray | list[float] | None = None,
+                       filter: Filter | None = None) -> tuple[list[Hit], np.ndarray]:
     """`search`, and the query's vector too: a caller that searches again, or reranks, need
-    not embed the text twice."""
+    not embed the text twice. A vector given goes to pgembed.search alone, one round trip:
+    the function checks the pipeline and the dimensions itself."""
     if k < 1:
         raise ValueError("k must be at least 1")
     if (text is None) == (vector is None):
         raise ValueError("search takes a text or a vector, exactly one of them")
-    # resolved once: the query is embedded for, and searched in, the same pipeline even if
-    # the alias is repointed meanwhile
-    p = aliases.pipeline_of(conn, pipeline)
-    name = p["name"]
+    if filter is not None and not isinstance(filter, dict):
+        raise ValueError("a search filter is a dict of source columns and values")
     if vector is None:
         assert text is not None
-        vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, name, cost_center)
+        # resolved once: the query is embedded for, and searched in, the same pipeline even if
+        # the alias is repointed meanwhile (a vector's search resolves the alias in SQL)
+        p = aliases.pipeline_of(conn, pipeline)
+        pipeline = p["name"]
+        vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, pipeline, cost_center)
     array = np.asarray(vector, dtype=np.float32)
+    params = {"pipeline": pipeline, "vector": _sendable(conn, array), "k": k,
+              "filter": None if filter is None else Jsonb(filter)}
     try:
-        rows = conn.execute(query("search"), {"pipeline": name, "vector": array.tolist(), "k": k}).fetchall()
+        rows = conn.execute(query("search"), params).fetchall()
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.InvalidParameterValue,
+            psycopg.errors.InvalidTextRepresentation) as error:
+        raise FilterError(str(pipelines.refused(error))) from error
     except psycopg.Error as error:
         raise pipelines.refused(error) from error
     return [Hit(key, chunk, float(distance), seq) for key, seq, chunk, distance in rows], array

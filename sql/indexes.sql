@@ -130,35 +130,111 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 10000::bigint $$;
 
--- Deferred indexes whose backfill is over, with the statements that build them (outside a
--- transaction: CONCURRENTLY) and that first drop what an interrupted build left (an
--- INVALID index of the same kind on the destination).
-CREATE OR REPLACE FUNCTION pgembed.deferred_index_plan()
-RETURNS TABLE (pipeline text, create_sql text, drop_sql text[])
-LANGUAGE sql STABLE
+-- An IVFFlat index is trained on the rows present when it is built (k-means over them):
+-- built on an empty table its lists mean nothing. So create_pipeline defers it like a
+-- large backfill's HNSW index, and a worker builds it once the destination holds
+-- ivfflat_rows_per_list() rows for each of its lists (the index_options' lists, else the
+-- fewest a worker picks, 10): 1,000 rows by default. 100 rows a list: pgvector's k-means
+-- samples 50 a list, and fewer leaves lists empty or nearly so.
+CREATE OR REPLACE FUNCTION pgembed.ivfflat_rows_per_list()
+RETURNS int
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 100 $$;
+
+-- The lists of an IVFFlat index over `row_count` vectors: the index_options' lists when
+-- given, else pgvector's guidance, rows / 1000 up to a million rows and sqrt(rows) past
+-- it, at least 10.
+CREATE OR REPLACE FUNCTION pgembed.ivfflat_lists(p pgembed.pipelines, row_count bigint)
+RETURNS int
+LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT p.name, pgembed.vector_index_sql(p, true),
-           ARRAY(SELECT format('DROP INDEX CONCURRENTLY IF EXISTS pgembed.%I', c.relname)
-                   FROM pg_catalog.pg_index i
-                   JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-                   JOIN pg_catalog.pg_am am ON am.oid = c.relam
-                  WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
-                    AND am.amname = p.index_type AND NOT i.indisvalid
-                  ORDER BY c.relname)
-      FROM pgembed.deferred_indexes d
-      JOIN pgembed.pipelines p ON p.name = d.pipeline
-     WHERE NOT EXISTS (SELECT 1 FROM pgembed.outbox o
-                        WHERE o.pipeline = d.pipeline AND o.purpose = 'backfill')
-     ORDER BY p.name;
+    SELECT coalesce((p.index_options ->> 'lists')::int,
+                    CASE WHEN row_count <= 1000000 THEN greatest(10, row_count / 1000)
+                         ELSE ceil(sqrt(row_count)) END::int)
 $$;
 
--- IVFFlat upkeep plan, one row per ivfflat pipeline. An IVFFlat index is trained on the rows
--- present when it is built: the one create_pipeline makes on an empty table is useless, so
--- a worker rebuilds it once the table holds p_min_rows vectors, with lists = rows / 1000
--- (sqrt(rows) past a million, at least 10; an explicit index_options.lists wins). Later,
--- when the table has grown p_rebuild_factor times, the plan says so ('rebuild_advised').
---   action: 'wait' (too few rows), 'build', 'rebuild_advised', 'ok'
+-- Deferred indexes that can be built now, with the statements that build them (outside a
+-- transaction: CONCURRENTLY) and that first drop what an interrupted build left (an
+-- INVALID index of the same kind on the destination): an HNSW index once its backfill is
+-- over, an IVFFlat index once that too is over and the destination holds enough rows to
+-- train it (its lists are then chosen from the rows it holds).
+CREATE OR REPLACE FUNCTION pgembed.deferred_index_plan()
+RETURNS TABLE (pipeline text, create_sql text, drop_sql text[])
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pgembed.pipelines;
+    need bigint;
+    n bigint;
+BEGIN
+    FOR p IN SELECT q.* FROM pgembed.deferred_indexes d
+               JOIN pgembed.pipelines q ON q.name = d.pipeline
+              WHERE NOT EXISTS (SELECT 1 FROM pgembed.outbox o
+                                 WHERE o.pipeline = d.pipeline AND o.purpose = 'backfill')
+              ORDER BY q.name LOOP
+        IF p.index_type = 'ivfflat' THEN
+            -- counted no further than needed: workers ask often while rows come in
+            need := pgembed.ivfflat_rows_per_list()::bigint * coalesce((p.index_options ->> 'lists')::int, 10);
+            EXECUTE format('SELECT count(*) FROM (SELECT FROM pgembed.%I LIMIT $1) AS r', p.destination)
+               INTO n USING need;
+            CONTINUE WHEN n < need;
+            EXECUTE format('SELECT count(*) FROM pgembed.%I', p.destination) INTO n;
+            p.index_options := jsonb_build_object('lists', pgembed.ivfflat_lists(p, n));
+        END IF;
+        pipeline := p.name;
+        create_sql := pgembed.vector_index_sql(p, true);
+        drop_sql := ARRAY(SELECT format('DROP INDEX CONCURRENTLY IF EXISTS pgembed.%I', c.relname)
+                            FROM pg_catalog.pg_index i
+                            JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+                            JOIN pg_catalog.pg_am am ON am.oid = c.relam
+                           WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
+                             AND am.amname = p.index_type AND NOT i.indisvalid
+                           ORDER BY c.relname);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- A deferred index is built: its row goes, and an IVFFlat index is recorded in
+-- index_builds (its name, the lists it was built with, the rows it holds), which the
+-- upkeep compares the table's growth with and search sets ivfflat.probes from.
+CREATE OR REPLACE FUNCTION pgembed.deferred_index_built(p_pipeline text, p_worker text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p pgembed.pipelines;
+    built record;
+    n bigint;
+BEGIN
+    DELETE FROM pgembed.deferred_indexes WHERE pipeline = p_pipeline;
+    SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = p_pipeline;
+    IF p.index_type <> 'ivfflat' THEN
+        RETURN;
+    END IF;
+    SELECT c.relname, (SELECT split_part(o, '=', 2)::int FROM unnest(c.reloptions) AS o
+                        WHERE o LIKE 'lists=%') AS lists
+      INTO built
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+      JOIN pg_catalog.pg_am am ON am.oid = c.relam
+     WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass AND am.amname = 'ivfflat' AND i.indisvalid
+     ORDER BY c.oid DESC LIMIT 1;
+    EXECUTE format('SELECT count(*) FROM pgembed.%I', p.destination) INTO n;
+    PERFORM pgembed.record_index_build(p.name, built.relname, built.lists, n, p_worker);
+END
+$$;
+
+-- IVFFlat upkeep plan, one row per ivfflat pipeline, for the scheduled index job. A new
+-- pipeline's first index is a deferred one, which the workers build ('deferred' here). An
+-- index that went missing (dropped, or a failed build) is built again once the table holds
+-- p_min_rows vectors, with pgembed.ivfflat_lists. Later, when the table has grown
+-- p_rebuild_factor times, the plan says so ('rebuild_advised').
+--   action: 'deferred', 'wait' (too few rows), 'build', 'rebuild_advised', 'ok'
 --   create_sql / drop_sql: the statements to run (CONCURRENTLY, so outside a transaction)
 CREATE OR REPLACE FUNCTION pgembed.ivfflat_plan(p_min_rows bigint, p_rebuild_factor double precision)
 RETURNS TABLE (pipeline text, destination name, row_count bigint, built_rows bigint,
@@ -179,15 +255,14 @@ BEGIN
         SELECT * INTO b FROM pgembed.index_builds ib WHERE ib.pipeline = p.name;
         built_rows := b.rows_at_build;
         built_lists := b.lists;
-        lists := coalesce((p.index_options ->> 'lists')::int,
-                          CASE WHEN row_count <= 1000000 THEN greatest(10, row_count / 1000)
-                               ELSE ceil(sqrt(row_count)) END);
+        lists := pgembed.ivfflat_lists(p, row_count);
         -- the recorded index must still exist and be valid (a failed CONCURRENTLY build is not)
         SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
                         WHERE c.relname = b.index_name AND c.relnamespace = 'pgembed'::regnamespace
                           AND i.indisvalid)
           INTO current_ok;
         action := CASE
+            WHEN EXISTS (SELECT 1 FROM pgembed.deferred_indexes d WHERE d.pipeline = p.name) THEN 'deferred'
             WHEN row_count < greatest(p_min_rows, 1) THEN 'wait'
             WHEN b.pipeline IS NULL OR NOT current_ok THEN 'build'
             WHEN row_count >= b.rows_at_build * p_rebuild_factor THEN 'rebuild_advised'

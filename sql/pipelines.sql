@@ -576,11 +576,18 @@ BEGIN
     -- Inserting into an HNSW graph row by row is some 40 times slower than building it once
     -- over the loaded rows: a large backfill goes in first and a worker builds the index
     -- when it is done (pgembed.deferred_indexes). Until then searches scan, exactly.
-    IF p.index_type = 'hnsw' AND queued >= pgembed.defer_index_rows() THEN
+    -- An IVFFlat index is trained on the rows there when it is built: always deferred, a
+    -- worker builds it once the table holds enough (pgembed.deferred_index_plan).
+    IF p.index_type = 'hnsw' AND queued >= pgembed.defer_index_rows() OR p.index_type = 'ivfflat' THEN
         PERFORM pgembed.vector_index_sql(p);  -- bad index options are refused now, not later
         INSERT INTO pgembed.deferred_indexes (pipeline, rows_queued) VALUES (p.name, queued);
-        RAISE NOTICE 'pgembed: the HNSW index of pgembed.% is built once its % rows are embedded',
-            p.destination, queued;
+        IF p.index_type = 'ivfflat' THEN
+            RAISE NOTICE 'pgembed: the IVFFlat index of pgembed.% is built once it holds % rows',
+                p.destination, pgembed.ivfflat_rows_per_list() * coalesce((p.index_options ->> 'lists')::int, 10);
+        ELSE
+            RAISE NOTICE 'pgembed: the HNSW index of pgembed.% is built once its % rows are embedded',
+                p.destination, queued;
+        END IF;
     ELSE
         PERFORM pgembed.create_vector_index(p);
     END IF;

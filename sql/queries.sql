@@ -106,7 +106,8 @@ SELECT key, found, content, cost_center FROM {function}(%(keys)s)
 -- ===== pgembed/indexes.py: deferred HNSW index builds =====
 
 -- deferred_ready --
--- HNSW indexes put off for a backfill that is now over (see pgembed.deferred_index_plan).
+-- Deferred indexes that can be built now: HNSW after its backfill, IVFFlat once it has rows
+-- to train on (see pgembed.deferred_index_plan).
 SELECT pipeline, create_sql, drop_sql FROM pgembed.deferred_index_plan()
 
 -- index_lock --
@@ -122,7 +123,8 @@ SELECT pg_catalog.set_config('maintenance_work_mem', %(memory)s, false),
        pg_catalog.set_config('statement_timeout', '0', false)
 
 -- index_built --
-DELETE FROM pgembed.deferred_indexes WHERE pipeline = %(pipeline)s
+-- The deferred row goes; an IVFFlat index is recorded with its lists (pgembed.index_builds).
+SELECT pgembed.deferred_index_built(%(pipeline)s, %(worker)s)
 
 -- ===== pgembed/costs.py: the cost views and the dead-letter table, for the CLI =====
 
@@ -232,7 +234,8 @@ VALUES (%(pipeline)s, %(model)s, 'query', %(cost_center)s, %(requests)s, %(input
 
 -- search --
 -- The k rows nearest to a query vector, one per row (its best chunk): see sql/search.sql.
-SELECT key, chunk_seq, chunk, distance FROM pgembed.search(%(pipeline)s, %(vector)s::real[], %(k)s)
+SELECT key, chunk_seq, chunk, distance
+  FROM pgembed.search(%(pipeline)s, %(vector)s::real[], %(k)s, %(filter)s::jsonb)
 
 -- ===== pgembed/evaluation/beir.py: a pipeline's quality on a BEIR corpus =====
 
@@ -469,3 +472,14 @@ SELECT pipeline, row_count, built_rows, built_lists, lists, action, index_name, 
 
 -- ivfflat_record_build --
 SELECT pgembed.record_index_build(%(pipeline)s, %(index_name)s, %(lists)s, %(row_count)s, %(worker)s)
+
+-- ===== pgembed/orm.py: a pipeline's tables for SQLAlchemy =====
+
+-- orm_pipeline --
+-- Where a pipeline's rows live, for reflection: the source's schema and name apart (not
+-- the regclass text, whose quoting depends on the search_path), the destination, the key.
+SELECT n.nspname AS source_schema, c.relname AS source_table, p.destination, p.key_columns, p.distance
+  FROM pgembed.pipelines p
+  JOIN pg_catalog.pg_class c ON c.oid = p.source
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE p.name = %(name)s

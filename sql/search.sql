@@ -3,23 +3,44 @@
 -- A row cut into many chunks would otherwise fill the k results with itself, and a plain
 -- LIMIT k over an HNSW index returns fewer than k once rows are grouped. So the nearest
 -- chunks are read k * 4 at a time (more while they name fewer than k rows), with
--- hnsw.ef_search raised to the number asked for and pgvector's iterative index scans on
--- (relaxed_order: the scan goes on past ef_search until the LIMIT is met), and each row
--- keeps its best chunk. Python's search, the Client and `pgembed search` all come here.
+-- hnsw.ef_search raised to the number asked for (ivfflat.probes from the index's lists and
+-- rows) and pgvector's iterative index scans on (relaxed_order: the scan
+-- goes on past ef_search or the probes until the LIMIT is met), and each row keeps its best
+-- chunk. Python's search, the Client and `pgembed search` all come here.
+--
+-- A filter is equality on the source's columns: the chunks are read joined to the source
+-- (the key), with the caller's rights, so the source's row-level security applies; the
+-- iterative scan goes on until k rows pass. A source with row-level security is joined
+-- even without a filter. A pipeline whose index is not built yet (deferred for its
+-- backfill, or an IVFFlat waiting for its rows, or dropped) has no index to read: the
+-- search is exact.
+
+-- Before 0006: no filter.
+DROP FUNCTION IF EXISTS pgembed.search(text, real[], int);
+DROP FUNCTION IF EXISTS pgembed.nearest_chunks_sql(pgembed.pipelines);
 
 -- The nearest chunks of one pipeline to `query`, best per row: the row's key as a JSON
--- object of its key columns, the chunk that matched and its distance, best first.
-CREATE OR REPLACE FUNCTION pgembed.search(pipeline text, query real[], k int DEFAULT 10)
+-- object of its key columns, the chunk that matched and its distance, best first. `filter`
+-- (a JSON object, column => value, or => array of values for IN) keeps the rows whose
+-- source columns equal it.
+CREATE OR REPLACE FUNCTION pgembed.search(pipeline text, query real[], k int DEFAULT 10, filter jsonb DEFAULT NULL)
 RETURNS TABLE (key jsonb, chunk_seq int, chunk text, distance double precision)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     p pgembed.pipelines;
+    exact boolean;
+    lists int;
+    trained bigint;
     nearest text;
     wanted bigint;
-    chunks bigint;
-    best jsonb;
+    r record;
+    keys jsonb[];
+    seqs int[];
+    chunks text[];
+    distances float8[];
+    read bigint;
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = pgembed.resolve_pipeline(search.pipeline);
     IF NOT FOUND THEN
@@ -35,28 +56,127 @@ BEGIN
             quote_literal(p.name), p.dimensions, coalesce(cardinality(query), 0)
             USING HINT = 'Embed the query with the pipeline''s model and dimensions.';
     END IF;
-    nearest := pgembed.nearest_chunks_sql(p);
+    -- whether its index is built (valid) yet, and an IVFFlat index's lists and rows, read
+    -- from the catalog: a caller needs no grant on pgembed's bookkeeping to search
+    SELECT ix.oid IS NULL, (SELECT split_part(o, '=', 2)::int FROM unnest(ix.reloptions) AS o WHERE o LIKE 'lists=%'),
+           ix.reltuples::bigint
+      INTO exact, lists, trained
+      FROM (SELECT) AS one
+      LEFT JOIN LATERAL (SELECT c.oid, c.reloptions, c.reltuples
+                           FROM pg_catalog.pg_index i
+                           JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+                           JOIN pg_catalog.pg_am am ON am.oid = c.relam
+                          WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
+                            AND am.amname = p.index_type AND i.indisvalid
+                          ORDER BY c.oid DESC LIMIT 1) AS ix ON true;
+    IF p.index_type = 'ivfflat' AND NOT exact THEN
+        lists := coalesce(lists, 100);  -- pgvector's default
+    END IF;
+    -- each row's best chunk, best rows first, and (on every row) how many chunks were read:
+    -- fewer than wanted means the table has no more, so a larger read could name no more rows
+    nearest := format(
+        'SELECT b.key, b.chunk_seq, b.chunk, b.distance, b.read FROM ('
+        'SELECT DISTINCT ON (n.key) n.*, count(*) OVER () AS read FROM (%s) AS n '
+        'ORDER BY n.key, n.distance, n.chunk_seq) AS b ORDER BY b.distance, b.key LIMIT $3',
+        pgembed.nearest_chunks_sql(p, exact, pgembed.search_filter_sql(p, filter)));
     wanted := k * 4;
-    -- one read of the nearest chunks a round: their count says whether a larger read could
-    -- name more rows, and the best chunk of each row comes from the same read
     LOOP
         PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted, k * coalesce(p.rerank, 0)))::text,
                            true);
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-        EXECUTE format(
-            'WITH n AS MATERIALIZED (%s), '
-            '     b AS (SELECT DISTINCT ON (n.key) n.* FROM n ORDER BY n.key, n.distance, n.chunk_seq) '
-            'SELECT (SELECT count(*) FROM n), '
-            '       coalesce((SELECT jsonb_agg(to_jsonb(t) ORDER BY t.distance, t.key) '
-            '                   FROM (SELECT * FROM b ORDER BY b.distance, b.key LIMIT $3) AS t), ''[]'')',
-            nearest)
-            INTO chunks, best USING query, wanted, k;
-        EXIT WHEN jsonb_array_length(best) >= k OR chunks < wanted;
+        IF lists IS NOT NULL THEN
+            PERFORM set_config('ivfflat.probes', pgembed.ivfflat_probes(lists, greatest(trained, 1), wanted)::text,
+                               true);
+            PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
+        END IF;
+        keys := '{}';
+        seqs := '{}';
+        chunks := '{}';
+        distances := '{}';
+        read := 0;
+        FOR r IN EXECUTE nearest USING query, wanted, k, filter LOOP
+            keys := keys || r.key;
+            seqs := seqs || r.chunk_seq;
+            chunks := chunks || r.chunk;
+            distances := distances || r.distance;
+            read := r.read;
+        END LOOP;
+        EXIT WHEN cardinality(keys) >= k OR read < wanted;
         wanted := wanted * 4;
     END LOOP;
-    RETURN QUERY SELECT b.key, b.chunk_seq, b.chunk, b.distance
-                   FROM jsonb_to_recordset(best) AS b(key jsonb, chunk_seq int, chunk text, distance float8)
-                  ORDER BY b.distance, b.key;
+    RETURN QUERY SELECT * FROM unnest(keys, seqs, chunks, distances);
+END
+$$;
+
+-- How many IVFFlat lists a search of `wanted` chunks probes: the square root of the lists
+-- (pgvector's guidance for recall), plus as many lists as `wanted` chunks fill on average
+-- (rows / lists each, as the catalog counts the index's rows), and never more than all of them.
+CREATE OR REPLACE FUNCTION pgembed.ivfflat_probes(lists int, trained bigint, wanted bigint)
+RETURNS int
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT least(lists, ceil(sqrt(lists))::int + ceil(wanted::numeric * lists / greatest(trained, 1))::int)
+$$;
+
+-- The condition a search's filter puts on the source's row `s` (NULL: no filter): for each
+-- key of the JSON object, its column equals the value ($4 ->> key, cast to the column's
+-- type), or is one of an array's values, or IS NULL for JSON null. Only the names are
+-- written into the SQL (quoted); the values stay in the parameter.
+CREATE OR REPLACE FUNCTION pgembed.search_filter_sql(p pgembed.pipelines, filter jsonb)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kv record;
+    col record;
+    terms text[] := '{}';
+BEGIN
+    IF filter IS NULL OR filter = '{}' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(filter) <> 'object' THEN
+        RAISE EXCEPTION 'pgembed: a search filter is a JSON object of source columns and values, not %',
+            left(filter::text, 60)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'e.g. filter => ''{"lang": "en", "year": [2019, 2020]}''';
+    END IF;
+    FOR kv IN SELECT e.key, e.value FROM jsonb_each(filter) AS e ORDER BY e.key LOOP
+        SELECT a.attname, format_type(a.atttypid, NULL) AS type INTO col
+          FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = p.source AND a.attname = kv.key AND a.attnum > 0 AND NOT a.attisdropped;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'pgembed: pipeline % cannot filter on %: % has no such column',
+                quote_literal(p.name), quote_ident(kv.key), p.source
+                USING ERRCODE = 'undefined_column',
+                      HINT = 'Filter on the columns of ' || p.source::text || ': '
+                             || (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
+                                   FROM pg_catalog.pg_attribute a
+                                  WHERE a.attrelid = p.source AND a.attnum > 0 AND NOT a.attisdropped) || '.';
+        END IF;
+        IF jsonb_typeof(kv.value) = 'null' THEN
+            terms := terms || format('s.%I IS NULL', col.attname);
+        ELSIF jsonb_typeof(kv.value) = 'array' THEN
+            IF EXISTS (SELECT 1 FROM jsonb_array_elements(kv.value) AS v
+                        WHERE jsonb_typeof(v) IN ('array', 'object')) THEN
+                RAISE EXCEPTION 'pgembed: the filter on % lists values, not %', quote_ident(kv.key),
+                    left(kv.value::text, 60)
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'An array stands for IN: its items are strings, numbers or booleans.';
+            END IF;
+            terms := terms || format('s.%I = ANY (ARRAY(SELECT jsonb_array_elements_text($4 -> %L))::%s[])',
+                                     col.attname, kv.key, col.type);
+        ELSIF jsonb_typeof(kv.value) = 'object' THEN
+            RAISE EXCEPTION 'pgembed: the filter on % is a value or an array of values, not an object (%)',
+                quote_ident(kv.key), left(kv.value::text, 60)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Equality only: {"column": value} or {"column": [value, ...]} for IN.';
+        ELSE
+            terms := terms || format('s.%I = ($4 ->> %L)::%s', col.attname, kv.key, col.type);
+        END IF;
+    END LOOP;
+    RETURN array_to_string(terms, ' AND ');
 END
 $$;
 
@@ -66,25 +186,37 @@ $$;
 -- A binary-quantized pipeline reads `rerank` times as many candidates as rows asked for ($3),
 -- and never fewer than `wanted`, by Hamming distance through its index of bits, then keeps
 -- the nearest by the stored vectors: the distance returned is always the stored vectors' own.
-CREATE OR REPLACE FUNCTION pgembed.nearest_chunks_sql(p pgembed.pipelines)
+-- `exact` (its index is not built yet) orders by the stored vectors alone. `source_filter`
+-- (pgembed.search_filter_sql, over the source's row `s` and the filter $4) keeps the
+-- chunks whose source row passes it; a source with row-level security is always joined, so
+-- that its policies decide for the caller which rows can come back.
+CREATE OR REPLACE FUNCTION pgembed.nearest_chunks_sql(p pgembed.pipelines, exact boolean DEFAULT false,
+                                                      source_filter text DEFAULT NULL)
 RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN p.quantization = 'binary' THEN format(
+    SELECT CASE WHEN p.quantization = 'binary' AND NOT exact THEN format(
                'SELECT c.key, c.chunk_seq, c.chunk, (c.embedding %1$s $1::%2$s)::float8 AS distance FROM ('
-               'SELECT jsonb_build_object(%3$s) AS key, d.chunk_seq, d.chunk, d.embedding FROM pgembed.%4$I d '
+               'SELECT jsonb_build_object(%3$s) AS key, d.chunk_seq, d.chunk, d.embedding FROM pgembed.%4$I d%9$s '
                'ORDER BY %5$s OPERATOR(%6$s.<~>) %7$s LIMIT greatest($2, $3 * %8$s)) AS c '
                'ORDER BY c.embedding %1$s $1::%2$s LIMIT $2',
                o.op, pgembed.embedding_type(p), pgembed.sql_list('%1$L, d.%1$I', p.key_columns), p.destination,
                pgembed.index_expression(p, 'd.embedding'), pgembed.vector_schema(),
-               pgembed.index_expression(p, '$1::' || pgembed.embedding_type(p)), p.rerank)
+               pgembed.index_expression(p, '$1::' || pgembed.embedding_type(p)), p.rerank, j.cond)
            ELSE format(
                'SELECT jsonb_build_object(%1$s) AS key, d.chunk_seq, d.chunk, '
                '(d.embedding %2$s $1::%3$s)::float8 AS distance '
-               'FROM pgembed.%4$I d ORDER BY d.embedding %2$s $1::%3$s LIMIT $2',
-               pgembed.sql_list('%1$L, d.%1$I', p.key_columns), o.op, pgembed.embedding_type(p), p.destination)
+               'FROM pgembed.%4$I d%5$s ORDER BY d.embedding %2$s $1::%3$s LIMIT $2',
+               pgembed.sql_list('%1$L, d.%1$I', p.key_columns), o.op, pgembed.embedding_type(p), p.destination,
+               j.cond)
            END
       FROM (SELECT format('OPERATOR(%s.%s)', pgembed.vector_schema(),
-                          CASE p.distance WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' ELSE '<#>' END) AS op) AS o
+                          CASE p.distance WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' ELSE '<#>' END) AS op) AS o,
+           (SELECT CASE WHEN source_filter IS NOT NULL
+                             OR (SELECT c.relrowsecurity FROM pg_catalog.pg_class c WHERE c.oid = p.source)
+                        THEN format(' WHERE EXISTS (SELECT 1 FROM %s s WHERE %s%s)', p.source,
+                                    pgembed.sql_list('s.%1$I = d.%1$I', p.key_columns, ' AND '),
+                                    ' AND ' || source_filter)
+                        ELSE '' END AS cond) AS j
 $$;

@@ -140,11 +140,11 @@ def test_parked_failures_are_retried_on_a_doubling_backoff(conn, dsn):
     assert detail == "1 parked failures re-queued"
 
 
-def test_ivfflat_index_is_trained_once_there_are_enough_rows_then_a_rebuild_is_advised(conn, dsn, caplog):
+def test_ivfflat_upkeep_leaves_the_first_build_to_the_workers_then_advises_a_rebuild(conn, dsn, caplog):
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
-    conn.execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 60) g")
-    name = pipelines.create(conn, "t", "body", "hash:8", pipelines.PipelineOptions(index="ivfflat"))
-    drain(dsn)
+    conn.execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 300) g")
+    name = pipelines.create(conn, "t", "body", "hash:8",
+                            pipelines.PipelineOptions(index="ivfflat", index_options={"lists": 2}))
 
     def indexes() -> list[tuple[str, str]]:
         return conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgembed' "
@@ -154,22 +154,27 @@ def test_ivfflat_index_is_trained_once_there_are_enough_rows_then_a_rebuild_is_a
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
             return await index_job(c, JobContext("w1", only(ivfflat_min_rows=min_rows)))
 
-    assert len(indexes()) == 1, "create_pipeline made an untrained index on the empty table"
-    assert "60 of 100 rows needed" in asyncio.run(upkeep(100))
-    assert "trained on 60 rows, 10 lists" in asyncio.run(upkeep(50))
+    assert indexes() == [], "no untrained index on the empty table"
+    assert "its first index is built by a worker" in asyncio.run(upkeep(50))
+    assert indexes() == []
+    drain(dsn)  # 300 rows, 200 needed for 2 lists: the worker builds it
     built = conn.execute("SELECT index_name, lists, rows_at_build FROM pgembed.index_builds").fetchone()
-    assert built[1:] == (10, 60)
-    assert [i[0] for i in indexes()] == [built[0]], "the new index replaced the old one"
-    assert "lists='10'" in indexes()[0][1]
+    assert built[1:] == (2, 300)
+    assert [i[0] for i in indexes()] == [built[0]]
     assert asyncio.run(upkeep(50)) == f"{name}: ok"
 
-    conn.execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(61, 250) g")
+    conn.execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(301, 1300) g")
     drain(dsn)
     with caplog.at_level(logging.WARNING, logger="pgembed.scheduler"):
         assert "rebuild advised" in asyncio.run(upkeep(50))
     advice = [r for r in caplog.records if getattr(r, "action", "") == "index_rebuild_advised"]
-    assert len(advice) == 1 and "250 vectors" in advice[0].getMessage()
+    assert len(advice) == 1 and "1300 vectors" in advice[0].getMessage()
     assert [i[0] for i in indexes()] == [built[0]], "a rebuild is advised, not done behind the DBA's back"
+
+    conn.execute("DELETE FROM pgembed.index_builds")  # the DBA's go-ahead, as the advice says
+    assert "trained on 1300 rows, 2 lists" in asyncio.run(upkeep(50))
+    rebuilt = conn.execute("SELECT index_name, lists, rows_at_build FROM pgembed.index_builds").fetchone()
+    assert rebuilt[1:] == (2, 1300) and [i[0] for i in indexes()] == [rebuilt[0]]
 
 
 def test_the_scheduler_publishes_its_schedule(conn, dsn):

@@ -79,7 +79,9 @@ DOWNGRADES = {
               "INSERT INTO pgembed.eval_runs (target, pipeline, model, eval_set, metrics, ks, queries) "
               "VALUES ('notes_search', 'notes_h8', 'hash:8', 's', '{}', '{5}', 1)",
               # late chunking
-              "SELECT pgembed.create_pipeline('notes', 'body', 'local:all-MiniLM-L6-v2', late_chunking => true)"]),
+              "SELECT pgembed.create_pipeline('notes', 'body', 'local:all-MiniLM-L6-v2', late_chunking => true)",
+              # indexes that wait for their data: an IVFFlat index deferred
+              "SELECT pgembed.create_pipeline('notes', 'title', 'hash:8', index => 'ivfflat')"]),
 }
 
 

@@ -4,6 +4,7 @@ SQL with a vector, from Python with a text or a vector."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from pgembed import pipelines, search
@@ -73,3 +74,12 @@ def test_bad_searches_are_refused_with_a_reason(conn, many_chunks, call, message
 def test_a_wrong_sized_vector_from_python_is_a_pipeline_error(conn, many_chunks):
     with pytest.raises(PipelineError, match="holds vectors of 16 dimensions, the query has 3"):
         search.search(conn, many_chunks, vector=[1.0, 0.0, 0.0])
+
+
+def test_a_connection_without_pgvector_s_types_searches_alike(conn, dsn, many_chunks):
+    """pgembed's connections send the query as pgvector's type; an application's own
+    psycopg connection, without register_vector, sends a list, with the same hits."""
+    vector = hash_vector("word3 lighthouse", 16)
+    with psycopg.connect(dsn) as plain:
+        assert search.search(plain, many_chunks, vector=vector, k=5) == search.search(conn, many_chunks,
+                                                                                     vector=vector, k=5)

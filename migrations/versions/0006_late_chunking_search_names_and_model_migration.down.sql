@@ -29,7 +29,11 @@ DROP TABLE pgembed.eval_runs, pgembed.aliases, pgembed.eval_judgments, pgembed.e
 -- Indexes that wait for their data
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- 0005 defers HNSW indexes only: an IVFFlat index still waiting is left to 0005's
+-- scheduled upkeep, which builds it once the table holds its minimum of rows.
+DELETE FROM pgembed.deferred_indexes d
+ USING pgembed.pipelines p
+ WHERE p.name = d.pipeline AND p.index_type = 'ivfflat';
 
 -- ---------------------------------------------------------------------------------------
 -- Late chunking
@@ -56,7 +60,8 @@ BEGIN
                     -- late chunking
                     'create_pipeline', 'create_pipeline_on_path', 'check_late_chunking',
                     -- indexes that wait for their data
-                    '',
+                    'search', 'nearest_chunks_sql', 'search_filter_sql', 'ivfflat_probes',
+                    'ivfflat_rows_per_list', 'ivfflat_lists', 'deferred_index_built',
                     -- stable search names and evaluation
                     'resolve_pipeline', 'set_alias', 'write_alias_view', 'alias_views_aside', 'alias_views_back',
                     'drop_alias', 'set_alias_evaluation',

@@ -23,6 +23,7 @@ from pgembed.cli.common import (
     out,
     print_json,
 )
+from pgembed.search import Filter, FilterError
 from pgembed.search import search as nearest
 
 
@@ -32,6 +33,9 @@ def search(
     text: str,
     k: Annotated[int, typer.Option("-k", min=1, help="How many results.")] = 5,
     cost_center: Annotated[str | None, typer.Option(help="Who pays for the query embedding.")] = None,
+    where: Annotated[list[str] | None, typer.Option(
+        "--where", metavar="COLUMN=VALUE",
+        help="Only rows whose source column equals VALUE; repeatable (one column twice: either value).")] = None,
     as_json: JsonOption = False,
     dsn: DsnOption = None,
     embedded: EmbeddedOption = False,
@@ -41,23 +45,39 @@ def search(
     PIPELINE may be an alias (pgembed alias list): it searches the pipeline the alias
     points at.
 
-    Example: pgembed search articles_h384 "how do vaccines work" -k 5
+    Example: pgembed search articles_h384 "how do vaccines work" -k 5 --where lang=en
     """
     if not text.strip():
         fail("the search text is empty: give the words to search for, e.g. "
              "pgembed search PIPELINE \"how do I bake bread\"", EXIT_USAGE)
+    filter = _filter(where or [])
     with connect(dsn, embedded) as conn:
         name = resolve(conn, pipeline)  # an alias: the pipeline it points at, once
-        found = nearest(conn, name, text, k, cost_center)
+        try:
+            found = nearest(conn, name, text, k, cost_center, filter=filter)
+        except FilterError as error:
+            fail(error, EXIT_USAGE)
         coverage = _coverage(conn, name)
     if as_json:
-        print_json({"pipeline": name, "target": pipeline, "query": text, "k": k, **coverage,
+        print_json({"pipeline": name, "target": pipeline, "query": text, "k": k, "filter": filter, **coverage,
                     "hits": [{"key": h.key, "distance": h.distance, "chunk": h.chunk} for h in found]})
         return
     note = _partial(name, coverage)
     if note:
         err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     out.print(tables.hits(name, text, found) if found else "no results")
+
+
+def _filter(where: list[str]) -> Filter | None:
+    """--where COLUMN=VALUE options as pgembed.search's filter: a column given twice is
+    either value (IN). Values stay text; PostgreSQL casts them to the column's type."""
+    filter: dict[str, list[str]] = {}
+    for condition in where:
+        column, equals, value = condition.partition("=")
+        if not equals or not column:
+            fail(f"--where takes COLUMN=VALUE, not {condition!r}: e.g. --where lang=en", EXIT_USAGE)
+        filter.setdefault(column, []).append(value)
+    return {c: v[0] if len(v) == 1 else v for c, v in filter.items()} or None
 
 
 def _coverage(conn: psycopg.Connection, pipeline: str) -> dict[str, int | None]:
