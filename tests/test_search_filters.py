@@ -112,8 +112,8 @@ def test_the_source_is_read_with_the_caller_s_rights(conn, dsn, notes):
     try:
         conn.execute('GRANT SELECT ON "My Notes" TO pgembed_test_reader')
         conn.execute("GRANT USAGE ON SCHEMA pgembed TO pgembed_test_reader")
-        # what a role needs to search: the pipelines, the destination and the source
-        conn.execute(f'GRANT SELECT ON pgembed.pipelines, pgembed."{notes}" TO pgembed_test_reader')
+        # what a role needs to search: the pipelines and aliases, the destination and the source
+        conn.execute(f'GRANT SELECT ON pgembed.pipelines, pgembed.aliases, pgembed."{notes}" TO pgembed_test_reader')
         conn.execute('ALTER TABLE "My Notes" ENABLE ROW LEVEL SECURITY')
         conn.execute("""CREATE POLICY only_xx ON "My Notes" FOR SELECT TO pgembed_test_reader USING (lang = 'xx')""")
         query = hash_array("note 17 about the harbour", DIMS)
