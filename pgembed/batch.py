@@ -39,18 +39,18 @@ class Embedded:
     sent: list[bytes] = field(default_factory=list)  # hashes this batch asked the provider for
 
 
-def _texts(info: PipelineInfo, row: SourceRow) -> list[Piece]:
-    """The chunks of a row's content. NULL or blank content has none: the row has nothing
-    to embed, which is not a failure; its old vectors (of content that no longer exists)
-    go, and the audit counts it as empty, not missing."""
-    if row.content is None or not row.content.strip(_BLANK):
+def pieces(info: PipelineInfo, content: str | None) -> list[Piece]:
+    """The chunks of a row's content (the worker's, and a dry run's). NULL or blank content
+    has none: the row has nothing to embed, which is not a failure; its old vectors (of
+    content that no longer exists) go, and the audit counts it as empty, not missing."""
+    if content is None or not content.strip(_BLANK):
         return []
     if info.chunking == "none" and not info.prefixed:
-        return [Piece(row.content)]
+        return [Piece(content)]
     counter = counter_for(info.spec, info.tokenizer)
     if info.prefixed:
-        return split_prefixed(info.plan, counter, row.content)
-    return split(info.plan, counter, row.content)
+        return split_prefixed(info.plan, counter, content)
+    return split(info.plan, counter, content)
 
 
 def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
@@ -69,7 +69,7 @@ def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],
             outcome.cost_center = row.cost_center
             outcome.content_hash = document_hash(row.content or "")
             texts[claimed.key] = [Planned(p.text, chunk_key(info.spec.model, info.spec.dimensions, p.text),
-                                          p.truncated) for p in _texts(info, row)]
+                                          p.truncated) for p in pieces(info, row.content)]
     return outcomes, texts
 
 

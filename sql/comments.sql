@@ -68,3 +68,11 @@ COMMENT ON TABLE pgembed.index_builds IS 'IVFFlat indexes a worker trained: rows
 COMMENT ON TABLE pgembed.deferred_indexes IS 'HNSW indexes put off until a large backfill is embedded';
 COMMENT ON TABLE pgembed.rate_limits IS 'Request and token budgets per API key (bucket), shared by every worker';
 COMMENT ON TABLE pgembed.rate_limit_state IS 'The moving part of each limited bucket (sliding window and pacer)';
+
+COMMENT ON TABLE pgembed.bulk_lane IS 'When bulk work (backfill, repair, migration) may be claimed: opens..closes in time_zone, NULL always; live changes are claimed first in any case';
+COMMENT ON TABLE pgembed.model_migrations IS 'Model migrations of an alias: from_pipeline (the active one at start) to to_pipeline (the shadow of the new model), their phase and estimate';
+COMMENT ON COLUMN pgembed.model_migrations.phase IS 'started (shadow backfilling), cut_over (the alias points at the shadow), rolled_back (back to from_pipeline), cleaned_up (the unused pipeline dropped)';
+COMMENT ON COLUMN pgembed.model_migrations.estimate IS 'pgembed migrate plan''s dry run at start: rows, chunks, tokens, cached, usd, seconds';
+COMMENT ON COLUMN pgembed.model_migrations.max_drop IS 'cutover refuses when a metric of the shadow is more than this many points (1 = 0.01) below the active''s';
+COMMENT ON COLUMN pgembed.model_migrations.rollback_window IS 'how long after cutover rollback is possible; then the scheduled cleanup drops from_pipeline';
+COMMENT ON TABLE pgembed.model_migration_events IS 'Each phase of a migration, refused and forced cutovers included, with who and the detail (metrics, reason)';

@@ -130,7 +130,7 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 10000::bigint $$;
 
--- Deferred indexes whose backfill is over, with the statements that build them (outside a
+-- Deferred indexes whose backfill (or a migration's) is over, with the statements that build them (outside a
 -- transaction: CONCURRENTLY) and that first drop what an interrupted build left (an
 -- INVALID index of the same kind on the destination).
 CREATE OR REPLACE FUNCTION pgembed.deferred_index_plan()
@@ -149,7 +149,7 @@ AS $$
       FROM pgembed.deferred_indexes d
       JOIN pgembed.pipelines p ON p.name = d.pipeline
      WHERE NOT EXISTS (SELECT 1 FROM pgembed.outbox o
-                        WHERE o.pipeline = d.pipeline AND o.purpose = 'backfill')
+                        WHERE o.pipeline = d.pipeline AND o.purpose IN ('backfill', 'migration'))
      ORDER BY p.name;
 $$;
 

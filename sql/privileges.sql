@@ -73,6 +73,7 @@ END
 $$;
 GRANT EXECUTE ON FUNCTION pgembed.gaps(text), pgembed.pipeline_counts(text) TO pgembed_reader;
 GRANT SELECT ON pgembed.audit_runs, pgembed.audit_findings, pgembed.failure_classes TO pgembed_reader;
+GRANT SELECT ON pgembed.model_migrations, pgembed.model_migration_events, pgembed.bulk_lane TO pgembed_reader;
 
 -- The worker: reads pipelines and models, leases and acknowledges queue rows, keeps the
 -- embedding cache, records failures and usage, keeps its heartbeat row, spends the shared
@@ -88,6 +89,7 @@ GRANT INSERT ON pgembed.usage TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgembed.workers TO pgembed_worker;
 GRANT SELECT ON pgembed.rate_limits TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE ON pgembed.rate_limit_state TO pgembed_worker;
+GRANT SELECT ON pgembed.bulk_lane TO pgembed_worker;  -- claim_from reads its window
 -- Each pipeline's destination table and read/store functions: create_pipeline grants them
 -- (pgembed.grant_pipeline_to_workers); again here for the pipelines that exist already.
 -- Which HNSW indexes wait for their backfill to end (pgembed.deferred_indexes, service.sql):

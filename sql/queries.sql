@@ -399,3 +399,56 @@ SELECT pipeline, row_count, built_rows, built_lists, lists, action, index_name, 
 
 -- ivfflat_record_build --
 SELECT pgembed.record_index_build(%(pipeline)s, %(index_name)s, %(lists)s, %(row_count)s, %(worker)s)
+
+-- migration_target --
+-- What a migration of an alias to a model would build (checked: sql/model_migrations.sql).
+SELECT * FROM pgembed.migration_target(%(alias)s, %(model)s, %(dimensions)s)
+
+-- pin_settings --
+-- A dry run reads content as the reader renders it: pgembed.pinned_settings(), for this
+-- transaction.
+SELECT pg_catalog.set_config('TimeZone', 'UTC', true), pg_catalog.set_config('DateStyle', 'ISO, YMD', true),
+       pg_catalog.set_config('IntervalStyle', 'postgres', true),
+       pg_catalog.set_config('extra_float_digits', '1', true), pg_catalog.set_config('bytea_output', 'hex', true),
+       pg_catalog.set_config('lc_monetary', 'C', true), pg_catalog.set_config('lc_numeric', 'C', true),
+       pg_catalog.set_config('lc_time', 'C', true)
+
+-- cache_has --
+SELECT content_hash FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hashes)s::bytea[])
+
+-- rate_limit_of --
+SELECT max_requests, max_tokens, per_seconds FROM pgembed.rate_limits WHERE bucket = %(bucket)s
+
+-- migration_start --
+SELECT pgembed.start_migration(%(alias)s, %(model)s, %(dimensions)s, %(estimate)s, %(name)s, %(max_drop)s,
+                               %(window)s)
+
+-- migration_status --
+SELECT * FROM pgembed.model_migration_status
+ WHERE %(alias)s::text IS NULL OR alias = %(alias)s
+ ORDER BY id DESC
+
+-- migration_open --
+-- The alias's migration not yet cleaned up, else its latest (pgembed.alias_migration).
+SELECT (m).id, (m).from_pipeline, (m).to_pipeline, (m).phase, (m).eval_set, a.eval_set AS alias_eval_set
+  FROM pgembed.alias_migration(%(alias)s) AS m, pgembed.aliases a
+ WHERE a.name = %(alias)s
+
+-- migration_evaluated --
+SELECT pgembed.migration_evaluated(%(alias)s, %(eval_set)s, %(active_run)s, %(shadow_run)s)
+
+-- migration_cutover --
+SELECT pgembed.cutover_migration(%(alias)s, %(force)s, %(reason)s)
+
+-- migration_rollback --
+SELECT pgembed.rollback_migration(%(alias)s)
+
+-- migration_cleanup --
+SELECT pgembed.cleanup_migration(%(alias)s)
+
+-- migration_events --
+SELECT e.at, e.event, e.by_user, e.detail FROM pgembed.model_migration_events e
+ WHERE e.migration = %(migration)s ORDER BY e.id
+
+-- job_clean_migrations --
+SELECT pgembed.cleanup_due_migrations()

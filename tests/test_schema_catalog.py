@@ -70,7 +70,11 @@ DOWNGRADES = {
     # this session's: see the sections of revision 0006 (each adds what its downgrade must undo)
     "0005": ("0006_late_chunking_search_names_and_model_migration.down.definitions.sql",
              ["CREATE TABLE notes (id int PRIMARY KEY, title text, body text)",
-              "SELECT pgembed.create_pipeline('notes', 'body', 'hash:8')"]),
+              "SELECT pgembed.create_pipeline('notes', 'body', 'hash:8')",
+              # model migrations: a migration and its first event
+              "INSERT INTO pgembed.model_migrations (alias, from_pipeline, to_pipeline, from_model, to_model, "
+              "to_dimensions) VALUES ('notes', 'notes_h8', 'notes_h16', 'hash:8', 'hash:16', 16)",
+              "SELECT pgembed.migration_event(1, 'started')"]),
 }
 
 
