@@ -430,8 +430,8 @@ SELECT * FROM pgembed.model_migration_status
 
 -- migration_open --
 -- The alias's migration not yet cleaned up, else its latest (pgembed.alias_migration).
-SELECT (m).id, (m).from_pipeline, (m).to_pipeline, (m).phase, (m).eval_set, a.eval_set AS alias_eval_set
-  FROM pgembed.alias_migration(%(alias)s) AS m, pgembed.aliases a
+SELECT m.id, m.from_pipeline, m.to_pipeline, m.phase, m.eval_set, a.eval_set AS alias_eval_set
+  FROM pgembed.alias_migration(%(alias)s) AS m CROSS JOIN pgembed.aliases a
  WHERE a.name = %(alias)s
 
 -- migration_evaluated --

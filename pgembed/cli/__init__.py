@@ -11,6 +11,7 @@ import typer
 
 from pgembed.cli import costs, dsn, failures, health, quickstart, schema, search, worker
 from pgembed.cli.common import out
+from pgembed.cli.migrate import migrate_app
 from pgembed.cli.pipeline import pipeline_app
 from pgembed.cli.ratelimit import ratelimit_app
 
@@ -24,3 +25,4 @@ for command in (schema.init, worker.worker, search.search, quickstart.quickstart
     app.command()(command)
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(ratelimit_app, name="ratelimit")
+app.add_typer(migrate_app, name="migrate")

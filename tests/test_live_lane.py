@@ -1,0 +1,87 @@
+"""The live lane: rows the application changed are claimed before any bulk row (backfill,
+repair, migration) of any pipeline, and the bulk lane keeps to its window. Claims here are
+pgembed.claim, the statement every worker runs."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from tests.conftest import drain
+
+BATCH = 100
+
+
+def claim(conn: psycopg.Connection, limit: int = BATCH) -> list[tuple]:
+    return conn.execute("SELECT pipeline, key, purpose FROM pgembed.claim('w', %s, %s, 60)",
+                        (uuid.uuid4(), limit)).fetchall()
+
+
+@pytest.fixture
+def backlog(conn: psycopg.Connection) -> psycopg.Connection:
+    """Two pipelines of one table; the second has a 5,000-row migration backlog queued."""
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO docs SELECT i, 'document ' || i FROM generate_series(1, 5000) AS i")
+    conn.execute("SELECT pgembed.create_pipeline('docs', 'body', 'hash:8', backfill => false, name => 'old')")
+    conn.execute("SELECT pgembed.create_pipeline('docs', 'body', 'hash:16', backfill => false, name => 'new')")
+    conn.execute("SELECT pgembed.queue_all('new', 'migration')")
+    return conn
+
+
+def test_a_row_inserted_behind_a_backlog_is_claimed_first(backlog: psycopg.Connection) -> None:
+    conn = backlog
+    conn.execute("INSERT INTO docs VALUES (5001, 'the application''s row')")
+    conn.execute("SELECT pgembed.queue_all('new', 'repair')")  # more bulk work, queued after it
+    # one pipeline a claim: the live row of each, before any of the 10,000 bulk rows
+    assert claim(conn) == [("new", ["5001"], "sync")]
+    assert claim(conn) == [("old", ["5001"], "sync")]
+    # then the backlog, oldest first: a full claim of migration rows
+    bulk = claim(conn)
+    assert len(bulk) == BATCH and {purpose for _, _, purpose in bulk} == {"migration"}
+
+
+def test_bulk_rows_wait_for_the_window_and_live_rows_do_not(backlog: psycopg.Connection) -> None:
+    conn = backlog
+    conn.execute("UPDATE pgembed.bulk_lane SET opens = (now() AT TIME ZONE 'UTC')::time + interval '1 hour', "
+                 "closes = (now() AT TIME ZONE 'UTC')::time + interval '2 hours'")
+    assert claim(conn) == []
+    conn.execute("UPDATE docs SET body = 'changed' WHERE id = 7")  # live, queued under 'migration' for new
+    conn.execute("INSERT INTO docs VALUES (6000, 'new row')")
+    claimed = claim(conn) + claim(conn)
+    assert sorted((p, tuple(k)) for p, k, _ in claimed) == [("new", ("6000",)), ("old", ("6000",)),
+                                                            ("old", ("7",))]
+    assert claim(conn) == []
+    conn.execute("UPDATE pgembed.bulk_lane SET opens = NULL, closes = NULL")
+    assert {purpose for _, _, purpose in claim(conn)} == {"migration"}
+
+
+def test_a_window_across_midnight(conn: psycopg.Connection) -> None:
+    conn.execute("UPDATE pgembed.bulk_lane SET opens = '22:00', closes = '06:00', time_zone = 'Europe/Paris'")
+    is_open = "SELECT pgembed.bulk_lane_open(%s::timestamptz)"
+    assert conn.execute(is_open, ("2026-12-01 23:30+01",)).fetchone()[0] is True
+    assert conn.execute(is_open, ("2026-12-01 05:59+01",)).fetchone()[0] is True
+    assert conn.execute(is_open, ("2026-12-01 12:00+01",)).fetchone()[0] is False
+    assert conn.execute(is_open, ("2026-12-01 21:30Z",)).fetchone()[0] is True  # 22:30 in Paris
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("opens = '22:00'", "bulk_lane: opens and closes go together"),
+    ("opens = '22:00', closes = '22:00'", "bulk_lane: opens and closes must differ"),
+])
+def test_a_bad_window_is_refused_and_the_lane_kept(conn: psycopg.Connection, change: str, message: str) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation, match=message):
+        conn.execute(f"UPDATE pgembed.bulk_lane SET {change}")
+    assert conn.execute("SELECT opens, closes, pgembed.bulk_lane_open() FROM pgembed.bulk_lane").fetchone() == \
+        (None, None, True)
+
+
+def test_a_worker_drains_both_lanes(backlog: psycopg.Connection, dsn: str) -> None:
+    conn = backlog
+    conn.execute("INSERT INTO docs VALUES (5001, 'the application''s row')")
+    stats = drain(dsn, batch_size=BATCH)
+    assert stats.failed == 0
+    counts = conn.execute("SELECT (SELECT count(DISTINCT id) FROM pgembed.old), "
+                          "(SELECT count(DISTINCT id) FROM pgembed.new), (SELECT count(*) FROM pgembed.outbox)")
+    assert counts.fetchone() == (1, 5001, 0)
