@@ -23,6 +23,7 @@ from psycopg import sql
 
 from pgembed.batch import pieces
 from pgembed.cache import chunk_key
+from pgembed.pipelines import PipelineOptions
 from pgembed.providers import ModelSpec
 from pgembed.queue import PipelineInfo
 from pgembed.ratelimit import openai_bucket
@@ -77,19 +78,35 @@ def billing_counter(spec: ModelSpec) -> Callable[[list[str]], list[int]]:
     return lambda texts: [count_tokens(t) for t in texts]
 
 
+def _target(row: tuple[Any, ...]) -> Target:
+    """A Target from the columns pgembed.model_target returns."""
+    (source, content_bound, prefixed, model, dims, native, chunking, chunk_tokens, chunk_overlap, tokenizer,
+     price, max_input, max_inputs, max_tokens) = row
+    spec = ModelSpec(model=model, dimensions=dims, native_dimensions=native, max_input_tokens=max_input,
+                     max_batch_inputs=max_inputs, max_batch_tokens=max_tokens)
+    info = PipelineInfo(name="(dry run)", id=0, spec=spec, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
+                        chunking=chunking, tokenizer=tokenizer, prefixed=prefixed)
+    return Target(source, content_bound, info, price)
+
+
 def migration_target(conn: psycopg.Connection, alias: str, model: str, dimensions: int | None) -> Target:
     """The checked target of a migration (an unknown alias, a running migration, the same
     model are refused here, in SQL)."""
     row = conn.execute(query("migration_target"),
                        {"alias": alias, "model": model, "dimensions": dimensions}).fetchone()
     assert row is not None  # a set-returning function that raises or returns one row
-    (_active, source, content_bound, prefixed, model_name, dims, native, chunking, chunk_tokens,
-     chunk_overlap, tokenizer, price, max_input, max_inputs, max_tokens) = row
-    spec = ModelSpec(model=model_name, dimensions=dims, native_dimensions=native, max_input_tokens=max_input,
-                     max_batch_inputs=max_inputs, max_batch_tokens=max_tokens)
-    info = PipelineInfo(name="(dry run)", id=0, spec=spec, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
-                        chunking=chunking, tokenizer=tokenizer, prefixed=prefixed)
-    return Target(source, content_bound, info, price)
+    return _target(row[1:])
+
+
+def backfill_target(conn: psycopg.Connection, table: str, content: str, model: str,
+                    options: PipelineOptions) -> Target:
+    """The target of create_pipeline with these arguments, checked as it checks them."""
+    row = conn.execute(query("backfill_target"), {
+        "source": table, "content": content, "model": model, "dimensions": options.dimensions,
+        "chunking": options.chunking, "chunk_tokens": options.chunk_tokens,
+        "chunk_overlap": options.chunk_overlap, "chunk_prefix": options.chunk_prefix}).fetchone()
+    assert row is not None
+    return _target(row)
 
 
 def _contents(conn: psycopg.Connection, target: Target) -> Iterator[list[str | None]]:

@@ -59,6 +59,40 @@ BEGIN
 END
 $$;
 
+-- The size a backfill of model m would store: p_dimensions, checked, else the model's own.
+CREATE OR REPLACE FUNCTION pgembed.target_dimensions(m pgembed.models, p_dimensions int)
+RETURNS int
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    dims int := coalesce(p_dimensions, m.dimensions);
+BEGIN
+    IF dims < 1 OR dims > m.dimensions OR (dims <> m.dimensions AND NOT m.shortenable) THEN
+        RAISE EXCEPTION 'pgembed: model % cannot give % dimensions', m.model, dims
+            USING HINT = format('Leave dimensions out for the model''s own %s.', m.dimensions);
+    END IF;
+    RETURN dims;
+END
+$$;
+
+-- What a dry run needs to make the worker's chunks: the source and its bound content, the
+-- model, its size and price and limits, and the chunking create_pipeline would choose.
+CREATE OR REPLACE FUNCTION pgembed.model_target(p_source regclass, p_content_bound text, p_prefixed boolean,
+                                                m pgembed.models, p_dimensions int, p_chunking text,
+                                                p_chunk_tokens int, p_chunk_overlap int)
+RETURNS TABLE (source regclass, content_bound text, prefixed boolean, model text, dimensions int,
+               native_dimensions int, chunking text, chunk_tokens int, chunk_overlap int, tokenizer text,
+               usd_per_1m_tokens numeric, max_input_tokens int, max_batch_inputs int, max_batch_tokens int)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_source, p_content_bound, p_prefixed, m.model, p_dimensions, m.dimensions, c.chunking,
+           c.chunk_tokens, c.chunk_overlap, m.tokenizer, m.usd_per_1m_tokens, m.max_input_tokens,
+           m.max_batch_inputs, m.max_batch_tokens
+      FROM pgembed.chunking_settings(m, p_chunking, p_chunk_tokens, p_chunk_overlap) AS c
+$$;
+
 -- What a migration of p_alias to p_model would build, checked: the active pipeline, its
 -- source and bound content, and the new pipeline's model, size and chunking (as
 -- create_pipeline will choose them: fitted to the new model), with the model's price and
@@ -76,7 +110,6 @@ DECLARE
     m pgembed.models;
     running pgembed.model_migrations;
     dims int;
-    chunks record;
 BEGIN
     SELECT * INTO STRICT p FROM pgembed.pipelines q WHERE q.name = pgembed.active_pipeline(p_alias);
     running := pgembed.alias_migration(p_alias);
@@ -89,21 +122,68 @@ BEGIN
         RAISE EXCEPTION 'pgembed: a migration needs the model to migrate to, not NULL';
     END IF;
     m := pgembed.model_info(p_model);
-    dims := coalesce(p_dimensions, m.dimensions);
-    IF dims < 1 OR dims > m.dimensions OR (dims <> m.dimensions AND NOT m.shortenable) THEN
-        RAISE EXCEPTION 'pgembed: model % cannot give % dimensions', m.model, dims
-            USING HINT = format('Leave dimensions out for the model''s own %s.', m.dimensions);
-    END IF;
+    dims := pgembed.target_dimensions(m, p_dimensions);
     IF m.model = p.model AND dims = p.dimensions THEN
         RAISE EXCEPTION 'pgembed: alias ''%'' already uses % at % dimensions (pipeline %)', p_alias, m.model,
             dims, p.name;
     END IF;
-    chunks := pgembed.chunking_settings(m, NULL, NULL, NULL);
-    RETURN QUERY SELECT p.name, p.source, p.content_bound, p.chunk_prefix IS NOT NULL, m.model, dims,
-                        m.dimensions, chunks.chunking, chunks.chunk_tokens, chunks.chunk_overlap,
-                        m.tokenizer, m.usd_per_1m_tokens, m.max_input_tokens, m.max_batch_inputs,
-                        m.max_batch_tokens;
+    RETURN QUERY SELECT p.name, t.* FROM pgembed.model_target(p.source, p.content_bound, p.chunk_prefix IS NOT NULL,
+                                                              m, dims, NULL, NULL, NULL) AS t;
 END
+$$;
+
+-- The dry run of create_pipeline(..., backfill => true): what pipeline create --dry-run
+-- reads the rows through. The arguments are create_pipeline's and are checked the same way
+-- (content bound on the caller's schemas); nothing is created.
+CREATE OR REPLACE FUNCTION pgembed.backfill_target_on_path(p_path text, p_source regclass, p_content text,
+                                                           p_model text, p_dimensions int, p_chunking text,
+                                                           p_chunk_tokens int, p_chunk_overlap int,
+                                                           p_chunk_prefix text)
+RETURNS TABLE (source regclass, content_bound text, prefixed boolean, model text, dimensions int,
+               native_dimensions int, chunking text, chunk_tokens int, chunk_overlap int, tokenizer text,
+               usd_per_1m_tokens numeric, max_input_tokens int, max_batch_inputs int, max_batch_tokens int)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    refusal text := pgembed.source_refusal(p_source);
+    m pgembed.models := pgembed.model_info(p_model);
+    bound text;
+BEGIN
+    IF refusal IS NOT NULL THEN
+        RAISE EXCEPTION 'pgembed: %', refusal;
+    END IF;
+    IF p_content IS NULL THEN
+        RAISE EXCEPTION 'pgembed: content must be a SQL expression over the columns of %, not NULL', p_source;
+    END IF;
+    IF p_chunk_prefix IS NOT NULL THEN
+        PERFORM pgembed.probe_expression(p_source, p_chunk_prefix, p_path, 'chunk_prefix');
+    END IF;
+    SELECT e.bound INTO bound
+      FROM pgembed.probe_expression(p_source, CASE WHEN p_chunk_prefix IS NULL THEN p_content
+                                                   ELSE pgembed.prefixed_content(p_chunk_prefix, p_content) END,
+                                    p_path, p_bind => true) AS e;
+    RETURN QUERY SELECT * FROM pgembed.model_target(p_source, bound, p_chunk_prefix IS NOT NULL, m,
+                                                    pgembed.target_dimensions(m, p_dimensions), p_chunking,
+                                                    p_chunk_tokens, p_chunk_overlap);
+END
+$$;
+
+-- No SET clause, as create_pipeline: it reads the content on the caller's own schemas.
+CREATE OR REPLACE FUNCTION pgembed.backfill_target(p_source regclass, p_content text, p_model text,
+                                                   p_dimensions int DEFAULT NULL, p_chunking text DEFAULT NULL,
+                                                   p_chunk_tokens int DEFAULT NULL, p_chunk_overlap int DEFAULT NULL,
+                                                   p_chunk_prefix text DEFAULT NULL)
+RETURNS TABLE (source regclass, content_bound text, prefixed boolean, model text, dimensions int,
+               native_dimensions int, chunking text, chunk_tokens int, chunk_overlap int, tokenizer text,
+               usd_per_1m_tokens numeric, max_input_tokens int, max_batch_inputs int, max_batch_tokens int)
+LANGUAGE sql
+AS $$
+    SELECT * FROM pgembed.backfill_target_on_path(
+        (SELECT coalesce(pg_catalog.string_agg(pg_catalog.quote_ident(s), ', ' ORDER BY i), 'pg_catalog')
+           FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS u(s, i)
+          WHERE NOT pg_catalog.starts_with(s, 'pg_temp')),
+        $1, $2, $3, $4, $5, $6, $7, $8)
 $$;
 
 CREATE OR REPLACE FUNCTION pgembed.migration_event(p_migration bigint, p_event text, p_detail jsonb DEFAULT '{}')

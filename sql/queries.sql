@@ -402,7 +402,13 @@ SELECT pgembed.record_index_build(%(pipeline)s, %(index_name)s, %(lists)s, %(row
 
 -- migration_target --
 -- What a migration of an alias to a model would build (checked: sql/model_migrations.sql).
-SELECT * FROM pgembed.migration_target(%(alias)s, %(model)s, %(dimensions)s)
+SELECT * FROM pgembed.migration_target(%(alias)s, %(model)s, %(dimensions)s::int)
+
+-- backfill_target --
+-- What create_pipeline with these arguments would backfill (its dry run).
+SELECT * FROM pgembed.backfill_target(%(source)s::regclass, %(content)s, %(model)s, %(dimensions)s::int,
+                                      %(chunking)s, %(chunk_tokens)s::int, %(chunk_overlap)s::int,
+                                      %(chunk_prefix)s)
 
 -- pin_settings --
 -- A dry run reads content as the reader renders it: pgembed.pinned_settings(), for this
@@ -420,8 +426,8 @@ SELECT content_hash FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hash
 SELECT max_requests, max_tokens, per_seconds FROM pgembed.rate_limits WHERE bucket = %(bucket)s
 
 -- migration_start --
-SELECT pgembed.start_migration(%(alias)s, %(model)s, %(dimensions)s, %(estimate)s, %(name)s, %(max_drop)s,
-                               %(window)s)
+SELECT pgembed.start_migration(%(alias)s, %(model)s, %(dimensions)s::int, %(estimate)s, %(name)s,
+                               %(max_drop)s::numeric, %(window)s::interval)
 
 -- migration_status --
 SELECT * FROM pgembed.model_migration_status

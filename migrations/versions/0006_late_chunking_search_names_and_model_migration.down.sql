@@ -57,7 +57,8 @@ BEGIN
                     'bulk_lane_open', 'alias_migration', 'active_pipeline', 'migration_target',
                     'migration_event', 'start_migration', 'migration_in', 'migration_evaluated',
                     'cutover_gate', 'cutover_migration', 'rollback_migration', 'cleanup_migration',
-                    'cleanup_due_migrations'
+                    'cleanup_due_migrations', 'target_dimensions', 'model_target',
+                    'backfill_target_on_path', 'backfill_target'
                 ) LOOP
         EXECUTE 'DROP FUNCTION ' || f;
     END LOOP;

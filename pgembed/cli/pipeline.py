@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pgembed import pipelines
+from pgembed import estimate, pipelines
 from pgembed.cli import tables
 from pgembed.cli.common import DsnOption, EmbeddedOption, connect, fail, friendly, out
 from pgembed.pipelines import PipelineOptions
@@ -44,6 +44,8 @@ def create(
         help="none (default) or binary (an HNSW index of bits, searches re-ranked).")] = "none",
     rerank: Annotated[int | None, typer.Option(
         help="Binary quantization: candidates read per row returned (default 10).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only estimate the backfill: rows, chunks, tokens, cache, spend, time.")] = False,
     dsn: DsnOption = None,
     embedded: EmbeddedOption = False,
 ) -> None:
@@ -56,6 +58,11 @@ def create(
                               distance=distance, chunking=chunking, chunk_tokens=chunk_tokens,
                               chunk_overlap=chunk_overlap, backfill=backfill, cost_center=cost_center,
                               name=name, storage=storage, quantization=quantization, rerank=rerank)
+    if dry_run:
+        with connect(dsn, embedded) as conn:
+            planned = estimate.estimate(conn, estimate.backfill_target(conn, table_name, content, model, options))
+        out.print(tables.estimate(f"{table_name} with {model}: dry run, nothing created", planned))
+        return
     with connect(dsn, embedded) as conn:
         existing = [] if another or name else pipelines.same(conn, table_name, content, model, dimensions)
         if existing:
