@@ -288,7 +288,7 @@ $$;
 
 -- What stands between a migration and its cutover: per metric of the latest evaluation of
 -- the active pipeline, the shadow's more than max_drop points below it; the shadow's
--- missing and stale rows. jsonb: {"failed": [{metric, active, shadow, points}], "missing",
+-- missing (its backfill not done, or failed) and stale rows. jsonb: {"failed": [{metric, active, shadow, points}], "missing",
 -- "stale", "evaluated"}.
 CREATE OR REPLACE FUNCTION pgembed.cutover_gate(m pgembed.model_migrations)
 RETURNS jsonb
@@ -314,7 +314,11 @@ BEGIN
       INTO failed
       FROM jsonb_each_text(coalesce(active, '{}')) AS a
      WHERE (a.value::numeric - coalesce((shadow ->> a.key)::numeric, 0)) * 100 > m.max_drop;
-    SELECT count(*) FILTER (WHERE g.kind = 'missing') AS missing,
+    -- missing: what the audit calls missing or failed, and the backfill still queued (a live
+    -- change queued now is no reason to wait: both pipelines embed it)
+    SELECT count(*) FILTER (WHERE g.kind IN ('missing', 'failed'))
+           + (SELECT count(*) FROM pgembed.outbox o
+               WHERE o.pipeline = m.to_pipeline AND o.purpose IN ('backfill', 'repair', 'migration')) AS missing,
            count(*) FILTER (WHERE g.kind = 'stale') AS stale
       INTO gaps
       FROM pgembed.gaps(m.to_pipeline) AS g;
@@ -444,8 +448,9 @@ SELECT m.id,
        m.finished_at
   FROM pgembed.model_migrations m
  CROSS JOIN LATERAL (
-       SELECT (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = m.to_pipeline)
-              + pgembed.statement_keys(m.to_pipeline) AS queued) AS q
+       SELECT ((SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = m.to_pipeline)
+              + (SELECT coalesce(sum(s.key_count - s.expanded), 0) FROM pgembed.outbox_statements s
+                  WHERE s.pipeline = m.to_pipeline))::bigint AS queued) AS q
  CROSS JOIN LATERAL (
        SELECT coalesce(sum(c.tokens), 0)::bigint AS tokens, coalesce(sum(c.usd), 0) AS usd
          FROM pgembed.usage_cost c
