@@ -77,11 +77,18 @@ def test_a_bad_window_is_refused_and_the_lane_kept(conn: psycopg.Connection, cha
         (None, None, True)
 
 
-def test_a_worker_drains_both_lanes(backlog: psycopg.Connection, dsn: str) -> None:
+def test_a_worker_embeds_the_live_row_within_two_batches_of_the_backlog(backlog: psycopg.Connection,
+                                                                        dsn: str) -> None:
+    """Each acknowledgement is a transaction of its own, so embedded_at orders the batches:
+    when the live row was stored, at most two batches of the backlog had been."""
     conn = backlog
     conn.execute("INSERT INTO docs VALUES (5001, 'the application''s row')")
-    stats = drain(dsn, batch_size=BATCH)
+    stats = drain(dsn, batch_size=BATCH, bulk_batch_size=BATCH)
     assert stats.failed == 0
     counts = conn.execute("SELECT (SELECT count(DISTINCT id) FROM pgembed.old), "
                           "(SELECT count(DISTINCT id) FROM pgembed.new), (SELECT count(*) FROM pgembed.outbox)")
     assert counts.fetchone() == (1, 5001, 0)
+    for pipeline in ("old", "new"):  # the shadow's copy too, though its own backlog was queued first
+        before = conn.execute(f"SELECT count(*) FROM pgembed.new WHERE embedded_at < "
+                              f"(SELECT embedded_at FROM pgembed.{pipeline} WHERE id = 5001)").fetchone()[0]
+        assert before <= 2 * BATCH, pipeline
