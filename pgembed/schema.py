@@ -23,7 +23,9 @@ from pgembed.sqlfiles import read_sql
 # what it calls must exist by then.
 DEFINITIONS = (
     "expressions.sql", "pipelines.sql", "capture.sql", "schema_changes.sql", "outbox.sql", "failures.sql",
-    "indexes.sql", "search.sql", "audit.sql", "fleet.sql", "costs.sql", "ratelimit.sql",
+    "indexes.sql",
+    "aliases.sql", "evaluation.sql",  # stable search names and evaluation
+    "search.sql", "audit.sql", "fleet.sql", "costs.sql", "ratelimit.sql",
     "model_migrations.sql", "comments.sql",
     "refresh.sql", "privileges.sql",
 )

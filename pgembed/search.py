@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from pgembed import pipelines, ratelimit
+from pgembed import aliases, pipelines, ratelimit
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, ProviderError, make_provider
 from pgembed.sqlfiles import query
@@ -84,7 +84,8 @@ def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline:
 def search(conn: psycopg.Connection, pipeline: str, text: str | None = None, k: int = 5,
            cost_center: str | None = None, *, vector: np.ndarray | list[float] | None = None) -> list[Hit]:
     """The k rows nearest to a text (embedded with the pipeline's model, through the cache)
-    or to a vector given as is: one hit per row, its best chunk (pgembed.search in SQL)."""
+    or to a vector given as is: one hit per row, its best chunk (pgembed.search in SQL).
+    `pipeline` may be an alias: it searches the pipeline the alias points at."""
     return search_with_vector(conn, pipeline, text, k, cost_center, vector=vector)[0]
 
 
@@ -97,13 +98,16 @@ def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None
         raise ValueError("k must be at least 1")
     if (text is None) == (vector is None):
         raise ValueError("search takes a text or a vector, exactly one of them")
-    p = pipelines.get(conn, pipeline)
+    # resolved once: the query is embedded for, and searched in, the same pipeline even if
+    # the alias is repointed meanwhile
+    name = aliases.resolve(conn, pipeline)
+    p = pipelines.get(conn, name)
     if vector is None:
         assert text is not None
-        vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, pipeline, cost_center)
+        vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, name, cost_center)
     array = np.asarray(vector, dtype=np.float32)
     try:
-        rows = conn.execute(query("search"), {"pipeline": pipeline, "vector": array.tolist(), "k": k}).fetchall()
+        rows = conn.execute(query("search"), {"pipeline": name, "vector": array.tolist(), "k": k}).fetchall()
     except psycopg.Error as error:
         raise pipelines.refused(error) from error
     return [Hit(key, chunk, float(distance), seq) for key, seq, chunk, distance in rows], array

@@ -69,6 +69,23 @@ COMMENT ON TABLE pgembed.deferred_indexes IS 'HNSW indexes put off until a large
 COMMENT ON TABLE pgembed.rate_limits IS 'Request and token budgets per API key (bucket), shared by every worker';
 COMMENT ON TABLE pgembed.rate_limit_state IS 'The moving part of each limited bucket (sliding window and pacer)';
 
+-- Stable search names and evaluation
+COMMENT ON TABLE pgembed.aliases IS 'Names applications search through; each points at one pipeline (pgembed.set_alias repoints it)';
+COMMENT ON COLUMN pgembed.aliases.previous IS 'the pipeline it pointed at before its last repoint (what a rollback returns to)';
+COMMENT ON COLUMN pgembed.aliases.eval_set IS 'the evaluation set the scheduler re-runs on this alias (NULL: none)';
+COMMENT ON COLUMN pgembed.aliases.eval_every IS 'how often the scheduler re-runs eval_set (NULL: never)';
+COMMENT ON COLUMN pgembed.aliases.regression_threshold IS 'a drop in nDCG@10 beyond this, run to run, is listed in eval_regressions';
+COMMENT ON TABLE pgembed.eval_sets IS 'Evaluation sets: queries with judged rows of one source table';
+COMMENT ON COLUMN pgembed.eval_sets.origin IS 'the file format it was imported from: beir (queries JSONL + qrels TSV) or jsonl';
+COMMENT ON TABLE pgembed.eval_queries IS 'The queries of each evaluation set';
+COMMENT ON TABLE pgembed.eval_judgments IS 'Rows judged for each query: relevance 0 irrelevant, above 0 relevant (graded)';
+COMMENT ON COLUMN pgembed.eval_judgments.key IS 'the row''s primary key as a JSON object, as pgembed.search returns it';
+COMMENT ON TABLE pgembed.eval_runs IS 'One row per evaluation run: target asked, pipeline and model that answered, metrics';
+COMMENT ON COLUMN pgembed.eval_runs.target IS 'what was asked: an alias or a pipeline';
+COMMENT ON COLUMN pgembed.eval_runs.metrics IS 'means over the set''s queries: ndcg@10, and recall@k, p@k, mrr@k for each k in ks';
+COMMENT ON COLUMN pgembed.eval_runs.query_tokens IS 'tokens the query embeddings took (cached queries: 0); usage purpose query';
+
+-- Model migrations and the live lane
 COMMENT ON TABLE pgembed.bulk_lane IS 'When bulk work (backfill, repair, migration) may be claimed: opens..closes in time_zone, NULL always; live changes are claimed first in any case';
 COMMENT ON TABLE pgembed.model_migrations IS 'Model migrations of an alias: from_pipeline (the active one at start) to to_pipeline (the shadow of the new model), their phase and estimate';
 COMMENT ON COLUMN pgembed.model_migrations.phase IS 'started (shadow backfilling), cut_over (the alias points at the shadow), rolled_back (back to from_pipeline), cleaned_up (the unused pipeline dropped)';

@@ -178,6 +178,10 @@ BEGIN
         RAISE EXCEPTION 'pgembed: pipeline name % begins or ends with a space', shown
             USING HINT = rule;
     END IF;
+    IF EXISTS (SELECT 1 FROM pgembed.aliases a WHERE a.name = p_name) THEN
+        RAISE EXCEPTION 'pgembed: "%" is the name of an alias; a pipeline needs a name of its own', p_name
+            USING HINT = 'Alias and pipeline names share one namespace (pgembed alias list): pass another name => ....';
+    END IF;
     IF EXISTS (SELECT 1 FROM pgembed.pipelines q WHERE q.name = p_name) THEN
         RAISE EXCEPTION 'pgembed: a pipeline named "%" exists already', p_name
             USING HINT = 'Pass another name => ..., or drop it first: SELECT pgembed.drop_pipeline(...).';
@@ -595,6 +599,12 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgembed: no pipeline named "%"', name
             USING HINT = 'pgembed pipeline list shows the pipelines.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgembed.aliases a WHERE a.pipeline = p.name) THEN
+        RAISE EXCEPTION 'pgembed: pipeline "%" is what alias % points at', p.name,
+            (SELECT string_agg(format('"%s"', a.name), ', ' ORDER BY a.name) FROM pgembed.aliases a
+              WHERE a.pipeline = p.name)
+            USING HINT = 'Point the alias at another pipeline (pgembed alias set) or drop it (pgembed alias drop) first.';
     END IF;
     -- The queue first: this waits for a worker acknowledging rows of this pipeline (it
     -- holds their row locks and is about to write the destination) and makes any later

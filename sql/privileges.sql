@@ -66,13 +66,17 @@ DECLARE
 BEGIN
     FOR v IN SELECT format('%I.%I', schemaname, viewname) FROM pg_catalog.pg_views
               WHERE schemaname = 'pgembed'
-                AND viewname !~ '^p[0-9]+_(content|cost_center)$' LOOP  -- binding views: pgembed's own
+                AND viewname !~ '^p[0-9]+_(content|cost_center)$'  -- binding views: pgembed's own
+                -- an alias's view holds its pipeline's vectors: the DBA grants it (kept across repoints)
+                AND viewname NOT IN (SELECT a.name FROM pgembed.aliases a) LOOP
         EXECUTE format('GRANT SELECT ON %s TO pgembed_reader', v);
     END LOOP;
 END
 $$;
 GRANT EXECUTE ON FUNCTION pgembed.gaps(text), pgembed.pipeline_counts(text) TO pgembed_reader;
 GRANT SELECT ON pgembed.audit_runs, pgembed.audit_findings, pgembed.failure_classes TO pgembed_reader;
+-- search names and evaluation: what each alias points at, the sets, every run
+GRANT SELECT ON pgembed.aliases, pgembed.eval_sets, pgembed.eval_runs TO pgembed_reader;
 GRANT SELECT ON pgembed.model_migrations, pgembed.model_migration_events, pgembed.bulk_lane TO pgembed_reader;
 
 -- The worker: reads pipelines and models, leases and acknowledges queue rows, keeps the

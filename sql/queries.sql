@@ -267,6 +267,84 @@ SELECT count(*) FROM pgembed.failures WHERE pipeline = %(pipeline)s
 -- {destination} is the pipeline's table in schema pgembed.
 SELECT id, chunk FROM pgembed.{destination} ORDER BY id, chunk_seq
 
+-- ===== pgembed/aliases.py: stable search names =====
+
+-- resolve_pipeline --
+SELECT pgembed.resolve_pipeline(%(name)s)
+
+-- alias_set --
+SELECT pgembed.set_alias(%(alias)s, %(pipeline)s)
+
+-- alias_drop --
+SELECT pgembed.drop_alias(%(alias)s)
+
+-- alias_evaluation --
+SELECT pgembed.set_alias_evaluation(%(alias)s, %(eval_set)s, %(every)s, %(threshold)s)
+
+-- alias_list --
+SELECT a.name, a.pipeline, a.previous, a.eval_set, a.eval_every, a.regression_threshold,
+       a.changed_at, a.changed_by
+  FROM pgembed.aliases a ORDER BY a.name
+
+-- ===== pgembed/evaluation/sets.py and runs.py: evaluation sets and runs =====
+
+-- eval_import --
+SELECT pgembed.import_eval_set(%(name)s, %(source)s::regclass, %(origin)s, %(queries)s, %(judgments)s,
+                               %(replace)s)
+
+-- eval_drop --
+DELETE FROM pgembed.eval_sets WHERE name = %(name)s RETURNING name
+
+-- eval_set_list --
+SELECT name, source, origin, queries, relevant, irrelevant, imported_at
+  FROM pgembed.eval_set_summary ORDER BY name
+
+-- eval_queries --
+SELECT query_id, query FROM pgembed.eval_queries WHERE eval_set = %(eval_set)s ORDER BY query_id
+
+-- eval_judgments --
+SELECT query_id, key, relevance FROM pgembed.eval_judgments WHERE eval_set = %(eval_set)s
+
+-- eval_usage_mark --
+-- The last usage row so far: the run's query embeddings are the rows after it.
+SELECT coalesce(pg_catalog.max(id), 0) FROM pgembed.usage
+
+-- eval_usage_tokens --
+SELECT coalesce(pg_catalog.sum(tokens), 0) FROM pgembed.usage
+ WHERE id > %(mark)s AND purpose = 'query' AND pipeline = %(pipeline)s AND cost_center = %(cost_center)s
+
+-- eval_run_insert --
+INSERT INTO pgembed.eval_runs (target, pipeline, model, eval_set, metrics, ks, queries, query_tokens,
+                               cost_center, seconds, scheduled)
+VALUES (%(target)s, %(pipeline)s, %(model)s, %(eval_set)s, %(metrics)s, %(ks)s, %(queries)s,
+        %(query_tokens)s, %(cost_center)s, %(seconds)s, %(scheduled)s)
+RETURNING id
+
+-- eval_latest --
+SELECT id, target, pipeline, model, eval_set, metrics FROM pgembed.eval_runs
+ WHERE pipeline = %(pipeline)s AND eval_set = %(eval_set)s ORDER BY at DESC, id DESC LIMIT 1
+
+-- eval_history --
+SELECT id, at, target, pipeline, model, eval_set, ndcg_10, recall_10, mrr_10, ndcg_10_change,
+       queries, query_tokens, scheduled
+  FROM pgembed.eval_history
+ WHERE (%(eval_set)s::text IS NULL OR eval_set = %(eval_set)s)
+   AND (%(target)s::text IS NULL OR target = %(target)s OR pipeline = %(target)s)
+ ORDER BY at, id
+
+-- eval_regressions --
+SELECT id, at, target, pipeline, model, eval_set, ndcg_10, previous_ndcg_10, ndcg_10_change, threshold
+  FROM pgembed.eval_regressions ORDER BY at, id
+
+-- eval_due --
+-- The aliases whose evaluation set is due: none of its runs on the alias within its period.
+SELECT a.name, a.eval_set FROM pgembed.aliases a
+ WHERE a.eval_set IS NOT NULL AND a.eval_every IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM pgembed.eval_runs r
+                    WHERE r.target = a.name AND r.eval_set = a.eval_set
+                      AND r.at > pg_catalog.now() - a.eval_every)
+ ORDER BY a.name
+
 -- ===== pgembed/quickstart.py: the sample corpus =====
 
 -- sample_table --

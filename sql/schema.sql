@@ -377,6 +377,72 @@ CREATE TABLE pgembed.rate_limit_state (
     last_grant_at    timestamptz
 ) WITH (fillfactor = 50);  -- room on the page for HOT updates: this row changes constantly
 
+
+-- ---- Stable search names and evaluation (revision 0006) ----
+
+-- Evaluation sets: queries and the rows (by their source table's primary key) judged
+-- relevant or not for each. An import writes a whole set or nothing.
+CREATE TABLE pgembed.eval_sets (
+    name            text PRIMARY KEY CHECK (name ~ '[^[:space:]]'),
+    source          regclass NOT NULL,  -- the table whose primary keys the judgments name
+    origin          text NOT NULL CHECK (origin IN ('beir', 'jsonl')),
+    imported_at     timestamptz NOT NULL DEFAULT now(),
+    imported_by     text NOT NULL DEFAULT current_user
+);
+
+CREATE TABLE pgembed.eval_queries (
+    eval_set        text NOT NULL REFERENCES pgembed.eval_sets ON DELETE CASCADE,
+    query_id        text NOT NULL,
+    query           text NOT NULL CHECK (query ~ '[^[:space:]]'),
+    PRIMARY KEY (eval_set, query_id)
+);
+
+-- relevance 0: judged irrelevant; above 0: relevant, graded (nDCG's gain)
+CREATE TABLE pgembed.eval_judgments (
+    eval_set        text NOT NULL,
+    query_id        text NOT NULL,
+    key             jsonb NOT NULL,  -- the row's primary key as pgembed.search returns it
+    relevance       int NOT NULL CHECK (relevance >= 0),
+    PRIMARY KEY (eval_set, query_id, key),
+    FOREIGN KEY (eval_set, query_id) REFERENCES pgembed.eval_queries ON DELETE CASCADE
+);
+
+-- A name applications search through, which outlives the pipeline behind it: cutover and
+-- rollback repoint it (pgembed.set_alias) in one transaction.
+CREATE TABLE pgembed.aliases (
+    name            text PRIMARY KEY,
+    pipeline        text NOT NULL REFERENCES pgembed.pipelines,
+    previous        text REFERENCES pgembed.pipelines ON DELETE SET NULL,
+    eval_set        text REFERENCES pgembed.eval_sets ON DELETE SET NULL,
+    -- the scheduler re-runs eval_set this often (NULL: never), and pgembed.eval_regressions
+    -- lists a run whose nDCG@10 fell more than this below the run before it
+    eval_every      interval DEFAULT interval '7 days' CHECK (eval_every > interval '0'),
+    regression_threshold double precision NOT NULL DEFAULT 0.02 CHECK (regression_threshold >= 0),
+    changed_at      timestamptz NOT NULL DEFAULT now(),
+    changed_by      text NOT NULL DEFAULT current_user
+);
+
+-- One row per evaluation run: what was asked (an alias or a pipeline), what answered, the
+-- means over the set's queries, and what embedding the queries took.
+CREATE TABLE pgembed.eval_runs (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at              timestamptz NOT NULL DEFAULT now(),
+    target          text NOT NULL,
+    pipeline        text NOT NULL,  -- no reference: a run outlives its pipeline
+    model           text NOT NULL,
+    eval_set        text NOT NULL REFERENCES pgembed.eval_sets ON DELETE CASCADE,
+    metrics         jsonb NOT NULL,
+    ks              int[] NOT NULL,
+    queries         int NOT NULL CHECK (queries >= 0),
+    query_tokens    bigint NOT NULL DEFAULT 0 CHECK (query_tokens >= 0),
+    cost_center     text,
+    seconds         double precision NOT NULL DEFAULT 0,
+    scheduled       boolean NOT NULL DEFAULT false,
+    run_by          text NOT NULL DEFAULT current_user
+);
+
+CREATE INDEX eval_runs_set ON pgembed.eval_runs (eval_set, pipeline, at DESC);
+
 -- When the bulk lane may be claimed: one row; opens/closes NULL is always.
 CREATE TABLE pgembed.bulk_lane (
     singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),

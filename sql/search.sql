@@ -21,7 +21,7 @@ DECLARE
     chunks bigint;
     best jsonb;
 BEGIN
-    SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = search.pipeline;
+    SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = pgembed.resolve_pipeline(search.pipeline);
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgembed: no pipeline named %', coalesce(quote_literal(search.pipeline), 'NULL')
             USING HINT = 'pgembed pipeline list shows the pipelines.';

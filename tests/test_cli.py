@@ -35,7 +35,7 @@ def test_pipeline_create_list_worker_search_drop(conn, dsn):
 def test_errors_are_one_clear_sentence(conn, dsn, empty_dsn):
     conn.execute("CREATE TABLE nokey (body text)")
     cases = {
-        ("search", "nope", "x", "--dsn", dsn): 'no pipeline named "nope"',
+        ("search", "nope", "x", "--dsn", dsn): "no pipeline or alias named 'nope'",
         ("pipeline", "drop", "nope", "--dsn", dsn): 'no pipeline named "nope"',
         ("pipeline", "create", "nokey", "body", "--model", "hash:8", "--dsn", dsn): "has no primary key",
         ("pipeline", "list", "--dsn", empty_dsn): "run `pgembed init` first",

@@ -71,6 +71,13 @@ DOWNGRADES = {
     "0005": ("0006_late_chunking_search_names_and_model_migration.down.definitions.sql",
              ["CREATE TABLE notes (id int PRIMARY KEY, title text, body text)",
               "SELECT pgembed.create_pipeline('notes', 'body', 'hash:8')",
+              # stable search names and evaluation: an alias (and its view), a set, a run
+              "INSERT INTO notes VALUES (1, 't', 'b')",
+              "SELECT pgembed.set_alias('notes_search', 'notes_h8')",
+              "SELECT pgembed.import_eval_set('s', 'notes', 'jsonl', '[{\"id\": \"q\", \"query\": \"b\"}]', "
+              "'[{\"query_id\": \"q\", \"key\": 1, \"relevance\": 1}]')",
+              "INSERT INTO pgembed.eval_runs (target, pipeline, model, eval_set, metrics, ks, queries) "
+              "VALUES ('notes_search', 'notes_h8', 'hash:8', 's', '{}', '{5}', 1)",
               # model migrations: a migration and its first event
               "INSERT INTO pgembed.model_migrations (alias, from_pipeline, to_pipeline, from_model, to_model, "
               "to_dimensions) VALUES ('notes', 'notes_h8', 'notes_h16', 'hash:8', 'hash:16', 16)",

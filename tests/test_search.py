@@ -59,7 +59,7 @@ def test_python_callers_pass_a_vector_or_get_the_query_s(conn, many_chunks):
 
 
 @pytest.mark.parametrize(("call", "message"), [
-    ("SELECT * FROM pgembed.search('nope', array_fill(0.5::real, ARRAY[16]))", "no pipeline named 'nope'"),
+    ("SELECT * FROM pgembed.search('nope', array_fill(0.5::real, ARRAY[16]))", "no pipeline or alias named 'nope'"),
     ("SELECT * FROM pgembed.search(%(p)s, array_fill(0.5::real, ARRAY[16]), 0)", "k must be 1 or more, not 0"),
     ("SELECT * FROM pgembed.search(%(p)s, array_fill(0.5::real, ARRAY[8]))",
      "holds vectors of 16 dimensions, the query has 8"),

@@ -18,7 +18,19 @@ DROP INDEX pgembed.outbox_live;
 -- Stable search names and evaluation
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- each alias's view first: it depends on its pipeline's table
+DO $$
+DECLARE
+    a text;
+BEGIN
+    FOR a IN SELECT name FROM pgembed.aliases LOOP
+        EXECUTE format('DROP VIEW IF EXISTS pgembed.%I', a);
+    END LOOP;
+END
+$$;
+DROP VIEW IF EXISTS pgembed.eval_regressions, pgembed.eval_history, pgembed.eval_set_summary;
+DROP TABLE pgembed.eval_runs, pgembed.aliases, pgembed.eval_judgments, pgembed.eval_queries,
+           pgembed.eval_sets;
 
 -- ---------------------------------------------------------------------------------------
 -- Indexes that wait for their data
@@ -52,7 +64,8 @@ BEGIN
                     -- indexes that wait for their data
                     '',
                     -- stable search names and evaluation
-                    '',
+                    'resolve_pipeline', 'set_alias', 'write_alias_view', 'drop_alias', 'set_alias_evaluation',
+                    'import_eval_set', 'eval_set_key',
                     -- model migrations and the live lane
                     'bulk_lane_open', 'alias_migration', 'active_pipeline', 'migration_target',
                     'migration_event', 'start_migration', 'migration_in', 'migration_evaluated',

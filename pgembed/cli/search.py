@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from pgembed import audit as audits
+from pgembed.aliases import resolve
 from pgembed.cli import tables
 from pgembed.cli.common import (
     EXIT_USAGE,
@@ -37,22 +38,26 @@ def search(
 ) -> None:
     """Nearest rows to a text.
 
+    PIPELINE may be an alias (pgembed alias list): it searches the pipeline the alias
+    points at.
+
     Example: pgembed search articles_h384 "how do vaccines work" -k 5
     """
     if not text.strip():
         fail("the search text is empty: give the words to search for, e.g. "
              "pgembed search PIPELINE \"how do I bake bread\"", EXIT_USAGE)
     with connect(dsn, embedded) as conn:
-        found = nearest(conn, pipeline, text, k, cost_center)
-        coverage = _coverage(conn, pipeline)
+        name = resolve(conn, pipeline)  # an alias: the pipeline it points at, once
+        found = nearest(conn, name, text, k, cost_center)
+        coverage = _coverage(conn, name)
     if as_json:
-        print_json({"pipeline": pipeline, "query": text, "k": k, **coverage,
+        print_json({"pipeline": name, "target": pipeline, "query": text, "k": k, **coverage,
                     "hits": [{"key": h.key, "distance": h.distance, "chunk": h.chunk} for h in found]})
         return
-    note = _partial(pipeline, coverage)
+    note = _partial(name, coverage)
     if note:
         err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
-    out.print(tables.hits(pipeline, text, found) if found else "no results")
+    out.print(tables.hits(name, text, found) if found else "no results")
 
 
 def _coverage(conn: psycopg.Connection, pipeline: str) -> dict[str, int | None]:

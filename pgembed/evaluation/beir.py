@@ -120,7 +120,7 @@ def exact_runs(encode: Any, corpus: Corpus, chunks: list[tuple[str, str]], k: in
     return whole, max_sim_run(q, qids, encode([text for _, text in chunks]), chunks, k)
 
 
-def _load_table(conn: psycopg.Connection, table: str, corpus: Corpus) -> None:
+def load_table(conn: psycopg.Connection, table: str, corpus: Corpus) -> None:
     conn.execute(sql.SQL(query("evaluation_table")).format(table=sql.Identifier(table)))
     with conn.cursor().copy(sql.SQL(query("evaluation_copy")).format(table=sql.Identifier(table))) as copy:
         for doc, (title, body) in corpus.docs.items():
@@ -134,7 +134,7 @@ def pipeline_run(dsn: str, corpus: Corpus, model: str, table: str = "beir_docs",
     seconds = {}
     with Client(dsn) as client:
         started = time.perf_counter()
-        _load_table(client.conn, table, corpus)
+        load_table(client.conn, table, corpus)
         row = client.conn.execute(query("evaluation_pipeline"), {"table": table, "model": model}).fetchone()
         assert row is not None
         name = str(row[0])

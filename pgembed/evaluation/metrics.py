@@ -8,7 +8,7 @@ that found nothing relevant, scores 0, so a system cannot look better by answeri
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Sequence[str]]
@@ -40,10 +40,21 @@ def reciprocal_rank(relevant: Mapping[str, int], ranked: Sequence[str], k: int) 
     return 0.0
 
 
-def evaluate(qrels: Qrels, run: Run) -> dict[str, float]:
-    """The means over every query of `qrels`: nDCG@10, Recall@5, MRR@10, P@5."""
-    measures = {"ndcg@10": (ndcg, 10), "recall@5": (recall, 5), "mrr@10": (reciprocal_rank, 10),
-                "p@5": (precision, 5)}
+def ranking(scores: Mapping[str, float]) -> list[str]:
+    """Document ids best first, from scores: ties go to the greater id, as trec_eval (and so
+    ir-measures) breaks them, so that a scored run has one ranking and everyone's numbers."""
+    return [d for d, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
+
+
+def evaluate(qrels: Qrels, run: Run, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
+    """The means over every query of `qrels`: nDCG@10, and Recall@k, P@k and MRR@k for each
+    k of `ks`."""
+    if not ks or min(ks) < 1:
+        raise ValueError(f"every k must be 1 or more, not {list(ks)}")
+    measures: dict[str, tuple[Callable[[Mapping[str, int], Sequence[str], int], float], int]] = {
+        "ndcg@10": (ndcg, 10)}
+    for k in sorted(set(ks)):
+        measures |= {f"recall@{k}": (recall, k), f"p@{k}": (precision, k), f"mrr@{k}": (reciprocal_rank, k)}
     n = max(len(qrels), 1)
     return {name: sum(f(rel, run.get(q, []), k) for q, rel in qrels.items()) / n
             for name, (f, k) in measures.items()}
