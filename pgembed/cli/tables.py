@@ -309,13 +309,14 @@ def estimate(title: str, e: Any) -> Fitted:
 
 
 def migrations(rows: list[Row]) -> Fitted:
+    """Progress and spend so far against the dry run's estimate (spent/estimated)."""
     columns = [Col("id", whole=True), Col("alias", key=True), Col("phase", whole=True), Col("to_pipeline", whole=True),
-               Col("done"), Col("eta", whole=True, spare=2), Col("usd"), Col("estimated", spare=1),
+               Col("done"), Col("eta", whole=True, spare=1), Col("tokens"), Col("usd", spare=2),
                Col("rollback_until", whole=True, spare=3)]
     return Fitted("migrations", columns, (
-        (r["id"], r["alias"], r["phase"], r["to_pipeline"],
-         f"{count(r['done'])}/{count(r['rows'])}" if r["rows"] is not None else count(r["done"]),
-         age(r["eta"]), usd(r["usd"]), usd(r["estimated_usd"]), when(r["rollback_until"]))
+        (r["id"], r["alias"], r["phase"], r["to_pipeline"], f"{count(r['done'])}/{count(r['rows'])}",
+         age(r["eta"]), f"{count(r['tokens'])}/{count(r['estimated_tokens'])}",
+         f"{usd(r['usd'])}/{usd(r['estimated_usd'])}", when(r["rollback_until"]))
         for r in rows))
 
 
