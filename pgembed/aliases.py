@@ -10,6 +10,7 @@ import datetime as dt
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from pgembed.pipelines import refused
 from pgembed.sqlfiles import query
@@ -26,8 +27,25 @@ def _call(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> Any:
 
 
 def resolve(conn: psycopg.Connection, name: str) -> str:
-    """The pipeline a name stands for (an alias's, or the pipeline's own name)."""
-    return str(_call(conn, "resolve_pipeline", {"name": name}))
+    """The pipeline a name stands for (an alias's, or the pipeline's own name). One read,
+    in whatever transaction the caller is in: every search pays for it."""
+    try:
+        row = conn.execute(query("resolve_pipeline"), {"name": name}).fetchone()
+    except psycopg.Error as error:
+        raise refused(error) from error
+    assert row is not None
+    return str(row[0])
+
+
+def pipeline_of(conn: psycopg.Connection, name: str) -> dict[str, Any]:
+    """`resolve` and pipelines.get in one read: what a search needs of the pipeline that
+    answers it."""
+    try:
+        row = conn.cursor(row_factory=dict_row).execute(query("pipeline_resolved"), {"name": name}).fetchone()
+    except psycopg.Error as error:
+        raise refused(error) from error
+    assert row is not None
+    return row
 
 
 def set_alias(conn: psycopg.Connection, alias: str, pipeline: str) -> None:
@@ -48,7 +66,5 @@ def set_evaluation(conn: psycopg.Connection, alias: str, eval_set: str | None,
 
 
 def list_all(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    cur = conn.execute(query("alias_list"))
-    names = [c.name for c in cur.description or []]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    return conn.cursor(row_factory=dict_row).execute(query("alias_list")).fetchall()
 

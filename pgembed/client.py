@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import psycopg
 
-from pgembed import audit, db, migrate, pipelines
+from pgembed import aliases, audit, db, migrate, pipelines
+from pgembed.evaluation.runs import EvalRun, run_evaluation
 from pgembed.pipelines import PipelineOptions
 from pgembed.search import Hit, search, search_with_vector
 from pgembed.worker import Worker, WorkerConfig, WorkerStats
@@ -70,3 +72,17 @@ class Client:
                            cost_center: str | None = None) -> tuple[list[Hit], np.ndarray]:
         """`search`, returning the query's vector as well (to search again without embedding)."""
         return search_with_vector(self.conn, pipeline, text, k, cost_center)
+
+    def set_alias(self, alias: str, pipeline: str) -> None:
+        """Point `alias` at `pipeline` (`pgembed alias set`): searches through it follow at once."""
+        aliases.set_alias(self.conn, alias, pipeline)
+
+    def drop_alias(self, alias: str) -> None:
+        aliases.drop(self.conn, alias)
+
+    def aliases(self) -> list[dict[str, Any]]:
+        return aliases.list_all(self.conn)
+
+    def evaluate(self, target: str, eval_set: str, ks: Sequence[int] = (5, 10)) -> EvalRun:
+        """Run an evaluation set on an alias or a pipeline and store the run (`pgembed eval run`)."""
+        return run_evaluation(self.conn, target, eval_set, ks)

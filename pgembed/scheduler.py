@@ -3,7 +3,9 @@
 Jobs: `audit` (pgembed.audit()), `cleanup` (cache entries unused for a
 while, old job runs, dead workers' rows), `retry` (parked failures, on a slow doubling
 backoff, of the failure classes whose policy retries by itself), `index` (IVFFlat upkeep:
-train the index once a pipeline has enough rows; say when it needs a rebuild).
+train the index once a pipeline has enough rows; say when it needs a rebuild),
+`evaluation` (re-run the evaluation set attached to each alias once its own period, a week
+by default, has passed since its last run: pgembed.aliases.eval_every).
 
 Every worker schedules every job on the same epoch-aligned grid. When a job fires, the
 worker opens a connection of its own and takes the job's advisory lock (so two runs never
@@ -78,6 +80,7 @@ class ScheduleConfig:
     index_every: float | None = 600.0
     ivfflat_min_rows: int = 1000
     ivfflat_rebuild_factor: float = 4.0
+    eval_every: float | None = 3600.0  # how often to look for aliases whose evaluation is due
     extra_jobs: tuple[Job, ...] = ()  # more jobs (tests, extensions), same rules
 
     def __post_init__(self) -> None:
@@ -93,6 +96,7 @@ class ScheduleConfig:
 class JobContext:
     worker: str
     config: ScheduleConfig
+    dsn: str = ""  # for a job whose work needs a connection of its own (evaluation)
 
 
 JobFunction = Callable[[psycopg.AsyncConnection, JobContext], Awaitable[str]]
@@ -198,6 +202,19 @@ async def index_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
     return "; ".join(notes) or "no IVFFlat pipelines"
 
 
+async def evaluation_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
+    """Runs in a thread on a connection of its own: a run searches through the same
+    (synchronous) path as users, which embeds queries with asyncio.run of its own. `conn`
+    holds the job's lock meanwhile."""
+    from pgembed.evaluation.runs import evaluate_due
+
+    def work() -> str:
+        with db.connect(ctx.dsn, "scheduler") as own:
+            return evaluate_due(own)
+
+    return await asyncio.to_thread(work)
+
+
 def jobs_for(config: ScheduleConfig) -> list[Job]:
     """The enabled jobs of a configuration, with the settings `pgembed status` may show."""
     table: list[tuple[str, float | None, JobFunction, dict[str, Any]]] = [
@@ -208,6 +225,7 @@ def jobs_for(config: ScheduleConfig) -> list[Job]:
           "parked_max": format_duration(config.retry_parked_max)}),
         ("index", config.index_every, index_job,
          {"ivfflat_min_rows": config.ivfflat_min_rows, "rebuild_factor": config.ivfflat_rebuild_factor}),
+        ("evaluation", config.eval_every, evaluation_job, {}),
     ]
     jobs = [Job(name, every, fn, settings) for name, every, fn, settings in table if every]
     return jobs + list(config.extra_jobs)
@@ -215,7 +233,8 @@ def jobs_for(config: ScheduleConfig) -> list[Job]:
 
 def disabled_jobs(config: ScheduleConfig) -> list[str]:
     return [name for name, every in (("audit", config.audit_every), ("cleanup", config.cleanup_every),
-                                     ("retry", config.retry_every), ("index", config.index_every))
+                                     ("retry", config.retry_every), ("index", config.index_every),
+                                     ("evaluation", config.eval_every))
             if not every]
 
 
@@ -230,7 +249,7 @@ class Scheduler:
         self.worker = worker
         self.config = config
         self.jobs = {job.name: job for job in jobs_for(config)}
-        self.context = JobContext(worker, config)
+        self.context = JobContext(worker, config, dsn)
         self.on_run = on_run
         self._running: dict[str, asyncio.Task[bool | None]] = {}
         self._aps: Any = None

@@ -100,8 +100,8 @@ def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None
         raise ValueError("search takes a text or a vector, exactly one of them")
     # resolved once: the query is embedded for, and searched in, the same pipeline even if
     # the alias is repointed meanwhile
-    name = aliases.resolve(conn, pipeline)
-    p = pipelines.get(conn, name)
+    p = aliases.pipeline_of(conn, pipeline)
+    name = p["name"]
     if vector is None:
         assert text is not None
         vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, name, cost_center)

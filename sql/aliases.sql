@@ -37,20 +37,24 @@ $$;
 -- it: a view's columns cannot change type in place (another model: other dimensions), so it
 -- is made anew. Every upgrade runs it for each alias (the end of this file), so that the
 -- sweep of refresh.sql, which drops the views this transaction did not make, keeps them.
-CREATE OR REPLACE FUNCTION pgembed.write_alias_view(p_alias text)
+-- p_acl: the grants to give it (alias_views_back), else those of the view it replaces.
+DROP FUNCTION IF EXISTS pgembed.write_alias_view(text);  -- its first form, before p_acl
+CREATE OR REPLACE FUNCTION pgembed.write_alias_view(p_alias text, p_acl aclitem[] DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     p pgembed.pipelines;
-    acl aclitem[];
+    acl aclitem[] := p_acl;
     g record;
 BEGIN
     SELECT q.* INTO STRICT p FROM pgembed.aliases a JOIN pgembed.pipelines q ON q.name = a.pipeline
      WHERE a.name = p_alias;
-    SELECT c.relacl INTO acl FROM pg_catalog.pg_class c
-     WHERE c.relnamespace = 'pgembed'::regnamespace AND c.relname = p_alias::name AND c.relkind = 'v';
+    IF acl IS NULL THEN
+        SELECT c.relacl INTO acl FROM pg_catalog.pg_class c
+         WHERE c.relnamespace = 'pgembed'::regnamespace AND c.relname = p_alias::name AND c.relkind = 'v';
+    END IF;
     EXECUTE format('DROP VIEW IF EXISTS pgembed.%I', p_alias);
     EXECUTE format('CREATE VIEW pgembed.%I AS SELECT %s, d.chunk_seq, d.chunk, d.embedding FROM pgembed.%I d',
                    p_alias, pgembed.sql_list('d.%1$I', p.key_columns), p.destination);
@@ -66,6 +70,39 @@ BEGIN
                        CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
     END LOOP;
 END
+$$;
+
+-- A column of a pipeline's table cannot change type under a view: pgembed.refresh_pipeline
+-- (a source's primary key renamed or retyped) sets the views of the pipeline's aliases aside
+-- first, with their grants, and brings them back over the changed table.
+CREATE OR REPLACE FUNCTION pgembed.alias_views_aside(p_pipeline text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    saved jsonb;
+    a text;
+BEGIN
+    SELECT jsonb_object_agg(x.name, coalesce(c.relacl::text, '')) INTO saved
+      FROM pgembed.aliases x
+      LEFT JOIN pg_catalog.pg_class c
+        ON c.relnamespace = 'pgembed'::regnamespace AND c.relname = x.name::name AND c.relkind = 'v'
+     WHERE x.pipeline = p_pipeline;
+    FOR a IN SELECT jsonb_object_keys(coalesce(saved, '{}')) LOOP
+        EXECUTE format('DROP VIEW IF EXISTS pgembed.%I', a);
+    END LOOP;
+    RETURN coalesce(saved, '{}');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgembed.alias_views_back(p_saved jsonb)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgembed.write_alias_view(s.key, nullif(s.value, '')::aclitem[])
+      FROM jsonb_each_text(p_saved) s ORDER BY s.key
 $$;
 
 -- Creates the alias, or repoints it (previous := the pipeline it pointed at), and rewrites

@@ -125,8 +125,11 @@ SELECT r.id, r.at, r.target, r.pipeline, r.model, r.eval_set,
        (r.metrics->>'mrr@10')::float8 AS mrr_10,
        (r.metrics->>'ndcg@10')::float8
          - lag((r.metrics->>'ndcg@10')::float8) OVER w AS ndcg_10_change,
-       r.metrics, r.queries, r.query_tokens, r.cost_center, r.seconds, r.scheduled, r.run_by
+       r.metrics, r.queries, r.query_tokens, r.cost_center, r.seconds, r.scheduled, r.run_by,
+       -- what the query embeddings cost at the model's current price (as the cost views count)
+       r.query_tokens * m.usd_per_1m_tokens / 1e6 AS query_usd
   FROM pgembed.eval_runs r
+  LEFT JOIN pgembed.models m ON m.model = r.model
 WINDOW w AS (PARTITION BY r.target, r.eval_set ORDER BY r.at, r.id);
 
 -- Runs whose nDCG@10 fell below the run before them by more than the threshold: the

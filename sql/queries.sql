@@ -272,6 +272,11 @@ SELECT id, chunk FROM pgembed.{destination} ORDER BY id, chunk_seq
 -- resolve_pipeline --
 SELECT pgembed.resolve_pipeline(%(name)s)
 
+-- pipeline_resolved --
+-- pipeline_get's columns, of the pipeline a name (an alias, or a pipeline's) stands for.
+SELECT name, destination, distance, key_columns, model, dimensions, index_type
+  FROM pgembed.pipelines WHERE name = pgembed.resolve_pipeline(%(name)s)
+
 -- alias_set --
 SELECT pgembed.set_alias(%(alias)s, %(pipeline)s)
 
@@ -326,7 +331,7 @@ SELECT id, target, pipeline, model, eval_set, metrics FROM pgembed.eval_runs
 
 -- eval_history --
 SELECT id, at, target, pipeline, model, eval_set, ndcg_10, recall_10, mrr_10, ndcg_10_change,
-       queries, query_tokens, scheduled
+       queries, query_tokens, query_usd, scheduled
   FROM pgembed.eval_history
  WHERE (%(eval_set)s::text IS NULL OR eval_set = %(eval_set)s)
    AND (%(target)s::text IS NULL OR target = %(target)s OR pipeline = %(target)s)

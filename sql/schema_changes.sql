@@ -87,6 +87,7 @@ DECLARE
     v record := pgembed.binding_views(p);
     pk record;
     i int;
+    aliased jsonb := '{}';
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.source) THEN
         RETURN;
@@ -100,6 +101,7 @@ BEGIN
     END IF;
     pk := pgembed.primary_key(p.source);
     IF cardinality(pk.columns) = cardinality(p.key_columns) THEN
+        aliased := pgembed.alias_views_aside(p.name);  -- a view would block ALTER COLUMN TYPE
         FOR i IN 1 .. cardinality(pk.columns) LOOP
             IF pk.columns[i] <> p.key_columns[i] THEN
                 EXECUTE format('ALTER TABLE pgembed.%I RENAME COLUMN %I TO %I',
@@ -117,6 +119,7 @@ BEGIN
        SET content_bound = p.content_bound, content_columns = p.content_columns,
            cost_center_bound = p.cost_center_bound, key_columns = p.key_columns, key_types = p.key_types
      WHERE q.id = p.id;
+    PERFORM pgembed.alias_views_back(aliased);
     PERFORM pgembed.generate_pipeline_code(p);
 END
 $$;

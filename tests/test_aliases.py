@@ -6,6 +6,7 @@ collide; a pipeline an alias points at cannot be dropped."""
 from __future__ import annotations
 
 import threading
+import uuid
 
 import psycopg
 import pytest
@@ -61,6 +62,9 @@ def test_search_through_an_alias_from_sql_python_client_and_cli(conn, dsn, two_p
     assert len(vector) == 8 and hits[0].key == {"id": 7}  # embedded with the new pipeline's model
     with Client(dsn) as client:
         assert client.search("articles", "lighthouse 7", k=1)[0].key == {"id": 7}
+        client.set_alias("news", new)
+        assert [a["name"] for a in client.aliases()] == ["articles", "news"]
+        client.drop_alias("news")
     found = CliRunner().invoke(app, ["search", "articles", "lighthouse 7", "-k", "1", "--dsn", dsn],
                                catch_exceptions=False)
     assert found.exit_code == 0 and "id=7" in found.output
@@ -163,3 +167,99 @@ def test_a_repoint_in_a_transaction_never_fails_a_concurrent_search(conn, dsn, t
     assert not errors, errors
     assert 0 not in seen  # no search came back empty
     assert set(seen) == {8, 16}
+
+
+def test_alias_views_survive_the_definitions_of_an_upgrade(conn, two_pipelines):
+    """An upgrade re-applies sql/ and drops the views it did not make (refresh.sql): the
+    alias's view is made again, with its grants, and the reader still cannot see it."""
+    from pgembed.schema import definitions_sql
+
+    aliases.set_alias(conn, "articles", two_pipelines[0])
+    conn.execute("GRANT SELECT ON pgembed.articles TO pgembed_worker")
+    with conn.transaction():
+        conn.execute(definitions_sql())
+    assert conn.execute("SELECT count(*) FROM pgembed.articles").fetchone() == (20,)
+    assert conn.execute("SELECT has_table_privilege('pgembed_worker', 'pgembed.articles', 'SELECT'), "
+                        "has_table_privilege('pgembed_reader', 'pgembed.articles', 'SELECT')").fetchone() \
+        == (True, False)
+
+
+def test_the_reader_sees_aliases_and_runs_not_vectors(conn, dsn, two_pipelines):
+    from psycopg.conninfo import make_conninfo
+
+    aliases.set_alias(conn, "articles", two_pipelines[0])
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE pgembed_reader")
+    try:
+        with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as reader:
+            assert reader.execute("SELECT name, pipeline FROM pgembed.aliases").fetchall() == [
+                ("articles", two_pipelines[0])]
+            for readable in ("pgembed.eval_runs", "pgembed.eval_sets", "pgembed.eval_history",
+                             "pgembed.eval_regressions", "pgembed.eval_set_summary"):
+                assert reader.execute(f"SELECT count(*) FROM {readable}").fetchone() == (0,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                reader.execute("SELECT * FROM pgembed.articles")
+    finally:
+        conn.execute(f"DROP OWNED BY {role} CASCADE")
+        conn.execute(f"DROP ROLE {role}")
+
+
+def test_the_alias_view_follows_its_source_s_primary_key(conn, two_pipelines):
+    """A retyped or renamed primary key of the source changes the pipeline's table under the
+    alias's view: the application's ALTER TABLE goes through, the view comes back over the
+    new columns with its grants."""
+    old = two_pipelines[0]
+    aliases.set_alias(conn, "articles", old)
+    conn.execute("GRANT SELECT ON pgembed.articles TO pgembed_worker")
+    conn.execute("ALTER TABLE docs ALTER COLUMN id TYPE bigint")
+    conn.execute("ALTER TABLE docs RENAME COLUMN id TO doc_id")
+    row = conn.execute("SELECT pg_typeof(doc_id)::text, count(*) FROM pgembed.articles GROUP BY 1").fetchone()
+    assert row == ("bigint", 20)
+    assert conn.execute("SELECT has_table_privilege('pgembed_worker', 'pgembed.articles', 'SELECT')").fetchone() \
+        == (True,)
+    assert search.search(conn, "articles", "lighthouse 4", k=1)[0].key == {"doc_id": 4}
+
+
+def test_a_query_of_the_alias_view_waits_for_a_repoint_and_reads_the_new_pipeline(conn, dsn, two_pipelines):
+    """The view is made anew in the repoint's transaction: a query of it meanwhile waits for
+    the commit (never an error), then reads the new pipeline's rows."""
+    old, new = two_pipelines
+    aliases.set_alias(conn, "articles", old)
+    answer: list[object] = []
+    with psycopg.connect(dsn) as repointer, psycopg.connect(dsn, autocommit=True) as reader:
+        reader_pid = reader.info.backend_pid
+
+        def read() -> None:
+            try:
+                answer.append(reader.execute("SELECT count(*), min(vector_dims(embedding)) FROM pgembed.articles"
+                                             ).fetchone())
+            except psycopg.Error as error:
+                answer.append(error)
+
+        repointer.execute("SELECT pgembed.set_alias('articles', %s)", (new,))
+        thread = threading.Thread(target=read)
+        thread.start()
+        for _ in range(6000):  # until the reader waits on the view's lock (a hang guard, not a timing)
+            if conn.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted)",
+                            (reader_pid,)).fetchone()[0]:
+                break
+            threading.Event().wait(0.01)
+        else:
+            pytest.fail("the reader never waited for the repoint")
+        repointer.commit()
+        thread.join(60)
+    assert answer == [(20, 8)]
+
+
+def test_dropping_the_content_column_with_cascade_stops_at_an_alias(conn, two_pipelines):
+    """DROP COLUMN ... CASCADE takes the pipelines that read the column, except one an alias
+    points at: the statement is refused, naming the alias, and nothing is lost."""
+    old = two_pipelines[0]
+    aliases.set_alias(conn, "articles", old)
+    with pytest.raises(psycopg.Error, match=f'pipeline "{old}" is what alias "articles" points at'):
+        conn.execute("ALTER TABLE docs DROP COLUMN body CASCADE")
+    assert conn.execute("SELECT count(*) FROM pgembed.pipelines").fetchone() == (2,)
+    assert search.search(conn, "articles", "lighthouse 2", k=1)[0].key == {"id": 2}
+    aliases.drop(conn, "articles")
+    conn.execute("ALTER TABLE docs DROP COLUMN body CASCADE")
+    assert conn.execute("SELECT count(*) FROM pgembed.pipelines").fetchone() == (0,)

@@ -103,7 +103,8 @@ def test_json_on_costs_search_and_audit(conn, dsn):
     cli("pipeline", "create", "articles", "title || body", "--model", "hash:64", "--dsn", dsn)
     drain(dsn)
     found = json.loads(cli("search", "articles_h64", "bread", "-k", "2", "--json", "--dsn", dsn).stdout)
-    assert set(found) == {"pipeline", "query", "k", "source_rows", "embedded_rows", "empty", "queued", "hits"}
+    assert set(found) == {"pipeline", "target", "query", "k", "source_rows", "embedded_rows", "empty", "queued",
+                          "hits"}
     assert (found["source_rows"], found["embedded_rows"], len(found["hits"])) == (5, 5, 2)
     assert set(found["hits"][0]) == {"key", "distance", "chunk"} and "id" in found["hits"][0]["key"]
     costs = json.loads(cli("costs", "--json", "--dsn", dsn).stdout)

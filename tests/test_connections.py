@@ -58,7 +58,7 @@ def test_every_session_of_a_running_worker_joins_its_workers_row(conn: psycopg.C
         await job_conn.execute("SELECT pg_sleep(0.5)")
         return "held"
 
-    schedule = ScheduleConfig(audit_every=None, cleanup_every=None, retry_every=None, index_every=None,
+    schedule = ScheduleConfig(audit_every=None, cleanup_every=None, retry_every=None, index_every=None, eval_every=None,
                               extra_jobs=(Job("hold", 1, hold),))
     config = WorkerConfig(name=NAME, batch_size=4, bulk_batch_size=4, heartbeat_interval=0.1,
                           poll_interval=0.1, schedule=schedule)

@@ -5,16 +5,19 @@ trend."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
 import pytest
 
 from pgembed import aliases, pipelines
+from pgembed.client import Client
 from pgembed.evaluation import runs, sets
 from pgembed.evaluation.metrics import evaluate
 from pgembed.evaluation.sets import EvalSetError
 from pgembed.pipelines import PipelineError
+from pgembed.scheduler import ScheduleConfig, Scheduler
 from tests.conftest import drain
 from tests.fakeapi import fake_token_count
 
@@ -163,6 +166,9 @@ def test_a_run_through_an_alias_is_stored_with_its_cost(conn, dsn, docs, tmp_pat
     assert runs.latest_run(conn, docs, "other") is None
     again = runs.run_evaluation(conn, docs, "smoke")  # by the pipeline's own name
     assert runs.latest_run(conn, docs, "smoke") == again
+    with Client(dsn) as client:
+        through_client = client.evaluate("articles", "smoke", ks=(1, 5))
+    assert through_client.metrics == run.metrics and runs.latest_run(conn, docs, "smoke") == through_client
 
 
 def test_a_run_records_what_its_query_embeddings_cost(conn, dsn, fake_api, tmp_path):
@@ -180,6 +186,9 @@ def test_a_run_records_what_its_query_embeddings_cost(conn, dsn, fake_api, tmp_p
     assert fake_api.tokens - billed == fake_token_count("what shines at night") + fake_token_count("breakfast")
     assert conn.execute("SELECT sum(tokens) FROM pgembed.cost_by_cost_center WHERE purpose = 'query' "
                         "AND cost_center = 'eval:smoke'").fetchone() == (fake_api.tokens - billed,)
+    usd = conn.execute("SELECT sum(usd) FROM pgembed.cost_by_cost_center WHERE purpose = 'query' "
+                       "AND cost_center = 'eval:smoke'").fetchone()[0]
+    assert conn.execute("SELECT sum(query_usd) FROM pgembed.eval_history").fetchone() == (usd,) and usd > 0
 
 
 def test_a_run_of_an_unknown_set_or_target_is_refused(conn, docs):
@@ -206,3 +215,23 @@ def test_history_shows_the_trend_and_regressions_the_drops(conn, dsn, docs, tmp_
     assert conn.execute("SELECT id, threshold FROM pgembed.eval_regressions").fetchall() == [(second.id, 0.02)]
     aliases.set_evaluation(conn, "articles", "smoke", threshold=0.9)  # a drop smaller than that is no regression
     assert conn.execute("SELECT count(*) FROM pgembed.eval_regressions").fetchone() == (0,)
+
+
+def test_the_scheduler_re_runs_an_alias_s_set_when_it_is_due(conn, dsn, docs, tmp_path):
+    sets.import_set(conn, "smoke", "docs", sets.read_jsonl(write_jsonl(tmp_path / "set.jsonl", GOOD)))
+    aliases.set_alias(conn, "unwatched", docs)  # no set attached: never run
+    aliases.set_evaluation(conn, "articles", "smoke")  # weekly, the default
+    config = ScheduleConfig(audit_every=None, cleanup_every=None, retry_every=None, index_every=None,
+                            eval_every=3600)
+    assert asyncio.run(Scheduler(dsn, "w1", config).run_job("evaluation")) is True
+    assert conn.execute("SELECT target, eval_set, scheduled FROM pgembed.eval_runs").fetchall() == [
+        ("articles", "smoke", True)]
+    assert conn.execute("SELECT ok, detail FROM pgembed.job_runs WHERE job = 'evaluation'").fetchone() == (
+        True, f"articles on smoke: nDCG@10 {runs.latest_run(conn, docs, 'smoke').metrics['ndcg@10']:.4f}")
+    assert runs.evaluate_due(conn) == "no evaluation due"  # within the week
+    conn.execute("UPDATE pgembed.eval_runs SET at = at - interval '8 days'")
+    assert runs.evaluate_due(conn).startswith("articles on smoke")
+    aliases.set_evaluation(conn, "articles", "smoke", every=None)  # never
+    conn.execute("UPDATE pgembed.eval_runs SET at = at - interval '8 days'")
+    assert runs.evaluate_due(conn) == "no evaluation due"
+    assert conn.execute("SELECT count(*) FROM pgembed.eval_runs WHERE scheduled").fetchone() == (2,)

@@ -26,7 +26,8 @@ from pgembed.scheduler import (
 from pgembed.worker import Worker, WorkerConfig
 from tests.conftest import drain
 
-OFF = {"audit_every": None, "cleanup_every": None, "retry_every": None, "index_every": None}
+OFF = {"audit_every": None, "cleanup_every": None, "retry_every": None, "index_every": None,
+       "eval_every": None}
 
 
 def only(**config: object) -> ScheduleConfig:

@@ -64,7 +64,8 @@ BEGIN
                     -- indexes that wait for their data
                     '',
                     -- stable search names and evaluation
-                    'resolve_pipeline', 'set_alias', 'write_alias_view', 'drop_alias', 'set_alias_evaluation',
+                    'resolve_pipeline', 'set_alias', 'write_alias_view', 'alias_views_aside', 'alias_views_back',
+                    'drop_alias', 'set_alias_evaluation',
                     'import_eval_set', 'eval_set_key',
                     -- model migrations and the live lane
                     'bulk_lane_open', 'alias_migration', 'active_pipeline', 'migration_target',

@@ -10,7 +10,9 @@ from __future__ import annotations
 import typer
 
 from pgembed.cli import costs, dsn, failures, health, quickstart, schema, search, worker
+from pgembed.cli.alias import alias_app
 from pgembed.cli.common import out
+from pgembed.cli.eval import eval_app
 from pgembed.cli.migrate import migrate_app
 from pgembed.cli.pipeline import pipeline_app
 from pgembed.cli.ratelimit import ratelimit_app
@@ -25,4 +27,6 @@ for command in (schema.init, worker.worker, search.search, quickstart.quickstart
     app.command()(command)
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(ratelimit_app, name="ratelimit")
+app.add_typer(alias_app, name="alias")
+app.add_typer(eval_app, name="eval")
 app.add_typer(migrate_app, name="migrate")

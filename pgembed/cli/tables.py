@@ -21,6 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pgembed.costs import Grouping
+from pgembed.evaluation.runs import EvalRun
+from pgembed.scheduler import format_duration
 from pgembed.search import Hit
 
 Row = dict[str, Any]
@@ -296,6 +298,58 @@ def budget(r: Row) -> Table:
     t.caption = f"waited {count(r['waits'])} times; last grant {when(r['last_grant_at']) or 'never'}"
     t.caption_justify = "left"
     return t
+
+
+# --- aliases and evaluation -----------------------------------------------------------------
+
+def score(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def change(value: float | None) -> str | Text:
+    if value is None:
+        return ""
+    return Text(f"{value:+.4f}", style="red" if value < 0 else "green" if value > 0 else "")
+
+
+def aliases(rows: list[Row]) -> Fitted:
+    return Fitted("aliases", [Col("name", key=True), Col("pipeline", whole=True), Col("previous", spare=2),
+                              Col("eval set", spare=1), Col("every", spare=1), Col("changed", whole=True, spare=3)],
+                  ([r["name"], r["pipeline"], r["previous"], r["eval_set"],
+                    format_duration(r["eval_every"].total_seconds()) if r["eval_every"] else "never",
+                    when(r["changed_at"])] for r in rows))
+
+
+def eval_sets(rows: list[Row]) -> Fitted:
+    return Fitted("evaluation sets", [Col("name", key=True), Col("source", whole=True), Col("origin", spare=1),
+                                      Col("queries"), Col("relevant"), Col("irrelevant", spare=2),
+                                      Col("imported", whole=True, spare=3)],
+                  ([r["name"], r["source"], r["origin"], count(r["queries"]), count(r["relevant"]),
+                    count(r["irrelevant"]), when(r["imported_at"])] for r in rows))
+
+
+def eval_metrics(run: EvalRun) -> Fitted:
+    """One run's Recall, P and MRR, a row per cut-off k (nDCG@10 is said above it)."""
+    ks = sorted(int(name.split("@")[1]) for name in run.metrics if name.startswith("recall@"))
+    return Fitted("by cut-off", [Col("k", key=True), Col("Recall@k"), Col("P@k"), Col("MRR@k")],
+                  ([k, score(run.metrics[f"recall@{k}"]), score(run.metrics[f"p@{k}"]), score(run.metrics[f"mrr@{k}"])]
+                   for k in ks))
+
+
+def eval_history(rows: list[Row]) -> Fitted:
+    return Fitted("evaluation runs", [Col("at", whole=True), Col("target", key=True), Col("pipeline", whole=True),
+                                      Col("set", whole=True, spare=2), Col("nDCG@10"), Col("change"),
+                                      Col("queries", spare=1)],
+                  ([when(r["at"]), r["target"], r["pipeline"], r["eval_set"], score(r["ndcg_10"]),
+                    change(r["ndcg_10_change"]), count(r["queries"])] for r in rows))
+
+
+def eval_regressions(rows: list[Row]) -> Fitted:
+    return Fitted("regressions", [Col("at", whole=True), Col("target", key=True), Col("pipeline", whole=True,
+                                                                                    spare=1),
+                                  Col("set", whole=True, spare=2), Col("nDCG@10"), Col("before"), Col("change")],
+                  ([when(r["at"]), r["target"], r["pipeline"], r["eval_set"], score(r["ndcg_10"]),
+                    score(r["previous_ndcg_10"]), change(r["ndcg_10_change"])] for r in rows))
 
 
 # --- model migrations -----------------------------------------------------------------------

@@ -128,6 +128,9 @@ def worker(
     ivfflat_rebuild_factor: Annotated[float, _option(
         "PGEMBED_IVFFLAT_REBUILD_FACTOR", "Log that an IVFFlat index needs a rebuild once its table grew this "
         "many times.", panel=SCHEDULED, min=1.1)] = default_of(ScheduleConfig, "ivfflat_rebuild_factor"),
+    eval_every: Annotated[str, _period(
+        "PGEMBED_EVAL_EVERY", "Look for aliases whose evaluation set is due (each alias's own period, "
+        "a week by default: pgembed alias set --every).")] = duration_default(ScheduleConfig, "eval_every"),
     dsn: DsnOption = None,
     embedded: Annotated[bool, _option(
         "PGEMBED_EMBEDDED", "Embed into the embedded PostgreSQL under your data directory (without it, a "
@@ -152,7 +155,8 @@ def worker(
             retry_parked_after=_positive("--retry-parked-after", retry_parked_after),
             retry_parked_max=_positive("--retry-parked-max", retry_parked_max),
             index_every=_every("--index-every", index_every),
-            ivfflat_min_rows=ivfflat_min_rows, ivfflat_rebuild_factor=ivfflat_rebuild_factor)
+            ivfflat_min_rows=ivfflat_min_rows, ivfflat_rebuild_factor=ivfflat_rebuild_factor,
+            eval_every=_every("--eval-every", eval_every))
     config = WorkerConfig(concurrency=concurrency, prefetch=prefetch, batch_size=batch_size,
                           bulk_batch_size=bulk_batch_size, poll_interval=poll_interval,
                           lease_seconds=lease_seconds, until_empty=until_empty, max_attempts=max_attempts,

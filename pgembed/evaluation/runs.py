@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgembed import aliases, pipelines
 from pgembed.evaluation.metrics import evaluate
+from pgembed.providers import ProviderError
 from pgembed.search import search
 from pgembed.sqlfiles import query
 
@@ -55,8 +57,8 @@ def run_evaluation(conn: psycopg.Connection, target: str, eval_set: str, ks: Seq
     ks = sorted(set(ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"every k must be 1 or more, not {list(ks)}")
-    pipeline = aliases.resolve(conn, target)
-    model = str(pipelines.get(conn, pipeline)["model"])
+    answering = aliases.pipeline_of(conn, target)
+    pipeline, model = str(answering["name"]), str(answering["model"])
     questions = conn.execute(query("eval_queries"), {"eval_set": eval_set}).fetchall()
     if not questions:
         raise pipelines.PipelineError(f"no evaluation set named {eval_set!r} (pgembed eval sets lists them)")
@@ -80,6 +82,23 @@ def run_evaluation(conn: psycopg.Connection, target: str, eval_set: str, ks: Seq
     return EvalRun(int(run_id), target, pipeline, model, eval_set, metrics)
 
 
+def evaluate_due(conn: psycopg.Connection) -> str:
+    """The scheduler's evaluation job: every alias whose set is due (none of its runs within
+    its period) is run once; what each scored, and an error naming those that could not run
+    (they are due again at the next look)."""
+    notes, failed = [], []
+    for alias, eval_set in conn.execute(query("eval_due")).fetchall():
+        try:
+            done = run_evaluation(conn, alias, eval_set, scheduled=True)
+        except (pipelines.PipelineError, ProviderError) as error:
+            failed.append(f"{alias} on {eval_set}: {error}")
+            continue
+        notes.append(f"{alias} on {eval_set}: nDCG@10 {done.metrics['ndcg@10']:.4f}")
+    if failed:
+        raise pipelines.PipelineError("; ".join(failed + notes))
+    return "; ".join(notes) or "no evaluation due"
+
+
 def latest_run(conn: psycopg.Connection, pipeline: str, eval_set: str) -> EvalRun | None:
     """The newest run of `eval_set` that `pipeline` answered (whether asked by its name or
     through an alias)."""
@@ -88,3 +107,15 @@ def latest_run(conn: psycopg.Connection, pipeline: str, eval_set: str) -> EvalRu
         return None
     run_id, target, answered, model, set_name, metrics = row
     return EvalRun(int(run_id), target, answered, model, set_name, {k: float(v) for k, v in metrics.items()})
+
+
+def history(conn: psycopg.Connection, target: str | None = None, eval_set: str | None = None) -> list[dict[str, Any]]:
+    """Runs oldest first (pgembed.eval_history), of one target (alias or pipeline, asked or
+    answering) and one set when given."""
+    return conn.cursor(row_factory=dict_row).execute(
+        query("eval_history"), {"target": target, "eval_set": eval_set}).fetchall()
+
+
+def regressions(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Runs whose nDCG@10 fell beyond their threshold since the run before (pgembed.eval_regressions)."""
+    return conn.cursor(row_factory=dict_row).execute(query("eval_regressions")).fetchall()

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from pgembed.pipelines import refused
+from pgembed.pipelines import PipelineError, refused
 from pgembed.sqlfiles import query
 
 JSONL_FIELDS = {"query", "relevant", "irrelevant", "id"}
@@ -156,3 +157,14 @@ def import_set(conn: psycopg.Connection, name: str, source: str, found: EvalSet,
         raise refused(error) from error
     assert row is not None
     return int(row[0])
+
+
+def list_sets(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return conn.cursor(row_factory=dict_row).execute(query("eval_set_list")).fetchall()
+
+
+def drop_set(conn: psycopg.Connection, name: str) -> None:
+    """Drops a set, its runs with it (an alias that re-ran it forgets it)."""
+    with conn.transaction():
+        if conn.execute(query("eval_drop"), {"name": name}).fetchone() is None:
+            raise PipelineError(f"no evaluation set named {name!r} (pgembed eval sets lists them)")
