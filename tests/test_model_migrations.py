@@ -47,7 +47,7 @@ def pipelines(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in conn.execute("SELECT name FROM pgembed.pipelines ORDER BY name")]
 
 
-def answers(dsn: str, target: str, text: str = "note number 7") -> list[tuple[int, float]]:
+def answers(dsn: str, target: str, text: str = "a short note on the number seven, 7") -> list[tuple[int, float]]:
     with Client(dsn) as client:
         found = [(h.key["id"], round(h.distance, 6)) for h in client.search(target, text, k=5)]
     assert found, target
