@@ -180,6 +180,24 @@ def test_refusals_are_one_clear_line_and_change_nothing(notes: psycopg.Connectio
     assert answers(dsn, "notes") == answers(dsn, "notes_new")
 
 
+@pytest.mark.parametrize("window", ["0", "soon", "-5h"])
+def test_a_bad_window_is_a_usage_error(notes: psycopg.Connection, dsn: str, window: str) -> None:
+    result = cli("migrate", "start", "notes", "--model", "hash:16", "--window", window, "--dsn", dsn)
+    assert result.exit_code == 2 and "--window must be a duration like 48h" in result.output
+    assert pipelines(notes) == ["notes_old"] and events(notes) == []
+
+
+def test_rollback_and_cleanup_in_json(notes: psycopg.Connection, dsn: str) -> None:
+    mm.start(notes, "notes", "hash:16", name="notes_new")
+    drain(dsn)
+    assert json.loads(cli("migrate", "cutover", "notes", "--force", "--reason", "test", "--json", "--dsn",
+                          dsn).stdout)["cut_over"] is True
+    assert json.loads(cli("migrate", "rollback", "notes", "--json", "--dsn", dsn).stdout) == \
+        {"migration": 1, "alias": "notes", "rolled_back": True}
+    assert json.loads(cli("migrate", "cleanup", "notes", "--json", "--dsn", dsn).stdout) == \
+        {"alias": "notes", "dropped": "notes_new"}
+
+
 def test_a_new_migration_after_one_finished(notes: psycopg.Connection, dsn: str) -> None:
     conn = notes
     mm.start(conn, "notes", "hash:16", name="notes_new")

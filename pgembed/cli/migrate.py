@@ -11,7 +11,17 @@ from rich.markup import escape
 
 from pgembed import model_migrations as mm
 from pgembed.cli import tables
-from pgembed.cli.common import DsnOption, EmbeddedOption, JsonOption, connect, fail, friendly, out, print_json
+from pgembed.cli.common import (
+    EXIT_USAGE,
+    DsnOption,
+    EmbeddedOption,
+    JsonOption,
+    connect,
+    fail,
+    friendly,
+    out,
+    print_json,
+)
 from pgembed.scheduler import parse_duration
 
 migrate_app = typer.Typer(no_args_is_help=True, help="Move an alias to another model, in five phases.")
@@ -52,9 +62,12 @@ def start(alias: AliasArgument, model: ModelOption, dimensions: DimensionsOption
 
     Example: pgembed migrate start articles --model local:all-MiniLM-L6-v2
     """
-    seconds = parse_duration(window)
+    try:
+        seconds = parse_duration(window)
+    except ValueError:
+        seconds = None
     if not seconds:
-        fail(f"--window must be a duration like 48h or 2d, not {window!r}", 2)
+        fail(f"--window must be a duration like 48h or 2d, not {window!r}", EXIT_USAGE)
     with connect(dsn, embedded) as conn:
         migration, e = mm.start(conn, alias, model, dimensions, name=name, max_drop=max_drop,
                                 window=dt.timedelta(seconds=seconds))
