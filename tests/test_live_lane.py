@@ -9,6 +9,7 @@ import uuid
 import psycopg
 import pytest
 
+from pgembed.client import Client
 from tests.conftest import drain
 
 BATCH = 100
@@ -88,6 +89,9 @@ def test_a_worker_embeds_the_live_row_within_two_batches_of_the_backlog(backlog:
     counts = conn.execute("SELECT (SELECT count(DISTINCT id) FROM pgembed.old), "
                           "(SELECT count(DISTINCT id) FROM pgembed.new), (SELECT count(*) FROM pgembed.outbox)")
     assert counts.fetchone() == (1, 5001, 0)
+    conn.execute("SELECT pgembed.set_alias('docs', 'old')")
+    with Client(dsn) as client:  # searchable through the alias the application uses
+        assert {"id": 5001} in [h.key for h in client.search("docs", "the application's row", k=5)]
     for pipeline in ("old", "new"):  # the shadow's copy too, though its own backlog was queued first
         before = conn.execute(f"SELECT count(*) FROM pgembed.new WHERE embedded_at < "
                               f"(SELECT embedded_at FROM pgembed.{pipeline} WHERE id = 5001)").fetchone()[0]
