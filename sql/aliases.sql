@@ -6,7 +6,9 @@
 --
 -- Alias and pipeline names share one namespace: an alias may not take a pipeline's name
 -- (set_alias refuses it) nor a pipeline an alias's (pgembed.check_pipeline_name), so a name
--- always means one thing. A pipeline an alias points at cannot be dropped (drop_pipeline).
+-- always means one thing; two sessions creating both at once collide in the catalog (the
+-- alias's view and the pipeline's table are both relations of that name in schema pgembed).
+-- A pipeline an alias points at cannot be dropped (drop_pipeline).
 --
 -- Each alias has a view of the same name in schema pgembed: its active pipeline's rows
 -- (key columns, chunk_seq, chunk, embedding), for SQL that reads or filters the vectors
