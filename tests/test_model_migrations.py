@@ -20,6 +20,7 @@ from pgembed.cli import app
 from pgembed.client import Client
 from tests.conftest import drain
 from tests.reliability.convergence import Expect, converge
+from tests.test_scheduler import only, run_job
 
 ROWS = 400
 
@@ -137,7 +138,9 @@ def test_the_scheduled_cleanup_waits_for_the_window(notes: psycopg.Connection, d
     assert conn.execute("SELECT pgembed.cleanup_due_migrations()").fetchone()[0] == 0
     assert pipelines(conn) == ["notes_new", "notes_old"]
     conn.execute("UPDATE pgembed.model_migrations SET cut_over_at = now() - interval '61 minutes'")
-    assert conn.execute("SELECT pgembed.cleanup_due_migrations()").fetchone()[0] == 1
+    assert run_job(dsn, "cleanup", only(cleanup_every=3600)) is True  # the workers' periodic job
+    detail = conn.execute("SELECT detail FROM pgembed.job_runs WHERE job = 'cleanup'").fetchone()[0]
+    assert detail.endswith("1 finished model migrations cleaned up")
     assert pipelines(conn) == ["notes_new"] and alias_points_at(conn) == "notes_new"
     assert answers(dsn, "notes") == answers(dsn, "notes_new")
 
