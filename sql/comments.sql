@@ -87,6 +87,7 @@ COMMENT ON COLUMN pgembed.eval_runs.query_tokens IS 'tokens the query embeddings
 
 -- Model migrations and the live lane
 COMMENT ON TABLE pgembed.bulk_lane IS 'When bulk work (backfill, repair, migration) may be claimed: opens..closes in time_zone, NULL always; live changes are claimed first in any case';
+COMMENT ON COLUMN pgembed.bulk_lane.rate_share IS 'the share of each API key''s rate budget that bulk requests may take; live ones may take all of it';
 COMMENT ON TABLE pgembed.model_migrations IS 'Model migrations of an alias: from_pipeline (the active one at start) to to_pipeline (the shadow of the new model), their phase and estimate';
 COMMENT ON COLUMN pgembed.model_migrations.phase IS 'started (shadow backfilling), cut_over (the alias points at the shadow), rolled_back (back to from_pipeline), cleaned_up (the unused pipeline dropped)';
 COMMENT ON COLUMN pgembed.model_migrations.estimate IS 'pgembed migrate plan''s dry run at start: rows, chunks, tokens, cached, usd, seconds';

@@ -419,6 +419,13 @@ SELECT pgembed.take_budget(%(bucket)s, %(requests)s, %(tokens)s),
                 WHERE bucket = %(bucket)s
                   AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
 
+-- rate_limit_take_bulk --
+-- The same for a bulk request: within the bulk lane's share first (pgembed.take_bulk_budget).
+SELECT pgembed.take_bulk_budget(%(bucket)s, %(requests)s, %(tokens)s),
+       EXISTS (SELECT FROM pgembed.rate_limits
+                WHERE bucket = %(bucket)s
+                  AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
+
 -- rate_limit_is_limited --
 -- Only reads (no row lock), so it is safe inside the caller's transaction.
 SELECT EXISTS (SELECT FROM pgembed.rate_limits

@@ -70,6 +70,8 @@ def test_a_window_across_midnight(conn: psycopg.Connection) -> None:
 @pytest.mark.parametrize(("change", "message"), [
     ("opens = '22:00'", "bulk_lane: opens and closes go together"),
     ("opens = '22:00', closes = '22:00'", "bulk_lane: opens and closes must differ"),
+    ("rate_share = 0", "bulk_lane: rate_share must be above 0 and at most 1"),
+    ("rate_share = 1.5", "bulk_lane: rate_share must be above 0 and at most 1"),
 ])
 def test_a_bad_window_is_refused_and_the_lane_kept(conn: psycopg.Connection, change: str, message: str) -> None:
     with pytest.raises(psycopg.errors.CheckViolation, match=message):
@@ -96,3 +98,30 @@ def test_a_worker_embeds_the_live_row_within_two_batches_of_the_backlog(backlog:
         before = conn.execute(f"SELECT count(*) FROM pgembed.new WHERE embedded_at < "
                               f"(SELECT embedded_at FROM pgembed.{pipeline} WHERE id = 5001)").fetchone()[0]
         assert before <= 2 * BATCH, pipeline
+
+
+def test_bulk_requests_keep_to_their_share_of_the_rate_budget(conn: psycopg.Connection, dsn: str, fake_api) -> None:
+    """A bulk batch's requests are granted from the share's bucket and then the key's; a
+    live batch's from the key's alone (pgembed.take_bulk_budget)."""
+    from pgembed.ratelimit import Budget, set_openai_budget
+
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO notes SELECT i, 'note ' || i FROM generate_series(1, 50) AS i")
+    bucket = set_openai_budget(conn, Budget.per_minute(rpm=6000, tpm=1_000_000))
+    conn.execute("UPDATE pgembed.bulk_lane SET rate_share = 0.25")
+    conn.execute("SELECT pgembed.create_pipeline('notes', 'body', 'openai:text-embedding-3-small')")
+    drain(dsn, batch_size=10, bulk_batch_size=10)
+    share = "bulk " + bucket
+    held = conn.execute("SELECT max_requests, max_tokens, per_seconds FROM pgembed.rate_limits WHERE bucket = %s",
+                        (share,)).fetchone()
+    assert held == (1500, 250_000, 60)
+
+    def granted(name: str) -> int:
+        return conn.execute("SELECT granted_requests FROM pgembed.rate_limit_state WHERE bucket = %s",
+                            (name,)).fetchone()[0]
+
+    backfill = granted(bucket)
+    assert granted(share) == backfill == fake_api.requests == 5  # every request of the backfill, both buckets
+    conn.execute("INSERT INTO notes VALUES (51, 'a live note')")
+    drain(dsn)
+    assert (granted(share), granted(bucket)) == (backfill, backfill + 1)

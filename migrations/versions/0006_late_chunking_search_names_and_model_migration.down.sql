@@ -72,7 +72,7 @@ BEGIN
                     'migration_event', 'start_migration', 'migration_in', 'migration_evaluated',
                     'cutover_gate', 'cutover_migration', 'rollback_migration', 'cleanup_migration',
                     'cleanup_due_migrations', 'target_dimensions', 'model_target',
-                    'backfill_target_on_path', 'backfill_target'
+                    'backfill_target_on_path', 'backfill_target', 'take_bulk_budget'
                 ) LOOP
         EXECUTE 'DROP FUNCTION ' || f;
     END LOOP;

@@ -96,9 +96,12 @@ CREATE TABLE pgembed.bulk_lane (
     opens           time,
     closes          time,
     time_zone       text NOT NULL DEFAULT 'UTC',
+    -- the share of each API key's rate budget bulk requests may take (pgembed.take_bulk_budget)
+    rate_share      double precision NOT NULL DEFAULT 1,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT "bulk_lane: opens and closes go together" CHECK ((opens IS NULL) = (closes IS NULL)),
-    CONSTRAINT "bulk_lane: opens and closes must differ" CHECK (opens <> closes)
+    CONSTRAINT "bulk_lane: opens and closes must differ" CHECK (opens <> closes),
+    CONSTRAINT "bulk_lane: rate_share must be above 0 and at most 1" CHECK (rate_share > 0 AND rate_share <= 1)
 );
 
 INSERT INTO pgembed.bulk_lane DEFAULT VALUES;
