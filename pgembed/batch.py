@@ -43,27 +43,32 @@ class Embedded:
     sent: list[bytes] = field(default_factory=list)  # hashes this batch asked the provider for
 
 
-def _texts(info: PipelineInfo, row: SourceRow) -> tuple[str, list[Piece]]:
+def _texts(info: PipelineInfo, content: str | None) -> tuple[str, list[Piece]]:
     """What the model reads of a row and its chunks. NULL or blank content has none: the
     row has nothing to embed, which is not a failure; its old vectors (of content that no
     longer exists) go, and the audit counts it as empty, not missing."""
-    if row.content is None or not row.content.strip(_BLANK):
+    if content is None or not content.strip(_BLANK):
         return "", []
     if info.chunking == "none" and not info.prefixed:
-        return row.content, [Piece(row.content, span=(0, len(row.content)))]
-    return document(info.plan, counter_for(info.spec, info.tokenizer), row.content, info.prefixed)
+        return content, [Piece(content, span=(0, len(content)))]
+    return document(info.plan, counter_for(info.spec, info.tokenizer), content, info.prefixed)
+
+
+def pieces(info: PipelineInfo, content: str | None) -> list[Piece]:
+    """The chunks of a row's content: the worker's, and a dry run's (pgembed.estimate)."""
+    return _texts(info, content)[1]
 
 
 def _planned(info: PipelineInfo, row: SourceRow) -> list[Planned]:
     """A row's chunks with their cache keys. A late-chunked chunk's vector depends on its
     whole document, so its key covers the document and the span (and is never a plain
     chunk's: see pgembed.cache)."""
-    text, pieces = _texts(info, row)
+    text, chunks = _texts(info, row.content)
     model, dimensions = info.spec.model, info.spec.dimensions
     if info.late_chunking:
         return [Planned(p.text, late_chunk_key(model, dimensions, text, p.span), p.truncated, text, p.span)
-                for p in pieces]
-    return [Planned(p.text, chunk_key(model, dimensions, p.text), p.truncated) for p in pieces]
+                for p in chunks]
+    return [Planned(p.text, chunk_key(model, dimensions, p.text), p.truncated) for p in chunks]
 
 
 def _plan(info: PipelineInfo, batch: Batch, rows: list[SourceRow],

@@ -225,7 +225,7 @@ class RateLimits:
         self._sleep: Sleep = asyncio.sleep if sleep is None else sleep
         self._conn: psycopg.AsyncConnection | None = None
         self._opening = asyncio.Lock()
-        self._limiters: dict[str, BucketLimiter] = {}
+        self._limiters: dict[tuple[str, bool], BucketLimiter] = {}
 
     @classmethod
     def beside(cls, conn: psycopg.Connection, **options: Any) -> RateLimits:
@@ -239,20 +239,21 @@ class RateLimits:
     async def _connect(self) -> psycopg.AsyncConnection:
         return await db.connect_async(self.dsn, "ratelimit", self.worker, connect_timeout=10)
 
-    def limiter(self, bucket: str) -> BucketLimiter:
-        """The limiter of a bucket (one per bucket and process)."""
-        if bucket not in self._limiters:
-            self._limiters[bucket] = BucketLimiter(self, bucket)
-        return self._limiters[bucket]
+    def limiter(self, bucket: str, bulk: bool = False) -> BucketLimiter:
+        """The limiter of a bucket (one per bucket, lane and process); `bulk`: for bulk
+        requests, held to the bulk lane's share of the budget."""
+        if (bucket, bulk) not in self._limiters:
+            self._limiters[bucket, bulk] = BucketLimiter(self, bucket, bulk)
+        return self._limiters[bucket, bulk]
 
-    def for_spec(self, spec: ModelSpec) -> BucketLimiter | None:
+    def for_spec(self, spec: ModelSpec, bulk: bool = False) -> BucketLimiter | None:
         """The limiter a provider for this model should use; None for providers that call
         no API (`local:`, `hash:`). Reads the key and base URL as the provider will."""
         if spec.provider != "openai":
             return None
-        return self.limiter(openai_bucket())
+        return self.limiter(openai_bucket(), bulk)
 
-    async def ask(self, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
+    async def ask(self, bucket: str, requests: int, tokens: int, bulk: bool = False) -> tuple[float, bool]:
         """One `pgembed.take_budget`: 0 when granted, else seconds to wait; and whether the
         bucket has a budget at all (False: it grants anything)."""
         for attempt in (1, 2):
@@ -260,7 +261,7 @@ class RateLimits:
                 conn = await self._connection()
                 # Shielded: a cancelled caller must not leave the connection mid-query (the
                 # grant, if any, is then spent unused: never more than the budget).
-                return await asyncio.shield(_take(conn, bucket, requests, tokens))
+                return await asyncio.shield(_take(conn, bucket, requests, tokens, bulk))
             except psycopg.OperationalError as error:
                 await self._discard()
                 if attempt == 2:
@@ -302,9 +303,10 @@ class RateLimits:
 class BucketLimiter:
     """One bucket's budget, as a provider's `RateLimiter`."""
 
-    def __init__(self, limits: RateLimits, bucket: str) -> None:
+    def __init__(self, limits: RateLimits, bucket: str, bulk: bool = False) -> None:
         self.limits = limits
         self.bucket = bucket
+        self.bulk = bulk
         self._unlimited_until = -math.inf
 
     async def acquire(self, requests: int, tokens: int) -> None:
@@ -313,7 +315,7 @@ class BucketLimiter:
             # No budget a moment ago: a round trip per request would buy nothing.
             return
         while True:
-            wait, limited = await self.limits.ask(self.bucket, requests, tokens)
+            wait, limited = await self.limits.ask(self.bucket, requests, tokens, self.bulk)
             if wait <= 0:
                 if not limited:
                     self._unlimited_until = time.monotonic() + self.limits.unlimited_recheck
@@ -322,11 +324,13 @@ class BucketLimiter:
             await self.limits._sleep(min(wait, self.limits.max_sleep) + random.uniform(0, min(wait, 0.01)))
 
     def __repr__(self) -> str:
-        return f"BucketLimiter({self.bucket!r})"
+        return f"BucketLimiter({self.bucket!r}{', bulk' if self.bulk else ''})"
 
 
-async def _take(conn: psycopg.AsyncConnection, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
-    cur = await conn.execute(query("rate_limit_take"), {"bucket": bucket, "requests": requests, "tokens": tokens})
+async def _take(conn: psycopg.AsyncConnection, bucket: str, requests: int, tokens: int,
+                bulk: bool = False) -> tuple[float, bool]:
+    cur = await conn.execute(query("rate_limit_take_bulk" if bulk else "rate_limit_take"),
+                             {"bucket": bucket, "requests": requests, "tokens": tokens})
     row = await cur.fetchone()
     if row is None:
         return 0.0, True

@@ -140,8 +140,11 @@ async def cleanup_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
             break
     cur = await conn.execute(query("job_prune"))
     runs, workers = await cur.fetchone() or (0, 0)
+    # model migrations whose rollback window is over: the pipeline their alias left goes
+    migrations = await _scalar(conn, "job_clean_migrations", {})
     return (f"{removed} cache entries unused for {format_duration(ctx.config.cache_max_age)} removed; "
-            f"{runs} old job runs and {workers} dead workers forgotten")
+            f"{runs} old job runs and {workers} dead workers forgotten; "
+            f"{migrations or 0} finished model migrations cleaned up")
 
 
 async def retry_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:

@@ -25,7 +25,8 @@ DEFINITIONS = (
     "expressions.sql", "pipelines.sql", "capture.sql", "schema_changes.sql", "outbox.sql", "failures.sql",
     "indexes.sql",
     "aliases.sql", "evaluation.sql",  # stable search names and evaluation
-    "search.sql", "audit.sql", "fleet.sql", "costs.sql", "ratelimit.sql", "comments.sql",
+    "search.sql", "audit.sql", "fleet.sql", "costs.sql", "ratelimit.sql",
+    "model_migrations.sql", "comments.sql",
     "refresh.sql", "privileges.sql",
 )
 

@@ -154,6 +154,7 @@ class Worker:
         self._claim_limit = self.config.batch_size
         self._pipelines: dict[str, PipelineInfo] = {}
         self._providers: dict[tuple[str, int], Provider] = {}
+        self._bulk_providers: dict[tuple[str, int], Provider] = {}
         # providers that could not be made to work: (model, dimensions) -> (why, when checked)
         self._problems: dict[tuple[str, int], tuple[str, float]] = {}
         self._servable: list[str] = []  # pipelines whose provider passed its check
@@ -256,7 +257,7 @@ class Worker:
             if self._heartbeat is not None and not pool.closed:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._heartbeat.goodbye(), 5)
-            for provider in self._providers.values():
+            for provider in [*self._providers.values(), *self._bulk_providers.values()]:
                 await provider.aclose()
             await self._limits.aclose()
             await pool.close()
@@ -526,9 +527,11 @@ class Worker:
         self._providers[key] = provider
         return None
 
-    def _make_provider(self, info: PipelineInfo) -> Provider:
-        """The worker's --concurrency is the provider's bound on requests in flight too."""
-        provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec),
+    def _make_provider(self, info: PipelineInfo, bulk: bool = False) -> Provider:
+        """The worker's --concurrency is the provider's bound on requests in flight too.
+        `bulk`: the provider of bulk batches, whose requests keep to the bulk lane's share
+        of the rate budget."""
+        provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec, bulk),
                                  concurrency=self.config.concurrency)
         return _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
 
@@ -554,7 +557,7 @@ class Worker:
         if info is None:  # dropped since the claim: its outbox rows went with it
             return
         keys = [c.key for c in batch.rows]
-        embedding = asyncio.create_task(embed_batch(info, batch, queue, self._provider(info),
+        embedding = asyncio.create_task(embed_batch(info, batch, queue, self._provider(info, batch),
                                                     self._requests, self._inflight))
         self._embedding[embedding] = batch
         try:
@@ -607,8 +610,12 @@ class Worker:
             await self._refresh(queue)
         return self._pipelines.get(name)
 
-    def _provider(self, info: PipelineInfo) -> Provider:
+    def _provider(self, info: PipelineInfo, batch: Batch) -> Provider:
         key = (info.spec.model, info.spec.dimensions)
         if key not in self._providers:
             self._providers[key] = self._make_provider(info)
-        return self._providers[key]
+        if info.spec.provider != "openai" or not all(row.purpose in BULK_PURPOSES for row in batch.rows):
+            return self._providers[key]
+        if key not in self._bulk_providers:  # only an API's budget has a share to keep to
+            self._bulk_providers[key] = self._make_provider(info, bulk=True)
+        return self._bulk_providers[key]

@@ -85,3 +85,13 @@ COMMENT ON TABLE pgembed.eval_runs IS 'One row per evaluation run: target asked,
 COMMENT ON COLUMN pgembed.eval_runs.target IS 'what was asked: an alias or a pipeline';
 COMMENT ON COLUMN pgembed.eval_runs.metrics IS 'means over the set''s queries: ndcg@10, and recall@k, p@k, mrr@k for each k in ks';
 COMMENT ON COLUMN pgembed.eval_runs.query_tokens IS 'tokens the query embeddings took (cached queries: 0); usage purpose query';
+
+-- Model migrations and the live lane
+COMMENT ON TABLE pgembed.bulk_lane IS 'When bulk work (backfill, repair, migration) may be claimed: opens..closes in time_zone, NULL always; live changes are claimed first in any case';
+COMMENT ON COLUMN pgembed.bulk_lane.rate_share IS 'the share of each API key''s rate budget that bulk requests may take; live ones may take all of it';
+COMMENT ON TABLE pgembed.model_migrations IS 'Model migrations of an alias: from_pipeline (the active one at start) to to_pipeline (the shadow of the new model), their phase and estimate';
+COMMENT ON COLUMN pgembed.model_migrations.phase IS 'started (shadow backfilling), cut_over (the alias points at the shadow), rolled_back (back to from_pipeline), cleaned_up (the unused pipeline dropped)';
+COMMENT ON COLUMN pgembed.model_migrations.estimate IS 'pgembed migrate plan''s dry run at start: rows, chunks, tokens, cached, usd, seconds';
+COMMENT ON COLUMN pgembed.model_migrations.max_drop IS 'cutover refuses when a metric of the shadow is more than this many points (1 = 0.01) below the active''s';
+COMMENT ON COLUMN pgembed.model_migrations.rollback_window IS 'how long after cutover rollback is possible; then the scheduled cleanup drops from_pipeline';
+COMMENT ON TABLE pgembed.model_migration_events IS 'Each phase of a migration, refused and forced cutovers included, with who and the detail (metrics, reason)';

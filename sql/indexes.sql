@@ -157,8 +157,8 @@ $$;
 
 -- Deferred indexes that can be built now, with the statements that build them (outside a
 -- transaction: CONCURRENTLY) and that first drop what an interrupted build left (an
--- INVALID index of the same kind on the destination): an HNSW index once its backfill is
--- over, an IVFFlat index once that too is over and the destination holds enough rows to
+-- INVALID index of the same kind on the destination): an HNSW index once its backfill (or
+-- a migration's) is over, an IVFFlat index once that too is over and the destination holds enough rows to
 -- train it (its lists are then chosen from the rows it holds).
 CREATE OR REPLACE FUNCTION pgembed.deferred_index_plan()
 RETURNS TABLE (pipeline text, create_sql text, drop_sql text[])
@@ -173,7 +173,7 @@ BEGIN
     FOR p IN SELECT q.* FROM pgembed.deferred_indexes d
                JOIN pgembed.pipelines q ON q.name = d.pipeline
               WHERE NOT EXISTS (SELECT 1 FROM pgembed.outbox o
-                                 WHERE o.pipeline = d.pipeline AND o.purpose = 'backfill')
+                                 WHERE o.pipeline = d.pipeline AND o.purpose IN ('backfill', 'migration'))
               ORDER BY q.name LOOP
         IF p.index_type = 'ivfflat' THEN
             -- counted no further than needed: workers ask often while rows come in

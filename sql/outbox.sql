@@ -159,9 +159,29 @@ LANGUAGE sql IMMUTABLE STRICT
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT ARRAY(SELECT jsonb_array_elements(p_keys)) $$;
 
+-- Whether bulk work (backfill, repair, migration rows) may be claimed now: always, unless
+-- pgembed.bulk_lane sets a window (opens..closes in its time zone; a window that opens
+-- after it closes spans midnight, e.g. 22:00..06:00 off-peak). A DBA sets it with
+--     UPDATE pgembed.bulk_lane SET opens = '22:00', closes = '06:00', time_zone = 'Europe/Paris';
+CREATE OR REPLACE FUNCTION pgembed.bulk_lane_open(p_at timestamptz DEFAULT now())
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(bool_and(CASE WHEN b.opens IS NULL THEN true
+                                  WHEN b.opens < b.closes THEN t.t >= b.opens AND t.t < b.closes
+                                  ELSE t.t >= b.opens OR t.t < b.closes END), true)
+      FROM pgembed.bulk_lane b
+     CROSS JOIN LATERAL (SELECT (p_at AT TIME ZONE b.time_zone)::time AS t) AS t
+$$;
+
 -- Claims up to p_limit ready rows of one pipeline for a worker, round robin over pipelines
 -- starting after p_after so that no pipeline starves. SKIP LOCKED: workers never wait on
 -- each other or on an application transaction that is touching a queued row.
+-- Two lanes: live rows (purposes sync and retry: what the application changed) of every
+-- pipeline are claimed before any bulk row (backfill, repair, migration), so a row inserted
+-- behind a backlog of any pipeline waits one claim, not the backlog; bulk rows are claimed
+-- only while the bulk lane is open (pgembed.bulk_lane_open). Each lane is oldest first.
 -- claim_from is claim limited to p_only: the pipelines the worker can serve (it checked
 -- their provider first), NULL for all; a pipeline created since the worker last looked is
 -- not claimed until it has. (A name of its own: an upgrade keeps claim's signature.)
@@ -173,7 +193,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    pipes text[];
     pl text;
+    lane text;
+    ready jsonb[];
 BEGIN
     -- A claim need not wait for its commit to reach the disk (a flush is some milliseconds,
     -- a quarter of a small batch's time): one lost in a crash never happened, its rows are
@@ -181,30 +204,34 @@ BEGIN
     -- the cache and the usage it paid for. The acknowledgement's own commit is flushed, and
     -- with it every earlier one.
     PERFORM set_config('synchronous_commit', 'off', true);
-    FOR pl IN
-        SELECT q.name FROM pgembed.pipelines q
-         WHERE p_only IS NULL OR q.name = ANY(p_only)
-         ORDER BY q.name <= coalesce(p_after, ''), q.name
-    LOOP
-        PERFORM pgembed.expand_statements(pl);
-        RETURN QUERY
-        WITH ready AS (
-            -- oldest first within the pipeline; rows in flight or retrying are not ready
-            SELECT o.pipeline, o.key FROM pgembed.outbox o
-             WHERE o.pipeline = pl AND o.available_at <= now()
-             ORDER BY o.available_at
-             LIMIT p_limit
-             FOR UPDATE SKIP LOCKED
-        )
-        UPDATE pgembed.outbox o
-           SET lease_id = p_lease, leased_by = p_worker,
-               available_at = now() + make_interval(secs => p_lease_seconds)
-          FROM ready
-         WHERE o.pipeline = ready.pipeline AND o.key = ready.key
-        RETURNING o.pipeline, o.key, o.version, o.purpose, o.attempts;
-        IF FOUND THEN
+    pipes := ARRAY(SELECT q.name FROM pgembed.pipelines q
+                    WHERE p_only IS NULL OR q.name = ANY(p_only)
+                    ORDER BY q.name <= coalesce(p_after, ''), q.name);
+    FOREACH lane IN ARRAY ARRAY['live', 'bulk'] LOOP
+        EXIT WHEN lane = 'bulk' AND NOT pgembed.bulk_lane_open();
+        FOREACH pl IN ARRAY pipes LOOP
+            IF lane = 'live' THEN
+                PERFORM pgembed.expand_statements(pl);  -- a statement's keys are live rows
+                ready := ARRAY(SELECT o.key FROM pgembed.outbox o  -- through outbox_live
+                                WHERE o.pipeline = pl AND o.available_at <= now()
+                                  AND o.purpose IN ('sync', 'retry')
+                                ORDER BY o.available_at LIMIT p_limit
+                                  FOR UPDATE SKIP LOCKED);
+            ELSE
+                ready := ARRAY(SELECT o.key FROM pgembed.outbox o
+                                WHERE o.pipeline = pl AND o.available_at <= now()
+                                ORDER BY o.available_at LIMIT p_limit
+                                  FOR UPDATE SKIP LOCKED);
+            END IF;
+            CONTINUE WHEN cardinality(ready) = 0;
+            RETURN QUERY
+            UPDATE pgembed.outbox o
+               SET lease_id = p_lease, leased_by = p_worker,
+                   available_at = now() + make_interval(secs => p_lease_seconds)
+             WHERE o.pipeline = pl AND o.key = ANY (ready)
+            RETURNING o.pipeline, o.key, o.version, o.purpose, o.attempts;
             RETURN;
-        END IF;
+        END LOOP;
     END LOOP;
 END
 $$;

@@ -77,6 +77,7 @@ GRANT EXECUTE ON FUNCTION pgembed.gaps(text), pgembed.pipeline_counts(text) TO p
 GRANT SELECT ON pgembed.audit_runs, pgembed.audit_findings, pgembed.failure_classes TO pgembed_reader;
 -- search names and evaluation: what each alias points at, the sets, every run
 GRANT SELECT ON pgembed.aliases, pgembed.eval_sets, pgembed.eval_runs TO pgembed_reader;
+GRANT SELECT ON pgembed.model_migrations, pgembed.model_migration_events, pgembed.bulk_lane TO pgembed_reader;
 
 -- The worker: reads pipelines and models, leases and acknowledges queue rows, keeps the
 -- embedding cache, records failures and usage, keeps its heartbeat row, spends the shared
@@ -92,6 +93,8 @@ GRANT INSERT ON pgembed.usage TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgembed.workers TO pgembed_worker;
 GRANT SELECT ON pgembed.rate_limits TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE ON pgembed.rate_limit_state TO pgembed_worker;
+GRANT SELECT ON pgembed.bulk_lane TO pgembed_worker;  -- claim_from reads its window
+GRANT EXECUTE ON FUNCTION pgembed.take_bulk_budget(text, int, bigint) TO pgembed_worker;
 -- Each pipeline's destination table and read/store functions: create_pipeline grants them
 -- (pgembed.grant_pipeline_to_workers); again here for the pipelines that exist already.
 -- Which HNSW indexes wait for their backfill to end (pgembed.deferred_indexes, service.sql):

@@ -409,6 +409,13 @@ SELECT pgembed.take_budget(%(bucket)s, %(requests)s, %(tokens)s),
                 WHERE bucket = %(bucket)s
                   AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
 
+-- rate_limit_take_bulk --
+-- The same for a bulk request: within the bulk lane's share first (pgembed.take_bulk_budget).
+SELECT pgembed.take_bulk_budget(%(bucket)s, %(requests)s, %(tokens)s),
+       EXISTS (SELECT FROM pgembed.rate_limits
+                WHERE bucket = %(bucket)s
+                  AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
+
 -- rate_limit_is_limited --
 -- Only reads (no row lock), so it is safe inside the caller's transaction.
 SELECT EXISTS (SELECT FROM pgembed.rate_limits
@@ -483,3 +490,62 @@ SELECT n.nspname AS source_schema, c.relname AS source_table, p.destination, p.k
   JOIN pg_catalog.pg_class c ON c.oid = p.source
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE p.name = %(name)s
+
+-- migration_target --
+-- What a migration of an alias to a model would build (checked: sql/model_migrations.sql).
+SELECT * FROM pgembed.migration_target(%(alias)s, %(model)s, %(dimensions)s::int)
+
+-- backfill_target --
+-- What create_pipeline with these arguments would backfill (its dry run).
+SELECT * FROM pgembed.backfill_target(%(source)s::regclass, %(content)s, %(model)s, %(dimensions)s::int,
+                                      %(chunking)s, %(chunk_tokens)s::int, %(chunk_overlap)s::int,
+                                      %(chunk_prefix)s)
+
+-- pin_settings --
+-- A dry run reads content as the reader renders it: pgembed.pinned_settings(), for this
+-- transaction.
+SELECT pg_catalog.set_config('TimeZone', 'UTC', true), pg_catalog.set_config('DateStyle', 'ISO, YMD', true),
+       pg_catalog.set_config('IntervalStyle', 'postgres', true),
+       pg_catalog.set_config('extra_float_digits', '1', true), pg_catalog.set_config('bytea_output', 'hex', true),
+       pg_catalog.set_config('lc_monetary', 'C', true), pg_catalog.set_config('lc_numeric', 'C', true),
+       pg_catalog.set_config('lc_time', 'C', true)
+
+-- cache_has --
+SELECT content_hash FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hashes)s::bytea[])
+
+-- rate_limit_of --
+SELECT max_requests, max_tokens, per_seconds FROM pgembed.rate_limits WHERE bucket = %(bucket)s
+
+-- migration_start --
+SELECT pgembed.start_migration(%(alias)s, %(model)s, %(dimensions)s::int, %(estimate)s, %(name)s,
+                               %(max_drop)s::numeric, %(window)s::interval)
+
+-- migration_status --
+SELECT * FROM pgembed.model_migration_status
+ WHERE %(alias)s::text IS NULL OR alias = %(alias)s
+ ORDER BY id DESC
+
+-- migration_open --
+-- The alias's migration not yet cleaned up, else its latest (pgembed.alias_migration).
+SELECT m.id, m.from_pipeline, m.to_pipeline, m.phase, m.eval_set, a.eval_set AS alias_eval_set
+  FROM pgembed.alias_migration(%(alias)s) AS m CROSS JOIN pgembed.aliases a
+ WHERE a.name = %(alias)s
+
+-- migration_evaluated --
+SELECT pgembed.migration_evaluated(%(alias)s, %(eval_set)s, %(active_run)s, %(shadow_run)s)
+
+-- migration_cutover --
+SELECT pgembed.cutover_migration(%(alias)s, %(force)s, %(reason)s)
+
+-- migration_rollback --
+SELECT pgembed.rollback_migration(%(alias)s)
+
+-- migration_cleanup --
+SELECT pgembed.cleanup_migration(%(alias)s)
+
+-- migration_events --
+SELECT e.at, e.event, e.by_user, e.detail FROM pgembed.model_migration_events e
+ WHERE e.migration = %(migration)s ORDER BY e.id
+
+-- job_clean_migrations --
+SELECT pgembed.cleanup_due_migrations()

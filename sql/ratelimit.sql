@@ -284,3 +284,42 @@ SELECT l.bucket,
        l.updated_at
 FROM pgembed.rate_limits l
 LEFT JOIN pgembed.rate_limit_state s ON s.bucket = l.bucket;
+
+-- A bulk request's grant (backfill, repair, migration batches): from a bucket of its own
+-- that holds pgembed.bulk_lane.rate_share of the key's budget, then from the key's bucket
+-- as any request. So bulk work never takes more than its share, and live requests always
+-- have the rest. The share's bucket ('bulk ' and the key's bucket) follows the key's
+-- budget at every call. SECURITY DEFINER: it keeps that row, which a worker may not write.
+CREATE OR REPLACE FUNCTION pgembed.take_bulk_budget(p_bucket text, p_requests int, p_tokens bigint)
+RETURNS double precision
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    share double precision := (SELECT b.rate_share FROM pgembed.bulk_lane b);
+    lim pgembed.rate_limits;
+    held text := 'bulk ' || left(p_bucket, 495);
+    wait double precision;
+BEGIN
+    SELECT * INTO lim FROM pgembed.rate_limits r WHERE r.bucket = p_bucket;
+    IF coalesce(share, 1) < 1 AND (lim.max_requests IS NOT NULL OR lim.max_tokens IS NOT NULL) THEN
+        INSERT INTO pgembed.rate_limits AS r (bucket, max_requests, max_tokens, per_seconds, burst_seconds, base_url)
+        VALUES (held, ceil(lim.max_requests * share)::int, ceil(lim.max_tokens * share)::bigint, lim.per_seconds,
+                lim.burst_seconds, lim.base_url)
+        ON CONFLICT (bucket) DO UPDATE
+           SET max_requests = excluded.max_requests, max_tokens = excluded.max_tokens,
+               per_seconds = excluded.per_seconds, burst_seconds = excluded.burst_seconds, updated_at = now()
+         WHERE (r.max_requests, r.max_tokens, r.per_seconds, r.burst_seconds)
+               IS DISTINCT FROM (excluded.max_requests, excluded.max_tokens, excluded.per_seconds,
+                                 excluded.burst_seconds);
+        wait := pgembed.take_budget(held, p_requests, p_tokens);
+        IF wait > 0 THEN
+            RETURN wait;
+        END IF;
+    END IF;
+    RETURN pgembed.take_budget(p_bucket, p_requests, p_tokens);
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgembed.take_bulk_budget(text, int, bigint) FROM PUBLIC;

@@ -613,9 +613,9 @@ class CountingLimits(RateLimits):
 
     asked = 0
 
-    async def ask(self, bucket: str, requests: int, tokens: int) -> tuple[float, bool]:
+    async def ask(self, bucket: str, requests: int, tokens: int, bulk: bool = False) -> tuple[float, bool]:
         self.asked += 1
-        return await super().ask(bucket, requests, tokens)
+        return await super().ask(bucket, requests, tokens, bulk)
 
 
 def test_a_bucket_without_a_budget_is_not_asked_per_request(dsn: str, conn: psycopg.Connection) -> None:

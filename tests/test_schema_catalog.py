@@ -81,7 +81,11 @@ DOWNGRADES = {
               # late chunking
               "SELECT pgembed.create_pipeline('notes', 'body', 'local:all-MiniLM-L6-v2', late_chunking => true)",
               # indexes that wait for their data: an IVFFlat index deferred
-              "SELECT pgembed.create_pipeline('notes', 'title', 'hash:8', index => 'ivfflat')"]),
+              "SELECT pgembed.create_pipeline('notes', 'title', 'hash:8', index => 'ivfflat')",
+              # model migrations: a migration and its first event
+              "INSERT INTO pgembed.model_migrations (alias, from_pipeline, to_pipeline, from_model, to_model, "
+              "to_dimensions) VALUES ('notes', 'notes_h8', 'notes_h16', 'hash:8', 'hash:16', 16)",
+              "SELECT pgembed.migration_event(1, 'started')"]),
 }
 
 

@@ -5,7 +5,14 @@
 -- Model migrations and the live lane
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- what depends on the tables' row type or reads them goes first
+DROP VIEW pgembed.model_migration_status;
+DROP FUNCTION pgembed.alias_migration(text), pgembed.migration_in(text, text[], text),
+    pgembed.cutover_gate(pgembed.model_migrations);
+DROP TABLE pgembed.model_migration_events;
+DROP TABLE pgembed.model_migrations;
+DROP TABLE pgembed.bulk_lane;
+DROP INDEX pgembed.outbox_live;
 
 -- ---------------------------------------------------------------------------------------
 -- Stable search names and evaluation
@@ -67,7 +74,11 @@ BEGIN
                     'drop_alias', 'set_alias_evaluation',
                     'import_eval_set', 'eval_set_key',
                     -- model migrations and the live lane
-                    ''
+                    'bulk_lane_open', 'alias_migration', 'active_pipeline', 'migration_target',
+                    'migration_event', 'start_migration', 'migration_in', 'migration_evaluated',
+                    'cutover_gate', 'cutover_migration', 'rollback_migration', 'cleanup_migration',
+                    'cleanup_due_migrations', 'target_dimensions', 'model_target',
+                    'backfill_target_on_path', 'backfill_target', 'take_bulk_budget'
                 ) LOOP
         EXECUTE 'DROP FUNCTION ' || f;
     END LOOP;

@@ -115,4 +115,63 @@ CREATE INDEX eval_runs_set ON pgembed.eval_runs (eval_set, pipeline, at DESC);
 -- Model migrations and the live lane
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- Live changes are claimed before bulk work (backfill, repair, migration): an index of the
+-- live rows alone, so that finding them never walks a backlog.
+CREATE INDEX outbox_live ON pgembed.outbox (pipeline, available_at) WHERE purpose IN ('sync', 'retry');
+
+-- When the bulk lane may be claimed: one row; opens/closes NULL is always.
+CREATE TABLE pgembed.bulk_lane (
+    singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    opens           time,
+    closes          time,
+    time_zone       text NOT NULL DEFAULT 'UTC',
+    -- the share of each API key's rate budget bulk requests may take (pgembed.take_bulk_budget)
+    rate_share      double precision NOT NULL DEFAULT 1,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT "bulk_lane: opens and closes go together" CHECK ((opens IS NULL) = (closes IS NULL)),
+    CONSTRAINT "bulk_lane: opens and closes must differ" CHECK (opens <> closes),
+    CONSTRAINT "bulk_lane: rate_share must be above 0 and at most 1" CHECK (rate_share > 0 AND rate_share <= 1)
+);
+
+INSERT INTO pgembed.bulk_lane DEFAULT VALUES;
+
+-- One row per model migration of an alias: from the pipeline the alias pointed at to a
+-- shadow pipeline of the same source with the new model. No foreign keys to pipelines: the
+-- history outlives the pipelines that cleanup drops.
+CREATE TABLE pgembed.model_migrations (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    alias           text NOT NULL,
+    from_pipeline   text NOT NULL,
+    to_pipeline     text NOT NULL,
+    from_model      text NOT NULL,
+    to_model        text NOT NULL,
+    to_dimensions   int NOT NULL,
+    phase           text NOT NULL DEFAULT 'started'
+                    CHECK (phase IN ('started', 'cut_over', 'rolled_back', 'cleaned_up')),
+    estimate        jsonb NOT NULL DEFAULT '{}',
+    eval_set        text,
+    max_drop        numeric NOT NULL DEFAULT 3 CHECK (max_drop >= 0),
+    rollback_window interval NOT NULL DEFAULT '48 hours' CHECK (rollback_window > interval '0'),
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    started_by      text NOT NULL DEFAULT current_user,
+    cut_over_at     timestamptz,
+    finished_at     timestamptz,
+    CHECK (phase NOT IN ('cut_over', 'rolled_back') OR cut_over_at IS NOT NULL),
+    CHECK ((phase = 'cleaned_up') = (finished_at IS NOT NULL))
+);
+
+-- at most one migration of an alias not yet cleaned up
+CREATE UNIQUE INDEX model_migrations_open ON pgembed.model_migrations (alias) WHERE phase <> 'cleaned_up';
+
+-- Every phase a migration went through, and every refused or forced cutover, with who.
+CREATE TABLE pgembed.model_migration_events (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    migration       bigint NOT NULL REFERENCES pgembed.model_migrations ON DELETE CASCADE,
+    at              timestamptz NOT NULL DEFAULT clock_timestamp(),
+    event           text NOT NULL CHECK (event IN ('started', 'evaluated', 'cutover_refused', 'cut_over',
+                                                   'rolled_back', 'cleaned_up')),
+    by_user         text NOT NULL DEFAULT current_user,
+    detail          jsonb NOT NULL DEFAULT '{}'
+);
+
+CREATE INDEX model_migration_events_migration ON pgembed.model_migration_events (migration, at);

@@ -13,6 +13,7 @@ from pgembed.cli import costs, dsn, failures, health, quickstart, schema, search
 from pgembed.cli.alias import alias_app
 from pgembed.cli.common import out
 from pgembed.cli.eval import eval_app
+from pgembed.cli.migrate import migrate_app
 from pgembed.cli.pipeline import pipeline_app
 from pgembed.cli.ratelimit import ratelimit_app
 
@@ -28,3 +29,4 @@ app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(ratelimit_app, name="ratelimit")
 app.add_typer(alias_app, name="alias")
 app.add_typer(eval_app, name="eval")
+app.add_typer(migrate_app, name="migrate")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pgembed import pipelines
+from pgembed import estimate, pipelines
 from pgembed.cli import tables
 from pgembed.cli.common import DsnOption, EmbeddedOption, JsonOption, connect, fail, friendly, out, print_json
 from pgembed.pipelines import PipelineOptions
@@ -47,6 +47,8 @@ def create(
     late_chunking: Annotated[bool, typer.Option(
         "--late-chunking", help="Local models: run the model over the whole row and pool each "
                                 "chunk's tokens, so every chunk carries its row's context.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only estimate the backfill: rows, chunks, tokens, cache, spend, time.")] = False,
     dsn: DsnOption = None,
     embedded: EmbeddedOption = False,
 ) -> None:
@@ -60,6 +62,11 @@ def create(
                               chunk_overlap=chunk_overlap, backfill=backfill, cost_center=cost_center,
                               name=name, storage=storage, quantization=quantization, rerank=rerank,
                               late_chunking=late_chunking)
+    if dry_run:
+        with connect(dsn, embedded) as conn:
+            planned = estimate.estimate(conn, estimate.backfill_target(conn, table_name, content, model, options))
+        out.print(tables.estimate(f"{table_name} with {model}: dry run, nothing created", planned))
+        return
     with connect(dsn, embedded) as conn:
         existing = [] if another or name else pipelines.same(conn, table_name, content, model, dimensions)
         if existing:

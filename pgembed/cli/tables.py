@@ -361,3 +361,36 @@ def eval_regressions(rows: list[Row]) -> Fitted:
                                   Col("set", whole=True, spare=2), Col("nDCG@10"), Col("before"), Col("change")],
                   ([when(r["at"]), r["target"], r["pipeline"], r["eval_set"], score(r["ndcg_10"]),
                     score(r["previous_ndcg_10"]), change(r["ndcg_10_change"])] for r in rows))
+
+
+# --- model migrations -----------------------------------------------------------------------
+
+def estimate(title: str, e: Any) -> Fitted:
+    """A dry run (pgembed.estimate.Estimate), one line of figures."""
+    seconds = "no rate budget" if e.seconds is None else age(timedelta(seconds=e.seconds))
+    return Fitted(title, [Col("rows"), Col("chunks"), Col("cached", spare=1), Col("tokens"), Col("usd"),
+                          Col("time", whole=True)],
+                  [(count(e.rows), count(e.chunks), count(e.cached_chunks), count(e.tokens), usd(e.usd), seconds)])
+
+
+def migrations(rows: list[Row]) -> Fitted:
+    """Progress and spend so far against the dry run's estimate (spent/estimated)."""
+    columns = [Col("id", whole=True), Col("alias", key=True), Col("phase", whole=True), Col("to_pipeline", whole=True),
+               Col("done"), Col("eta", whole=True, spare=1), Col("tokens"), Col("usd", spare=2),
+               Col("rollback_until", whole=True, spare=3)]
+    return Fitted("migrations", columns, (
+        (r["id"], r["alias"], r["phase"], r["to_pipeline"], f"{count(r['done'])}/{count(r['rows'])}",
+         age(r["eta"]), f"{count(r['tokens'])}/{count(r['estimated_tokens'])}",
+         f"{usd(r['usd'])}/{usd(r['estimated_usd'])}", when(r["rollback_until"]))
+        for r in rows))
+
+
+def metrics_compared(title: str, active: dict[str, float], shadow: dict[str, float]) -> Fitted:
+    return Fitted(title, [Col("metric", key=True), Col("active"), Col("shadow"), Col("points")], (
+        (k, f"{active[k]:.4f}", f"{shadow.get(k, 0.0):.4f}", f"{(shadow.get(k, 0.0) - active[k]) * 100:+.1f}")
+        for k in sorted(active)))
+
+
+def gate_failures(failed: list[Row]) -> Fitted:
+    return Fitted("metrics below the gate", [Col("metric", key=True), Col("active"), Col("shadow"), Col("points")],
+                  ((f["metric"], f"{f['active']:.4f}", f"{f['shadow']:.4f}", f"-{f['points']}") for f in failed))

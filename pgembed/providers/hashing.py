@@ -47,6 +47,11 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def token_count(text: str) -> int:
+    """What the hash provider bills a text: its words (a dry run counts the same way)."""
+    return len(_words(text))
+
+
 def hash_arrays(words: list[list[str]], dimensions: int) -> np.ndarray:
     """The vectors of texts given by their words, one row each (float64), in one numpy
     pass over the whole batch: per-text numpy calls cost more than the arithmetic. An
