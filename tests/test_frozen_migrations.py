@@ -46,6 +46,13 @@ SHIPPED = {
     # sql/'s definitions as 0004 shipped them, for 0005's downgrade
     "0005_halfvec_and_quantization.down.definitions.sql":
         "0ad70d6909588eb605c328d2e7d6f78ed4bd54091909a73655817f961d6247d7",
+    "0006_late_chunking_search_names_and_model_migration.sql":
+        "9e1188d29fb17dad95148bea5e1c35343082764e181b68e333e3db0dcc743e6e",
+    "0006_late_chunking_search_names_and_model_migration.down.sql":
+        "4e1f2f6818ccf2fa5c5bcc777d8cf2f497af5dd1f4109df0cfb01b6315ee0367",
+    # sql/'s definitions as 0005 shipped them, for 0006's downgrade
+    "0006_late_chunking_search_names_and_model_migration.down.definitions.sql":
+        "1950aa24ee5a22f54bd376210ebde91a58eae9d1e74a1931fa313cafcf29ee35",
 }
 
 
