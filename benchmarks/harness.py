@@ -58,7 +58,7 @@ class Scale:
     backfill_budget_s: float = 90.0  # stop the pipeline's drain after this long (0: never)
     maintenance_work_mem: str = "1GB"  # for the limit's CREATE INDEX
     # 3. API-bound
-    api_rows: int = 10_000
+    api_rows: int = 30_000  # 14 s of drain: the steady rate, not the half second of start-up
     api_latency: float = 0.1
     api_dims: int = 256
     # 4. trigger overhead

@@ -136,8 +136,8 @@ class OpenAIProvider:
     `limiter` is the shared rate-limit budget, asked before every HTTP request.
     """
 
-    #: its `concurrency` (the worker's --concurrency) bounds the requests in flight, around
-    #: the HTTP request alone: the worker does not hold a request slot around the whole call
+    #: its `concurrency` (the worker's --concurrency) bounds the requests in flight, each with
+    #: its retries: the worker does not hold a slot while tokens are counted or vectors decoded
     bounds_requests = True
 
     def __init__(
@@ -250,7 +250,10 @@ class OpenAIProvider:
         """Embed one request's worth; on a content rejection, bisect to find the culprits."""
         tokens = sum(run.token_counts[i] for i in indices)
         try:
-            response = await self._request([texts[i] for i in indices], tokens, run)
+            # a request slot is held through the request's retries and their backoff (a 429
+            # slows this worker down, not only this request), not while its halves are tried
+            async with self._slots:
+                response = await self._request([texts[i] for i in indices], tokens, run)
         except _Rejected as rejected:
             if len(indices) == 1 or budget.remaining <= 0:
                 note = (
@@ -290,7 +293,7 @@ class OpenAIProvider:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _post(self, texts: list[str], tokens: int, run: _Run) -> Any:
-        """Exactly one HTTP request, within the concurrency bound and the budget, counted."""
+        """Exactly one HTTP request, within the budget, counted (its caller holds a slot)."""
         params: dict[str, Any] = {
             "model": self.spec.name,
             "input": texts,
@@ -299,23 +302,22 @@ class OpenAIProvider:
         }
         if self.spec.dimensions != self.spec.native_dimensions:
             params["dimensions"] = self.spec.dimensions
-        async with self._slots:
-            if self.limiter is not None:
-                await self._acquire(tokens)
-            run.requests += 1
-            run.inputs_sent += len(texts)
-            try:
-                # The client's own POST (auth, base URL, timeouts, its errors), read as JSON
-                # here: typing the body into models took a tenth of an API-bound worker's
-                # time, all for fields we check ourselves.
-                return read_body(await self._post_within_timeout(params))
-            except openai.APIStatusError as exc:
-                if exc.status_code in _REJECT_STATUS:
-                    raise _Rejected(f"rejected by the API (HTTP {exc.status_code}): {self._api_message(exc)}") from None
-                raise
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                # The client could not read the body (declared JSON, but it is not).
-                return "<unreadable body>"
+        if self.limiter is not None:
+            await self._acquire(tokens)
+        run.requests += 1
+        run.inputs_sent += len(texts)
+        try:
+            # The client's own POST (auth, base URL, timeouts, its errors), read as JSON
+            # here: typing the body into models took a tenth of an API-bound worker's
+            # time, all for fields we check ourselves.
+            return read_body(await self._post_within_timeout(params))
+        except openai.APIStatusError as exc:
+            if exc.status_code in _REJECT_STATUS:
+                raise _Rejected(f"rejected by the API (HTTP {exc.status_code}): {self._api_message(exc)}") from None
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            # The client could not read the body (declared JSON, but it is not).
+            return "<unreadable body>"
 
     async def _post_within_timeout(self, params: dict[str, Any]) -> bytes:
         """The POST, abandoned after `timeout` seconds in total. The client's own timeout is
