@@ -39,12 +39,12 @@ def _skipped(why: str) -> list[Result]:
 def _drain(bench: Bench, dsn: str, corpus: Any) -> dict[str, float]:
     """The table, then each pipeline drained before the next is created."""
     from pgembed.client import Client
-    from pgembed.evaluation.beir import _load_table
+    from pgembed.evaluation.beir import load_table
 
     chunking = {"chunk_tokens": bench.scale.late_chunk_tokens} if bench.scale.late_chunk_tokens else {}
     seconds = {}
     with Client(dsn) as client:
-        _load_table(client.conn, TABLE, corpus)
+        load_table(client.conn, TABLE, corpus)
         for name, late in KINDS.items():
             client.create_pipeline(TABLE, CONTENT, MODEL, name=name, late_chunking=late, **chunking)
             started = time.perf_counter()

@@ -108,11 +108,11 @@ def _embed_through_pipelines(bench: Bench, dsn: str, corpus: Any) -> dict[str, f
     """The table, then one pipeline after the other, each drained before the next: the first
     embeds every chunk, the others find them all in the cache."""
     from pgembed.client import Client
-    from pgembed.evaluation.beir import _load_table
+    from pgembed.evaluation.beir import load_table
 
     drains = {}
     with Client(dsn) as client:
-        _load_table(client.conn, TABLE, corpus)
+        load_table(client.conn, TABLE, corpus)
         for storage, options in STORAGES.items():
             client.create_pipeline(TABLE, CONTENT, MODEL, name=_pipeline(storage), **options)
             started = time.perf_counter()

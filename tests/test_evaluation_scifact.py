@@ -1,4 +1,5 @@
-"""`eval run` through a real pipeline (issue 14): a SciFact slice of 200 documents and their
+"""`eval run` through a real pipeline (issue 14): a SciFact slice (100 documents, or
+PGEMBED_TEST_EVAL_DOCS) and their
 train queries, imported from BEIR files, searched through an alias with the local MiniLM
 model. The run's nDCG@10 must equal, within TOLERANCE (what the HNSW index may lose), the one
 pgembed.evaluation.metrics gives on exact numpy search over the very chunks the pipeline
@@ -7,6 +8,7 @@ stored, computed in this test."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,7 @@ def test_an_eval_run_matches_exact_search_over_the_stored_chunks(empty_dsn, tmp_
     from pgembed.providers.local import load_model, resolve_model
 
     migrate.upgrade(empty_dsn)
-    corpus = beir.load(SCIFACT, max_docs=200)
+    corpus = beir.load(SCIFACT, max_docs=int(os.environ.get("PGEMBED_TEST_EVAL_DOCS", "100")))
     assert len(corpus.queries) >= 40
     with db.connect(empty_dsn) as conn:
         beir.load_table(conn, "scifact", corpus)
@@ -58,3 +60,5 @@ def test_an_eval_run_matches_exact_search_over_the_stored_chunks(empty_dsn, tmp_
     assert run.pipeline == pipeline and len(chunks) > len(corpus.docs)  # long abstracts were chunked
     assert abs(run.metrics["ndcg@10"] - reference["ndcg@10"]) <= TOLERANCE, (run.metrics, reference)
     assert run.metrics["ndcg@10"] > 0.3  # not two zeros agreeing
+    print(f"{len(corpus.docs)} documents, {len(chunks)} chunks, {len(corpus.queries)} queries; "
+          f"eval run {run.metrics}; exact {reference}")

@@ -45,8 +45,11 @@ def test_a_large_backfill_defers_the_hnsw_index_until_the_worker_has_loaded_it(c
     assert conn.execute(f"SELECT count(*) FROM pgembed.{name}").fetchone() == (ROWS,)
     conn.execute("UPDATE docs SET body = 'a lighthouse on the rocky shore' WHERE id = 4242")
     drain(dsn)
-    hits = search.search(conn, name, "a lighthouse on the rocky shore", k=3)
-    assert hits[0].key == {"id": 4242} and hits[0].distance < 1e-6
+    # through the index that was built (approximate: a parallel build's graph differs run to
+    # run, so the exact match is asked for among ten, not first of three)
+    hits = search.search(conn, name, "a lighthouse on the rocky shore", k=10)
+    assert {"id": 4242} in [h.key for h in hits]
+    assert min(h.distance for h in hits) < 1e-6
 
 
 def test_a_small_backfill_and_a_backfill_without_index_get_their_index_at_once(conn):

@@ -3,12 +3,14 @@ model, its evaluation set made of train queries; searches through the alias answ
 every phase, follow the cutover and the rollback at once; the shadow's quality is checked
 against exact search over its own stored vectors in the same run. A migration to a worse
 model (hash:64) is refused by the gate, with the metrics that failed, and --force passes
-and is recorded. A slice of 300 documents; `python -m benchmarks --only quality` has the
-full corpus for a single pipeline."""
+and is recorded. A slice of 150 documents (PGEMBED_TEST_MIGRATION_DOCS for another size;
+-s prints the plan and the evaluation); `python -m benchmarks --only quality` has the full
+corpus for a single pipeline."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from tests.conftest import drain
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 MINILM = "local:all-MiniLM-L6-v2"
-DOCS = 300
+DOCS = int(os.environ.get("PGEMBED_TEST_MIGRATION_DOCS", "150"))
 TOLERANCE = 0.02  # nDCG@10 of the shadow through the alias against exact search over its vectors
 PROBES = 5  # queries searched through the alias in every phase
 
@@ -85,7 +87,7 @@ def exact_ndcg(conn: psycopg.Connection, corpus: beir.Corpus, pipeline: str) -> 
 
 
 @pytest.mark.local_model
-@pytest.mark.timeout(900)  # 300 documents through the local model, then two evaluations: minutes on 2 cores
+@pytest.mark.timeout(900)  # the documents through the local model, then two evaluations: minutes on 2 cores
 def test_hash_to_minilm_on_scifact(conn: psycopg.Connection, dsn: str, scifact: beir.Corpus) -> None:
     corpus = scifact
     with Client(dsn) as client:
@@ -98,6 +100,7 @@ def test_hash_to_minilm_on_scifact(conn: psycopg.Connection, dsn: str, scifact: 
         before = answered_by("papers_hash")
         planned = json.loads(cli("migrate", "plan", "papers", "--model", MINILM, "--json", "--dsn", dsn).stdout)
         assert planned["rows"] == len(corpus.docs) and planned["chunks"] >= planned["rows"]
+        print(f"plan: {planned}")
         answered_by("papers_hash")
 
         started = cli("migrate", "start", "papers", "--model", MINILM, "--name", "papers_minilm", "--dsn", dsn)
@@ -110,6 +113,7 @@ def test_hash_to_minilm_on_scifact(conn: psycopg.Connection, dsn: str, scifact: 
 
         evaluated = json.loads(cli("migrate", "evaluate", "papers", "--json", "--dsn", dsn).stdout)
         active, shadow = evaluated["active"], evaluated["shadow"]
+        print(f"evaluate: active {active}; shadow {shadow}")
         assert shadow["ndcg@10"] > active["ndcg@10"] + 0.10, evaluated  # by a wide margin
         assert abs(shadow["ndcg@10"] - exact_ndcg(conn, corpus, "papers_minilm")) <= TOLERANCE
         answered_by("papers_hash")
