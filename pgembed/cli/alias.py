@@ -20,7 +20,9 @@ from pgembed.cli.common import (
     fail,
     friendly,
     out,
+    print_dropped,
     print_json,
+    print_rows,
 )
 from pgembed.pipelines import PipelineError
 from pgembed.scheduler import parse_duration
@@ -76,12 +78,8 @@ def list_aliases(as_json: JsonOption = False, dsn: DsnOption = None, embedded: E
     """
     with connect(dsn, embedded) as conn:
         rows = aliases.list_all(conn)
-    if as_json:
-        print_json(rows)
-    elif rows:
-        out.print(tables.aliases(rows))
-    else:
-        out.print("no aliases; make one with pgembed alias set NAME PIPELINE")
+    print_rows(rows, as_json, tables.aliases,
+               "no aliases; make one with pgembed alias set NAME PIPELINE")
 
 
 @alias_app.command("drop")
@@ -96,7 +94,4 @@ def drop(name: str, as_json: JsonOption = False, dsn: DsnOption = None, embedded
             aliases.drop(conn, name)
         except PipelineError as error:
             fail(error, EXIT_USAGE)
-    if as_json:
-        print_json({"dropped": name})
-    else:
-        out.print(f"alias {escape(name)} dropped", highlight=False)
+    print_dropped("alias", name, as_json)

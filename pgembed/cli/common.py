@@ -57,6 +57,25 @@ def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, default=health.as_json, indent=2) + "\n")
 
 
+def print_rows(rows: list[dict[str, Any]], as_json: bool, table: Callable[[list[dict[str, Any]]], Any],
+               none: str) -> None:
+    """A listing: the rows as JSON (`--json`), else their table, else what to do about none."""
+    if as_json:
+        print_json(rows)
+    elif rows:
+        out.print(table(rows))
+    else:
+        out.print(none, highlight=False)
+
+
+def print_dropped(what: str, name: str, as_json: bool) -> None:
+    """What a drop command says: `{"dropped": name}` with --json, else one line."""
+    if as_json:
+        print_json({"dropped": name})
+    else:
+        out.print(f"{what} {escape(name)} dropped", highlight=False)
+
+
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print one JSON document on stdout instead of tables (README: Command line).")]
 

@@ -19,7 +19,9 @@ from pgembed.cli.common import (
     fail,
     friendly,
     out,
+    print_dropped,
     print_json,
+    print_rows,
 )
 from pgembed.evaluation import runs, sets
 from pgembed.pipelines import PipelineError
@@ -111,12 +113,8 @@ def history(
     """
     with connect(dsn, embedded) as conn:
         rows = runs.history(conn, target, eval_set)
-    if as_json:
-        print_json(rows)
-    elif rows:
-        out.print(tables.eval_history(rows))
-    else:
-        out.print("no evaluation runs yet; pgembed eval run ALIAS --set NAME makes one")
+    print_rows(rows, as_json, tables.eval_history,
+               "no evaluation runs yet; pgembed eval run ALIAS --set NAME makes one")
 
 
 @eval_app.command("regressions")
@@ -128,12 +126,8 @@ def regressions(as_json: JsonOption = False, dsn: DsnOption = None, embedded: Em
     """
     with connect(dsn, embedded) as conn:
         rows = runs.regressions(conn)
-    if as_json:
-        print_json(rows)
-    elif rows:
-        out.print(tables.eval_regressions(rows))
-    else:
-        out.print("no regressions")
+    print_rows(rows, as_json, tables.eval_regressions,
+               "no regressions")
 
 
 @eval_app.command("sets")
@@ -145,12 +139,8 @@ def list_sets(as_json: JsonOption = False, dsn: DsnOption = None, embedded: Embe
     """
     with connect(dsn, embedded) as conn:
         rows = sets.list_sets(conn)
-    if as_json:
-        print_json(rows)
-    elif rows:
-        out.print(tables.eval_sets(rows))
-    else:
-        out.print("no evaluation sets; pgembed eval import NAME --source TABLE --jsonl FILE makes one")
+    print_rows(rows, as_json, tables.eval_sets,
+               "no evaluation sets; pgembed eval import NAME --source TABLE --jsonl FILE makes one")
 
 
 @eval_app.command("drop")
@@ -165,7 +155,4 @@ def drop(name: str, as_json: JsonOption = False, dsn: DsnOption = None, embedded
             sets.drop_set(conn, name)
         except PipelineError as error:
             fail(error, EXIT_USAGE)
-    if as_json:
-        print_json({"dropped": name})
-    else:
-        out.print(f"evaluation set {escape(name)} dropped", highlight=False)
+    print_dropped("evaluation set", name, as_json)
