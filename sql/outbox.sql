@@ -28,7 +28,9 @@ $$;
 -- not in the outbox is inserted, ready at once, with p_purpose. A key already there is
 -- bumped: its version goes up (so a worker holding an older version does not acknowledge
 -- it away: the new content gets embedded too), its attempts start again from 0, its
--- purpose stays, and by state:
+-- purpose stays unless the bump is live ('sync', 'retry') and the key was queued for bulk
+-- work (backfill, repair, migration): then it moves to the live lane (see claim_from), or a
+-- row the application keeps changing would wait behind the whole backlog; and by state:
 --   queued     keeps its place in line (moving it to the back on every change would starve
 --              a hot row behind any backlog; leaving the indexed available_at alone lets the
 --              bump be a HOT update)
@@ -49,6 +51,9 @@ BEGIN
     SELECT p_pipeline, k, p_purpose, p_changed_at, p_changed_at FROM unnest(p_keys) AS k
     ON CONFLICT (pipeline, key) DO UPDATE
        SET version = q.version + 1, attempts = 0,
+           -- a live change of a row queued for bulk work (a backfill, a repair, a migration)
+           -- moves it to the live lane: the application changed it, it is no longer bulk
+           purpose = CASE WHEN excluded.purpose IN ('sync', 'retry') THEN excluded.purpose ELSE q.purpose END,
            changed_at = GREATEST(q.changed_at, excluded.changed_at),
            available_at = CASE pgembed.outbox_state(q.lease_id, q.available_at)
                               WHEN 'in_flight' THEN q.available_at

@@ -48,11 +48,12 @@ def test_bulk_rows_wait_for_the_window_and_live_rows_do_not(backlog: psycopg.Con
     conn.execute("UPDATE pgembed.bulk_lane SET opens = (now() AT TIME ZONE 'UTC')::time + interval '1 hour', "
                  "closes = (now() AT TIME ZONE 'UTC')::time + interval '2 hours'")
     assert claim(conn) == []
-    conn.execute("UPDATE docs SET body = 'changed' WHERE id = 7")  # live, queued under 'migration' for new
+    # a live change, also of a row queued under 'migration' for new: it moves to the live lane
+    conn.execute("UPDATE docs SET body = 'changed' WHERE id = 7")
     conn.execute("INSERT INTO docs VALUES (6000, 'new row')")
     claimed = claim(conn) + claim(conn)
-    assert sorted((p, tuple(k)) for p, k, _ in claimed) == [("new", ("6000",)), ("old", ("6000",)),
-                                                            ("old", ("7",))]
+    assert sorted((p, tuple(k), purpose) for p, k, purpose in claimed) == [
+        ("new", ("6000",), "sync"), ("new", ("7",), "sync"), ("old", ("6000",), "sync"), ("old", ("7",), "sync")]
     assert claim(conn) == []
     conn.execute("UPDATE pgembed.bulk_lane SET opens = NULL, closes = NULL")
     assert {purpose for _, _, purpose in claim(conn)} == {"migration"}
@@ -125,3 +126,15 @@ def test_bulk_requests_keep_to_their_share_of_the_rate_budget(conn: psycopg.Conn
     conn.execute("INSERT INTO notes VALUES (51, 'a live note')")
     drain(dsn)
     assert (granted(share), granted(bucket)) == (backfill, backfill + 1)
+
+
+def test_a_live_change_moves_a_row_queued_for_bulk_work_to_the_live_lane(backlog: psycopg.Connection) -> None:
+    """A row the application changes while it waits in a backfill (or a repair, a migration)
+    is a live change: it must not wait behind the whole backlog, nor be starved by live rows
+    queued after it. A bulk re-queue of a live row leaves it live."""
+    conn = backlog
+    conn.execute("UPDATE docs SET body = 'changed while queued for the migration' WHERE id = 4999")
+    conn.execute("SELECT pgembed.queue_all('old', 'repair')")  # bulk work over old's live rows: stays live
+    assert claim(conn) == [("new", ["4999"], "sync")]
+    assert claim(conn) == [("old", ["4999"], "sync")]
+    assert {purpose for _, _, purpose in claim(conn)} == {"migration"}
