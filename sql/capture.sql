@@ -69,14 +69,26 @@ $$;
 -- embedded as 21:00:00+09 by a worker with PGTZ=Asia/Tokyo and called stale by the audit.
 -- The static functions that render keys or content (queue_all, gaps, explain_gaps,
 -- delete_orphans) carry the same SET clauses; tests/test_determinism.py checks them all.
+CREATE OR REPLACE FUNCTION pgembed.pinned_setting_values(OUT name text, OUT setting text)
+RETURNS SETOF record
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT v.name, v.setting
+      FROM (VALUES (1, 'TimeZone', 'UTC'), (2, 'DateStyle', 'ISO, YMD'), (3, 'IntervalStyle', 'postgres'),
+                   (4, 'extra_float_digits', '1'), (5, 'bytea_output', 'hex'), (6, 'lc_monetary', 'C'),
+                   (7, 'lc_numeric', 'C'), (8, 'lc_time', 'C')) AS v(n, name, setting)
+     ORDER BY v.n
+$$;
+
+-- The same settings as the SET clauses of a generated function.
 CREATE OR REPLACE FUNCTION pgembed.pinned_settings()
 RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT $s$SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' $s$
-           || $s$SET extra_float_digits = 1 SET bytea_output = 'hex' SET lc_monetary = 'C' SET lc_numeric = 'C' $s$
-           || $s$SET lc_time = 'C'$s$
+    SELECT string_agg(format('SET %s = %L', v.name, v.setting), ' ' ORDER BY v.n)
+      FROM pgembed.pinned_setting_values() WITH ORDINALITY AS v(name, setting, n)
 $$;
 
 -- The key types whose text is the same in every session: a capture trigger of a table keyed

@@ -502,13 +502,9 @@ SELECT * FROM pgembed.backfill_target(%(source)s::regclass, %(content)s, %(model
                                       %(chunk_prefix)s)
 
 -- pin_settings --
--- A dry run reads content as the reader renders it: pgembed.pinned_settings(), for this
--- transaction.
-SELECT pg_catalog.set_config('TimeZone', 'UTC', true), pg_catalog.set_config('DateStyle', 'ISO, YMD', true),
-       pg_catalog.set_config('IntervalStyle', 'postgres', true),
-       pg_catalog.set_config('extra_float_digits', '1', true), pg_catalog.set_config('bytea_output', 'hex', true),
-       pg_catalog.set_config('lc_monetary', 'C', true), pg_catalog.set_config('lc_numeric', 'C', true),
-       pg_catalog.set_config('lc_time', 'C', true)
+-- A dry run reads content as the reader renders it: pgembed.pinned_setting_values(), for
+-- this transaction.
+SELECT pg_catalog.count(pg_catalog.set_config(v.name, v.setting, true)) FROM pgembed.pinned_setting_values() AS v
 
 -- cache_has --
 SELECT content_hash FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hashes)s::bytea[])
