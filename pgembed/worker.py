@@ -257,7 +257,7 @@ class Worker:
             if self._heartbeat is not None and not pool.closed:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._heartbeat.goodbye(), 5)
-            for provider in [*self._providers.values(), *self._bulk_providers.values()]:
+            for provider in self._providers.values():  # the bulk providers share their clients
                 await provider.aclose()
             await self._limits.aclose()
             await pool.close()
@@ -527,11 +527,9 @@ class Worker:
         self._providers[key] = provider
         return None
 
-    def _make_provider(self, info: PipelineInfo, bulk: bool = False) -> Provider:
-        """The worker's --concurrency is the provider's bound on requests in flight too.
-        `bulk`: the provider of bulk batches, whose requests keep to the bulk lane's share
-        of the rate budget."""
-        provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec, bulk),
+    def _make_provider(self, info: PipelineInfo) -> Provider:
+        """The worker's --concurrency is the provider's bound on requests in flight too."""
+        provider = make_provider(info.spec, limiter=self._limits.for_spec(info.spec),
                                  concurrency=self.config.concurrency)
         return _TimedProvider(provider, self.metrics) if self.metrics.enabled else provider
 
@@ -617,5 +615,11 @@ class Worker:
         if info.spec.provider != "openai" or not all(row.purpose in BULK_PURPOSES for row in batch.rows):
             return self._providers[key]
         if key not in self._bulk_providers:  # only an API's budget has a share to keep to
-            self._bulk_providers[key] = self._make_provider(info, bulk=True)
+            self._bulk_providers[key] = self._bulk_provider(info, self._providers[key])
         return self._bulk_providers[key]
+
+    def _bulk_provider(self, info: PipelineInfo, live: Provider) -> Provider:
+        """The live provider with the bulk lane's budget: one client, one --concurrency."""
+        inner = live.inner if isinstance(live, _TimedProvider) else live
+        bulk = inner.with_limiter(self._limits.for_spec(info.spec, True))  # type: ignore[attr-defined]
+        return _TimedProvider(bulk, self.metrics) if self.metrics.enabled else bulk

@@ -32,6 +32,18 @@ def test_concurrency_n_gives_up_to_n_requests_in_flight(conn, dsn, fake_api, mon
     assert conn.execute("SELECT count(*) FROM pgembed.t_te3s_16").fetchone()[0] == 12 * concurrency
 
 
+def test_live_and_bulk_batches_share_the_concurrency(conn, dsn, fake_api):
+    """Bulk batches keep to their share of the rate budget through a provider of their own,
+    which shares the live provider's request slots: together, still --concurrency at most."""
+    table_with_rows(conn, 24)
+    pipelines.create(conn, "t", "body", MODEL, SMALL)  # the 24 rows: bulk (the backfill)
+    conn.execute("INSERT INTO t SELECT i, 'live row ' || i FROM generate_series(100, 123) AS i")  # live
+    fake_api.latency(0.3)
+    drain(dsn, concurrency=2, batch_size=2, bulk_batch_size=2, prefetch=2)
+    assert fake_api.max_in_flight == 2
+    assert conn.execute("SELECT count(*) FROM pgembed.t_te3s_16").fetchone()[0] == 48
+
+
 def request_sizes(fake_api) -> list[int]:
     return [len(entry["input"]) for entry in fake_api.log]
 

@@ -52,6 +52,7 @@ The API key never appears in an error message: messages echoed from the API are 
 from __future__ import annotations
 
 import asyncio
+import copy
 import email.utils
 import json
 import math
@@ -182,6 +183,13 @@ class OpenAIProvider:
             timeout=self.timeout,
             max_retries=0,  # tenacity retries, with our limits and our accounting
         )
+
+    def with_limiter(self, limiter: RateLimiter | None) -> OpenAIProvider:
+        """This provider spending from another budget (the bulk lane's share): the same
+        client and the same request slots, so that --concurrency bounds both together."""
+        other = copy.copy(self)
+        other.limiter = limiter
+        return other
 
     async def __aenter__(self) -> OpenAIProvider:
         return self
