@@ -10,6 +10,7 @@ import numpy as np
 import psycopg
 
 from pgembed import aliases, audit, db, migrate, pipelines
+from pgembed.attribution import Attribution
 from pgembed.evaluation.runs import EvalRun, run_evaluation
 from pgembed.pipelines import PipelineOptions
 from pgembed.search import Filter, Hit, search, search_with_vector
@@ -64,10 +65,13 @@ class Client:
         return audit.status(self.conn)
 
     def search(self, pipeline: str, text: str | None = None, k: int = 5, cost_center: str | None = None,
-               *, vector: np.ndarray | list[float] | None = None, filter: Filter | None = None) -> list[Hit]:
+               *, vector: np.ndarray | list[float] | None = None, filter: Filter | None = None,
+               attribution: Attribution | None = None) -> list[Hit]:
         """The k rows nearest to a text or a vector, one hit per row with its best chunk;
-        `filter` keeps the rows whose source columns equal its values (a list: any of them)."""
-        return search(self.conn, pipeline, text, k, cost_center, vector=vector, filter=filter)
+        `filter` keeps the rows whose source columns equal its values (a list: any of them);
+        `attribution` labels the query's usage (source, user, task)."""
+        return search(self.conn, pipeline, text, k, cost_center, vector=vector, filter=filter,
+                      attribution=attribution)
 
     def search_with_vector(self, pipeline: str, text: str, k: int = 5, cost_center: str | None = None,
                            *, filter: Filter | None = None) -> tuple[list[Hit], np.ndarray]:

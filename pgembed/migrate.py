@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from pgembed import db
 from pgembed.db import DatabaseError, redact
 from pgembed.schema import definitions_sql, revision_sql
 from pgembed.sqlfiles import query
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 #: The schema revision this package's SQL and code are written for: alembic's head, named
 #: here so that a worker's start-up check loads neither alembic nor the revision modules
 #: (tests/test_migrations.py proves that it is the head).
-HEAD = "0006"
+HEAD = "0007"
 
 VERSION_TABLE = "pgembed_alembic_version"  # also named in queries has_versions and revision
 MIGRATION_LOCK = 7_418_532_001  # pg_advisory_xact_lock key: one init at a time (migrations/env.py)
@@ -75,13 +76,37 @@ def upgrade(dsn: str, revision: str = "head") -> None:
 
 
 def downgrade(dsn: str, revision: str = "base") -> None:
+    """Back to `revision`, one revision a transaction. Each revision's downgrade was written
+    for the database as that revision shipped it: its tables and its definitions. In one
+    transaction, the definitions a later step re-applies count as made by that transaction,
+    and the sweep of refresh.sql (which drops what the transaction did not make) would keep
+    a function that the earlier revision's downgrade left to it. A step that fails leaves
+    the database at the last revision reached, whole."""
     from alembic import command
     from sqlalchemy.exc import DBAPIError
 
+    config = alembic_config(dsn)
     try:
-        command.downgrade(alembic_config(dsn), revision)
+        for step in _steps_down(dsn, revision):
+            command.downgrade(config, step)
     except DBAPIError as error:
         raise _explained(error) from error
+
+
+def _steps_down(dsn: str, target: str) -> list[str]:
+    """The revisions a downgrade passes through, the target last ("base": none at all)."""
+    with db.connect(dsn) as conn:
+        found = current_revision(conn)
+    script = _script()
+    steps: list[str] = []
+    at = found
+    while at is not None and at != target:
+        below = script.get_revision(at).down_revision
+        at = below if isinstance(below, str) else None
+        steps.append(at or "base")
+    if at != target and target != "base":
+        raise DatabaseError(f"cannot downgrade to {target}: it is not below the database's revision {found}")
+    return steps
 
 
 class SchemaMismatch(DatabaseError):

@@ -20,6 +20,7 @@ from psycopg.adapt import PyFormat
 from psycopg.types.json import Jsonb
 
 from pgembed import aliases, pipelines, ratelimit
+from pgembed.attribution import Attribution
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, ProviderError, make_provider
 from pgembed.sqlfiles import query
@@ -64,7 +65,12 @@ async def _embed_one(spec: ModelSpec, text: str,
 
 
 def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline: str | None,
-                 cost_center: str | None = None) -> np.ndarray:
+                 cost_center: str | None = None, attribution: Attribution | None = None) -> np.ndarray:
+    """The query's vector, from the cache or the provider, its usage recorded under the
+    caller's labels (`cost_center`, when given, wins over the attribution's)."""
+    labels = (attribution or Attribution()).usage_params()
+    if cost_center is not None:
+        labels["cost_center"] = cost_center
     h = chunk_key(spec.model, spec.dimensions, text)
     row = conn.execute(query("query_cache_get"), {"hash": h}).fetchone()
     hit = row is not None
@@ -77,7 +83,7 @@ def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline:
             "hash": h, "model": spec.model, "dimensions": spec.dimensions,
             "embedding": vector, "tokens": tokens})
     conn.execute(query("query_usage"), {
-        "pipeline": pipeline, "model": spec.model, "cost_center": cost_center,
+        "pipeline": pipeline, "model": spec.model, **labels,
         "requests": requests, "inputs": 0 if hit else 1, "tokens": tokens,
         "cache_hits": int(hit), "cache_misses": int(not hit)})
     return vector
@@ -104,17 +110,19 @@ class FilterError(pipelines.PipelineError):
 
 def search(conn: psycopg.Connection, pipeline: str, text: str | None = None, k: int = 5,
            cost_center: str | None = None, *, vector: np.ndarray | list[float] | None = None,
-           filter: Filter | None = None) -> list[Hit]:
+           filter: Filter | None = None, attribution: Attribution | None = None) -> list[Hit]:
     """The k rows nearest to a text (embedded with the pipeline's model, through the cache)
     or to a vector given as is: one hit per row, its best chunk (pgembed.search in SQL),
     among the rows whose source columns equal `filter`'s values. `pipeline` may be an
     alias: it searches the pipeline the alias points at."""
-    return search_with_vector(conn, pipeline, text, k, cost_center, vector=vector, filter=filter)[0]
+    return search_with_vector(conn, pipeline, text, k, cost_center, vector=vector, filter=filter,
+                              attribution=attribution)[0]
 
 
 def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None = None, k: int = 5,
                        cost_center: str | None = None, *, vector: np.ndarray | list[float] | None = None,
-                       filter: Filter | None = None) -> tuple[list[Hit], np.ndarray]:
+                       filter: Filter | None = None,
+                       attribution: Attribution | None = None) -> tuple[list[Hit], np.ndarray]:
     """`search`, and the query's vector too: a caller that searches again, or reranks, need
     not embed the text twice. A vector given goes to pgembed.search alone, one round trip:
     the function checks the pipeline and the dimensions itself."""
@@ -130,7 +138,8 @@ def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None
         # the alias is repointed meanwhile (a vector's search resolves the alias in SQL)
         p = aliases.pipeline_of(conn, pipeline)
         pipeline = p["name"]
-        vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, pipeline, cost_center)
+        vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, pipeline, cost_center,
+                              attribution)
     array = np.asarray(vector, dtype=np.float32)
     params = {"pipeline": pipeline, "vector": _sendable(conn, array), "k": k,
               "filter": None if filter is None else Jsonb(filter)}

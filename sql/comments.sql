@@ -57,6 +57,9 @@ COMMENT ON TABLE pgembed.embedding_cache IS 'Embeddings by content hash (sha256 
 COMMENT ON COLUMN pgembed.embedding_cache.last_used_at IS 'updated at most hourly on a hit; the clean-up job deletes entries unused for long';
 
 COMMENT ON TABLE pgembed.usage IS 'One row per batch a worker finished or query embedded: requests, tokens, cache hits; spend is computed in the cost views';
+COMMENT ON COLUMN pgembed.usage.source IS 'the caller''s use (user_query, note_index, reindex...), from the gateway''s X-Pgembed-Source header or the caller; NULL: not said';
+COMMENT ON COLUMN pgembed.usage.app_user IS 'the application''s user: the OpenAI user field or X-Pgembed-User; NULL: not said';
+COMMENT ON COLUMN pgembed.usage.task IS 'what the user was doing (X-Pgembed-Task); NULL: not said';
 
 COMMENT ON TABLE pgembed.audit_runs IS 'One row per consistency audit: the gaps it found (before any repair) and what it repaired';
 COMMENT ON TABLE pgembed.audit_findings IS 'What each audit run found per pipeline; pipeline_status reads the latest';

@@ -227,10 +227,12 @@ VALUES (%(hash)s, %(model)s, %(dimensions)s, %(embedding)s, %(tokens)s)
 ON CONFLICT DO NOTHING
 
 -- query_usage --
+-- A query embedding (or a gateway call): its purpose and labels are the caller's
+-- (pgembed/attribution.py).
 INSERT INTO pgembed.usage (pipeline, model, purpose, cost_center, requests, inputs, tokens,
-                           cache_hits, cache_misses)
-VALUES (%(pipeline)s, %(model)s, 'query', %(cost_center)s, %(requests)s, %(inputs)s,
-        %(tokens)s, %(cache_hits)s, %(cache_misses)s)
+                           cache_hits, cache_misses, source, app_user, task)
+VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(inputs)s,
+        %(tokens)s, %(cache_hits)s, %(cache_misses)s, %(source)s, %(app_user)s, %(task)s)
 
 -- search --
 -- The k rows nearest to a query vector, one per row (its best chunk): see sql/search.sql.

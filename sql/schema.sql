@@ -215,14 +215,18 @@ CREATE TABLE pgembed.usage (
     pipeline        text,  -- NULL for ad-hoc query embeddings
     model           text NOT NULL,
     purpose         text NOT NULL
-                    CHECK (purpose IN ('backfill', 'sync', 'repair', 'retry', 'query', 'migration')),
+                    CONSTRAINT usage_purpose_check
+                    CHECK (purpose IN ('backfill', 'sync', 'repair', 'retry', 'query', 'migration', 'index')),
     cost_center     text,
     requests        int NOT NULL DEFAULT 0,
     inputs          int NOT NULL DEFAULT 0,
     tokens          bigint NOT NULL DEFAULT 0,
     cache_hits      int NOT NULL DEFAULT 0,
     cache_misses    int NOT NULL DEFAULT 0,
-    worker          text
+    worker          text,
+    source          text,  -- the caller's use: user_query, note_index, reindex...
+    app_user        text,  -- the application's user (OpenAI's `user` field or a header)
+    task            text   -- what that user was doing
 );
 
 CREATE INDEX usage_at ON pgembed.usage (at);

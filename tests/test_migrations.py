@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 from typer.testing import CliRunner
 
 from pgembed import migrate, pipelines
@@ -94,3 +95,11 @@ def test_head_names_the_last_revision_and_no_command_loads_alembic_to_check_it()
              "print(sorted(m for m in ('alembic', 'sqlalchemy') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_a_downgrade_to_a_revision_that_is_not_below_says_so_and_changes_nothing(empty_dsn):
+    migrate.upgrade(empty_dsn, "0005")
+    with pytest.raises(migrate.DatabaseError, match="cannot downgrade to 0006: it is not below"):
+        migrate.downgrade(empty_dsn, "0006")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert migrate.current_revision(conn) == "0005"

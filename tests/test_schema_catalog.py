@@ -86,6 +86,14 @@ DOWNGRADES = {
               "INSERT INTO pgembed.model_migrations (alias, from_pipeline, to_pipeline, from_model, to_model, "
               "to_dimensions) VALUES ('notes', 'notes_h8', 'notes_h16', 'hash:8', 'hash:16', 16)",
               "SELECT pgembed.migration_event(1, 'started')"]),
+    # this session's: see the sections of revision 0007 (each adds what its downgrade must undo)
+    "0006": ("0007_gateway_costs_write_through_and_batch_api.down.definitions.sql",
+             ["CREATE TABLE notes (id int PRIMARY KEY, title text, body text)",
+              "SELECT pgembed.create_pipeline('notes', 'body', 'hash:8')",
+              # cost by source, user and task: an attributed query and a gateway document
+              "INSERT INTO pgembed.usage (model, purpose, source, app_user, task, tokens) "
+              "VALUES ('hash:8', 'query', 'user_query', 'u1', 'ask', 5), "
+              "('hash:8', 'index', 'note_index', 'u2', 'save', 7)"]),
 }
 
 
