@@ -60,6 +60,7 @@ COMMENT ON TABLE pgembed.usage IS 'One row per batch a worker finished or query 
 COMMENT ON COLUMN pgembed.usage.source IS 'the caller''s use (user_query, note_index, reindex...), from the gateway''s X-Pgembed-Source header or the caller; NULL: not said';
 COMMENT ON COLUMN pgembed.usage.app_user IS 'the application''s user: the OpenAI user field or X-Pgembed-User; NULL: not said';
 COMMENT ON COLUMN pgembed.usage.task IS 'what the user was doing (X-Pgembed-Task); NULL: not said';
+COMMENT ON COLUMN pgembed.usage.price_factor IS 'share of the model''s list price billed: 1, or a provider discount (0.5: the Batch API)';
 
 COMMENT ON TABLE pgembed.audit_runs IS 'One row per consistency audit: the gaps it found (before any repair) and what it repaired';
 COMMENT ON TABLE pgembed.audit_findings IS 'What each audit run found per pipeline; pipeline_status reads the latest';

@@ -226,7 +226,10 @@ CREATE TABLE pgembed.usage (
     worker          text,
     source          text,  -- the caller's use: user_query, note_index, reindex...
     app_user        text,  -- the application's user (OpenAI's `user` field or a header)
-    task            text   -- what that user was doing
+    task            text,  -- what that user was doing
+    -- share of the list price billed: 1, or a provider's discount (0.5: OpenAI's Batch API)
+    price_factor    numeric NOT NULL DEFAULT 1
+                    CONSTRAINT usage_price_factor CHECK (price_factor >= 0 AND price_factor <= 1)
 );
 
 CREATE INDEX usage_at ON pgembed.usage (at);

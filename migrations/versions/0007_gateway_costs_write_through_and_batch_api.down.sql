@@ -35,7 +35,7 @@ UPDATE pgembed.usage SET purpose = 'query' WHERE purpose = 'index';
 ALTER TABLE pgembed.usage DROP CONSTRAINT usage_purpose_check;
 ALTER TABLE pgembed.usage ADD CONSTRAINT usage_purpose_check
     CHECK (purpose IN ('backfill', 'sync', 'repair', 'retry', 'query', 'migration'));
-ALTER TABLE pgembed.usage DROP COLUMN task, DROP COLUMN app_user, DROP COLUMN source;
+ALTER TABLE pgembed.usage DROP COLUMN price_factor, DROP COLUMN task, DROP COLUMN app_user, DROP COLUMN source;
 
 -- Functions whose arguments changed in 0007 go by name: the definitions of 0006, applied
 -- next, create theirs, and two overloads of one name would make every call ambiguous. So do

@@ -16,6 +16,10 @@ ALTER TABLE pgembed.usage ADD COLUMN source text, ADD COLUMN app_user text, ADD 
 ALTER TABLE pgembed.usage DROP CONSTRAINT usage_purpose_check;
 ALTER TABLE pgembed.usage ADD CONSTRAINT usage_purpose_check
     CHECK (purpose IN ('backfill', 'sync', 'repair', 'retry', 'query', 'migration', 'index'));
+-- What share of the model's list price a row is billed at: 1, or the provider's discount
+-- (0.5 for OpenAI's Batch API). The cost views multiply by it.
+ALTER TABLE pgembed.usage ADD COLUMN price_factor numeric NOT NULL DEFAULT 1
+    CONSTRAINT usage_price_factor CHECK (price_factor >= 0 AND price_factor <= 1);
 -- (costs: more here)
 
 -- ---------------------------------------------------------------------------------------
