@@ -89,7 +89,7 @@ def query_vector(conn: psycopg.Connection, spec: ModelSpec, text: str, pipeline:
     return vector
 
 
-def _sendable(conn: psycopg.Connection, array: np.ndarray) -> np.ndarray | list[float]:
+def _sendable(conn: psycopg.Connection | psycopg.AsyncConnection, array: np.ndarray) -> np.ndarray | list[float]:
     """The query vector as pgvector's type (from the array's buffer; the server casts it to
     real[]) on a connection that has it registered, as pgembed's have: a list of floats is
     printed and parsed as text, which costs about as much as the index scan itself."""
@@ -126,12 +126,7 @@ def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None
     """`search`, and the query's vector too: a caller that searches again, or reranks, need
     not embed the text twice. A vector given goes to pgembed.search alone, one round trip:
     the function checks the pipeline and the dimensions itself."""
-    if k < 1:
-        raise ValueError("k must be at least 1")
-    if (text is None) == (vector is None):
-        raise ValueError("search takes a text or a vector, exactly one of them")
-    if filter is not None and not isinstance(filter, dict):
-        raise ValueError("a search filter is a dict of source columns and values")
+    check_arguments(text, vector, k, filter)
     if vector is None:
         assert text is not None
         # resolved once: the query is embedded for, and searched in, the same pipeline even if
@@ -141,13 +136,38 @@ def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None
         vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, pipeline, cost_center,
                               attribution)
     array = np.asarray(vector, dtype=np.float32)
-    params = {"pipeline": pipeline, "vector": _sendable(conn, array), "k": k,
-              "filter": None if filter is None else Jsonb(filter)}
     try:
-        rows = conn.execute(query("search"), params).fetchall()
-    except (psycopg.errors.UndefinedColumn, psycopg.errors.InvalidParameterValue,
-            psycopg.errors.InvalidTextRepresentation) as error:
-        raise FilterError(str(pipelines.refused(error))) from error
+        rows = conn.execute(query("search"), search_params(conn, pipeline, array, k, filter)).fetchall()
     except psycopg.Error as error:
-        raise pipelines.refused(error) from error
-    return [Hit(key, chunk, float(distance), seq) for key, seq, chunk, distance in rows], array
+        raise refusal(error) from error
+    return hits(rows), array
+
+
+def check_arguments(text: str | None, vector: object, k: int, filter: object) -> None:
+    """The caller's mistakes a search can see before it asks the database."""
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    if (text is None) == (vector is None):
+        raise ValueError("search takes a text or a vector, exactly one of them")
+    if filter is not None and not isinstance(filter, dict):
+        raise ValueError("a search filter is a dict of source columns and values")
+
+
+def search_params(conn: psycopg.Connection | psycopg.AsyncConnection, pipeline: str, array: np.ndarray,
+                  k: int, filter: Filter | None) -> dict[str, Any]:
+    """The `search` query's parameters (the in-process async client's as well)."""
+    return {"pipeline": pipeline, "vector": _sendable(conn, array), "k": k,
+            "filter": None if filter is None else Jsonb(filter)}
+
+
+def refusal(error: psycopg.Error) -> pipelines.PipelineError:
+    """pgembed.search's refusal as the caller's error: a FilterError for a filter the
+    source cannot answer, else the PipelineError of an unknown target or a wrong size."""
+    if isinstance(error, psycopg.errors.UndefinedColumn | psycopg.errors.InvalidParameterValue
+                  | psycopg.errors.InvalidTextRepresentation):
+        return FilterError(str(pipelines.refused(error)))
+    return pipelines.refused(error)
+
+
+def hits(rows: list[Any]) -> list[Hit]:
+    return [Hit(key, chunk, float(distance), seq) for key, seq, chunk, distance in rows]

@@ -547,3 +547,9 @@ SELECT e.at, e.event, e.by_user, e.detail FROM pgembed.model_migration_events e
 
 -- job_clean_migrations --
 SELECT pgembed.cleanup_due_migrations()
+
+-- ===== pgembed/aio.py: the in-process client and the gateway (batched query embeddings) =====
+
+-- batch_cache_get --
+-- The cached vectors of one batch's texts, in one round trip (misses are simply absent).
+SELECT content_hash, embedding FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hashes)s::bytea[])

@@ -1,0 +1,167 @@
+"""Adaptive batching: concurrent single embeddings become one upstream request.
+
+An application's queries arrive one at a time, each a text; an embedding API answers a
+list of 2,048 in about the time it answers one, and bills the same tokens. So each call
+waits at most one window (10 ms by default) for others with the same model and size, and
+the lane is flushed as one batch when the window ends or when one more text would pass the
+provider's input or token limit (`ModelSpec.max_batch_inputs`, `max_batch_tokens`, counted
+with `pgembed.tokens.count_tokens` as the provider counts). A text already waiting or in
+flight is not sent again: its second caller awaits the first one's future.
+
+The batcher knows nothing of caches, the ledger or HTTP: the `Flush` it is given embeds a
+batch and settles every entry's future (a vector, or the exception for that input alone),
+so that one rejected text never fails its batch-mates. `pgembed.aio.AsyncClient` gives it
+one that reads the cache and records usage; the gateway serves HTTP through that client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from pgembed.providers import ModelSpec
+from pgembed.tokens import count_tokens
+
+
+class EmbedError(Exception):
+    """One input could not be embedded; `status` is how an HTTP caller hears it (400: the
+    input is at fault, 502: the provider answered nonsense, 503: the provider is down)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(eq=False)
+class Entry:
+    """One distinct text of a lane; `labels` are its callers', the first one's pays."""
+
+    text: str
+    tokens: int
+    future: asyncio.Future[np.ndarray]
+    labels: list[Hashable] = field(default_factory=list)
+
+
+Flush = Callable[[ModelSpec, list[Entry]], Awaitable[None]]
+
+
+class Observer(Protocol):
+    """What the gateway's metrics hear of the batcher and of its flush."""
+
+    def batch(self, size: int, waited: float) -> None: ...
+
+    def cache(self, hits: int, misses: int) -> None: ...
+
+    def upstream(self, seconds: float) -> None: ...
+
+
+class Unobserved:
+    """The observer of a batcher nobody watches (the in-process client's)."""
+
+    def batch(self, size: int, waited: float) -> None:
+        pass
+
+    def cache(self, hits: int, misses: int) -> None:
+        pass
+
+    def upstream(self, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class _Lane:
+    entries: list[Entry] = field(default_factory=list)
+    tokens: int = 0
+    opened: float = 0.0
+    timer: asyncio.TimerHandle | None = None
+
+
+class Batcher:
+    """Lanes of one model and size each; see the module docstring. `max_inputs` caps a
+    batch below the provider's own limit (None: the provider's)."""
+
+    def __init__(self, flush: Flush, *, window: float = 0.010, max_inputs: int | None = None,
+                 observer: Observer | None = None) -> None:
+        if window < 0:
+            raise ValueError("the batching window cannot be negative")
+        self._flush = flush
+        self.window = window
+        self.max_inputs = max_inputs
+        self.observer: Observer = observer or Unobserved()
+        self._lanes: dict[ModelSpec, _Lane] = {}
+        self._known: dict[tuple[ModelSpec, str], Entry] = {}  # waiting or in flight
+        self._running: set[asyncio.Task[None]] = set()
+
+    @property
+    def depth(self) -> int:
+        """Distinct texts waiting for their window or in flight upstream."""
+        return len(self._known)
+
+    async def embed(self, spec: ModelSpec, text: str, label: Hashable = None) -> np.ndarray:
+        """The text's vector, embedded with the other texts of its window. Raises EmbedError."""
+        entry = self._known.get((spec, text))
+        if entry is None or entry.future.done():
+            entry = self._add(spec, text)
+        entry.labels.append(label)
+        # shielded: a caller that goes away (a client disconnecting) leaves the future to the others
+        return await asyncio.shield(entry.future)
+
+    def _add(self, spec: ModelSpec, text: str) -> Entry:
+        lane = self._lanes.setdefault(spec, _Lane())
+        tokens = count_tokens(text)
+        limit = min(spec.max_batch_inputs, self.max_inputs or spec.max_batch_inputs)
+        if lane.entries and (len(lane.entries) >= limit or lane.tokens + tokens > spec.max_batch_tokens):
+            self._send(spec, lane)
+        loop = asyncio.get_running_loop()
+        entry = Entry(text, tokens, loop.create_future())
+        self._known[spec, text] = entry
+        if not lane.entries:
+            lane.opened = time.perf_counter()
+            lane.timer = loop.call_later(self.window, self._send, spec, lane)
+        lane.entries.append(entry)
+        lane.tokens += tokens
+        if len(lane.entries) >= limit:
+            self._send(spec, lane)
+        return entry
+
+    def _send(self, spec: ModelSpec, lane: _Lane) -> None:
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+        entries, lane.entries, lane.tokens = lane.entries, [], 0
+        if not entries:
+            return
+        self.observer.batch(len(entries), time.perf_counter() - lane.opened)
+        task = asyncio.get_running_loop().create_task(self._run(spec, entries))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, spec: ModelSpec, entries: list[Entry]) -> None:
+        try:
+            await self._flush(spec, entries)
+        except Exception as error:  # the flush's own failure: every caller hears it
+            failure = error if isinstance(error, EmbedError) else EmbedError(f"cannot embed: {error}", 503)
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(failure)
+        finally:
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(EmbedError("the batch ended without an answer", 502))
+                # retrieved here: when every caller went away, asyncio would log it as never retrieved
+                entry.future.exception()
+                if self._known.get((spec, entry.text)) is entry:
+                    del self._known[spec, entry.text]
+
+    async def aclose(self) -> None:
+        """Flush every lane now and wait for the batches in flight."""
+        for spec, lane in list(self._lanes.items()):
+            self._send(spec, lane)
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
