@@ -131,19 +131,22 @@ class AsyncClient:
         """`pgembed.search.search`, its query text embedded through the batcher. Raises
         PipelineError (FilterError) for an unknown target or a bad filter, EmbedError."""
         check_arguments(text, vector, k, filter)
-        async with self.pool.connection() as conn:
-            if vector is None:
-                assert text is not None
+        if vector is None:
+            assert text is not None
+            # resolved once: the text is embedded for, and searched in, the same pipeline even
+            # if the alias is repointed meanwhile; no connection is held while it is embedded
+            async with self.pool.connection() as conn:
                 try:
                     cur = conn.cursor(row_factory=dict_row)
                     p = await (await cur.execute(query("pipeline_resolved"), {"name": target})).fetchone()
                 except psycopg.Error as error:
                     raise pipelines.refused(error) from error
-                assert p is not None
-                target = p["name"]
-                spec = await self.spec(p["model"], p["dimensions"])
-                vector = (await self.embed_spec(spec, [text], Label(target, attribution or Attribution())))[0]
-            array = np.asarray(vector, dtype=np.float32)
+            assert p is not None
+            target = p["name"]
+            spec = await self.spec(p["model"], p["dimensions"])
+            vector = (await self.embed_spec(spec, [text], Label(target, attribution or Attribution())))[0]
+        array = np.asarray(vector, dtype=np.float32)
+        async with self.pool.connection() as conn:
             try:
                 rows = await (await conn.execute(query("search"),
                                                  search_params(conn, target, array, k, filter))).fetchall()
