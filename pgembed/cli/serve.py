@@ -6,6 +6,7 @@ Every option has a PGEMBED_GATEWAY_* variable; the bearer tokens are a variable 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Annotated, Any
 
@@ -73,5 +74,9 @@ def serve(
         out.print(f"pgembed gateway on {url} (window {settings.window_ms:g} ms, "
                   f"{'no auth' if settings.no_auth else f'{len(settings.tokens)} token(s)'})", highlight=False)
     sys.stdout.flush()
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again, which
+    # Python's default action turns into death by signal: after a clean stop, exit 0
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: None)
     uvicorn.run(create_app(target, settings), host=host, port=port, log_level=log_level, access_log=False,
                 lifespan="on", timeout_graceful_shutdown=10)
