@@ -98,6 +98,14 @@ class Scale:
     # 14. late chunking: SciFact documents (as storage_docs), tokens a chunk (0: what fits the model)
     late_docs: int = 600
     late_chunk_tokens: int = 0
+    # 15. gateway: concurrent OpenAI clients of `pgembed serve`, single-text queries each
+    gateway_clients: int = 200
+    gateway_requests: int = 10
+    gateway_latency: float = 0.1
+    gateway_window_ms: float = 10.0
+    gateway_dims: int = 256
+    gateway_paced_requests: int = 5
+    gateway_think_s: float = 2.0
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -135,6 +143,7 @@ SCALES: dict[str, Scale] = {
         quality_docs=40,
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
         storage_docs=40, local_docs=20, late_docs=10,
+        gateway_clients=20, gateway_requests=3, gateway_paced_requests=2, gateway_think_s=0.5,
         checkpoints=False,
     ),
 }

@@ -22,7 +22,9 @@ TOKEN = "gw-test-token"
 @contextmanager
 def running(app: Starlette) -> Iterator[str]:
     """The app served until the block ends; yields its base URL (ending in /v1)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # every answer (headers, then body) waits some 40 ms for the client's delayed ACK
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

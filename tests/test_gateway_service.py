@@ -100,3 +100,13 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path):
     for setting in ("EnvironmentFile=/etc/pgembed/pgembed.env", "KillSignal=SIGTERM", "NoNewPrivileges=yes",
                     f"RestartPreventExitStatus={EXIT_SCHEMA_MISMATCH}", f"RestartPreventExitStatus={EXIT_USAGE}"):
         assert setting in text
+
+
+def test_the_example_environment_file_lists_every_gateway_variable():
+    import typer.main
+
+    command = typer.main.get_group(app).commands["serve"]
+    variables = [str(p.envvar) for p in command.params if str(p.envvar).startswith("PGEMBED_GATEWAY_")]
+    assert len(variables) >= 10
+    listed = (UNIT.parent / "pgembed.env.example").read_text()
+    assert [v for v in [*variables, "PGEMBED_GATEWAY_TOKENS"] if v not in listed] == []
