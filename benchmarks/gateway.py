@@ -10,10 +10,11 @@ Three passes, all in this run:
   shared 2-core machine 200 SDK clients in one process are CPU-bound (some 5 ms of client
   CPU a request), so this pass's latencies measure the client's queue, not the gateway:
   they are in the details only.
-* paced: the same clients with a think time (uniform in 0..`gateway_think_s`, the same
-  seeded sequence for both runs) between queries, first directly against the fake API, then
-  through the gateway. The latency the gateway adds, p50 and p99, is a gateway request's
-  latency minus a direct one's at the same percentile (target for p50: ≤ window + 5 ms).
+* paced: the same clients with a think time (uniform in 0..`gateway_think_s`) before each
+  query, each alternating one query to the fake API directly and one through the gateway, so
+  that both are measured under the same load. The latency the gateway adds, p50 and p99, is
+  a gateway request's latency minus a direct one's at the same percentile (target for p50:
+  ≤ window + 5 ms).
 * cache: the closed loop's texts again: answered without one upstream request (target 0).
 
 CPU seconds of the fake API, the gateway and the client process over the closed loop and
@@ -61,26 +62,46 @@ def _wait_healthy(root: str, child: Any, seconds: float = 60) -> None:
     raise RuntimeError(f"the gateway did not become healthy: {child.tail()}")
 
 
-async def _load(base_url: str, key: str, clients: int, requests: int, dims: int, tag: str,
-                think: float = 0.0) -> list[float]:
-    """Every client's requests, one at a time (after a seeded think time, if `think`); the
-    latency of each, in seconds."""
+async def _load(base_url: str, key: str, clients: int, requests: int, dims: int, tag: str) -> list[float]:
+    """Every client's requests, one after another; the latency of each, in seconds."""
     latencies: list[float] = []
 
     async def client(number: int) -> None:
-        pauses = random.Random(number)
         async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60) as sdk:
             for i in range(requests):
-                if think:
-                    await asyncio.sleep(pauses.uniform(0, think))
-                started = time.perf_counter()
-                answer = await sdk.embeddings.create(model=MODEL, input=f"{tag} query {number}-{i} about tides",
-                                                     dimensions=dims)
-                latencies.append(time.perf_counter() - started)
-                assert len(answer.data[0].embedding) == dims
+                latencies.append(await _timed(sdk, f"{tag} query {number}-{i} about tides", dims))
 
     await asyncio.gather(*(client(n) for n in range(clients)))
     return latencies
+
+
+async def _paced(api_url: str, gateway_url: str, clients: int, requests: int, dims: int,
+                 think: float) -> tuple[list[float], list[float]]:
+    """Each client alternates a query to the API and one through the gateway, a seeded
+    think time before each: both measured under the same load, the machine's included."""
+    direct: list[float] = []
+    through: list[float] = []
+
+    async def client(number: int) -> None:
+        pauses = random.Random(number)
+        async with openai.AsyncOpenAI(base_url=api_url, api_key="sk-direct", max_retries=0, timeout=60) as api, \
+                openai.AsyncOpenAI(base_url=gateway_url, api_key=TOKEN, max_retries=0, timeout=60) as gateway:
+            for i in range(requests):
+                for sdk, into in ((api, direct), (gateway, through)) if (number + i) % 2 else \
+                        ((gateway, through), (api, direct)):
+                    await asyncio.sleep(pauses.uniform(0, think))
+                    into.append(await _timed(sdk, f"paced query {number}-{i} about tides", dims))
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return direct, through
+
+
+async def _timed(sdk: openai.AsyncOpenAI, text: str, dims: int) -> float:
+    started = time.perf_counter()
+    answer = await sdk.embeddings.create(model=MODEL, input=text, dimensions=dims)
+    elapsed = time.perf_counter() - started
+    assert len(answer.data[0].embedding) == dims
+    return elapsed
 
 
 def _cpu(pid: int) -> float:
@@ -111,9 +132,8 @@ def run(bench: Bench) -> list[Result]:
             missed = api.stats()
             asyncio.run(_load(f"{root}/v1", TOKEN, clients, requests, dims, "closed"))
             hit = api.stats()
-            paced, think = s.gateway_paced_requests, s.gateway_think_s
-            direct = asyncio.run(_load(api.base_url, "sk-direct", clients, paced, dims, "direct", think))
-            through = asyncio.run(_load(f"{root}/v1", TOKEN, clients, paced, dims, "paced", think))
+            direct, through = asyncio.run(_paced(api.base_url, f"{root}/v1", clients, s.gateway_paced_requests,
+                                                 dims, s.gateway_think_s))
         finally:
             stop(gateway, 30)
     sent = clients * requests

@@ -104,7 +104,7 @@ class Scale:
     gateway_latency: float = 0.1
     gateway_window_ms: float = 10.0
     gateway_dims: int = 256
-    gateway_paced_requests: int = 5
+    gateway_paced_requests: int = 3  # of each kind, per client
     gateway_think_s: float = 2.0
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
@@ -143,7 +143,7 @@ SCALES: dict[str, Scale] = {
         quality_docs=40,
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
         storage_docs=40, local_docs=20, late_docs=10,
-        gateway_clients=20, gateway_requests=3, gateway_paced_requests=2, gateway_think_s=0.5,
+        gateway_clients=10, gateway_requests=2, gateway_paced_requests=1, gateway_think_s=0.2,
         checkpoints=False,
     ),
 }
