@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgembed import db, pipelines
 from pgembed.attribution import Attribution
-from pgembed.batcher import Batcher, EmbedError, Entry, Observer
+from pgembed.batcher import Batcher, EmbedError, Entry, Observer, count_all
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, Provider, ProviderError, make_provider
 from pgembed.ratelimit import RateLimits
@@ -116,14 +116,19 @@ class AsyncClient:
     # --------------------------------------------------------------- embedding
 
     async def embed(self, texts: Sequence[str], model: str, dimensions: int | None = None,
-                    attribution: Attribution | None = None, pipeline: str | None = None) -> list[np.ndarray]:
+                    attribution: Attribution | None = None, pipeline: str | None = None,
+                    tokens: Sequence[int] | None = None) -> list[np.ndarray]:
         """One float32 vector per text, batched with every concurrent call. Raises
         EmbedError (its `status` says whose fault), UnknownModel, ValueError."""
         spec = await self.spec(model, dimensions)
-        return await self.embed_spec(spec, texts, Label(pipeline, attribution or Attribution()))
+        return await self.embed_spec(spec, texts, Label(pipeline, attribution or Attribution()), tokens)
 
-    async def embed_spec(self, spec: ModelSpec, texts: Sequence[str], label: Label) -> list[np.ndarray]:
-        return list(await asyncio.gather(*(self.batcher.embed(spec, text, label) for text in texts)))
+    async def embed_spec(self, spec: ModelSpec, texts: Sequence[str], label: Label,
+                         tokens: Sequence[int] | None = None) -> list[np.ndarray]:
+        """`embed` for a spec already read; `tokens`: the texts' counts, when known."""
+        counts = await count_all(texts) if tokens is None else tokens
+        return list(await asyncio.gather(*(self.batcher.embed(spec, text, label, n)
+                                           for text, n in zip(texts, counts, strict=True))))
 
     async def search(self, target: str, text: str | None = None, k: int = 5, filter: Filter | None = None,
                      *, vector: Sequence[float] | np.ndarray | None = None,

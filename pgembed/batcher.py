@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,6 +82,17 @@ class _Lane:
     timer: asyncio.TimerHandle | None = None
 
 
+_COUNT_INLINE_CHARS = 200_000
+
+
+async def count_all(texts: Sequence[str]) -> list[int]:
+    """Token counts of a request's texts; a big request is counted off the event loop, which
+    must keep serving the others meanwhile (8k-token inputs take milliseconds each)."""
+    if sum(map(len, texts)) < _COUNT_INLINE_CHARS:
+        return [count_tokens(text) for text in texts]
+    return await asyncio.to_thread(lambda: [count_tokens(text) for text in texts])
+
+
 class Batcher:
     """Lanes of one model and size each; see the module docstring. `max_inputs` caps a
     batch below the provider's own limit (None: the provider's)."""
@@ -103,18 +114,18 @@ class Batcher:
         """Distinct texts waiting for their window or in flight upstream."""
         return len(self._known)
 
-    async def embed(self, spec: ModelSpec, text: str, label: Hashable = None) -> np.ndarray:
-        """The text's vector, embedded with the other texts of its window. Raises EmbedError."""
+    async def embed(self, spec: ModelSpec, text: str, label: Hashable = None, tokens: int | None = None) -> np.ndarray:
+        """The text's vector, embedded with the other texts of its window. `tokens`: its
+        count, when the caller has it (`count_all`). Raises EmbedError."""
         entry = self._known.get((spec, text))
         if entry is None or entry.future.done():
-            entry = self._add(spec, text)
+            entry = self._add(spec, text, count_tokens(text) if tokens is None else tokens)
         entry.labels.append(label)
         # shielded: a caller that goes away (a client disconnecting) leaves the future to the others
         return await asyncio.shield(entry.future)
 
-    def _add(self, spec: ModelSpec, text: str) -> Entry:
+    def _add(self, spec: ModelSpec, text: str, tokens: int) -> Entry:
         lane = self._lanes.setdefault(spec, _Lane())
-        tokens = count_tokens(text)
         limit = min(spec.max_batch_inputs, self.max_inputs or spec.max_batch_inputs)
         if lane.entries and (len(lane.entries) >= limit or lane.tokens + tokens > spec.max_batch_tokens):
             self._send(spec, lane)

@@ -182,3 +182,15 @@ def test_healthz_says_when_the_schema_is_not_at_head(empty_dsn):
     with gateway(empty_dsn) as url:
         answer = httpx.get(url.removesuffix("/v1") + "/healthz")
     assert answer.status_code == 503 and "pgembed init" in answer.json()["problem"]
+
+
+def test_a_big_answer_is_printed_off_the_event_loop_and_still_identical(dsn, fake_api):
+    texts = [f"document {i} of a big import" for i in range(100)]  # 100 × 3,072 floats
+    with gateway(dsn) as url:
+        direct, through = clients(fake_api, url)
+        with direct, through:
+            theirs = direct.embeddings.create(model="text-embedding-3-large", input=texts, encoding_format="float")
+            ours = through.embeddings.create(model="text-embedding-3-large", input=texts, encoding_format="float")
+    assert np.asarray([d.embedding for d in ours.data], np.float32).tobytes() == \
+        np.asarray([d.embedding for d in theirs.data], np.float32).tobytes()
+    assert ours.usage.prompt_tokens > 0

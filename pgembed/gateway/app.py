@@ -12,7 +12,9 @@ that names the field, the provider being down a 503, anything unforeseen a 500 (
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,17 +29,17 @@ from starlette.routing import Route
 from pgembed import migrate
 from pgembed.aio import AsyncClient, UnknownModel
 from pgembed.attribution import Attribution, AttributionError, from_headers
-from pgembed.batcher import EmbedError
+from pgembed.batcher import EmbedError, count_all
 from pgembed.gateway.auth import authorized
 from pgembed.gateway.metrics import GatewayMetrics
 from pgembed.gateway.settings import GatewaySettings
 from pgembed.gateway.wire import ApiError, embeddings_answer, embeddings_request, read_json, search_request
 from pgembed.pipelines import PipelineError
-from pgembed.tokens import count_tokens
 
 log = logging.getLogger("pgembed.gateway")
 
 Handler = Callable[[Request], Awaitable[Response]]
+_RENDER_INLINE_FLOATS = 200_000
 
 
 def pgembed_model(name: str) -> str:
@@ -72,8 +74,10 @@ def create_app(dsn: str, settings: GatewaySettings) -> Starlette:
     async def embeddings(request: Request) -> Response:
         body = embeddings_request(await read_json(request, settings.max_body_bytes))
         attribution = _attribution(request, body.user)
+        tokens = await count_all(body.texts)
         try:
-            vectors = await client.embed(body.texts, pgembed_model(body.model), body.dimensions, attribution)
+            vectors = await client.embed(body.texts, pgembed_model(body.model), body.dimensions, attribution,
+                                         tokens=tokens)
         except UnknownModel:
             raise ApiError(404, f"The model `{body.model}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found") from None
@@ -81,8 +85,13 @@ def create_app(dsn: str, settings: GatewaySettings) -> Starlette:
             raise ApiError(400, str(error), param="dimensions") from None
         except EmbedError as error:
             raise ApiError(error.status, error.message, param="input" if error.status < 500 else None) from None
-        tokens = sum(map(count_tokens, body.texts))
-        return JSONResponse(embeddings_answer(body.model, vectors, body.encoding_format, tokens))
+        def render() -> bytes:
+            answer = embeddings_answer(body.model, vectors, body.encoding_format, sum(tokens))
+            return json.dumps(answer, separators=(",", ":")).encode()
+
+        # a big answer (2,048 vectors of 3,072 floats) takes seconds to print: off the event loop
+        big = sum(len(v) for v in vectors) > _RENDER_INLINE_FLOATS
+        return Response(await asyncio.to_thread(render) if big else render(), media_type="application/json")
 
     async def search(request: Request) -> Response:
         body = search_request(await read_json(request, settings.max_body_bytes))
