@@ -12,7 +12,8 @@ import pytest
 from pgembed import pipelines
 from pgembed.aio import AsyncClient, apportion
 from pgembed.attribution import Attribution
-from pgembed.batcher import EmbedError
+from pgembed.batcher import Batcher, EmbedError
+from pgembed.providers import ModelSpec
 from pgembed.providers.hashing import hash_vector
 from tests.conftest import drain
 
@@ -164,3 +165,61 @@ def test_concurrent_searches_share_upstream_calls(conn, dsn, fake_api, notes):
     assert all(len(hits) == 3 and all(h.key["id"] % 2 == 0 for h in hits) for hits in found)
     assert conn.execute("SELECT count(DISTINCT pipeline), sum(cache_misses) FROM pgembed.usage "
                         "WHERE app_user = 'reader'").fetchone() == (1, 20)
+
+
+# ---------------------------------------------------------------- the Batcher on its own
+
+SPEC = ModelSpec("hash:4", 4, 4, max_batch_inputs=3)
+
+
+def _batcher(calls, fail=None, window=0.05):
+    async def flush(spec, entries):
+        calls.append([e.text for e in entries])
+        if fail is not None:
+            raise fail
+        for e in entries:
+            e.future.set_result(np.full(4, len(e.text), dtype=np.float32))
+    return Batcher(flush, window=window)
+
+
+def test_a_caller_that_goes_away_leaves_the_answer_to_the_others():
+    calls = []
+
+    async def go():
+        batcher = _batcher(calls)
+        first = asyncio.ensure_future(batcher.embed(SPEC, "shared"))
+        second = asyncio.ensure_future(batcher.embed(SPEC, "shared"))
+        await asyncio.sleep(0)
+        first.cancel()
+        vector = await second
+        await batcher.aclose()
+        return first.cancelled(), vector
+
+    cancelled, vector = asyncio.run(go())
+    assert cancelled and vector.tolist() == [6.0] * 4 and calls == [["shared"]]
+
+
+def test_a_failing_flush_fails_its_batch_with_a_503_and_the_next_batch_is_sent():
+    calls = []
+
+    async def go():
+        batcher = _batcher(calls, fail=RuntimeError("database is gone"))
+        results = await asyncio.gather(*(batcher.embed(SPEC, t) for t in "abcd"), return_exceptions=True)
+        assert batcher.depth == 0
+        return results
+
+    results = asyncio.run(go())
+    assert calls == [["a", "b", "c"], ["d"]], "flushed at the spec's 3 inputs, the rest at the window"
+    assert all(isinstance(r, EmbedError) and r.status == 503 and "database is gone" in r.message for r in results)
+
+
+def test_a_text_is_sent_again_once_its_batch_is_answered():
+    calls = []
+
+    async def go():
+        batcher = _batcher(calls, window=0)
+        await batcher.embed(SPEC, "again")
+        await batcher.embed(SPEC, "again")
+
+    asyncio.run(go())
+    assert calls == [["again"], ["again"]], "the second finds it in the cache (AsyncClient), not in flight"
