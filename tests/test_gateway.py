@@ -194,3 +194,15 @@ def test_a_big_answer_is_printed_off_the_event_loop_and_still_identical(dsn, fak
     assert np.asarray([d.embedding for d in ours.data], np.float32).tobytes() == \
         np.asarray([d.embedding for d in theirs.data], np.float32).tobytes()
     assert ours.usage.prompt_tokens > 0
+
+
+def test_upstream_requests_spend_the_shared_rate_limit(conn, dsn, fake_api):
+    from pgembed import ratelimit
+
+    bucket = ratelimit.set_openai_budget(conn, ratelimit.Budget.per_minute(6000, 10_000_000))
+    with gateway(dsn) as url, openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0) as client:
+        for i in range(3):
+            client.embeddings.create(model="text-embedding-3-small", input=[f"limited {i}", f"other {i}"])
+    granted = conn.execute("SELECT granted_requests, granted_tokens FROM pgembed.rate_limit_status "
+                           "WHERE bucket = %s", (bucket,)).fetchone()
+    assert granted[0] == fake_api.requests == 3 and granted[1] > 0
