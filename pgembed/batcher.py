@@ -17,6 +17,7 @@ one that reads the cache and records usage; the gateway serves HTTP through that
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ import numpy as np
 
 from pgembed.providers import ModelSpec
 from pgembed.tokens import count_tokens
+
+log = logging.getLogger("pgembed.batcher")
 
 
 class EmbedError(Exception):
@@ -156,7 +159,9 @@ class Batcher:
     async def _run(self, spec: ModelSpec, entries: list[Entry]) -> None:
         try:
             await self._flush(spec, entries)
-        except Exception as error:  # the flush's own failure: every caller hears it
+        except Exception as error:  # the flush's own failure: every caller still waiting hears it
+            # logged: after its callers were answered (the cache or ledger write) nobody else would
+            log.warning("a batch of %d %s texts failed: %s", len(entries), spec.model, error)
             failure = error if isinstance(error, EmbedError) else EmbedError(f"cannot embed: {error}", 503)
             for entry in entries:
                 if not entry.future.done():
