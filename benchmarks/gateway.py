@@ -13,9 +13,10 @@ Three passes, all in this run:
 * paced: the same clients with a think time (uniform in 0..`gateway_think_s`) before each
   query, each alternating one query to the fake API directly and one through the gateway, so
   that both are measured under the same load. The latency the gateway adds, p50 and p99, is
-  a gateway request's latency minus a direct one's at the same percentile (target for p50:
-  ≤ window + 5 ms).
-* cache: the closed loop's texts again: answered without one upstream request (target 0).
+  a gateway request's latency minus a direct one's at the same percentile; the figure is the
+  gateway's p50 against the direct p50 + window + 5 ms (target: ≤ 1).
+* cache: the closed loop's texts again: the share answered without an upstream input
+  (target: all, 0 upstream requests).
 
 CPU seconds of the fake API, the gateway and the client process over the closed loop and
 the load average are in the details (the machine is shared).
@@ -139,6 +140,8 @@ def run(bench: Bench) -> list[Result]:
     sent = clients * requests
     window = s.gateway_window_ms / 1000
     added = {p: percentile(through, p) - percentile(direct, p) for p in (50, 99)}
+    bound = percentile(direct, 50) + window + 0.005
+    answered = 1 - (hit["inputs"] - missed["inputs"]) / sent
     upstream = ratio(missed["requests"], sent)
     details = {
         "clients": clients, "requests_per_client": requests, "dimensions": dims, "window_ms": s.gateway_window_ms,
@@ -158,10 +161,13 @@ def run(bench: Bench) -> list[Result]:
     return [
         Result(NAME, f"upstream/client requests, {clients} clients", upstream, "×", 0.1, "×", "1/10",
                ratio(upstream, 0.1), "≤ 1/10", at_most(upstream, 0.1), details=details),
-        Result(NAME, "p50 added latency", added[50] * 1000, "ms", (window + 0.005) * 1000, "ms",
-               "window + 5 ms", ratio(added[50], window + 0.005), "≤ window + 5 ms",
-               at_most(added[50], window + 0.005), note=f"paced pass; p99 added {added[99] * 1000:.1f} ms",
+        # as a ratio to the same run's baseline: the direct p50 plus what the gateway may add
+        Result(NAME, "p50 latency vs direct + window + 5 ms", percentile(through, 50) * 1000, "ms",
+               bound * 1000, "ms", "direct p50 + window + 5 ms", ratio(percentile(through, 50), bound),
+               "≤ 1 (added ≤ window + 5 ms)", at_most(percentile(through, 50), bound),
+               note=f"paced pass; added p50 {added[50] * 1000:.1f} ms, p99 {added[99] * 1000:.1f} ms",
                details=details),
-        Result(NAME, "cache pass upstream requests", float(details["cache_pass_upstream_requests"]), "requests",
-               0.0, "requests", "none", None, "0", details["cache_pass_upstream_requests"] == 0, details=details),
+        Result(NAME, "cache pass answered without upstream", answered, "of requests", 1.0, "of requests",
+               "all", ratio(answered, 1.0), "all (0 upstream requests)", hit["requests"] == missed["requests"],
+               details=details),
     ]
