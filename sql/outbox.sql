@@ -371,3 +371,64 @@ BEGIN
             p_good;
 END
 $$;
+
+-- Write-through (pgembed/writethrough.py): an application that needs rows searchable right
+-- after its commit names their keys, and its process embeds them at once instead of waiting
+-- for a worker. claim_keys leases exactly those keys of one pipeline, as claim_from leases a
+-- batch (same lease columns, so pgembed.acknowledge fences the write the same way), and
+-- says what became of every key asked for, one row each, in p_keys' order:
+--   claimed    leased under p_lease (retrying rows too: the caller asks now, so the
+--              backoff no longer applies); a row queued for bulk work (backfill, repair,
+--              migration) moves to the live lane, as a live change does in enqueue
+--   in_flight  leased by another worker (holder: who), whose acknowledgement will store it
+--   locked     its outbox row is locked by someone else right now (an application
+--              transaction bumping it, another claim): ask again
+--   statement  not in the outbox while a statement of the pipeline waits to be expanded
+--              (expanded here first, as much as claim_from would): it may be in it; ask again
+--   parked     not in the outbox, parked in pgembed.failures (error: why)
+--   absent     not in the outbox: embedded already, or never queued
+-- Nothing waits: SKIP LOCKED and no lock on rows not claimed.
+CREATE OR REPLACE FUNCTION pgembed.claim_keys(p_pipeline text, p_worker text, p_lease uuid, p_keys jsonb,
+                                              p_lease_seconds double precision)
+RETURNS TABLE (key jsonb, state text, version bigint, purpose text, attempts int, holder text, error text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keys jsonb[] := pgembed.key_array(p_keys);
+    ready jsonb[];
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);  -- as claim_from: see there
+    PERFORM pgembed.expand_statements(p_pipeline);
+    ready := ARRAY(SELECT o.key FROM pgembed.outbox o
+                    WHERE o.pipeline = p_pipeline AND o.key = ANY (keys)
+                      AND pgembed.outbox_state(o.lease_id, o.available_at) <> 'in_flight'
+                    ORDER BY o.key
+                      FOR UPDATE SKIP LOCKED);
+    RETURN QUERY
+    WITH claimed AS (
+        UPDATE pgembed.outbox o
+           SET lease_id = p_lease, leased_by = p_worker,
+               available_at = now() + make_interval(secs => p_lease_seconds),
+               purpose = CASE WHEN o.purpose IN ('sync', 'retry') THEN o.purpose ELSE 'sync' END
+         WHERE o.pipeline = p_pipeline AND o.key = ANY (ready)
+        RETURNING o.key, o.version, o.purpose, o.attempts
+    )
+    SELECT k.key,
+           CASE WHEN c.key IS NOT NULL THEN 'claimed'
+                WHEN o.key IS NOT NULL AND pgembed.outbox_state(o.lease_id, o.available_at) = 'in_flight'
+                    THEN 'in_flight'
+                WHEN o.key IS NOT NULL THEN 'locked'
+                WHEN f.parked_at IS NOT NULL THEN 'parked'
+                WHEN pgembed.statement_keys(p_pipeline) > 0 THEN 'statement'
+                ELSE 'absent' END,
+           c.version, c.purpose, c.attempts,
+           CASE WHEN c.key IS NULL THEN o.leased_by END,
+           CASE WHEN c.key IS NULL AND o.key IS NULL THEN f.error END
+      FROM unnest(keys) WITH ORDINALITY AS k(key, i)
+      LEFT JOIN claimed c ON c.key = k.key
+      LEFT JOIN pgembed.outbox o ON c.key IS NULL AND o.pipeline = p_pipeline AND o.key = k.key
+      LEFT JOIN pgembed.failures f ON f.pipeline = p_pipeline AND f.key = k.key
+     ORDER BY k.i;
+END
+$$;
