@@ -52,7 +52,7 @@ BEGIN
                     -- the embedding gateway
                     '',
                     -- write-through
-                    '',
+                    'claim_keys',
                     -- the provider's Batch API
                     '',
                     -- the read path
