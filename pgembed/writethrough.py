@@ -37,7 +37,7 @@ from pgembed.config import WorkerConfig
 from pgembed.pipelines import refused
 from pgembed.providers import Provider, ProviderError, make_provider
 from pgembed.queue import Batch, Claimed, Key, PipelineInfo, Queue
-from pgembed.ratelimit import RateLimits
+from pgembed.ratelimit import RateLimits, openai_bucket
 from pgembed.sqlfiles import query
 
 # The most keys one call takes: write-through is for the rows a request just wrote; more
@@ -113,53 +113,85 @@ def _scalar(value: object) -> bool:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
-async def sync_keys(database: str | AsyncConnectionPool, target: str, keys: Sequence[object], *,
-                    timeout: float = 30.0) -> SyncResult:
-    """Embeds and stores these keys of `target` (a pipeline or an alias) now; returns when
-    each is searchable, or what kept it from being so. `database` is a DSN or an open pool
-    whose connections have pgvector's types registered (as `pgembed.db.worker_pool`'s)."""
-    if timeout <= 0:
-        raise WriteThroughError("timeout must be more than 0 seconds")
-    started = time.monotonic()
-    name = f"writethrough:{socket.gethostname()}:{os.getpid()}"
-    if isinstance(database, str):
-        db.remember_secrets(database)
-        pool = db.worker_pool(database, name, max_size=2)
-        await pool.open(wait=True)
-        try:
-            return await _sync(pool, database, name, target, keys, started + timeout)
-        finally:
-            await pool.close()
-    if not isinstance(database.conninfo, str):  # the rate limiter opens a session of its own
-        raise TypeError("sync_keys needs a pool made with a conninfo string")
-    return await _sync(database, database.conninfo, name, target, keys, started + timeout)
+class WriteThrough:
+    """What successive calls share: the pool, one provider per model (an API client takes
+    tens of milliseconds to make: more than the rest of a call's own work) and the rate
+    limiter's session. A server keeps one for its lifetime; `sync_keys` with a DSN or a
+    pool makes one for the call."""
 
+    def __init__(self, database: str | AsyncConnectionPool) -> None:
+        self.name = f"writethrough:{socket.gethostname()}:{os.getpid()}"
+        if isinstance(database, str):
+            db.remember_secrets(database)
+            self.pool, self._owns_pool = db.worker_pool(database, self.name, max_size=2), True
+        else:
+            self.pool, self._owns_pool = database, False
+        if not isinstance(self.pool.conninfo, str):  # the rate limiter opens a session of its own
+            raise TypeError("write-through needs a pool made with a conninfo string")
+        self._limits = RateLimits(self.pool.conninfo, worker=self.name)
+        self._providers: dict[tuple[str, int, str], Provider] = {}
+        self._opening = asyncio.Lock()
 
-async def _sync(pool: AsyncConnectionPool, dsn: str, name: str, target: str, given: Sequence[object],
-                deadline: float) -> SyncResult:
-    started = time.monotonic()
-    try:
-        async with pool.connection() as conn:
-            row = await (await conn.execute(query("writethrough_target"), {"target": target})).fetchone()
-    except psycopg.errors.RaiseException as error:  # resolve_pipeline's "no pipeline or alias named"
-        raise WriteThroughError(str(refused(error))) from None
-    assert row is not None  # resolve_pipeline returned a pipeline's name
-    pipeline, columns = str(row[0]), int(row[1])
-    keys = normalize_keys(given, columns)
-    result = SyncResult(target, pipeline)
-    if keys:
-        queue = Queue(pool, name, reconnect_for=max(deadline - time.monotonic(), 1.0))
-        info = (await queue.pipelines())[pipeline]
-        limits = RateLimits(dsn, worker=name)
-        provider = make_provider(info.spec, limiter=limits.for_spec(info.spec))
-        try:
-            outcomes = await _Run(queue, info, provider, deadline).run(keys)
-        finally:
+    async def __aenter__(self) -> WriteThrough:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for provider in self._providers.values():
             await provider.aclose()
-            await limits.aclose()
-        result.keys = [outcomes[k] for k in keys]
-    result.seconds = time.monotonic() - started
-    return result
+        self._providers.clear()
+        await self._limits.aclose()
+        if self._owns_pool:
+            await self.pool.close()
+
+    def _provider(self, info: PipelineInfo) -> Provider:
+        """One a model and size, and (for an API) its key and base URL as they are now."""
+        spec = info.spec
+        key = (spec.model, spec.dimensions, openai_bucket() if spec.provider == "openai" else "")
+        if key not in self._providers:
+            self._providers[key] = make_provider(spec, limiter=self._limits.for_spec(spec))
+        return self._providers[key]
+
+    async def sync(self, target: str, keys: Sequence[object], *, timeout: float = 30.0) -> SyncResult:
+        """See sync_keys."""
+        if timeout <= 0:
+            raise WriteThroughError("timeout must be more than 0 seconds")
+        started = time.monotonic()
+        deadline = started + timeout
+        if self._owns_pool:
+            async with self._opening:
+                if self.pool.closed:
+                    await self.pool.open(wait=True)
+        try:
+            async with self.pool.connection() as conn:
+                row = await (await conn.execute(query("writethrough_target"), {"target": target})).fetchone()
+        except psycopg.errors.RaiseException as error:  # resolve_pipeline's "no pipeline or alias named"
+            raise WriteThroughError(str(refused(error))) from None
+        assert row is not None  # resolve_pipeline returned a pipeline's name
+        pipeline, columns = str(row[0]), int(row[1])
+        wanted = normalize_keys(keys, columns)
+        result = SyncResult(target, pipeline)
+        if wanted:
+            queue = Queue(self.pool, self.name, reconnect_for=max(timeout, 1.0))
+            info = (await queue.pipelines())[pipeline]
+            outcomes = await _Run(queue, info, self._provider(info), deadline).run(wanted)
+            result.keys = [outcomes[k] for k in wanted]
+        result.seconds = time.monotonic() - started
+        return result
+
+
+async def sync_keys(database: str | AsyncConnectionPool | WriteThrough, target: str, keys: Sequence[object],
+                    *, timeout: float = 30.0) -> SyncResult:
+    """Embeds and stores these keys of `target` (a pipeline or an alias) now; returns when
+    each is searchable, or what kept it from being so, within about `timeout` seconds.
+    `database`: a DSN, an open pool whose connections have pgvector's types registered (as
+    `pgembed.db.worker_pool`'s), or a WriteThrough kept across calls (the fastest)."""
+    if isinstance(database, WriteThrough):
+        return await database.sync(target, keys, timeout=timeout)
+    async with WriteThrough(database) as session:
+        return await session.sync(target, keys, timeout=timeout)
 
 
 @dataclass
