@@ -5,6 +5,7 @@ whatever fails stays queued and a worker converges it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -204,3 +205,30 @@ def test_beside_a_running_worker_nothing_is_lost_or_stored_twice(conn, notes, ru
     results = asyncio.run(application())
     assert all(r.ok for r in results), [k for r in results for k in r.keys if k.status not in ("stored", "fresh")]
     converge(conn, [body_expect(notes, "notes")])  # exactly the current content, no duplicates
+
+
+def test_the_command_line(conn, dsn, notes):
+    from typer.testing import CliRunner
+
+    from pgembed.cli import app
+
+    def cli(*args: str):
+        return CliRunner().invoke(app, [*args, "--dsn", dsn], catch_exceptions=False)
+
+    conn.execute("INSERT INTO notes VALUES (201, 'typed at the shell')")
+    shown = cli("sync-now", notes, "201", "2")
+    assert shown.exit_code == 0, shown.output
+    assert "201" in shown.output and "stored" in shown.output and "fresh" in shown.output
+    assert all(len(line) <= 80 for line in shown.output.splitlines())
+    conn.execute("UPDATE notes SET body = 'again' WHERE id = 2")
+    as_json = json.loads(cli("sync-now", notes, "2", "--json").stdout)
+    assert as_json["ok"] and as_json["keys"] == [{"key": ["2"], "status": "stored", "error": None, "holder": None}]
+    for args, message in [((notes, "[1, 2"), "not one"), ((notes, "[1, 2]"), "key has 1 column(s)"),
+                          (("nosuch", "1"), "no pipeline or alias named 'nosuch'")]:
+        refused = cli("sync-now", *args)
+        assert refused.exit_code == 2 and message in refused.output and "Traceback" not in refused.output
+    # a key that is not searchable yet (held elsewhere past the timeout) exits 1
+    conn.execute("UPDATE notes SET body = 'held' WHERE id = 3")
+    conn.execute("SELECT * FROM pgembed.claim('other', gen_random_uuid(), 10, 60)")
+    held = cli("sync-now", notes, "3", "--timeout", "0.2")
+    assert held.exit_code == 1 and "in_flight" in held.output and "held by other" in held.output
