@@ -232,3 +232,59 @@ def test_the_command_line(conn, dsn, notes):
     conn.execute("SELECT * FROM pgembed.claim('other', gen_random_uuid(), 10, 60)")
     held = cli("sync-now", notes, "3", "--timeout", "0.2")
     assert held.exit_code == 1 and "in_flight" in held.output and "held by other" in held.output
+
+
+def test_from_sql_the_keys_go_first_and_the_wait_sees_the_worker_store_them(conn, notes):
+    conn.execute("INSERT INTO notes SELECT g, 'backlog ' || g FROM generate_series(300, 399) g")
+    conn.execute("SELECT pgembed.queue_all(%s, 'backfill')", (notes,))  # bulk work behind them
+    conn.execute("SELECT pgembed.set_alias('notes', %s)", (notes,))
+    with conn.transaction():  # in the application's own transaction, before its COMMIT
+        conn.execute("INSERT INTO notes VALUES (400, 'the one the user waits for')")
+        assert conn.execute("SELECT pgembed.sync_now('notes', '[400, 7, [\"399\"]]')").fetchone() == (3,)
+    # first in line: the next claim takes exactly them (one pipeline, oldest first)
+    lease = uuid.uuid4()
+    claimed = conn.execute("SELECT key->>0, purpose FROM pgembed.claim('w', %s, 3, 60)", (lease,)).fetchall()
+    assert sorted(claimed) == [("399", "sync"), ("400", "sync"), ("7", "sync")]
+    conn.execute("UPDATE pgembed.outbox SET lease_id = NULL, leased_by = NULL, available_at = now() - "
+                 "interval '1 hour' WHERE lease_id = %s", (lease,))
+    # no worker: the wait ends at its timeout and says so
+    assert conn.execute("SELECT key->>0, status FROM pgembed.wait_synced('notes', '[400]', 0.2)").fetchall() == [
+        ("400", "queued")]
+
+
+def test_from_sql_waiting_beside_a_running_worker(conn, notes, running_worker):
+    conn.execute("INSERT INTO notes VALUES (500, 'waited for in SQL'), (501, 'and this one')")
+    conn.execute("SELECT pgembed.sync_now(%s, '[500, 501]')", (notes,))
+    rows = conn.execute("SELECT key->>0, status, error FROM pgembed.wait_synced(%s, '[500, 501, 12345]', 20)",
+                        (notes,)).fetchall()
+    assert rows == [("500", "searchable", None), ("501", "searchable", None), ("12345", "searchable", None)]
+    assert {"500", "501"} <= set(stored(conn, notes))
+
+
+def test_from_sql_a_parked_key_is_reported_failed(conn, notes):
+    conn.execute("INSERT INTO pgembed.failures (pipeline, key, error, parked_at, class) "
+                 "VALUES (%s, '[\"9\"]', 'rejected by the API', now(), 'input_rejected')", (notes,))
+    assert conn.execute("SELECT status, error FROM pgembed.wait_synced(%s, '[9]', 5)", (notes,)).fetchall() == [
+        ("failed", "rejected by the API")]
+
+
+@pytest.mark.parametrize("call, message", [
+    ("SELECT pgembed.sync_now('nosuch', '[1]')", "no pipeline or alias named 'nosuch'"),
+    ("SELECT pgembed.sync_now('notes_hash', '{\"a\": 1}')", "keys must be a JSON array"),
+    ("SELECT pgembed.sync_now('notes_hash', '[[1, 2]]')", "has a key of 1 column(s)"),
+    ("SELECT pgembed.sync_now('notes_hash', '[null]')", "(not NULL)"),
+    ("SELECT * FROM pgembed.wait_synced('notes_hash', '[1]', 1)", "COMMIT first"),
+])
+def test_from_sql_bad_calls_are_refused(conn, notes, call, message):
+    with pytest.raises(psycopg.Error) as raised, conn.transaction():
+        conn.execute("UPDATE notes SET body = 'written in this transaction' WHERE id = 1")
+        conn.execute(call)
+    text = str(raised.value) + (raised.value.diag.message_hint or "")
+    assert message in text
+    assert outbox(conn) == []  # the transaction's write rolled back with it
+
+
+def test_from_sql_the_wait_refuses_a_fixed_snapshot(conn, notes):
+    with pytest.raises(psycopg.Error, match="needs READ COMMITTED"), conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.execute("SELECT * FROM pgembed.wait_synced('notes_hash', '[1]', 1)")

@@ -52,7 +52,7 @@ BEGIN
                     -- the embedding gateway
                     '',
                     -- write-through
-                    'claim_keys',
+                    'claim_keys', 'given_keys', 'sync_now', 'wait_synced',
                     -- the provider's Batch API
                     '',
                     -- the read path
