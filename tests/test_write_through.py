@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from pgembed.client import Client
 from pgembed.search import search
@@ -21,6 +22,7 @@ from pgembed.writethrough import WriteThroughError, sync_keys
 from tests.conftest import drain
 from tests.reliability.convergence import converge
 from tests.reliability.harness import api_pipeline, body_expect, make_docs
+from tests.test_privileges import login  # noqa: F401 (a fixture)
 
 
 def statuses(result) -> dict[str, str]:
@@ -288,3 +290,27 @@ def test_from_sql_the_wait_refuses_a_fixed_snapshot(conn, notes):
     with pytest.raises(psycopg.Error, match="needs READ COMMITTED"), conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.execute("SELECT * FROM pgembed.wait_synced('notes_hash', '[1]', 1)")
+
+
+def test_who_may_write_through(conn, dsn, notes, login):  # noqa: F811 (the fixture)
+    """A pgembed_worker login may run sync_keys (the worker's rights: the queue, the cache,
+    failures, usage); an application role may call the SQL pair once the DBA grants it, and
+    still reads nothing of pgembed's."""
+    conn.execute("GRANT SELECT ON notes TO pgembed_worker")
+    conn.execute("INSERT INTO notes VALUES (600, 'through a worker login'), (601, 'from the application')")
+    worker = login("IN ROLE pgembed_worker")
+    result = asyncio.run(sync_keys(make_conninfo(dsn, user=worker), notes, [600]))
+    assert statuses(result) == {"600": "stored"}
+    app = login()
+    conn.execute(f"GRANT USAGE ON SCHEMA pgembed TO {app}")
+    with psycopg.connect(make_conninfo(dsn, user=app), autocommit=True) as a:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            a.execute("SELECT pgembed.sync_now(%s, '[601]')", (notes,))
+        conn.execute(f"GRANT EXECUTE ON FUNCTION pgembed.sync_now(text, jsonb), "
+                     f"pgembed.wait_synced(text, jsonb, double precision) TO {app}")
+        assert a.execute("SELECT pgembed.sync_now(%s, '[601]')", (notes,)).fetchone() == (1,)
+        assert a.execute("SELECT status FROM pgembed.wait_synced(%s, '[601]', 0.1)", (notes,)).fetchall() == [
+            ("queued",)]
+        for forbidden in ("SELECT * FROM pgembed.outbox", "SELECT * FROM pgembed.failures"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                a.execute(forbidden)

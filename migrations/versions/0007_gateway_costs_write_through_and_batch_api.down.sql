@@ -17,7 +17,9 @@
 -- Write-through
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- no table changes; the grant sql/privileges.sql gives write-through (a worker resolving an
+-- alias), which 0006's definitions do not take back
+REVOKE SELECT ON pgembed.aliases FROM pgembed_worker;
 
 -- ---------------------------------------------------------------------------------------
 -- The embedding gateway
