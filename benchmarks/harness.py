@@ -98,10 +98,12 @@ class Scale:
     # 14. late chunking: SciFact documents (as storage_docs), tokens a chunk (0: what fits the model)
     late_docs: int = 600
     late_chunk_tokens: int = 0
-    # 15. write-through: rows each way (write-through, listening worker), their rate, API latency
+    # 15. write-through: rows each way (write-through, listening worker), their rate, API latency,
+    # and the backfill (rows) that keeps the worker busy in the second half
     wt_rows: int = 200
     wt_rate: float = 10.0
     wt_latency: float = 0.05
+    wt_backlog: int = 40_000
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -139,7 +141,7 @@ SCALES: dict[str, Scale] = {
         quality_docs=40,
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
         storage_docs=40, local_docs=20, late_docs=10,
-        wt_rows=10, wt_rate=20.0,
+        wt_rows=10, wt_rate=20.0, wt_backlog=3_000,
         checkpoints=False,
     ),
 }
