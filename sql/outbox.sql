@@ -504,8 +504,9 @@ $$;
 
 -- Waits up to p_timeout seconds until these keys are searchable (no longer in the outbox:
 -- stored, or of no row) or have failed, and says which, one row a key: searchable, failed
--- (parked, or failed since the wait began and backing off; error: why), queued or
--- in_flight (still, at the timeout). Each look is a statement of its own, with its own
+-- (parked, or failed and backing off; error: why), queued or in_flight (still, at the
+-- timeout). The wait ends early for a failure recorded since it began; one older than the
+-- wait (a key sync_now did not make ready) waits for the timeout, and is failed then. Each look is a statement of its own, with its own
 -- snapshot, so it sees the workers' commits; which is why it refuses to run in a
 -- transaction that has written (the workers cannot see that transaction's rows until it
 -- commits) or that keeps one snapshot (REPEATABLE READ, SERIALIZABLE). SECURITY DEFINER,
@@ -545,11 +546,12 @@ BEGIN
     SELECT k.key,
            CASE WHEN f.parked_at IS NOT NULL AND o.key IS NULL THEN 'failed'
                 WHEN o.key IS NULL THEN 'searchable'
-                WHEN pgembed.outbox_state(o.lease_id, o.available_at) = 'retrying' AND f.last_failed_at >= began
+                WHEN pgembed.outbox_state(o.lease_id, o.available_at) = 'retrying' AND f.key IS NOT NULL
                     THEN 'failed'
                 WHEN pgembed.outbox_state(o.lease_id, o.available_at) = 'in_flight' THEN 'in_flight'
                 ELSE 'queued' END,
-           CASE WHEN f.parked_at IS NOT NULL OR f.last_failed_at >= began THEN f.error END
+           CASE WHEN f.parked_at IS NOT NULL
+                  OR pgembed.outbox_state(o.lease_id, o.available_at) = 'retrying' THEN f.error END
       FROM unnest(keys) WITH ORDINALITY AS k(key, i)
       LEFT JOIN pgembed.outbox o ON o.pipeline = pl AND o.key = k.key
       LEFT JOIN pgembed.failures f ON f.pipeline = pl AND f.key = k.key

@@ -268,6 +268,13 @@ def test_from_sql_a_parked_key_is_reported_failed(conn, notes):
                  "VALUES (%s, '[\"9\"]', 'rejected by the API', now(), 'input_rejected')", (notes,))
     assert conn.execute("SELECT status, error FROM pgembed.wait_synced(%s, '[9]', 5)", (notes,)).fetchall() == [
         ("failed", "rejected by the API")]
+    # failed and backing off (retrying): failed too, with its error, once the wait is over
+    conn.execute("UPDATE notes SET body = 'will fail' WHERE id = 10")
+    conn.execute("UPDATE pgembed.outbox SET available_at = now() + interval '1 hour', attempts = 1")
+    conn.execute("INSERT INTO pgembed.failures (pipeline, key, error) VALUES (%s, '[\"10\"]', 'HTTP 500')",
+                 (notes,))
+    assert conn.execute("SELECT status, error FROM pgembed.wait_synced(%s, '[10]', 0.1)", (notes,)).fetchall() == [
+        ("failed", "HTTP 500")]
 
 
 @pytest.mark.parametrize("call, message", [
@@ -314,3 +321,15 @@ def test_who_may_write_through(conn, dsn, notes, login):  # noqa: F811 (the fixt
         for forbidden in ("SELECT * FROM pgembed.outbox", "SELECT * FROM pgembed.failures"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 a.execute(forbidden)
+
+
+def test_keys_of_a_big_statement_and_a_retrying_key_are_taken_at_once(conn, notes):
+    conn.execute("INSERT INTO notes SELECT g, 'bulk ' || g FROM generate_series(2000, 3499) g")  # a statement
+    assert conn.execute("SELECT pgembed.statement_keys()").fetchone() == (1500,)
+    conn.execute("UPDATE notes SET body = 'backing off' WHERE id = 11")
+    conn.execute("UPDATE pgembed.outbox SET available_at = now() + interval '1 hour', attempts = 2 "
+                 "WHERE key = '[\"11\"]'")
+    result = asyncio.run(sync_keys(conn.info.dsn, notes, [3499, 11]))
+    assert statuses(result) == {"3499": "stored", "11": "stored"}
+    assert stored(conn, notes)["11"] == "backing off"
+    assert drain(conn.info.dsn).written == 1499  # the rest of the statement, by the worker
