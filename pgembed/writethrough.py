@@ -50,15 +50,7 @@ LEASE_MARGIN = 5.0
 POLL = 0.02
 _DEFAULTS = WorkerConfig()
 
-STATUSES = {
-    "stored": "embedded and committed: searchable now",
-    "no_row": "no row has this key (deleted, its vectors with it; or never written): nothing to search",
-    "fresh": "not queued: its vectors are already those of its content",
-    "failed": "not embedded (error says why); it stays queued or parked, as a worker leaves it",
-    "in_flight": "another worker still held it at the timeout; its acknowledgement stores it",
-    "queued": "still queued at the timeout (locked by a transaction, or changing): a worker embeds it",
-}
-DONE = frozenset({"stored", "no_row", "fresh"})
+DONE = frozenset({"stored", "no_row", "fresh"})  # searchable as the row now is
 
 
 class WriteThroughError(ValueError):
@@ -68,8 +60,18 @@ class WriteThroughError(ValueError):
 
 @dataclass(frozen=True)
 class KeyOutcome:
+    """What became of one key. `status`:
+      stored     embedded and committed: searchable now
+      fresh      not queued: its vectors are already those of its content
+      no_row     no row has this key (deleted, its vectors with it; or never written)
+      failed     not embedded (`error` says why); queued or parked, as a worker leaves it
+      in_flight  another worker (`holder`) still held it at the timeout; it stores it
+      queued     still queued at the timeout (a transaction held its row lock, or it kept
+                 changing): a worker embeds it
+    """
+
     key: list[str]
-    status: str  # one of STATUSES
+    status: str
     error: str | None = None
     holder: str | None = None  # the worker holding an `in_flight` key
 
