@@ -21,6 +21,8 @@ Scenarios (targets from issue 5; every figure is measured next to its limit in o
                P@5) vs exact search over each one's vectors, index size and build, drain time
   gateway      200 OpenAI clients of `pgembed serve` (fake API, 100 ms): upstream/client requests,
                p50/p99 latency added over the direct API's, the cache pass's upstream requests
+  write_through commit → searchable p50/p99 with write-through vs a worker on LISTEN, fake API
+               at 50 ms; the embedding call itself as the floor
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from benchmarks.harness import REPO, SCALES, Bench, Result
 
 SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit",
              "float_path", "quality", "read_path", "storage",
-             "local_model", "late_chunking", "gateway")
+             "local_model", "late_chunking", "gateway", "write_through")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -106,6 +106,12 @@ class Scale:
     gateway_dims: int = 256
     gateway_paced_requests: int = 3  # of each kind, per client
     gateway_think_s: float = 2.0
+    # 16. write-through: rows each way (write-through, listening worker), their rate, API latency,
+    # and the backfill (rows) that keeps the worker busy in the second half
+    wt_rows: int = 200
+    wt_rate: float = 10.0
+    wt_latency: float = 0.05
+    wt_backlog: int = 40_000
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -144,6 +150,7 @@ SCALES: dict[str, Scale] = {
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
         storage_docs=40, local_docs=20, late_docs=10,
         gateway_clients=10, gateway_requests=2, gateway_paced_requests=1, gateway_think_s=0.2,
+        wt_rows=10, wt_rate=20.0, wt_backlog=3_000,
         checkpoints=False,
     ),
 }

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from pgembed import aliases, audit, db, migrate, pipelines
+from pgembed import aliases, audit, db, migrate, pipelines, writethrough
 from pgembed.attribution import Attribution
 from pgembed.evaluation.runs import EvalRun, run_evaluation
 from pgembed.pipelines import PipelineOptions
@@ -59,6 +59,11 @@ class Client:
     def sync(self, **config: Any) -> WorkerStats:
         """Run a worker until the queue is empty (`pgembed worker --until-empty`)."""
         return asyncio.run(Worker(self.dsn, WorkerConfig(until_empty=True, **config)).run())
+
+    def sync_now(self, target: str, keys: Sequence[object], *, timeout: float = 30.0) -> writethrough.SyncResult:
+        """Embed these keys of a pipeline or alias now, after the application's commit, and
+        return once they are searchable (`pgembed sync-now`); see pgembed.writethrough."""
+        return asyncio.run(writethrough.sync_keys(self.dsn, target, keys, timeout=timeout))
 
     def status(self) -> list[dict[str, Any]]:
         """One row per pipeline from pgembed.pipeline_status: counts, gaps, freshness."""

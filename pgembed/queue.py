@@ -126,6 +126,7 @@ class AckResult:
     lost: int = 0
     # rows `held` did not return: deleted, taken by another lease, or locked at that instant
     skipped: list[Key] = field(default_factory=list)
+    changed_keys: list[Key] = field(default_factory=list)  # changed since read: queued again
 
 
 def _keys(keys: Sequence[Key]) -> Jsonb:
@@ -401,7 +402,8 @@ def _ack_params(info: PipelineInfo, batch: Batch, outcomes: list[Outcome],
 def _ack_result(outcomes: list[Outcome], changed: set[int], skipped: set[int]) -> AckResult:
     """What became of the batch, from the positions pgembed.acknowledge did not write."""
     result = AckResult(changed=len(changed), lost=len(skipped),
-                       skipped=[outcomes[i - 1].claimed.key for i in sorted(skipped)])
+                       skipped=[outcomes[i - 1].claimed.key for i in sorted(skipped)],
+                       changed_keys=[outcomes[i - 1].claimed.key for i in sorted(changed)])
     for i, o in enumerate(outcomes, 1):
         if i in changed or i in skipped:
             continue

@@ -371,3 +371,190 @@ BEGIN
             p_good;
 END
 $$;
+
+-- Write-through (pgembed/writethrough.py): an application that needs rows searchable right
+-- after its commit names their keys, and its process embeds them at once instead of waiting
+-- for a worker. claim_keys leases exactly those keys of one pipeline, as claim_from leases a
+-- batch (same lease columns, so pgembed.acknowledge fences the write the same way), and
+-- says what became of every key asked for, one row each, in p_keys' order:
+--   claimed    leased under p_lease (retrying rows too: the caller asks now, so the
+--              backoff no longer applies); a row queued for bulk work (backfill, repair,
+--              migration) moves to the live lane, as a live change does in enqueue
+--   in_flight  leased by another worker (holder: who), whose acknowledgement will store it
+--   locked     its outbox row is locked by someone else right now (an application
+--              transaction bumping it, another claim): ask again
+--   statement  not in the outbox while a statement of the pipeline waits to be expanded
+--              (expanded here first, as much as claim_from would): it may be in it; ask again
+--   parked     not in the outbox, parked in pgembed.failures (error: why)
+--   absent     not in the outbox: embedded already, or never queued
+-- Nothing waits: SKIP LOCKED and no lock on rows not claimed.
+CREATE OR REPLACE FUNCTION pgembed.claim_keys(p_pipeline text, p_worker text, p_lease uuid, p_keys jsonb,
+                                              p_lease_seconds double precision)
+RETURNS TABLE (key jsonb, state text, version bigint, purpose text, attempts int, holder text, error text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keys jsonb[] := pgembed.key_array(p_keys);
+    ready jsonb[];
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);  -- as claim_from: see there
+    PERFORM pgembed.expand_statements(p_pipeline);
+    ready := ARRAY(SELECT o.key FROM pgembed.outbox o
+                    WHERE o.pipeline = p_pipeline AND o.key = ANY (keys)
+                      AND pgembed.outbox_state(o.lease_id, o.available_at) <> 'in_flight'
+                    ORDER BY o.key
+                      FOR UPDATE SKIP LOCKED);
+    RETURN QUERY
+    WITH claimed AS (
+        UPDATE pgembed.outbox o
+           SET lease_id = p_lease, leased_by = p_worker,
+               available_at = now() + make_interval(secs => p_lease_seconds),
+               purpose = CASE WHEN o.purpose IN ('sync', 'retry') THEN o.purpose ELSE 'sync' END
+         WHERE o.pipeline = p_pipeline AND o.key = ANY (ready)
+        RETURNING o.key, o.version, o.purpose, o.attempts
+    )
+    SELECT k.key,
+           CASE WHEN c.key IS NOT NULL THEN 'claimed'
+                WHEN o.key IS NOT NULL AND pgembed.outbox_state(o.lease_id, o.available_at) = 'in_flight'
+                    THEN 'in_flight'
+                WHEN o.key IS NOT NULL THEN 'locked'
+                WHEN f.parked_at IS NOT NULL THEN 'parked'
+                WHEN pgembed.statement_keys(p_pipeline) > 0 THEN 'statement'
+                ELSE 'absent' END,
+           c.version, c.purpose, c.attempts,
+           CASE WHEN c.key IS NULL THEN o.leased_by END,
+           CASE WHEN c.key IS NULL AND o.key IS NULL THEN f.error END
+      FROM unnest(keys) WITH ORDINALITY AS k(key, i)
+      LEFT JOIN claimed c ON c.key = k.key
+      LEFT JOIN pgembed.outbox o ON c.key IS NULL AND o.pipeline = p_pipeline AND o.key = k.key
+      LEFT JOIN pgembed.failures f ON f.pipeline = p_pipeline AND f.key = k.key
+     ORDER BY k.i;
+END
+$$;
+
+-- Write-through from SQL, for an application that has no Python process of pgembed's to
+-- embed in: the workers do the embedding, these two put the keys first and wait for them.
+--   SELECT pgembed.sync_now('notes', '[42, 43]');          -- in or after the writing transaction
+--   SELECT * FROM pgembed.wait_synced('notes', '[42, 43]', 5);  -- after its COMMIT
+-- A key is given as pgembed.claim_keys takes it, or (one column) as its bare value.
+
+-- Keys given to the SQL write-through as the outbox holds them: each a jsonb array of text,
+-- checked against the pipeline's key columns.
+CREATE OR REPLACE FUNCTION pgembed.given_keys(p_pipeline text, p_keys jsonb)
+RETURNS jsonb[]
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    columns int := (SELECT cardinality(q.key_columns) FROM pgembed.pipelines q WHERE q.name = p_pipeline);
+    keys jsonb[];
+BEGIN
+    IF jsonb_typeof(p_keys) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'pgembed: keys must be a JSON array of keys, e.g. ''[42, 43]''';
+    END IF;
+    keys := ARRAY(SELECT CASE WHEN jsonb_typeof(k) = 'array'
+                              THEN (SELECT coalesce(jsonb_agg(e #>> '{}' ORDER BY i), '[]')
+                                      FROM jsonb_array_elements(k) WITH ORDINALITY AS x(e, i))
+                              ELSE jsonb_build_array(k #>> '{}') END
+                    FROM jsonb_array_elements(p_keys) AS k);
+    IF EXISTS (SELECT 1 FROM unnest(keys) AS k
+                WHERE jsonb_array_length(k) <> columns OR k @> '[null]') THEN
+        RAISE EXCEPTION 'pgembed: pipeline % has a key of % column(s): give each key as % (not NULL)',
+            quote_literal(p_pipeline), columns,
+            CASE WHEN columns = 1 THEN 'its value' ELSE format('a list of %s values', columns) END;
+    END IF;
+    RETURN keys;
+END
+$$;
+
+-- Puts these keys of a pipeline (or alias) at the front of the live lane and wakes the
+-- workers: each is claimed by the next claim of its pipeline. A key queued for bulk work
+-- moves to the live lane, a retrying one is ready now, one in flight keeps its lease; keys
+-- not queued are left alone. Returns how many keys were moved. SECURITY DEFINER (no grant
+-- by default): an application role the DBA grants EXECUTE can reorder the queue's rows of
+-- the keys it names, and nothing else.
+CREATE OR REPLACE FUNCTION pgembed.sync_now(p_target text, p_keys jsonb)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    pl text := pgembed.resolve_pipeline(p_target);
+    keys jsonb[] := pgembed.given_keys(pl, p_keys);
+    front timestamptz;
+    n bigint;
+BEGIN
+    SELECT LEAST(now(), min(o.available_at)) - interval '1 millisecond' INTO front
+      FROM pgembed.outbox o  -- through outbox_live
+     WHERE o.pipeline = pl AND o.available_at <= now() AND o.purpose IN ('sync', 'retry');
+    UPDATE pgembed.outbox o
+       SET available_at = LEAST(o.available_at, front),
+           purpose = CASE WHEN o.purpose IN ('sync', 'retry') THEN o.purpose ELSE 'sync' END
+     WHERE o.pipeline = pl AND o.key = ANY (keys)
+       AND pgembed.outbox_state(o.lease_id, o.available_at) <> 'in_flight';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pg_notify('pgembed', pl);
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Waits up to p_timeout seconds until these keys are searchable (no longer in the outbox:
+-- stored, or of no row) or have failed, and says which, one row a key: searchable, failed
+-- (parked, or failed and backing off; error: why), queued or in_flight (still, at the
+-- timeout). The wait ends early for a failure recorded since it began; one older than the
+-- wait (a key sync_now did not make ready) waits for the timeout, and is failed then. Each look is a statement of its own, with its own
+-- snapshot, so it sees the workers' commits; which is why it refuses to run in a
+-- transaction that has written (the workers cannot see that transaction's rows until it
+-- commits) or that keeps one snapshot (REPEATABLE READ, SERIALIZABLE). SECURITY DEFINER,
+-- as sync_now: it reads the queue's rows of the keys named, and nothing else.
+CREATE OR REPLACE FUNCTION pgembed.wait_synced(p_target text, p_keys jsonb, p_timeout double precision DEFAULT 30)
+RETURNS TABLE (key jsonb, status text, error text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    pl text := pgembed.resolve_pipeline(p_target);
+    keys jsonb[] := pgembed.given_keys(pl, p_keys);
+    began timestamptz := clock_timestamp();
+    pause double precision := 0.005;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'pgembed: wait_synced waits for the workers, who cannot see this transaction''s writes'
+            USING HINT = 'COMMIT first, then call it (pgembed.sync_now may run before the COMMIT).';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgembed: wait_synced needs READ COMMITTED: under % it would never see the workers'' commits',
+            upper(current_setting('transaction_isolation'));
+    END IF;
+    LOOP
+        EXIT WHEN NOT EXISTS (
+            SELECT 1 FROM pgembed.outbox o
+              LEFT JOIN pgembed.failures f ON f.pipeline = o.pipeline AND f.key = o.key
+             WHERE o.pipeline = pl AND o.key = ANY (keys)
+               AND NOT (pgembed.outbox_state(o.lease_id, o.available_at) = 'retrying' AND f.last_failed_at >= began));
+        EXIT WHEN clock_timestamp() >= began + make_interval(secs => p_timeout);
+        PERFORM pg_sleep(LEAST(pause, GREATEST(extract(epoch FROM began + make_interval(secs => p_timeout)
+                                                        - clock_timestamp()), 0)));
+        pause := LEAST(pause * 2, 0.1);
+    END LOOP;
+    RETURN QUERY
+    SELECT k.key,
+           CASE WHEN f.parked_at IS NOT NULL AND o.key IS NULL THEN 'failed'
+                WHEN o.key IS NULL THEN 'searchable'
+                WHEN pgembed.outbox_state(o.lease_id, o.available_at) = 'retrying' AND f.key IS NOT NULL
+                    THEN 'failed'
+                WHEN pgembed.outbox_state(o.lease_id, o.available_at) = 'in_flight' THEN 'in_flight'
+                ELSE 'queued' END,
+           CASE WHEN f.parked_at IS NOT NULL
+                  OR pgembed.outbox_state(o.lease_id, o.available_at) = 'retrying' THEN f.error END
+      FROM unnest(keys) WITH ORDINALITY AS k(key, i)
+      LEFT JOIN pgembed.outbox o ON o.pipeline = pl AND o.key = k.key
+      LEFT JOIN pgembed.failures f ON f.pipeline = pl AND f.key = k.key
+     ORDER BY k.i;
+END
+$$;

@@ -95,6 +95,8 @@ GRANT SELECT ON pgembed.rate_limits TO pgembed_worker;
 GRANT SELECT, INSERT, UPDATE ON pgembed.rate_limit_state TO pgembed_worker;
 GRANT SELECT ON pgembed.bulk_lane TO pgembed_worker;  -- claim_from reads its window
 GRANT EXECUTE ON FUNCTION pgembed.take_bulk_budget(text, int, bigint) TO pgembed_worker;
+-- write-through (pgembed/writethrough.py) runs as a worker and resolves an alias, as search does
+GRANT SELECT ON pgembed.aliases TO pgembed_worker;
 -- Each pipeline's destination table and read/store functions: create_pipeline grants them
 -- (pgembed.grant_pipeline_to_workers); again here for the pipelines that exist already.
 -- Which HNSW indexes wait for their backfill to end (pgembed.deferred_indexes, service.sql):

@@ -553,3 +553,15 @@ SELECT pgembed.cleanup_due_migrations()
 -- batch_cache_get --
 -- The cached vectors of one batch's texts, in one round trip (misses are simply absent).
 SELECT content_hash, embedding FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hashes)s::bytea[])
+-- ===== pgembed/writethrough.py: embedding named keys at once =====
+
+-- writethrough_target --
+-- The pipeline a name stands for (pgembed.resolve_pipeline raises for an unknown name) and
+-- how many columns its key has.
+SELECT p.name, pg_catalog.cardinality(p.key_columns) FROM pgembed.pipelines p
+ WHERE p.name = pgembed.resolve_pipeline(%(target)s)
+
+-- writethrough_claim --
+-- Lease exactly these keys of one pipeline (pgembed.claim_keys): one row per key asked for.
+SELECT key, state, version, purpose, attempts, holder, error
+  FROM pgembed.claim_keys(%(pipeline)s, %(worker)s, %(lease)s, %(keys)s, %(lease_seconds)s)

@@ -17,7 +17,9 @@
 -- Write-through
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- no table changes; the grant sql/privileges.sql gives write-through (a worker resolving an
+-- alias), which 0006's definitions do not take back
+REVOKE SELECT ON pgembed.aliases FROM pgembed_worker;
 
 -- ---------------------------------------------------------------------------------------
 -- The embedding gateway
@@ -52,7 +54,7 @@ BEGIN
                     -- the embedding gateway
                     '',
                     -- write-through
-                    '',
+                    'claim_keys', 'given_keys', 'sync_now', 'wait_synced',
                     -- the provider's Batch API
                     '',
                     -- the read path

@@ -32,7 +32,9 @@ ALTER TABLE pgembed.usage ADD COLUMN price_factor numeric NOT NULL DEFAULT 1
 -- Write-through
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- no table changes: functions in sql/outbox.sql (claim_keys, given_keys, sync_now,
+-- wait_synced) and a grant in sql/privileges.sql (SELECT on pgembed.aliases for
+-- pgembed_worker), which the downgrade takes back
 
 -- ---------------------------------------------------------------------------------------
 -- The provider's Batch API

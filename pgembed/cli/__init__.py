@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from pgembed.cli import costs, dsn, failures, health, quickstart, schema, search, serve, worker
+from pgembed.cli import costs, dsn, failures, health, quickstart, schema, search, serve, sync_now, worker
 from pgembed.cli.alias import alias_app
 from pgembed.cli.common import out
 from pgembed.cli.eval import eval_app
@@ -23,7 +23,7 @@ __all__ = ["app", "out"]  # out: the console every command prints to (tests wide
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Keep pgvector embeddings of PostgreSQL rows correct, cheap and fresh.")
 for command in (schema.init, worker.worker, search.search, quickstart.quickstart, costs.costs,
-                failures.failures, health.status, health.audit, dsn.dsn, serve.serve):
+                failures.failures, health.status, health.audit, dsn.dsn, serve.serve, sync_now.sync_now):
     app.command()(command)
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(ratelimit_app, name="ratelimit")

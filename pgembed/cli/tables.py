@@ -24,6 +24,7 @@ from pgembed.costs import Grouping
 from pgembed.evaluation.runs import EvalRun
 from pgembed.scheduler import format_duration
 from pgembed.search import Hit
+from pgembed.writethrough import SyncResult
 
 Row = dict[str, Any]
 
@@ -394,3 +395,13 @@ def metrics_compared(title: str, active: dict[str, float], shadow: dict[str, flo
 def gate_failures(failed: list[Row]) -> Fitted:
     return Fitted("metrics below the gate", [Col("metric", key=True), Col("active"), Col("shadow"), Col("points")],
                   ((f["metric"], f"{f['active']:.4f}", f"{f['shadow']:.4f}", f"-{f['points']}") for f in failed))
+
+
+# --- write-through --------------------------------------------------------------------------
+
+def sync_outcomes(result: SyncResult) -> Fitted:
+    """`pgembed sync-now`: one line a key, what became of it (and why, for a failure)."""
+    return Fitted(f"{result.pipeline}: {len(result.keys)} keys in {result.seconds:.2f}s",
+                  [Col("key", key=True), Col("status", whole=True), Col("detail")],
+                  ((", ".join(k.key), k.status, k.error or (f"held by {k.holder}" if k.holder else ""))
+                   for k in result.keys))
