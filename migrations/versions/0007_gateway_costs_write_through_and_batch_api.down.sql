@@ -29,7 +29,12 @@
 -- Cost by source, user and task
 -- ---------------------------------------------------------------------------------------
 
--- (costs: more here)
+-- The cost views that read the new columns: the 0006 definitions re-applied afterwards
+-- cannot CREATE OR REPLACE a view with fewer columns (usage_cost takes cost_daily and
+-- cost_by_cost_center with it; they are re-created from 0006 too).
+DROP VIEW IF EXISTS pgembed.cost_by_user, pgembed.cost_by_task, pgembed.cost_by_attribution,
+    pgembed.cost_share_daily, pgembed.cost_source_anomalies;
+DROP VIEW IF EXISTS pgembed.usage_cost CASCADE;
 -- rows of the gateway's documents are kept, as the query embeddings they are closest to
 UPDATE pgembed.usage SET purpose = 'query' WHERE purpose = 'index';
 ALTER TABLE pgembed.usage DROP CONSTRAINT usage_purpose_check;
@@ -48,7 +53,7 @@ BEGIN
               WHERE q.pronamespace = 'pgembed'::regnamespace
                 AND q.proname IN (
                     -- cost by source, user and task
-                    '',
+                    'cost_anomalies_by', 'find_source_anomalies',
                     -- the embedding gateway
                     '',
                     -- write-through
