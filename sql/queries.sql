@@ -150,8 +150,32 @@ SELECT cost_center, pipeline, purpose,
  GROUP BY cost_center, pipeline, purpose
  ORDER BY usd DESC, tokens DESC, cost_center, pipeline, purpose
 
+-- cost_spend_by_label --
+-- The same, per application user, task or source (pgembed.cost_by_attribution): the
+-- biggest spenders first, the first `top` of them (NULL: all).
+SELECT CASE %(by)s::text WHEN 'user' THEN app_user WHEN 'task' THEN task WHEN 'source' THEN source END
+           AS label,
+       sum(requests)::bigint AS requests, sum(inputs)::bigint AS inputs,
+       sum(tokens)::bigint AS tokens, sum(cache_hits)::bigint AS cache_hits,
+       sum(cache_misses)::bigint AS cache_misses, sum(usd) AS usd
+  FROM pgembed.cost_by_attribution
+ WHERE day > current_date - %(days)s::int
+ GROUP BY 1
+ ORDER BY usd DESC, tokens DESC, label NULLS LAST
+ LIMIT %(top)s::int
+
+-- cost_share --
+-- Indexing versus queries, per day of the last `days` calendar days.
+SELECT day, work, requests, tokens, usd, token_share, usd_share
+  FROM pgembed.cost_share_daily
+ WHERE day > current_date - %(days)s::int
+ ORDER BY day, work
+
 -- cost_anomalies --
 SELECT * FROM pgembed.cost_anomalies
+
+-- cost_source_anomalies --
+SELECT * FROM pgembed.cost_source_anomalies
 
 -- cache_stats --
 SELECT * FROM pgembed.cache_stats ORDER BY usd_saved DESC, model
