@@ -429,11 +429,16 @@ SELECT ready, leased, waiting FROM pgembed.queue_depth()
 
 -- rate_limit_take --
 -- The grant (0: granted, else seconds to wait) and, in the same round trip, whether the
--- bucket has a budget at all (false: the limiter stops asking for a while).
+-- bucket has a budget at all (false: the limiter stops asking for a while). First, what
+-- the API's rate-limit headers said since the last grant (all NULL: nothing to learn): a
+-- subquery with a volatile function is run before the query above it.
 SELECT pgembed.take_budget(%(bucket)s, %(requests)s, %(tokens)s),
        EXISTS (SELECT FROM pgembed.rate_limits
                 WHERE bucket = %(bucket)s
                   AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
+  FROM (SELECT pgembed.learn_rate_limit(%(bucket)s, %(requests_limit)s, %(requests_remaining)s,
+                                        %(requests_reset)s, %(tokens_limit)s, %(tokens_remaining)s,
+                                        %(tokens_reset)s)) AS learnt
 
 -- rate_limit_take_bulk --
 -- The same for a bulk request: within the bulk lane's share first (pgembed.take_bulk_budget).
@@ -441,6 +446,9 @@ SELECT pgembed.take_bulk_budget(%(bucket)s, %(requests)s, %(tokens)s),
        EXISTS (SELECT FROM pgembed.rate_limits
                 WHERE bucket = %(bucket)s
                   AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
+  FROM (SELECT pgembed.learn_rate_limit(%(bucket)s, %(requests_limit)s, %(requests_remaining)s,
+                                        %(requests_reset)s, %(tokens_limit)s, %(tokens_remaining)s,
+                                        %(tokens_reset)s)) AS learnt
 
 -- rate_limit_is_limited --
 -- Only reads (no row lock), so it is safe inside the caller's transaction.
@@ -451,7 +459,7 @@ SELECT EXISTS (SELECT FROM pgembed.rate_limits
 -- rate_limit_set --
 SELECT bucket FROM pgembed.set_rate_limit(%(bucket)s, %(max_requests)s, %(max_tokens)s,
                                           %(per_seconds)s, %(burst_seconds)s, %(base_url)s,
-                                          %(key_fingerprint)s)
+                                          %(key_fingerprint)s, %(headroom)s)
 
 -- rate_limit_clear --
 DELETE FROM pgembed.rate_limits WHERE bucket = %(bucket)s
