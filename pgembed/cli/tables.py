@@ -319,11 +319,19 @@ def cache(rows: list[Row]) -> Fitted:
 # --- rate limits ----------------------------------------------------------------------------
 
 def budget(r: Row) -> Table:
-    """One small table per bucket: a bucket's name alone is half a terminal wide."""
-    t = table(r["bucket"], [f"per {r['per_seconds']:g}s", "budget", "in window now", "granted in all"],
-              [["requests", limit(r["max_requests"]), count(r["window_requests"]), count(r["granted_requests"])],
-               ["tokens", limit(r["max_tokens"]), count(r["window_tokens"]), count(r["granted_tokens"])]])
-    t.caption = f"waited {count(r['waits'])} times; last grant {when(r['last_grant_at']) or 'never'}"
+    """One small table per bucket: a bucket's name alone is half a terminal wide. "API
+    says" is what the provider's headers said of its own limit, and what remains of it now
+    by that count (blank: nothing learnt, or its reset has come)."""
+    rows = []
+    for kind, short in (("requests", "requests"), ("tokens", "tokens")):
+        said = r[f"api_{kind}_limit"], r[f"api_{kind}_remaining"]
+        api = "" if said[1] is None else f"{count(said[1])} of {limit(said[0]) if said[0] else '?'}"
+        rows.append([short, limit(r[f"max_{kind}"]), count(r[f"window_{kind}"]), count(r[f"granted_{kind}"]), api])
+    t = table(r["bucket"], [f"per {r['per_seconds']:g}s", "budget", "in window now", "granted in all",
+                            "API says left"], rows)
+    t.caption = (f"spent up to {r['headroom']:.0%}; waited {count(r['waits'])} times; "
+                 f"last grant {when(r['last_grant_at']) or 'never'}; "
+                 f"API headers last seen {when(r['api_seen_at']) or 'never'}")
     t.caption_justify = "left"
     return t
 
