@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -205,3 +206,18 @@ def test_the_share_command_prints_each_day(conn, dsn, fake_api, wide):
     rows = json.loads(cli("costs", "--share", "--days", "1", "--json", "--dsn", dsn).output)["share"]
     assert sum(r["tokens"] for r in rows) == fake_api.tokens
     assert {r["work"] for r in rows} == {"indexing", "query"}
+
+
+def test_the_readmes_cost_queries_run_as_written(conn, dsn, fake_api):
+    name = notes(conn)
+    drain(dsn, batch_size=10)
+    attributed_searches(conn, name)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Cost by source, user and task", 1)[1]
+    block = section.split("```sql", 1)[1].split("```", 1)[0]
+    answers = [conn.execute(statement).fetchall() for statement in block.split(";") if "SELECT" in statement]
+    assert len(answers) == 4
+    share, users, tasks, anomalies = answers
+    assert {w for _, w, *_ in share} == {"indexing", "query"}
+    assert users[0][0] is None and {u for u, *_ in users[1:]} == {"alice", "bob", "carol"}
+    assert tasks and anomalies == []
