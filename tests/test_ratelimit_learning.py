@@ -137,21 +137,26 @@ CALLS = 120
 
 
 def run_against_true_limit(dsn: str, conn: psycopg.Connection, headers: bool) -> dict[str, Any]:
-    """CALLS single-text embeddings through a budget set at 2× the fake's true limit."""
+    """CALLS single-text embeddings through a budget set at 2× the fake's true limit, by two
+    "workers": each its own limiter and connection, sharing the bucket's row."""
     with FakeAPI(dimensions={"tiny": 8}) as api:
         api.rate_limit(requests=TRUE_LIMIT, window=WINDOW, headers=headers)
         bucket = ratelimit.bucket_name(api.base_url, KEY)
         ratelimit.set_budget(conn, bucket, Budget(max_requests=2 * TRUE_LIMIT, per_seconds=WINDOW,
                                                   burst_seconds=WINDOW / 2))
 
-        async def go() -> list[Any]:
+        async def worker(first: int) -> list[Any]:
             async with RateLimits(dsn) as limits:
-                p = provider(api, limits.limiter(bucket), concurrency=3, max_attempts=40,
+                p = provider(api, limits.limiter(bucket), concurrency=2, max_attempts=40,
                              backoff_base=0.02, backoff_max=0.1)
                 async with p:
-                    return await asyncio.gather(*(p.embed([f"text {i}"]) for i in range(CALLS)))
+                    return await asyncio.gather(*(p.embed([f"text {i}"]) for i in range(first, CALLS, 2)))
+
+        async def go() -> list[Any]:
+            return [r for rs in await asyncio.gather(worker(0), worker(1)) for r in rs]
 
         results = asyncio.run(go())
+        assert len(results) == CALLS
         assert all(r.errors == [None] for r in results), "every call embedded in the end"
         stats = api.stats()
     [status] = [r for r in ratelimit.status(conn) if r["bucket"] == bucket]
