@@ -31,13 +31,12 @@ the API said remains, until its reset (the rules are at the top of `sql/ratelimi
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -361,7 +360,7 @@ _NOTHING_SEEN = dict.fromkeys(("requests_limit", "requests_remaining", "requests
 
 async def _take(conn: psycopg.AsyncConnection, bucket: str, requests: int, tokens: int,
                 bulk: bool = False, seen: ApiLimits | None = None) -> tuple[float, bool]:
-    learnt = _NOTHING_SEEN if seen is None else dataclasses.asdict(seen)
+    learnt = _NOTHING_SEEN if seen is None else asdict(seen)
     cur = await conn.execute(query("rate_limit_take_bulk" if bulk else "rate_limit_take"),
                              {"bucket": bucket, "requests": requests, "tokens": tokens, **learnt})
     row = await cur.fetchone()
