@@ -19,17 +19,33 @@ from pgembed.sqlfiles import query
 
 
 class Grouping(StrEnum):
-    """How `pgembed costs` groups spend: what it was for, or who pays."""
+    """How `pgembed costs` groups spend: what it was for, who pays, or the caller's labels
+    (the application's user, the task, the source)."""
 
     purpose = "purpose"
     cost_center = "cost-center"
+    user = "user"
+    task = "task"
+    source = "source"
+
+    @property
+    def keys(self) -> list[str]:
+        """The columns that name a group in `spend`'s rows."""
+        if self is Grouping.purpose:
+            return ["pipeline", "model", "purpose"]
+        if self is Grouping.cost_center:
+            return ["cost_center", "pipeline", "purpose"]
+        return ["label"]
 
 
 # Named queries (sql/queries.sql), chosen by an Enum member: nothing the user typed
-# reaches the SQL.
+# reaches the SQL. The caller's labels share one query, which picks its column by name.
 _GROUPS: dict[Grouping, str] = {
     Grouping.purpose: "cost_spend_by_purpose",
     Grouping.cost_center: "cost_spend_by_cost_center",
+    Grouping.user: "cost_spend_by_label",
+    Grouping.task: "cost_spend_by_label",
+    Grouping.source: "cost_spend_by_label",
 }
 
 
@@ -39,18 +55,37 @@ def _rows(conn: psycopg.Connection, name: str, params: Any = None) -> list[dict[
         return cur.fetchall()
 
 
-def spend(conn: psycopg.Connection, days: int = 7,
-          by: Grouping | str = Grouping.purpose) -> list[dict[str, Any]]:
-    """Usage and spend over the last `days` calendar days (today included), most expensive
-    first; `by` picks the view: per pipeline × model × purpose, or per cost center."""
+def _check_days(days: int) -> None:
     if days < 1:
         raise ValueError("days must be at least 1")
-    return _rows(conn, _GROUPS[Grouping(by)], {"days": days})
+
+
+def spend(conn: psycopg.Connection, days: int = 7, by: Grouping | str = Grouping.purpose,
+          top: int | None = None) -> list[dict[str, Any]]:
+    """Usage and spend over the last `days` calendar days (today included), most expensive
+    first; `by` picks the view: per pipeline × model × purpose, per cost center, or per
+    user, task or source (their first `top` only, when given: the top spenders)."""
+    _check_days(days)
+    if top is not None and top < 1:
+        raise ValueError("top must be at least 1")
+    grouping = Grouping(by)
+    return _rows(conn, _GROUPS[grouping], {"days": days, "by": grouping.value, "top": top})
+
+
+def share(conn: psycopg.Connection, days: int = 7) -> list[dict[str, Any]]:
+    """Per day of the last `days`: indexing's and queries' spend, tokens and share of each."""
+    _check_days(days)
+    return _rows(conn, "cost_share", {"days": days})
 
 
 def anomalies(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Today's runaway spenders, with the view's default thresholds."""
+    """Today's runaway spenders by pipeline and purpose, with the view's default thresholds."""
     return _rows(conn, "cost_anomalies")
+
+
+def source_anomalies(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """The same by source and task: a `reindex` far above its usual."""
+    return _rows(conn, "cost_source_anomalies")
 
 
 def cache(conn: psycopg.Connection) -> list[dict[str, Any]]:

@@ -20,6 +20,12 @@ Budgets are set with `set_budget` (or `pgembed.set_rate_limit(...)` in SQL, or
 `pgembed ratelimit set`) and shown by the `pgembed.rate_limit_status` view.
 When PostgreSQL cannot be reached, `acquire` raises `RateLimitUnavailable`, a
 `ProviderError`: the worker puts the batch back and tries later, as for an API outage.
+
+A budget is spent up to its `headroom` (0.9: throttle at 90 %), and it learns: the provider
+hands each answer's rate-limit headers to `BucketLimiter.observe`, which keeps the latest
+and sends it with the next `take_budget` in the same statement (no round trip of its own),
+to `pgembed.learn_rate_limit`; from then on every worker's grants also keep within what
+the API said remains, until its reset (the rules are at the top of `sql/ratelimit.sql`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -42,9 +48,14 @@ from pgembed import db
 from pgembed.providers.base import ModelSpec, ProviderError
 from pgembed.sqlfiles import query
 
+if TYPE_CHECKING:
+    from pgembed.providers.openai import ApiLimits
+
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: Seconds a limiter takes a bucket it found without a budget to still have none.
 UNLIMITED_RECHECK = 5.0
+#: The share of a budget spent by default: throttle at 90 %.
+DEFAULT_HEADROOM = 0.9
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -60,12 +71,14 @@ class RateLimitUnavailable(ProviderError):
 @dataclass(frozen=True)
 class Budget:
     """At most `max_requests` requests and `max_tokens` tokens in any `per_seconds` window
-    (None: that one is not limited), of which `burst_seconds` worth may go out at once."""
+    (None: that one is not limited), of which `burst_seconds` worth may go out at once;
+    spent up to `headroom` of itself (the rest is a margin)."""
 
     max_requests: int | None = None
     max_tokens: int | None = None
     per_seconds: float = 60.0
     burst_seconds: float = 1.0
+    headroom: float = DEFAULT_HEADROOM
 
     def __post_init__(self) -> None:
         for name in ("max_requests", "max_tokens"):
@@ -85,11 +98,15 @@ class Budget:
             )
         if not _number(self.burst_seconds) or not 0 < self.burst_seconds <= 86400:
             raise InvalidBudget(f"burst_seconds must be > 0 and at most 86400, not {self.burst_seconds!r}")
+        if not _number(self.headroom) or not 0 < self.headroom <= 1:
+            raise InvalidBudget(f"headroom must be > 0 and at most 1 (0.9: throttle at 90 %), not {self.headroom!r}")
 
     @classmethod
-    def per_minute(cls, rpm: int | None, tpm: int | None, burst_seconds: float = 1.0) -> Budget:
+    def per_minute(cls, rpm: int | None, tpm: int | None, burst_seconds: float = 1.0,
+                   headroom: float = DEFAULT_HEADROOM) -> Budget:
         """What an API's limits page says: requests and tokens per minute."""
-        return cls(max_requests=rpm, max_tokens=tpm, per_seconds=60.0, burst_seconds=burst_seconds)
+        return cls(max_requests=rpm, max_tokens=tpm, per_seconds=60.0, burst_seconds=burst_seconds,
+                   headroom=headroom)
 
 
 def _number(value: Any) -> bool:
@@ -152,6 +169,7 @@ def _set_params(bucket: str, budget: Budget, base_url: str | None, fingerprint: 
         "burst_seconds": float(budget.burst_seconds),
         "base_url": base_url,
         "key_fingerprint": fingerprint,
+        "headroom": float(budget.headroom),
     }
 
 
@@ -253,15 +271,17 @@ class RateLimits:
             return None
         return self.limiter(openai_bucket(), bulk)
 
-    async def ask(self, bucket: str, requests: int, tokens: int, bulk: bool = False) -> tuple[float, bool]:
+    async def ask(self, bucket: str, requests: int, tokens: int, bulk: bool = False,
+                  seen: ApiLimits | None = None) -> tuple[float, bool]:
         """One `pgembed.take_budget`: 0 when granted, else seconds to wait; and whether the
-        bucket has a budget at all (False: it grants anything)."""
+        bucket has a budget at all (False: it grants anything). `seen`: what the API's
+        headers said since the last ask, learnt first in the same statement."""
         for attempt in (1, 2):
             try:
                 conn = await self._connection()
                 # Shielded: a cancelled caller must not leave the connection mid-query (the
                 # grant, if any, is then spent unused: never more than the budget).
-                return await asyncio.shield(_take(conn, bucket, requests, tokens, bulk))
+                return await asyncio.shield(_take(conn, bucket, requests, tokens, bulk, seen))
             except psycopg.OperationalError as error:
                 await self._discard()
                 if attempt == 2:
@@ -308,6 +328,12 @@ class BucketLimiter:
         self.bucket = bucket
         self.bulk = bulk
         self._unlimited_until = -math.inf
+        self._seen: ApiLimits | None = None
+
+    def observe(self, seen: ApiLimits) -> None:
+        """What the API's rate-limit headers said in an answer: kept (the latest only, as
+        the freshest) until the next ask carries it to the bucket's row."""
+        self._seen = seen
 
     async def acquire(self, requests: int, tokens: int) -> None:
         """Return once the budget grants `requests` requests of `tokens` tokens in all."""
@@ -315,7 +341,8 @@ class BucketLimiter:
             # No budget a moment ago: a round trip per request would buy nothing.
             return
         while True:
-            wait, limited = await self.limits.ask(self.bucket, requests, tokens, self.bulk)
+            seen, self._seen = self._seen, None
+            wait, limited = await self.limits.ask(self.bucket, requests, tokens, self.bulk, seen)
             if wait <= 0:
                 if not limited:
                     self._unlimited_until = time.monotonic() + self.limits.unlimited_recheck
@@ -327,10 +354,15 @@ class BucketLimiter:
         return f"BucketLimiter({self.bucket!r}{', bulk' if self.bulk else ''})"
 
 
+_NOTHING_SEEN = dict.fromkeys(("requests_limit", "requests_remaining", "requests_reset",
+                               "tokens_limit", "tokens_remaining", "tokens_reset"))
+
+
 async def _take(conn: psycopg.AsyncConnection, bucket: str, requests: int, tokens: int,
-                bulk: bool = False) -> tuple[float, bool]:
+                bulk: bool = False, seen: ApiLimits | None = None) -> tuple[float, bool]:
+    learnt = _NOTHING_SEEN if seen is None else asdict(seen)
     cur = await conn.execute(query("rate_limit_take_bulk" if bulk else "rate_limit_take"),
-                             {"bucket": bucket, "requests": requests, "tokens": tokens})
+                             {"bucket": bucket, "requests": requests, "tokens": tokens, **learnt})
     row = await cur.fetchone()
     if row is None:
         return 0.0, True

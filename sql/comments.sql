@@ -73,6 +73,16 @@ COMMENT ON TABLE pgembed.index_builds IS 'IVFFlat indexes a worker trained: rows
 COMMENT ON TABLE pgembed.deferred_indexes IS 'HNSW indexes put off until a large backfill is embedded';
 COMMENT ON TABLE pgembed.rate_limits IS 'Request and token budgets per API key (bucket), shared by every worker';
 COMMENT ON TABLE pgembed.rate_limit_state IS 'The moving part of each limited bucket (sliding window and pacer)';
+COMMENT ON COLUMN pgembed.rate_limits.headroom IS 'share of the budget spent (0.9: throttle at 90 %); the rest is a margin';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_requests_limit IS 'the request limit the provider''s x-ratelimit-limit-requests header said last';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_requests_remaining IS 'requests the provider said remained (x-ratelimit-remaining-requests), when api_seen_at';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_requests_reset_at IS 'when that many reset (epoch seconds, from x-ratelimit-reset-requests); past: nothing learnt holds';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_requests_granted IS 'requests granted since the provider said what remained';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_tokens_limit IS 'the token limit the provider''s x-ratelimit-limit-tokens header said last';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_tokens_remaining IS 'tokens the provider said remained (x-ratelimit-remaining-tokens), when api_seen_at';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_tokens_reset_at IS 'when that many reset (epoch seconds, from x-ratelimit-reset-tokens); past: nothing learnt holds';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_tokens_granted IS 'tokens granted since the provider said what remained';
+COMMENT ON COLUMN pgembed.rate_limit_state.api_seen_at IS 'when the provider''s rate-limit headers were last learnt';
 
 -- Stable search names and evaluation
 COMMENT ON TABLE pgembed.aliases IS 'Names applications search through; each points at one pipeline (pgembed.set_alias repoints it)';

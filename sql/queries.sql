@@ -150,8 +150,32 @@ SELECT cost_center, pipeline, purpose,
  GROUP BY cost_center, pipeline, purpose
  ORDER BY usd DESC, tokens DESC, cost_center, pipeline, purpose
 
+-- cost_spend_by_label --
+-- The same, per application user, task or source (pgembed.cost_by_attribution): the
+-- biggest spenders first, the first `top` of them (NULL: all).
+SELECT CASE %(by)s::text WHEN 'user' THEN app_user WHEN 'task' THEN task WHEN 'source' THEN source END
+           AS label,
+       sum(requests)::bigint AS requests, sum(inputs)::bigint AS inputs,
+       sum(tokens)::bigint AS tokens, sum(cache_hits)::bigint AS cache_hits,
+       sum(cache_misses)::bigint AS cache_misses, sum(usd) AS usd
+  FROM pgembed.cost_by_attribution
+ WHERE day > current_date - %(days)s::int
+ GROUP BY 1
+ ORDER BY usd DESC, tokens DESC, label NULLS LAST
+ LIMIT %(top)s::int
+
+-- cost_share --
+-- Indexing versus queries, per day of the last `days` calendar days.
+SELECT day, work, requests, tokens, usd, token_share, usd_share
+  FROM pgembed.cost_share_daily
+ WHERE day > current_date - %(days)s::int
+ ORDER BY day, work
+
 -- cost_anomalies --
 SELECT * FROM pgembed.cost_anomalies
+
+-- cost_source_anomalies --
+SELECT * FROM pgembed.cost_source_anomalies
 
 -- cache_stats --
 SELECT * FROM pgembed.cache_stats ORDER BY usd_saved DESC, model
@@ -405,11 +429,16 @@ SELECT ready, leased, waiting FROM pgembed.queue_depth()
 
 -- rate_limit_take --
 -- The grant (0: granted, else seconds to wait) and, in the same round trip, whether the
--- bucket has a budget at all (false: the limiter stops asking for a while).
+-- bucket has a budget at all (false: the limiter stops asking for a while). First, what
+-- the API's rate-limit headers said since the last grant (all NULL: nothing to learn): a
+-- subquery with a volatile function is run before the query above it.
 SELECT pgembed.take_budget(%(bucket)s, %(requests)s, %(tokens)s),
        EXISTS (SELECT FROM pgembed.rate_limits
                 WHERE bucket = %(bucket)s
                   AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
+  FROM (SELECT pgembed.learn_rate_limit(%(bucket)s, %(requests_limit)s, %(requests_remaining)s,
+                                        %(requests_reset)s, %(tokens_limit)s, %(tokens_remaining)s,
+                                        %(tokens_reset)s)) AS learnt
 
 -- rate_limit_take_bulk --
 -- The same for a bulk request: within the bulk lane's share first (pgembed.take_bulk_budget).
@@ -417,6 +446,9 @@ SELECT pgembed.take_bulk_budget(%(bucket)s, %(requests)s, %(tokens)s),
        EXISTS (SELECT FROM pgembed.rate_limits
                 WHERE bucket = %(bucket)s
                   AND (max_requests IS NOT NULL OR max_tokens IS NOT NULL))
+  FROM (SELECT pgembed.learn_rate_limit(%(bucket)s, %(requests_limit)s, %(requests_remaining)s,
+                                        %(requests_reset)s, %(tokens_limit)s, %(tokens_remaining)s,
+                                        %(tokens_reset)s)) AS learnt
 
 -- rate_limit_is_limited --
 -- Only reads (no row lock), so it is safe inside the caller's transaction.
@@ -427,7 +459,7 @@ SELECT EXISTS (SELECT FROM pgembed.rate_limits
 -- rate_limit_set --
 SELECT bucket FROM pgembed.set_rate_limit(%(bucket)s, %(max_requests)s, %(max_tokens)s,
                                           %(per_seconds)s, %(burst_seconds)s, %(base_url)s,
-                                          %(key_fingerprint)s)
+                                          %(key_fingerprint)s, %(headroom)s)
 
 -- rate_limit_clear --
 DELETE FROM pgembed.rate_limits WHERE bucket = %(bucket)s

@@ -34,8 +34,26 @@
 -- a big request can wait longer than small ones. Time is clock_timestamp() of the database
 -- server, the one clock every worker shares.
 --
+-- Headroom: a budget is spent up to `headroom` of itself (0.9 by default: throttle at 90 %),
+-- floor(max × headroom) and never less than 1 request, so that what the provider counts a
+-- little differently (its own token counts, its clock) still fits under its limit.
+--
+-- Learning: the provider's answers carry its own view of the limit (OpenAI's
+-- x-ratelimit-limit-/remaining-/reset-requests and -tokens). pgembed.learn_rate_limit keeps
+-- the last of them on the bucket's row, where every worker sees it: while its reset time
+-- has not come, a grant also needs what the API said remained, minus what was granted
+-- since, minus a reserve of (1 - headroom) × the API's limit; else the caller waits until
+-- that reset. So a budget set higher than the key's true limit slows down to the API's
+-- pace instead of collecting 429s. An answer that says more remains than the bucket
+-- already thinks (an older request answered late) is ignored until the reset. Requests in
+-- flight when the API counted are the error of this estimate: the reserve covers them
+-- while fewer are in flight than (1 - headroom) × the API's limit.
+--
 -- A worker role needs: USAGE ON SCHEMA pgembed, SELECT ON pgembed.rate_limits, SELECT,
 -- INSERT, UPDATE ON pgembed.rate_limit_state (take_budget runs with the caller's rights).
+
+-- The argument list gained p_headroom in revision 0007.
+DROP FUNCTION IF EXISTS pgembed.set_rate_limit(text, int, bigint, double precision, double precision, text, text);
 
 -- Create or change a budget, with an error a person can act on; returns the row.
 CREATE OR REPLACE FUNCTION pgembed.set_rate_limit(
@@ -45,7 +63,8 @@ CREATE OR REPLACE FUNCTION pgembed.set_rate_limit(
     p_per_seconds double precision DEFAULT 60,
     p_burst_seconds double precision DEFAULT 1,
     p_base_url text DEFAULT NULL,
-    p_key_fingerprint text DEFAULT NULL)
+    p_key_fingerprint text DEFAULT NULL,
+    p_headroom double precision DEFAULT NULL)
 RETURNS pgembed.rate_limits
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -74,14 +93,19 @@ BEGIN
             p_bucket, coalesce(p_burst_seconds::text, 'NULL')
             USING HINT = 'burst_seconds is how many seconds'' worth of budget may be spent at once.';
     END IF;
+    IF p_headroom IS NOT NULL AND NOT (p_headroom > 0 AND p_headroom <= 1) THEN
+        RAISE EXCEPTION 'pgembed: invalid budget for %: headroom must be > 0 and <= 1, not %',
+            p_bucket, p_headroom
+            USING HINT = 'headroom is the share of the budget spent: 0.9 throttles at 90 %.';
+    END IF;
     IF p_key_fingerprint IS NOT NULL AND p_key_fingerprint !~ '^[0-9a-f]{16}$' THEN
         RAISE EXCEPTION 'pgembed: a key fingerprint is 16 lower-case hex digits (sha256 of the key); '
                         'never store the key itself';
     END IF;
     INSERT INTO pgembed.rate_limits AS l
-        (bucket, max_requests, max_tokens, per_seconds, burst_seconds, base_url, key_fingerprint)
+        (bucket, max_requests, max_tokens, per_seconds, burst_seconds, base_url, key_fingerprint, headroom)
     VALUES (p_bucket, p_max_requests, p_max_tokens, p_per_seconds, p_burst_seconds, p_base_url,
-            p_key_fingerprint)
+            p_key_fingerprint, coalesce(p_headroom, 0.9))
     ON CONFLICT (bucket) DO UPDATE
         SET max_requests = EXCLUDED.max_requests,
             max_tokens = EXCLUDED.max_tokens,
@@ -89,6 +113,7 @@ BEGIN
             burst_seconds = EXCLUDED.burst_seconds,
             base_url = coalesce(EXCLUDED.base_url, l.base_url),
             key_fingerprint = coalesce(EXCLUDED.key_fingerprint, l.key_fingerprint),
+            headroom = coalesce(p_headroom, l.headroom),
             updated_at = pg_catalog.now()
     RETURNING * INTO r;
     RETURN r;
@@ -124,6 +149,11 @@ DECLARE
     lvl double precision;
     w double precision;
     wait double precision := 0;
+    max_r double precision;    -- the budget less its headroom
+    max_t double precision;
+    api_left double precision; -- what the API said remained, less what was granted since
+    api_limit double precision;
+    api_reset double precision;
 BEGIN
     IF p_requests IS NULL OR p_requests < 0 OR p_tokens IS NULL OR p_tokens < 0 THEN
         RAISE EXCEPTION 'pgembed: take_budget needs requests >= 0 and tokens >= 0, not % and %',
@@ -134,6 +164,9 @@ BEGIN
         RETURN 0;
     END IF;
     slot := lim.per_seconds / n;
+    -- (greatest ignores a NULL: an unlimited dimension stays NULL through the CASE)
+    max_r := CASE WHEN lim.max_requests IS NOT NULL THEN greatest(1, floor(lim.max_requests * lim.headroom)) END;
+    max_t := CASE WHEN lim.max_tokens IS NOT NULL THEN greatest(1, floor(lim.max_tokens * lim.headroom)) END;
 
     SELECT * INTO st FROM pgembed.rate_limit_state WHERE bucket = p_bucket FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -181,22 +214,33 @@ BEGIN
     rl := st.request_level;
     tl := st.token_level;
     IF now_s > st.paced_at THEN
-        IF lim.max_requests IS NOT NULL THEN
-            rl := greatest(0, rl - (now_s - st.paced_at) * lim.max_requests / lim.per_seconds);
+        IF max_r IS NOT NULL THEN
+            rl := greatest(0, rl - (now_s - st.paced_at) * max_r / lim.per_seconds);
         END IF;
-        IF lim.max_tokens IS NOT NULL THEN
-            tl := greatest(0, tl - (now_s - st.paced_at) * lim.max_tokens / lim.per_seconds);
+        IF max_t IS NOT NULL THEN
+            tl := greatest(0, tl - (now_s - st.paced_at) * max_t / lim.per_seconds);
         END IF;
         st.paced_at := now_s;
     END IF;
 
     FOR dim IN 1 .. 2 LOOP
         IF dim = 1 THEN
-            budget := lim.max_requests; cost := p_requests; lvl := rl;
+            budget := max_r; cost := p_requests; lvl := rl;
             used := (SELECT coalesce(sum(v), 0) FROM unnest(rs) v);
+            api_left := st.api_requests_remaining - st.api_requests_granted;
+            api_limit := st.api_requests_limit; api_reset := st.api_requests_reset_at;
         ELSE
-            budget := lim.max_tokens; cost := p_tokens; lvl := tl;
+            budget := max_t; cost := p_tokens; lvl := tl;
             used := (SELECT coalesce(sum(v), 0) FROM unnest(ts) v);
+            api_left := st.api_tokens_remaining - st.api_tokens_granted;
+            api_limit := st.api_tokens_limit; api_reset := st.api_tokens_reset_at;
+        END IF;
+
+        -- Learnt: until its reset, what the API said remained, less a reserve of
+        -- (1 - headroom) of its limit (a dimension the budget leaves unlimited too).
+        IF cost > 0 AND api_left IS NOT NULL AND api_reset > now_s
+           AND cost > api_left - ceil((1 - lim.headroom) * coalesce(api_limit, 0)) THEN
+            wait := greatest(wait, api_reset - now_s, 0.001);
         END IF;
         CONTINUE WHEN budget IS NULL OR cost = 0;
 
@@ -244,9 +288,70 @@ BEGIN
            paced_at = st.paced_at,
            granted_requests = granted_requests + p_requests,
            granted_tokens = granted_tokens + p_tokens,
+           api_requests_granted = api_requests_granted + p_requests,
+           api_tokens_granted = api_tokens_granted + p_tokens,
            last_grant_at = pg_catalog.clock_timestamp()
      WHERE bucket = p_bucket;
     RETURN 0;
+END
+$$;
+
+-- What the provider's rate-limit headers said in one answer (NULL: not sent): its limits,
+-- what remained and in how many seconds that resets (a reset not given: the budget's
+-- per_seconds). Kept on the bucket's state row unless it is more hopeful than what the
+-- bucket already thinks (see the top of this file). Nothing is kept for a bucket without
+-- a budget or that has granted nothing yet; returns whether anything was kept.
+CREATE OR REPLACE FUNCTION pgembed.learn_rate_limit(
+    p_bucket text,
+    p_requests_limit bigint, p_requests_remaining bigint, p_requests_reset double precision,
+    p_tokens_limit bigint, p_tokens_remaining bigint, p_tokens_reset double precision)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    st pgembed.rate_limit_state;
+    now_s double precision;
+    per double precision;
+    new_r boolean;
+    new_t boolean;
+BEGIN
+    IF least(p_requests_limit, p_requests_remaining, p_tokens_limit, p_tokens_remaining) < 0
+       OR least(p_requests_reset, p_tokens_reset) < 0
+       OR NOT (coalesce(p_requests_reset, 0) < 'infinity' AND coalesce(p_tokens_reset, 0) < 'infinity') THEN
+        RAISE EXCEPTION 'pgembed: rate-limit headers must be numbers >= 0 (limits %, %; remaining %, %; resets %, %)',
+            p_requests_limit, p_tokens_limit, p_requests_remaining, p_tokens_remaining,
+            p_requests_reset, p_tokens_reset;
+    END IF;
+    IF p_requests_remaining IS NULL AND p_tokens_remaining IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO st FROM pgembed.rate_limit_state WHERE bucket = p_bucket FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    now_s := extract(epoch FROM pg_catalog.clock_timestamp())::double precision;
+    per := st.slot_seconds * 60;
+    new_r := p_requests_remaining IS NOT NULL
+             AND (st.api_requests_reset_at IS NULL OR st.api_requests_reset_at <= now_s
+                  OR p_requests_remaining <= st.api_requests_remaining - st.api_requests_granted);
+    new_t := p_tokens_remaining IS NOT NULL
+             AND (st.api_tokens_reset_at IS NULL OR st.api_tokens_reset_at <= now_s
+                  OR p_tokens_remaining <= st.api_tokens_remaining - st.api_tokens_granted);
+    UPDATE pgembed.rate_limit_state
+       SET api_requests_limit = CASE WHEN new_r THEN p_requests_limit ELSE api_requests_limit END,
+           api_requests_remaining = CASE WHEN new_r THEN p_requests_remaining ELSE api_requests_remaining END,
+           api_requests_reset_at = CASE WHEN new_r THEN now_s + coalesce(p_requests_reset, per)
+                                        ELSE api_requests_reset_at END,
+           api_requests_granted = CASE WHEN new_r THEN 0 ELSE api_requests_granted END,
+           api_tokens_limit = CASE WHEN new_t THEN p_tokens_limit ELSE api_tokens_limit END,
+           api_tokens_remaining = CASE WHEN new_t THEN p_tokens_remaining ELSE api_tokens_remaining END,
+           api_tokens_reset_at = CASE WHEN new_t THEN now_s + coalesce(p_tokens_reset, per)
+                                      ELSE api_tokens_reset_at END,
+           api_tokens_granted = CASE WHEN new_t THEN 0 ELSE api_tokens_granted END,
+           api_seen_at = pg_catalog.clock_timestamp()
+     WHERE bucket = p_bucket;
+    RETURN new_r OR new_t;
 END
 $$;
 
@@ -281,7 +386,19 @@ SELECT l.bucket,
        coalesce(s.granted_tokens, 0) AS granted_tokens,
        coalesce(s.waits, 0) AS waits,
        s.last_grant_at,
-       l.updated_at
+       l.updated_at,
+       l.headroom,
+       -- what the provider's headers said (pgembed.learn_rate_limit): its limits, what
+       -- remains of them now by that count (NULL once their reset has come), and when
+       s.api_requests_limit,
+       CASE WHEN s.api_requests_reset_at > extract(epoch FROM clock_timestamp())
+            THEN greatest(0, s.api_requests_remaining - s.api_requests_granted) END AS api_requests_remaining,
+       to_timestamp(s.api_requests_reset_at) AS api_requests_reset_at,
+       s.api_tokens_limit,
+       CASE WHEN s.api_tokens_reset_at > extract(epoch FROM clock_timestamp())
+            THEN greatest(0, s.api_tokens_remaining - s.api_tokens_granted) END AS api_tokens_remaining,
+       to_timestamp(s.api_tokens_reset_at) AS api_tokens_reset_at,
+       s.api_seen_at
 FROM pgembed.rate_limits l
 LEFT JOIN pgembed.rate_limit_state s ON s.bucket = l.bucket;
 
@@ -304,15 +421,17 @@ DECLARE
 BEGIN
     SELECT * INTO lim FROM pgembed.rate_limits r WHERE r.bucket = p_bucket;
     IF coalesce(share, 1) < 1 AND (lim.max_requests IS NOT NULL OR lim.max_tokens IS NOT NULL) THEN
-        INSERT INTO pgembed.rate_limits AS r (bucket, max_requests, max_tokens, per_seconds, burst_seconds, base_url)
+        INSERT INTO pgembed.rate_limits AS r (bucket, max_requests, max_tokens, per_seconds, burst_seconds, base_url,
+                                              headroom)
         VALUES (held, ceil(lim.max_requests * share)::int, ceil(lim.max_tokens * share)::bigint, lim.per_seconds,
-                lim.burst_seconds, lim.base_url)
+                lim.burst_seconds, lim.base_url, lim.headroom)
         ON CONFLICT (bucket) DO UPDATE
            SET max_requests = excluded.max_requests, max_tokens = excluded.max_tokens,
-               per_seconds = excluded.per_seconds, burst_seconds = excluded.burst_seconds, updated_at = now()
-         WHERE (r.max_requests, r.max_tokens, r.per_seconds, r.burst_seconds)
+               per_seconds = excluded.per_seconds, burst_seconds = excluded.burst_seconds,
+               headroom = excluded.headroom, updated_at = now()
+         WHERE (r.max_requests, r.max_tokens, r.per_seconds, r.burst_seconds, r.headroom)
                IS DISTINCT FROM (excluded.max_requests, excluded.max_tokens, excluded.per_seconds,
-                                 excluded.burst_seconds);
+                                 excluded.burst_seconds, excluded.headroom);
         wait := pgembed.take_budget(held, p_requests, p_tokens);
         IF wait > 0 THEN
             RETURN wait;

@@ -365,7 +365,10 @@ CREATE TABLE pgembed.rate_limits (
     CONSTRAINT "rate_limits: burst_seconds must be > 0"
         CHECK (burst_seconds > 0 AND burst_seconds <= 86400),
     CONSTRAINT "rate_limits: key_fingerprint must be 16 hex digits"
-        CHECK (key_fingerprint ~ '^[0-9a-f]{16}$')
+        CHECK (key_fingerprint ~ '^[0-9a-f]{16}$'),
+    -- (revision 0007) the share of the budget spent: the rest is a margin
+    headroom        double precision NOT NULL DEFAULT 0.9
+        CONSTRAINT "rate_limits: headroom must be > 0 and <= 1" CHECK (headroom > 0 AND headroom <= 1)
 );
 
 -- The moving part of each limited bucket, created by the first take_budget; kept apart from
@@ -386,7 +389,18 @@ CREATE TABLE pgembed.rate_limit_state (
     granted_requests bigint NOT NULL DEFAULT 0,
     granted_tokens   bigint NOT NULL DEFAULT 0,
     waits            bigint NOT NULL DEFAULT 0,
-    last_grant_at    timestamptz
+    last_grant_at    timestamptz,
+    -- (revision 0007) what the provider's x-ratelimit-* headers said last (pgembed.learn_rate_limit):
+    -- its limit, what remained, when that resets (epoch seconds), and what was granted since
+    api_requests_limit     bigint,
+    api_requests_remaining bigint,
+    api_requests_reset_at  double precision,
+    api_requests_granted   bigint NOT NULL DEFAULT 0,
+    api_tokens_limit       bigint,
+    api_tokens_remaining   bigint,
+    api_tokens_reset_at    double precision,
+    api_tokens_granted     bigint NOT NULL DEFAULT 0,
+    api_seen_at            timestamptz
 ) WITH (fillfactor = 50);  -- room on the page for HOT updates: this row changes constantly
 
 

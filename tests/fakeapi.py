@@ -18,7 +18,8 @@ As a process (benchmarks, reliability tests)::
 then `POST /_control` with JSON such as `{"fail_next": {"n": 3, "status": 429,
 "retry_after": 1}}`, `{"always_reject": "POISON"}`, `{"latency": 0.1}`,
 `{"hang": {"n": 1, "seconds": 5}}`, `{"release": true}`, `{"garbage": {"kind": "nan",
-"n": 1}}`, `{"reverse_data": true}` or `{"reset": true}`; `GET /_stats` returns the counters.
+"n": 1}}`, `{"reverse_data": true}`, `{"rate_limit": {"requests": 20, "window": 2,
+"headers": true}}` or `{"reset": true}`; `GET /_stats` returns the counters.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,7 +91,8 @@ class FakeAPI:
     `index` values), `floats_only` (answer number lists whatever `encoding_format` asks, as
     some compatible servers do), `canned` (answer pre-serialised vectors, one per position
     in the request, not per text: what a benchmark needs, a fake that costs almost no CPU),
-    `reset`.
+    `rate_limit` (a true limit per fixed window, 429 past it, with OpenAI's x-ratelimit-*
+    headers or without), `reset`.
     With `api_key` set, a request with another bearer token gets 401.
     """
 
@@ -197,6 +200,7 @@ class FakeAPI:
             self.reverse_data = False
             self.floats_only = False
             self.canned = False
+            self._limit: _RateLimit | None = None
 
     def fail_next(self, n: int, status: int = 500, retry_after: float | None = None) -> None:
         """The next n requests get `status` (429 with `retry-after(-ms)` when given)."""
@@ -263,6 +267,16 @@ class FakeAPI:
         with self._lock:
             self._garbage.arm(n, kind=kind)
 
+    def rate_limit(self, requests: int | None = None, tokens: int | None = None, window: float = 60.0,
+                   headers: bool = True) -> None:
+        """Enforce a true limit, as OpenAI does: at most `requests` requests and `tokens`
+        tokens (as billed) in each fixed window of `window` seconds; a request past either
+        gets a 429 and is not counted. `headers`: every answer says what the limit is, what
+        remains and when it resets (x-ratelimit-*-requests/-tokens). Both None: no limit."""
+        with self._lock:
+            limited = requests is not None or tokens is not None
+            self._limit = _RateLimit(requests, tokens, window, headers) if limited else None
+
     def stats(self) -> dict[str, Any]:
         """The counters as plain JSON-able values (what `GET /_stats` returns)."""
         with self._lock:
@@ -302,6 +316,8 @@ class FakeAPI:
                 self.trickle(**arg)
             elif name == "garbage":
                 self.garbage(**arg)
+            elif name == "rate_limit":
+                self.rate_limit(**arg)
             elif name in ("reverse_data", "floats_only", "canned"):
                 with self._lock:
                     setattr(self, name, bool(arg))
@@ -338,11 +354,17 @@ class FakeAPI:
             latency = self.latency_seconds
             hang = self._hang.take()
             releases = self._releases
+            allowed, limit_headers = (True, {}) if self._limit is None else \
+                self._limit.take(sum(fake_token_count(t) for t in texts))
         try:
             self._sleep(latency)
             if hang is not None:
                 self._hang_for(hang["seconds"], releases)
-            status, headers, payload = self._answer(texts, model, dims, fmt, auth)
+            if allowed:
+                status, headers, payload = self._answer(texts, model, dims, fmt, auth)
+            else:
+                status, headers, payload = _failure(429, None)
+            headers = {**headers, **limit_headers}
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -420,6 +442,49 @@ class FakeAPI:
 
 
 @functools.cache
+class _RateLimit:
+    """A true limit per fixed window (what `FakeAPI.rate_limit` set), counted at arrival."""
+
+    def __init__(self, requests: int | None, tokens: int | None, window: float, headers: bool) -> None:
+        self.requests, self.tokens, self.window, self.headers = requests, tokens, window, headers
+        self.started = time.monotonic()
+        self.used_requests = 0
+        self.used_tokens = 0
+
+    def take(self, tokens: int) -> tuple[bool, dict[str, str]]:
+        """Whether a request of `tokens` tokens is within the limit (then counted), and the
+        headers its answer carries. Called under the FakeAPI's lock."""
+        now = time.monotonic()
+        if now - self.started >= self.window:
+            self.started += (now - self.started) // self.window * self.window
+            self.used_requests = self.used_tokens = 0
+        allowed = (self.requests is None or self.used_requests + 1 <= self.requests) and \
+            (self.tokens is None or self.used_tokens + tokens <= self.tokens)
+        if allowed:
+            self.used_requests += 1
+            self.used_tokens += tokens
+        if not self.headers:
+            return allowed, {}
+        reset = _go_duration(self.started + self.window - now)
+        headers = {}
+        for kind, limit, used in (("requests", self.requests, self.used_requests),
+                                  ("tokens", self.tokens, self.used_tokens)):
+            if limit is not None:
+                headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - used))
+                headers[f"x-ratelimit-reset-{kind}"] = reset
+        return allowed, headers
+
+
+def _go_duration(seconds: float) -> str:
+    """A duration as OpenAI's reset headers write it: `20ms`, `1.5s`, `6m0s`."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
 def _canned_item(index: int, size: int, fmt: str) -> bytes:
     """Dense, as real embeddings are: a float list of hash vectors would be mostly `0.0`."""
     vector = np.random.default_rng(index).standard_normal(size).astype(np.float32)

@@ -90,6 +90,8 @@ def test_status_costs_search_audit_and_pipeline_list_fit_80_columns(conn, dsn, n
             assert f"{LONG}_h384" in shown.stdout, shown.stdout
     costs = cli("costs", "--dsn", dsn).stdout
     assert all(name in costs for name in names) and "total" in costs and "usd" in costs
+    for args in (("costs", "--share"), ("costs", "--by", "source")):
+        assert_fits(cli(*args, "--dsn", dsn))
     out.width = 50  # narrower still: one record per row, every name whole on a line of its own
     for args in (("status",), ("costs", "--by", "cost-center")):
         records = cli(*args, "--dsn", dsn)
@@ -108,7 +110,8 @@ def test_json_on_costs_search_and_audit(conn, dsn):
     assert (found["source_rows"], found["embedded_rows"], len(found["hits"])) == (5, 5, 2)
     assert set(found["hits"][0]) == {"key", "distance", "chunk"} and "id" in found["hits"][0]["key"]
     costs = json.loads(cli("costs", "--json", "--dsn", dsn).stdout)
-    assert set(costs) == {"days", "by", "spend", "anomalies", "cache"} and costs["by"] == "purpose"
+    assert set(costs) == {"days", "by", "top", "spend", "anomalies", "source_anomalies", "cache"}
+    assert costs["by"] == "purpose"
     [backfill] = [r for r in costs["spend"] if r["purpose"] == "backfill"]
     assert backfill["pipeline"] == "articles_h64" and backfill["inputs"] == 5 and isinstance(backfill["usd"], int)
     run = json.loads(cli("audit", "--json", "--dsn", dsn).stdout)

@@ -152,6 +152,7 @@ def test_the_bucket_of_a_spec_follows_the_providers_environment(monkeypatch: pyt
 
 
 # ---------------------------------------------------------------------- budgets
+# (headroom=1 where a test counts the mechanics exactly: headroom has its own tests)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +201,7 @@ def test_an_unlimited_bucket_grants_everything_and_writes_nothing(conn: psycopg.
 
 
 def test_a_window_grants_its_budget_then_says_how_long_to_wait(conn: psycopg.Connection) -> None:
-    ratelimit.set_budget(conn, "b", Budget(max_requests=5, max_tokens=1000, per_seconds=1, burst_seconds=1))
+    ratelimit.set_budget(conn, "b", Budget(max_requests=5, max_tokens=1000, per_seconds=1, burst_seconds=1, headroom=1))
     assert [take(conn, "b", 1, 10) for _ in range(5)] == [0] * 5
     wait = take(conn, "b", 1, 10)
     assert 0 < wait <= 1.0 + 1 / 60
@@ -212,7 +213,8 @@ def test_a_window_grants_its_budget_then_says_how_long_to_wait(conn: psycopg.Con
 
 
 def test_tokens_are_limited_as_well_as_requests(conn: psycopg.Connection) -> None:
-    ratelimit.set_budget(conn, "t", Budget(max_requests=1000, max_tokens=100, per_seconds=1, burst_seconds=1))
+    ratelimit.set_budget(conn, "t", Budget(max_requests=1000, max_tokens=100, per_seconds=1, burst_seconds=1,
+                                           headroom=1))
     assert take(conn, "t", 1, 60) == 0
     assert take(conn, "t", 1, 30) == 0
     assert take(conn, "t", 1, 20) > 0  # 110 tokens would not fit in 100
@@ -221,14 +223,14 @@ def test_tokens_are_limited_as_well_as_requests(conn: psycopg.Connection) -> Non
 
 def test_the_pacer_spreads_a_budget_out(conn: psycopg.Connection) -> None:
     # 10 a second, of which 0.2 s worth (2) may go at once; then one every 0.1 s
-    ratelimit.set_budget(conn, "p", Budget(max_requests=10, per_seconds=1, burst_seconds=0.2))
+    ratelimit.set_budget(conn, "p", Budget(max_requests=10, per_seconds=1, burst_seconds=0.2, headroom=1))
     assert [take(conn, "p") for _ in range(2)] == [0, 0]
     wait = take(conn, "p")
     assert 0.05 < wait <= 0.1 + 1e-6
 
 
 def test_a_request_bigger_than_the_budget_goes_alone_and_never_deadlocks(conn: psycopg.Connection) -> None:
-    ratelimit.set_budget(conn, "big", Budget(max_tokens=100, per_seconds=0.2, burst_seconds=0.2))
+    ratelimit.set_budget(conn, "big", Budget(max_tokens=100, per_seconds=0.2, burst_seconds=0.2, headroom=1))
     assert take(conn, "big", 1, 300) == 0  # 3 budgets' worth, into an empty window: granted
     assert take(conn, "big", 1, 1) > 0  # nothing else until the average is back in budget
     started = time.monotonic()
@@ -240,11 +242,11 @@ def test_a_request_bigger_than_the_budget_goes_alone_and_never_deadlocks(conn: p
 
 
 def test_changing_a_budget_applies_at_once_and_forgets_no_grant(conn: psycopg.Connection) -> None:
-    ratelimit.set_budget(conn, "c", Budget(max_requests=3, per_seconds=1, burst_seconds=1))
+    ratelimit.set_budget(conn, "c", Budget(max_requests=3, per_seconds=1, burst_seconds=1, headroom=1))
     assert [take(conn, "c") for _ in range(3)] == [0, 0, 0]
-    ratelimit.set_budget(conn, "c", Budget(max_requests=3, per_seconds=2, burst_seconds=1))
+    ratelimit.set_budget(conn, "c", Budget(max_requests=3, per_seconds=2, burst_seconds=1, headroom=1))
     assert take(conn, "c") > 0  # the 3 grants still count under the new window
-    ratelimit.set_budget(conn, "c", Budget(max_requests=10, per_seconds=2, burst_seconds=1))
+    ratelimit.set_budget(conn, "c", Budget(max_requests=10, per_seconds=2, burst_seconds=1, headroom=1))
     assert take(conn, "c") == 0  # a raised budget is spendable right away
     assert ratelimit.clear_budget(conn, "c")
     assert conn.execute("SELECT count(*) FROM pgembed.rate_limit_state").fetchone() == (0,)
@@ -262,7 +264,7 @@ def test_a_worker_role_needs_only_the_documented_rights(conn: psycopg.Connection
         conn.execute(f"GRANT SELECT ON pgembed.rate_limits TO {role}")
         conn.execute(f"GRANT SELECT, INSERT, UPDATE ON pgembed.rate_limit_state TO {role}")
         conn.execute(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
-        ratelimit.set_budget(conn, "w", Budget(max_requests=2, per_seconds=60, burst_seconds=60))
+        ratelimit.set_budget(conn, "w", Budget(max_requests=2, per_seconds=60, burst_seconds=60, headroom=1))
         with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as worker:
             # a clock that stands still and a floor that is always 0: both would break the ring
             worker.execute(
@@ -613,9 +615,10 @@ class CountingLimits(RateLimits):
 
     asked = 0
 
-    async def ask(self, bucket: str, requests: int, tokens: int, bulk: bool = False) -> tuple[float, bool]:
+    async def ask(self, bucket: str, requests: int, tokens: int, bulk: bool = False,
+                  seen: Any = None) -> tuple[float, bool]:
         self.asked += 1
-        return await super().ask(bucket, requests, tokens, bulk)
+        return await super().ask(bucket, requests, tokens, bulk, seen)
 
 
 def test_a_bucket_without_a_budget_is_not_asked_per_request(dsn: str, conn: psycopg.Connection) -> None:

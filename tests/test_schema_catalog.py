@@ -93,7 +93,11 @@ DOWNGRADES = {
               # cost by source, user and task: an attributed query and a gateway document
               "INSERT INTO pgembed.usage (model, purpose, source, app_user, task, tokens) "
               "VALUES ('hash:8', 'query', 'user_query', 'u1', 'ask', 5), "
-              "('hash:8', 'index', 'note_index', 'u2', 'save', 7)"]),
+              "('hash:8', 'index', 'note_index', 'u2', 'save', 7)",
+              # cost by source, user and task: a budget with a headroom, and what it learnt
+              "SELECT pgembed.set_rate_limit('b', 10, NULL, 60, 1, NULL, NULL, 0.8)",
+              "SELECT pgembed.take_budget('b', 1, 0)",
+              "SELECT pgembed.learn_rate_limit('b', 10, 5, 30, 1000, 900, 30)"]),
 }
 
 

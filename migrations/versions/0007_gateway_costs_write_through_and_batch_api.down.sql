@@ -31,7 +31,19 @@ REVOKE SELECT ON pgembed.aliases FROM pgembed_worker;
 -- Cost by source, user and task
 -- ---------------------------------------------------------------------------------------
 
--- (costs: more here)
+-- The cost views that read the new columns: the 0006 definitions re-applied afterwards
+-- cannot CREATE OR REPLACE a view with fewer columns (usage_cost takes cost_daily and
+-- cost_by_cost_center with it; they are re-created from 0006 too).
+DROP VIEW IF EXISTS pgembed.cost_by_user, pgembed.cost_by_task, pgembed.cost_by_attribution,
+    pgembed.cost_share_daily, pgembed.cost_source_anomalies;
+DROP VIEW IF EXISTS pgembed.usage_cost CASCADE;
+-- what the rate limits learnt, and their headroom (the status view reads them)
+DROP VIEW IF EXISTS pgembed.rate_limit_status;
+ALTER TABLE pgembed.rate_limit_state
+    DROP COLUMN api_requests_limit, DROP COLUMN api_requests_remaining, DROP COLUMN api_requests_reset_at,
+    DROP COLUMN api_requests_granted, DROP COLUMN api_tokens_limit, DROP COLUMN api_tokens_remaining,
+    DROP COLUMN api_tokens_reset_at, DROP COLUMN api_tokens_granted, DROP COLUMN api_seen_at;
+ALTER TABLE pgembed.rate_limits DROP COLUMN headroom;
 -- rows of the gateway's documents are kept, as the query embeddings they are closest to
 UPDATE pgembed.usage SET purpose = 'query' WHERE purpose = 'index';
 ALTER TABLE pgembed.usage DROP CONSTRAINT usage_purpose_check;
@@ -50,7 +62,7 @@ BEGIN
               WHERE q.pronamespace = 'pgembed'::regnamespace
                 AND q.proname IN (
                     -- cost by source, user and task
-                    '',
+                    'cost_anomalies_by', 'find_source_anomalies', 'set_rate_limit', 'learn_rate_limit',
                     -- the embedding gateway
                     '',
                     -- write-through

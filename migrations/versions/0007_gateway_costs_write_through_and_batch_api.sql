@@ -20,7 +20,23 @@ ALTER TABLE pgembed.usage ADD CONSTRAINT usage_purpose_check
 -- (0.5 for OpenAI's Batch API). The cost views multiply by it.
 ALTER TABLE pgembed.usage ADD COLUMN price_factor numeric NOT NULL DEFAULT 1
     CONSTRAINT usage_price_factor CHECK (price_factor >= 0 AND price_factor <= 1);
--- (costs: more here)
+-- Rate limits with headroom that learn: a budget is spent up to `headroom` of itself (the
+-- rest is the margin for what the provider counts differently), and each bucket keeps what
+-- the provider's x-ratelimit-* response headers said: its limit, what remained, when it
+-- resets, and what was granted since, so that every worker slows down when the API says
+-- fewer remain than the budget thinks.
+ALTER TABLE pgembed.rate_limits ADD COLUMN headroom double precision NOT NULL DEFAULT 0.9
+    CONSTRAINT "rate_limits: headroom must be > 0 and <= 1" CHECK (headroom > 0 AND headroom <= 1);
+ALTER TABLE pgembed.rate_limit_state
+    ADD COLUMN api_requests_limit bigint,
+    ADD COLUMN api_requests_remaining bigint,
+    ADD COLUMN api_requests_reset_at double precision,
+    ADD COLUMN api_requests_granted bigint NOT NULL DEFAULT 0,
+    ADD COLUMN api_tokens_limit bigint,
+    ADD COLUMN api_tokens_remaining bigint,
+    ADD COLUMN api_tokens_reset_at double precision,
+    ADD COLUMN api_tokens_granted bigint NOT NULL DEFAULT 0,
+    ADD COLUMN api_seen_at timestamptz;
 
 -- ---------------------------------------------------------------------------------------
 -- The embedding gateway

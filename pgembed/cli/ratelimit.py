@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from pgembed import ratelimit
 from pgembed.cli import tables
-from pgembed.cli.common import DsnOption, EmbeddedOption, connect, friendly, out
+from pgembed.cli.common import DsnOption, EmbeddedOption, JsonOption, connect, friendly, out, print_json
 from pgembed.providers import ProviderError
 
 ratelimit_app = typer.Typer(no_args_is_help=True, help="Set and show the API rate limit that all workers share.")
@@ -41,35 +41,44 @@ def set_budget(
         min=1, help="Tokens per minute, summed over every worker and search.")] = None,
     burst_seconds: Annotated[float, typer.Option(
         min=0.001, max=60, help="How many seconds' worth of the budget may be sent at once.")] = 1.0,
+    headroom: Annotated[float, typer.Option(
+        min=0.01, max=1,
+        help="Share of the budget spent: 0.9 throttles at 90 %, a margin for what the API "
+             "counts differently.")] = ratelimit.DEFAULT_HEADROOM,
     bucket: BucketOption = None,
     dsn: DsnOption = None,
     embedded: EmbeddedOption = False,
 ) -> None:
     """Limit what one API key is sent per minute, by all workers on all hosts together.
 
-    Example: pgembed ratelimit set --requests-per-minute 3000 --tokens-per-minute 1000000
+    Example: pgembed ratelimit set --requests-per-minute 3000 --tokens-per-minute 1000000 --headroom 0.9
     """
     if requests_per_minute is None and tokens_per_minute is None:
         raise ValueError("give --requests-per-minute, --tokens-per-minute or both "
                          "(`pgembed ratelimit clear` removes a budget)")
-    budget = ratelimit.Budget.per_minute(requests_per_minute, tokens_per_minute, burst_seconds)
+    budget = ratelimit.Budget.per_minute(requests_per_minute, tokens_per_minute, burst_seconds, headroom)
     name, base_url, fingerprint = _bucket(bucket)
     with connect(dsn, embedded) as conn:
         ratelimit.set_budget(conn, name, budget, base_url=base_url, key_fingerprint=fingerprint)
     out.print(f"budget of {escape(name)}: {tables.limit(requests_per_minute)} requests and "
-              f"{tables.limit(tokens_per_minute)} tokens per minute; running workers apply it within "
+              f"{tables.limit(tokens_per_minute)} tokens per minute, spent up to {headroom:.0%}; "
+              f"running workers apply it within "
               f"{ratelimit.UNLIMITED_RECHECK:g} seconds", highlight=False)
 
 
 @ratelimit_app.command("show")
 @friendly
-def show(dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
-    """Every budget and what is being spent of it (pgembed.rate_limit_status).
+def show(as_json: JsonOption = False, dsn: DsnOption = None, embedded: EmbeddedOption = False) -> None:
+    """Every budget, what is being spent of it, and what the API's headers said of its
+    limits (pgembed.rate_limit_status).
 
     Example: pgembed ratelimit show
     """
     with connect(dsn, embedded) as conn:
         rows = ratelimit.status(conn)
+    if as_json:
+        print_json({"budgets": rows})
+        return
     if not rows:
         out.print("no budgets: no API key is rate limited; set one with "
                   "pgembed ratelimit set --requests-per-minute N --tokens-per-minute N")

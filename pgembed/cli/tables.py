@@ -263,19 +263,34 @@ def audit_gaps(run: Row, kinds: Sequence[str], repair: bool) -> Fitted:
 # --- costs ---------------------------------------------------------------------------------
 
 def spend(rows: list[Row], days: int, by: Grouping) -> Fitted:
-    """One row per group and a total, as pgembed.cost_daily / cost_by_cost_center add up.
+    """One row per group and a total, as pgembed.cost_daily / cost_by_cost_center /
+    cost_by_attribution add up (with --top, the total of the rows shown).
     At 80 columns the counts a reader can do without (inputs, cache hits, then requests,
     then the model) are left out first; tokens, hit rate and usd stay."""
-    keys = ["pipeline", "model", "purpose"] if by is Grouping.purpose else ["cost_center", "pipeline", "purpose"]
+    keys = by.keys
     sums = {c: sum(r[c] or 0 for r in rows) for c in _SUMMED}
-    body = [[*(r[k] if r[k] is not None or k != "cost_center" else "(none)" for k in keys), *_spent(r)]
+    named = {"cost_center", "label"}  # a NULL there is "nobody said"
+    body = [[*(r[k] if r[k] is not None or k not in named else "(none)" for k in keys), *_spent(r)]
             for r in rows]
-    body.append(["total", "", "", *_spent(sums)])
-    key_columns = [Col(k.replace("_", " "), whole=True, key=k != "model", spare=4 if k == "model" else 0)
-                   for k in keys]
+    body.append(["total", *[""] * (len(keys) - 1), *_spent(sums)])
+    key_columns = [Col(by.value if k == "label" else k.replace("_", " "), whole=True, key=k != "model",
+                       spare=4 if k == "model" else 0) for k in keys]
     return Fitted(f"spend, last {days} day{'s' if days > 1 else ''}, by {by.value}",
                   [*key_columns, Col("requests", spare=2), Col("inputs", spare=3), Col("tokens"),
                    Col("cache hits", spare=3), Col("hit rate"), Col("usd", whole=True)], body)
+
+
+def share(rows: list[Row], days: int) -> Fitted:
+    """pgembed.cost_share_daily: per day, indexing and queries and the share of each."""
+    return Fitted(f"indexing vs queries, last {days} day{'s' if days > 1 else ''}",
+                  [Col("day", whole=True, key=True), Col("work", key=True), Col("requests", spare=1),
+                   Col("tokens"), Col("token share"), Col("usd", whole=True), Col("usd share")],
+                  ([str(r["day"]), r["work"], count(r["requests"]), count(r["tokens"]), percent(r["token_share"]),
+                    usd(r["usd"]), percent(r["usd_share"])] for r in rows))
+
+
+def percent(value: float | Decimal | None) -> str:
+    return "" if value is None else f"{value:.1%}"
 
 
 def _spent(r: Row) -> list[str]:
@@ -283,11 +298,13 @@ def _spent(r: Row) -> list[str]:
             rate(r["cache_hits"], r["cache_misses"]), usd(r["usd"])]
 
 
-def anomalies(rows: list[Row]) -> Fitted:
-    return Fitted(Text("spend far above the 7-day daily average today", style="red"),
-                  [Col("pipeline", key=True), Col("purpose", key=True), Col("measure"), Col("today"),
+def anomalies(rows: list[Row], keys: tuple[str, str] = ("pipeline", "purpose")) -> Fitted:
+    """pgembed.cost_anomalies (by pipeline and purpose) or cost_source_anomalies (`keys`
+    source and task)."""
+    return Fitted(Text(f"spend by {keys[0]} far above the 7-day daily average today", style="red"),
+                  [Col(keys[0], key=True), Col(keys[1], key=True), Col("measure"), Col("today"),
                    Col("daily avg (7d)"), Col("ratio")],
-                  ([a["pipeline"], a["purpose"], a["measure"],
+                  ([a[keys[0]], a[keys[1]], a["measure"],
                     *(usd(v) if a["measure"] == "usd" else count(v) for v in (a["today"], a["daily_avg_7d"])),
                     a["ratio"] or "new"] for a in rows))
 
@@ -303,11 +320,19 @@ def cache(rows: list[Row]) -> Fitted:
 # --- rate limits ----------------------------------------------------------------------------
 
 def budget(r: Row) -> Table:
-    """One small table per bucket: a bucket's name alone is half a terminal wide."""
-    t = table(r["bucket"], [f"per {r['per_seconds']:g}s", "budget", "in window now", "granted in all"],
-              [["requests", limit(r["max_requests"]), count(r["window_requests"]), count(r["granted_requests"])],
-               ["tokens", limit(r["max_tokens"]), count(r["window_tokens"]), count(r["granted_tokens"])]])
-    t.caption = f"waited {count(r['waits'])} times; last grant {when(r['last_grant_at']) or 'never'}"
+    """One small table per bucket: a bucket's name alone is half a terminal wide. "API
+    says" is what the provider's headers said of its own limit, and what remains of it now
+    by that count (blank: nothing learnt, or its reset has come)."""
+    rows = []
+    for kind, short in (("requests", "requests"), ("tokens", "tokens")):
+        said = r[f"api_{kind}_limit"], r[f"api_{kind}_remaining"]
+        api = "" if said[1] is None else f"{count(said[1])} of {limit(said[0]) if said[0] else '?'}"
+        rows.append([short, limit(r[f"max_{kind}"]), count(r[f"window_{kind}"]), count(r[f"granted_{kind}"]), api])
+    t = table(r["bucket"], [f"per {r['per_seconds']:g}s", "budget", "in window now", "granted in all",
+                            "API says left"], rows)
+    t.caption = (f"spent up to {r['headroom']:.0%}; waited {count(r['waits'])} times; "
+                 f"last grant {when(r['last_grant_at']) or 'never'}; "
+                 f"API headers last seen {when(r['api_seen_at']) or 'never'}")
     t.caption_justify = "left"
     return t
 

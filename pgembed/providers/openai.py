@@ -45,6 +45,9 @@ What happens to a call:
   wait happens inside the concurrency bound, right before the request goes out, so that
   what the API sees stays within the budget. A limiter that cannot be consulted fails the
   call with `ProviderError`. Without a limiter nothing changes.
+* A limiter that learns (`LearnsLimits`, as `BucketLimiter` does) is shown what each answer's
+  rate-limit headers say (`x-ratelimit-limit-/remaining-/reset-requests` and `-tokens`,
+  429s included), so that the shared budget slows down when the API says fewer remain.
 
 The API key never appears in an error message: messages echoed from the API are redacted.
 """
@@ -60,9 +63,9 @@ import os
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import openai
@@ -70,6 +73,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from pgembed.providers.base import EmbedResult, ModelSpec, ProviderError, RateLimiter, vector_problem
 from pgembed.providers.response import decode, field, ordered_items, read_body
+
+try:  # the openai client's HTTP library (httpx2 since openai 3): its response has the headers
+    from httpx2 import Response as _HttpResponse
+except ImportError:  # pragma: no cover - older openai clients
+    from httpx import Response as _HttpResponse  # type: ignore[assignment,no-redef]
 
 KEY_VARIABLES = ("PGEMBED_OPENAI_API_KEY", "OPENAI_API_KEY")
 URL_VARIABLES = ("PGEMBED_OPENAI_BASE_URL", "OPENAI_BASE_URL")
@@ -318,8 +326,11 @@ class OpenAIProvider:
             # The client's own POST (auth, base URL, timeouts, its errors), read as JSON
             # here: typing the body into models took a tenth of an API-bound worker's
             # time, all for fields we check ourselves.
-            return read_body(await self._post_within_timeout(params))
+            response = await self._post_within_timeout(params)
+            self._learn(response.headers)
+            return read_body(response.content)
         except openai.APIStatusError as exc:
+            self._learn(exc.response.headers)
             if exc.status_code in _REJECT_STATUS:
                 raise _Rejected(f"rejected by the API (HTTP {exc.status_code}): {self._api_message(exc)}") from None
             raise
@@ -327,10 +338,11 @@ class OpenAIProvider:
             # The client could not read the body (declared JSON, but it is not).
             return "<unreadable body>"
 
-    async def _post_within_timeout(self, params: dict[str, Any]) -> bytes:
+    async def _post_within_timeout(self, params: dict[str, Any]) -> _HttpResponse:
         """The POST, abandoned after `timeout` seconds in total. The client's own timeout is
-        per read: a server that trickles its answer a few bytes at a time never trips it."""
-        post = self._client.post("/embeddings", body=params, cast_to=bytes)
+        per read: a server that trickles its answer a few bytes at a time never trips it.
+        The response itself (read already), for its headers as well as its body."""
+        post = self._client.post("/embeddings", body=params, cast_to=_HttpResponse)
         if not self.timeout:
             return await post
         try:
@@ -348,6 +360,13 @@ class OpenAIProvider:
             raise
         except Exception as exc:
             raise ProviderError(f"{self.spec.model}: rate limiter failed: {self._redact(str(exc))}") from None
+
+    def _learn(self, headers: Mapping[str, str]) -> None:
+        """Show the limiter what the API said of its rate limits, if it learns from that."""
+        if isinstance(self.limiter, LearnsLimits):
+            seen = ApiLimits.from_headers(headers)
+            if seen is not None:
+                self.limiter.observe(seen)
 
     def _wait(self, state: RetryCallState) -> float:
         """The server's Retry-After when it gives one, else backoff with equal jitter."""
@@ -440,6 +459,71 @@ def _default_token_counter() -> Callable[[str], int]:
     from pgembed.tokens import count_tokens
 
     return count_tokens
+
+
+# ------------------------------------------------------------- rate-limit headers
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What one answer's rate-limit headers said, as OpenAI sends them: the limit, what
+    remains of it and in how many seconds that resets, for requests and for tokens (None:
+    not sent, or not readable)."""
+
+    requests_limit: int | None = None
+    requests_remaining: int | None = None
+    requests_reset: float | None = None
+    tokens_limit: int | None = None
+    tokens_remaining: int | None = None
+    tokens_reset: float | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> ApiLimits | None:
+        """None when the answer says nothing of what remains (most compatible servers)."""
+        requests = headers.get("x-ratelimit-remaining-requests")
+        tokens = headers.get("x-ratelimit-remaining-tokens")
+        if requests is None and tokens is None:
+            return None
+        seen = cls(_count(headers.get("x-ratelimit-limit-requests")), _count(requests),
+                   parse_reset(headers.get("x-ratelimit-reset-requests")),
+                   _count(headers.get("x-ratelimit-limit-tokens")), _count(tokens),
+                   parse_reset(headers.get("x-ratelimit-reset-tokens")))
+        return None if seen.requests_remaining is None and seen.tokens_remaining is None else seen
+
+
+@runtime_checkable
+class LearnsLimits(Protocol):
+    """A `RateLimiter` that also learns from what the API says of its limits."""
+
+    def observe(self, seen: ApiLimits) -> None: ...
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_reset(text: str | None) -> float | None:
+    """Seconds in a reset header: a duration as OpenAI writes it (Go's: `1s`, `6m0s`,
+    `20ms`, `1h2m3.5s`), or a plain number of seconds; None when it is neither."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            return None
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _count(text: str | None) -> int | None:
+    """A count header: a whole number >= 0, else None (a server's garbage teaches nothing)."""
+    if text is None or not (text.strip().isascii() and text.strip().isdigit()):
+        return None
+    value = int(text)
+    return value if value < 2**63 else None
 
 
 def _is_transient(exc: BaseException) -> bool:
