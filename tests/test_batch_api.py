@@ -68,3 +68,32 @@ def test_a_small_backfill_goes_through_a_batch_and_is_billed_at_half_price(conn,
     with pytest.raises(BatchAPIError, match="no open provider batch"):
         batch_api(dsn, lambda api: api.collect(submitted.batch or 0))
     assert len(usage(conn)) == 1
+
+
+def test_a_20000_row_backfill_converges_with_rows_changed_deleted_and_failed_while_it_was_out(conn, dsn, fake_api):
+    """Acceptance 5: 20,000 rows through one batch; meanwhile 500 rows are updated, 500
+    deleted and 200 inserted; the line holding document 4321 fails and the batch ends expired
+    with its last line unrun. Every row ends with the vector of its current text."""
+    name = docs(conn, 20_000)
+    submitted = batch_api(dsn, lambda api: api.submit(name))
+    assert submitted.rows == 20_000 and submitted.lines >= 2
+    conn.execute("UPDATE docs SET body = body || ' (edited)' WHERE id % 40 = 0")
+    conn.execute("DELETE FROM docs WHERE id % 40 = 1")
+    conn.execute("INSERT INTO docs SELECT g, 'a new document ' || g FROM generate_series(20001, 20200) g")
+    # a delete takes its outbox row (and so the batch's hold) with it; a poll while the
+    # batch is out gives the edited rows back to the workers at once
+    polled = batch_api(dsn, lambda api: api.poll())
+    assert polled[0].provider_status == "in_progress" and polled[0].released == 500
+    drain(dsn)
+    assert held(conn) == 20_000 - 1000, "the batch keeps the rows nobody changed"
+    assert fake_api.inputs == 200 + 500, "the worker embedded the new rows and the edited ones only"
+    fake_api.batch_api.fail_lines("document 4321 about")
+    fake_api.batch_api.expire(done=submitted.lines - 1)
+    collected = batch_api(dsn, lambda api: api.poll())[0].collected
+    assert collected is not None and collected.provider_status == "expired"
+    assert collected.failed_lines >= 2  # the expired line and the one holding document 4321
+    assert collected.stored > 10_000 and collected.requeued > 0 and held(conn) == 0
+    drain(dsn)  # the requeued rows converge through the normal path
+    converge(conn, [expect(name)], api=fake_api, vector_sample=2000)
+    billed = conn.execute("SELECT sum(tokens), sum(inputs) FROM pgembed.usage WHERE price_factor = 0.5").fetchone()
+    assert billed == (collected.tokens, fake_api.batch_api.inputs_run)
