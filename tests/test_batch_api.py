@@ -6,19 +6,25 @@ convergence check of the reliability suite at the end."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+from typer.testing import CliRunner
 
+from pgembed import cli as cli_module
 from pgembed import pipelines
 from pgembed.batch_api import BatchAPI, BatchAPIError
+from pgembed.providers import ProviderError
+from pgembed.scheduler import JobContext, ScheduleConfig, batch_api_job
 from tests.conftest import drain
 from tests.reliability.convergence import Expect, converge
 
 MODEL = "openai:text-embedding-3-small"
 SMALL = pipelines.PipelineOptions(dimensions=64)
 T = TypeVar("T")
+runner = CliRunner()
 
 
 def batch_api(dsn: str, call: Callable[[BatchAPI], Awaitable[T]]) -> T:
@@ -97,3 +103,77 @@ def test_a_20000_row_backfill_converges_with_rows_changed_deleted_and_failed_whi
     converge(conn, [expect(name)], api=fake_api, vector_sample=2000)
     billed = conn.execute("SELECT sum(tokens), sum(inputs) FROM pgembed.usage WHERE price_factor = 0.5").fetchone()
     assert billed == (collected.tokens, fake_api.batch_api.inputs_run)
+
+
+def test_lines_over_a_batch_limit_stay_queued_and_a_refusing_provider_loses_nothing(conn, dsn, fake_api,
+                                                                                    monkeypatch):
+    name = docs(conn, 120)
+    monkeypatch.setattr("pgembed.batch_api.runs.MAX_BYTES", 3000)  # the file's size: ~70 rows
+    submitted = batch_api(dsn, lambda api: api.submit(name))
+    assert submitted.left > 0 and submitted.inputs + submitted.left == 120
+    assert held(conn) == submitted.inputs
+    fake_api.batch_api.complete()
+    batch_api(dsn, lambda api: api.poll())
+    # the provider refuses the next batch (a bad key): its rows are back in line at once
+    fake_api.api_key = "sk-another-key"
+    with pytest.raises(ProviderError, match=r"refused the batch .*back in the outbox"):
+        batch_api(dsn, lambda api: api.submit(name))
+    assert held(conn) == 0
+    assert conn.execute("SELECT state FROM pgembed.provider_batches ORDER BY id").fetchall() == [
+        ("collected",), ("cancelled",)]
+    fake_api.api_key = None
+    drain(dsn)
+    converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal)
+
+
+def test_bad_requests_are_refused_in_one_line_and_change_nothing(conn, dsn, fake_api):
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    conn.execute("INSERT INTO notes VALUES (1, 'a note')")
+    hashed = pipelines.create(conn, "notes", "body", "hash:16")
+    with pytest.raises(BatchAPIError, match="the Batch API is OpenAI's"):
+        batch_api(dsn, lambda api: api.submit(hashed))
+    with pytest.raises(BatchAPIError, match="no pipeline 'nope'"):
+        batch_api(dsn, lambda api: api.submit("nope"))
+    name = docs(conn, 50)
+    below = batch_api(dsn, lambda api: api.submit(name, threshold=51))
+    assert below.batch is None and "under the threshold of 51" in below.reason and held(conn) == 0
+    submitted = batch_api(dsn, lambda api: api.submit(name))
+    with pytest.raises(BatchAPIError, match="is in_progress at the provider"):
+        batch_api(dsn, lambda api: api.collect(submitted.batch or 0))
+    assert held(conn) == 50
+    # cancelled before anything ran: every row goes back to the workers, nothing is billed
+    cancelled = batch_api(dsn, lambda api: api.cancel(submitted.batch or 0))
+    assert cancelled.collected is not None and cancelled.collected.requeued == 50 and held(conn) == 0
+    assert usage(conn) == []
+    drain(dsn)
+    converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal + 1)
+
+
+def test_the_command_line_submits_polls_and_lists_batches(conn, dsn, fake_api, monkeypatch):
+    name = docs(conn, 40)
+    monkeypatch.setattr(cli_module.out, "width", 80)
+    sent = runner.invoke(cli_module.app, ["batch", "submit", name, "--threshold", "10", "--dsn", dsn])
+    assert sent.exit_code == 0, sent.output
+    assert "40 rows in 1 requests, 40 inputs" in sent.output
+    listed = runner.invoke(cli_module.app, ["batch", "status", "--json", "--dsn", dsn])
+    rows = json.loads(listed.output)
+    assert [(r["state"], r["held"]) for r in rows] == [("submitted", 40)]
+    fake_api.batch_api.complete()
+    polled = runner.invoke(cli_module.app, ["batch", "poll", "--dsn", dsn])
+    assert "completed; collected: 40 rows stored, 0 requeued" in polled.output
+    bad = runner.invoke(cli_module.app, ["batch", "collect", "99", "--dsn", dsn])
+    assert bad.exit_code == 2 and "no open provider batch 99" in bad.output
+    monkeypatch.setenv("PGEMBED_BATCH_API_MIN_ROWS", "many")
+    bad = runner.invoke(cli_module.app, ["batch", "submit", name, "--dsn", dsn])
+    assert bad.exit_code == 2 and "must be a whole number" in bad.output
+
+
+def test_the_scheduled_job_sends_a_backlog_over_the_threshold_and_collects_it(conn, dsn, fake_api, monkeypatch):
+    name = docs(conn, 30)
+    context = JobContext(worker="w", config=ScheduleConfig(), dsn=dsn)
+    assert asyncio.run(batch_api_job(conn, context)) == "no open provider batches", "opt-in only"
+    monkeypatch.setenv("PGEMBED_BATCH_API_MIN_ROWS", "30")
+    fake_api.batch_api.auto_complete = True
+    note = asyncio.run(batch_api_job(conn, context))
+    assert f"{name}: batch 1 sent, 30 rows" in note and "batch 1: completed, 30 rows stored" in note
+    converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal)

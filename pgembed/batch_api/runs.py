@@ -34,7 +34,7 @@ from pgembed import db
 from pgembed.batch import InFlight, embed_batch, planned
 from pgembed.batch_api.jsonl import MAX_BYTES, MAX_INPUTS, Line, Output, pack, read_output, request
 from pgembed.config import WorkerConfig
-from pgembed.providers import EmbedResult, ModelSpec
+from pgembed.providers import EmbedResult, ModelSpec, ProviderError
 from pgembed.providers.openai import client_from_env
 from pgembed.queue import Batch, Claimed, Key, Outcome, PipelineInfo, Queue
 from pgembed.sqlfiles import query
@@ -52,8 +52,9 @@ TERMINAL = ("completed", "expired", "failed", "cancelled")
 WORKER = "batch-api"
 
 
-class BatchAPIError(Exception):
-    """A batch that cannot be made or read: one line for the command line."""
+class BatchAPIError(ValueError):
+    """What was asked cannot be done (no such pipeline or batch, not an OpenAI model, a
+    batch not finished yet): one line, a usage error for the command line."""
 
 
 def min_rows() -> int:
@@ -161,11 +162,12 @@ class BatchAPI:
             raise BatchAPIError(f"pipeline {name!r} uses late chunking, which only local models do")
         return info
 
-    async def submit(self, name: str, *, threshold: int = 1, limit: int = MAX_INPUTS,
+    async def submit(self, name: str, *, threshold: int | None = 1, limit: int = MAX_INPUTS,
                      lease_seconds: float = LEASE_SECONDS) -> Submitted:
         """Sends the pipeline's ready bulk rows (up to one batch's worth) as one batch, when
-        there are at least `threshold` of them."""
+        there are at least `threshold` of them (None: PGEMBED_BATCH_API_MIN_ROWS)."""
         info = await self.pipeline(name)
+        threshold = min_rows() if threshold is None else threshold
         result = Submitted(name)
         async with self._pool.connection() as conn:
             row = await (await conn.execute(query("batch_api_backlog"), {"pipeline": name})).fetchone()
@@ -196,7 +198,7 @@ class BatchAPI:
             input_file, result.provider_id = await self._send(result.batch, name, info.spec, lines)
         except (openai.APIError, OSError) as error:
             await self._finish(result.batch, "cancelled", None, [], 0)
-            raise BatchAPIError(f"the provider refused the batch ({_one_line(error)}); its rows are "
+            raise ProviderError(f"the provider refused the batch ({_one_line(error)}); its rows are "
                                 "back in the outbox") from None
         result.lines, result.inputs = len(lines), sum(len(line.hashes) for line in lines)
         async with self._pool.connection() as conn:
