@@ -19,6 +19,8 @@ Scenarios (targets from issue 5; every figure is measured next to its limit in o
   local_model  a local:all-MiniLM-L6-v2 drain vs model.encode of the same chunks; numpy vs torch
   late_chunking plain vs late chunking on the same SciFact table: nDCG@10 (and Recall@5, MRR@10,
                P@5) vs exact search over each one's vectors, index size and build, drain time
+  batch_api    a backfill through the provider's Batch API: submit, and collect and store, in
+               rows/s vs a worker draining the same rows from the same fake API
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from benchmarks.harness import REPO, SCALES, Bench, Result
 
 SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit",
              "float_path", "quality", "read_path", "storage",
-             "local_model", "late_chunking")
+             "local_model", "late_chunking",
+             "batch_api")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

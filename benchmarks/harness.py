@@ -98,6 +98,9 @@ class Scale:
     # 14. late chunking: SciFact documents (as storage_docs), tokens a chunk (0: what fits the model)
     late_docs: int = 600
     late_chunk_tokens: int = 0
+    # 15. the provider's Batch API: rows sent as one batch, collected and stored
+    batch_api_rows: int = 20_000
+    batch_api_dims: int = 256
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -135,6 +138,7 @@ SCALES: dict[str, Scale] = {
         quality_docs=40,
         read_rows=(2_000,), read_queries=20, read_cli_runs=2,
         storage_docs=40, local_docs=20, late_docs=10,
+        batch_api_rows=500,
         checkpoints=False,
     ),
 }
