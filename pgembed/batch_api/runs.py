@@ -8,11 +8,12 @@ and a batch nobody collects gives its rows back when the lease runs out. So a ro
 or deleted while the batch was out is never written with its old text's vector: its
 version moved on, and it goes back in line for a worker, which embeds what it now holds.
 
-The collection puts every vector of the output in the embedding cache first (paid for, so
-kept whatever happens to the rows), then runs the worker's own batch path over the rows it
-still holds: read the current content, cut it, look the chunks up, acknowledge. A chunk the
-output does not have (a failed or expired line, or a row changed since submission) is not a
-failure of the row: the row goes back to the outbox, in its lane, for the workers. All the
+The collection runs the worker's own batch path over the rows the batch still holds, with
+the downloaded output as its provider: read the current content, cut it, look the chunks
+up, take the rest from the output, acknowledge (cache entries and store in one statement,
+fenced). A chunk the output does not have (a failed or expired line, or a row changed since
+submission) is not a failure of the row: the row goes back to the outbox, in its lane, for
+the workers. Vectors no row took are cached too (paid for). All the
 state is in PostgreSQL, so a process may stop anywhere between submit and collect; a
 collection repeated after a crash stores nothing twice and bills once (batch_api_finish).
 """
@@ -27,12 +28,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import openai
 from psycopg.types.json import Jsonb
 
 from pgembed import db
 from pgembed.batch import InFlight, embed_batch, planned
 from pgembed.batch_api.jsonl import MAX_BYTES, MAX_INPUTS, Line, Output, pack, read_output, request
+from pgembed.cache import chunk_key
 from pgembed.config import WorkerConfig
 from pgembed.providers import EmbedResult, ModelSpec, ProviderError
 from pgembed.providers.openai import client_from_env
@@ -111,15 +114,24 @@ class _Open:
     age: float = 0.0
 
 
-class _NotInBatch:
-    """The provider of a collection: everything it can give is in the cache already, so
-    any text it is asked for was not in the batch's output."""
+class _FromOutput:
+    """The provider of a collection: the batch's output, by cache key. A text it does not
+    have (its line failed or expired, or its row changed since submission) is NOT_IN_BATCH,
+    which sends the row back to the outbox rather than to the failures. Going through the
+    worker's batch path this way, each vector reaches the database once, in the
+    acknowledgement that caches and stores it."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, output: Output) -> None:
         self.spec = spec
+        self.output = output
+        self.used: set[bytes] = set()
 
     async def embed(self, texts: list[str]) -> EmbedResult:
-        return EmbedResult([None] * len(texts), [NOT_IN_BATCH] * len(texts))
+        found = [self.output.vectors.get(chunk_key(self.spec.model, self.spec.dimensions, t)) for t in texts]
+        self.used.update(chunk_key(self.spec.model, self.spec.dimensions, t) for t, f in zip(texts, found, strict=True)
+                         if f is not None)
+        return EmbedResult([f[0] if f else None for f in found], [None if f else NOT_IN_BATCH for f in found],
+                           token_counts=[f[1] if f else 0 for f in found])
 
     async def aclose(self) -> None:
         return None
@@ -305,8 +317,10 @@ class BatchAPI:
             if file_id:
                 content = await self._client().files.content(file_id)
                 await asyncio.to_thread(read_output, content.content, lines, info.spec.dimensions, output)
-        await self._cache(info, output)
-        stored = await self._store(info, Batch(b.pipeline, b.lease, await self._claimed(b.id)))
+        provider = _FromOutput(info.spec, output)
+        stored = await self._store(info, Batch(b.pipeline, b.lease, await self._claimed(b.id)), provider)
+        # paid for: the vectors no row took (texts changed since submission) are kept too
+        await self._cache(info, {h: v for h, v in output.vectors.items() if h not in provider.used})
         usage: dict[tuple[str, str | None], dict[str, Any]] = defaultdict(
             lambda: {"requests": 0, "inputs": 0, "tokens": 0})
         for n, tokens in output.billed.items():
@@ -321,8 +335,8 @@ class BatchAPI:
                          failed_lines=len(lines) - len(output.billed),
                          tokens=sum(output.billed.values()), finished=finished)
 
-    async def _cache(self, info: PipelineInfo, output: Output) -> None:
-        entries = sorted(output.vectors.items())
+    async def _cache(self, info: PipelineInfo, vectors: dict[bytes, tuple[np.ndarray, int]]) -> None:
+        entries = sorted(vectors.items())
         async with self._pool.connection() as conn:
             for start in range(0, len(entries), 2000):
                 part = entries[start:start + 2000]
@@ -331,11 +345,10 @@ class BatchAPI:
                     "tokens": [t for _, (_, t) in part], "model": info.spec.model,
                     "dimensions": info.spec.dimensions})
 
-    async def _store(self, info: PipelineInfo, batch: Batch) -> int:
-        """The worker's path over the rows still held: everything found in the cache is
-        stored, fenced by lease and version; rows with chunks the batch did not bring back
-        are left out, for batch_api_finish to requeue."""
-        provider = _NotInBatch(info.spec)
+    async def _store(self, info: PipelineInfo, batch: Batch, provider: _FromOutput) -> int:
+        """The worker's path over the rows still held, answered from the output: stored
+        with their cache entries, fenced by lease and version; rows with chunks the batch
+        did not bring back are left out, for batch_api_finish to requeue."""
         stored = 0
         for start in range(0, len(batch.rows), SLICE):
             part = Batch(batch.pipeline, batch.lease, batch.rows[start:start + SLICE])
@@ -343,7 +356,8 @@ class BatchAPI:
             keep = [o for o in embedded.outcomes if not _missing(o)]
             if not keep:
                 continue
-            result = await self.queue.acknowledge(info, part, keep, {}, [], max_attempts=self.config.max_attempts,
+            result = await self.queue.acknowledge(info, part, keep, embedded.new_cache, [],
+                                                  max_attempts=self.config.max_attempts,
                                                   retry_base=self.config.retry_base)
             stored += result.written + result.removed
         return stored
