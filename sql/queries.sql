@@ -608,3 +608,10 @@ SELECT id, pipeline, state, provider_status, rows, lines, inputs, held, stored, 
   FROM pgembed.provider_batch_status
  WHERE %(pipeline)s::text IS NULL OR pipeline = %(pipeline)s
  ORDER BY id
+
+-- batch_api_analyze --
+-- After a batch leases (or before it gives back) thousands of rows: their lease expiry in the
+-- future is new to the planner, which would otherwise read every leased row through
+-- outbox_claim in each acknowledgement of the pipeline (the batch's and the workers') instead
+-- of looking the keys up. A role that does not own the table gets a warning, not an error.
+ANALYZE pgembed.outbox

@@ -49,6 +49,7 @@ LEASE_SECONDS = 48 * 3600.0
 MIN_ROWS_VARIABLE = "PGEMBED_BATCH_API_MIN_ROWS"
 DEFAULT_MIN_ROWS = 10_000
 SLICE = 500  # rows read, cut and acknowledged at a time
+SLICES = 2  # slices collected at once (each holds a connection)
 ABANDONED_AFTER = 3600.0  # a batch still preparing after this was left by a process that died
 NOT_IN_BATCH = "not in the provider batch's output"
 TERMINAL = ("completed", "expired", "failed", "cancelled")
@@ -146,7 +147,7 @@ class BatchAPI:
     config: WorkerConfig = field(default_factory=WorkerConfig)
 
     async def __aenter__(self) -> BatchAPI:
-        self._pool = db.worker_pool(self.dsn, WORKER, max_size=2)
+        self._pool = db.worker_pool(self.dsn, WORKER, max_size=SLICES + 1)
         await self._pool.open(wait=True)
         self.queue = Queue(self._pool, WORKER)
         return self
@@ -194,6 +195,7 @@ class BatchAPI:
             result.reason = "no bulk rows ready"
             return result
         result.batch, lease = int(row[0]), row[1]
+        await self._analyze()
         batch = Batch(name, lease, await self._claimed(result.batch))
         result.rows = len(batch.rows)
         try:
@@ -218,6 +220,10 @@ class BatchAPI:
                 "batch": result.batch, "provider_id": result.provider_id, "input_file": input_file,
                 "lines": result.lines, "inputs": result.inputs})
         return result
+
+    async def _analyze(self) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(query("batch_api_analyze"))
 
     async def _claimed(self, batch: int) -> list[Claimed]:
         async with self._pool.connection() as conn:
@@ -318,6 +324,7 @@ class BatchAPI:
                 content = await self._client().files.content(file_id)
                 await asyncio.to_thread(read_output, content.content, lines, info.spec.dimensions, output)
         provider = _FromOutput(info.spec, output)
+        await self._analyze()
         stored = await self._store(info, Batch(b.pipeline, b.lease, await self._claimed(b.id)), provider)
         # paid for: the vectors no row took (texts changed since submission) are kept too
         await self._cache(info, {h: v for h, v in output.vectors.items() if h not in provider.used})
@@ -348,19 +355,25 @@ class BatchAPI:
     async def _store(self, info: PipelineInfo, batch: Batch, provider: _FromOutput) -> int:
         """The worker's path over the rows still held, answered from the output: stored
         with their cache entries, fenced by lease and version; rows with chunks the batch
-        did not bring back are left out, for batch_api_finish to requeue."""
-        stored = 0
-        for start in range(0, len(batch.rows), SLICE):
-            part = Batch(batch.pipeline, batch.lease, batch.rows[start:start + SLICE])
-            embedded = await embed_batch(info, part, self.queue, provider, asyncio.Semaphore(1), InFlight())
-            keep = [o for o in embedded.outcomes if not _missing(o)]
-            if not keep:
-                continue
-            result = await self.queue.acknowledge(info, part, keep, embedded.new_cache, [],
-                                                  max_attempts=self.config.max_attempts,
-                                                  retry_base=self.config.retry_base)
-            stored += result.written + result.removed
-        return stored
+        did not bring back are left out, for batch_api_finish to requeue. SLICES slices at
+        a time, as a worker's slots overlap their database work."""
+        slots = asyncio.Semaphore(SLICES)
+        inflight = InFlight()
+
+        async def one(part: Batch) -> int:
+            async with slots:
+                embedded = await embed_batch(info, part, self.queue, provider, asyncio.Semaphore(1), inflight)
+                keep = [o for o in embedded.outcomes if not _missing(o)]
+                if not keep:
+                    return 0
+                result = await self.queue.acknowledge(info, part, keep, embedded.new_cache, [],
+                                                      max_attempts=self.config.max_attempts,
+                                                      retry_base=self.config.retry_base)
+                return result.written + result.removed
+
+        parts = [Batch(batch.pipeline, batch.lease, batch.rows[start:start + SLICE])
+                 for start in range(0, len(batch.rows), SLICE)]
+        return sum(await asyncio.gather(*(one(part) for part in parts)))
 
     async def _finish(self, batch: int, state: str, provider_status: str | None,
                       bills: list[dict[str, Any]], stored: int) -> tuple[bool, int]:
