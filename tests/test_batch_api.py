@@ -177,3 +177,30 @@ def test_the_scheduled_job_sends_a_backlog_over_the_threshold_and_collects_it(co
     note = asyncio.run(batch_api_job(conn, context))
     assert f"{name}: batch 1 sent, 30 rows" in note and "batch 1: completed, 30 rows stored" in note
     converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal)
+
+
+def test_a_collection_cut_short_is_repeated_without_storing_or_billing_twice(conn, dsn, fake_api, monkeypatch):
+    name = docs(conn, 1_200)
+    submitted = batch_api(dsn, lambda api: api.submit(name))
+    conn.execute("UPDATE docs SET body = body || ' (edited)' WHERE id <= 10")  # not given back: no poll yet
+    fake_api.batch_api.complete()
+    finish = BatchAPI._finish
+
+    async def crash(self, *args, **kwargs):
+        raise RuntimeError("the process died before the batch was marked collected")
+
+    monkeypatch.setattr(BatchAPI, "_finish", crash)
+    with pytest.raises(RuntimeError, match="process died"):
+        batch_api(dsn, lambda api: api.poll())
+    stored_before = conn.execute(f'SELECT count(*) FROM pgembed."{name}"').fetchone()[0]
+    assert stored_before == 1_190, "what was stored stays stored; the edited rows were not"
+    assert held(conn) == 0, "the acknowledgements gave the edited rows back to the workers"
+    monkeypatch.setattr(BatchAPI, "_finish", finish)
+    collected = batch_api(dsn, lambda api: api.poll())[0].collected
+    assert collected is not None and collected.finished and (collected.stored, collected.requeued) == (0, 0)
+    assert usage(conn) == [("backfill", submitted.lines, 1_200, fake_api.tokens, pytest.approx(0.5))]
+    # the old texts of the edited rows were paid for: they are in the cache, on no row
+    old = conn.execute("SELECT count(*) FROM pgembed.embedding_cache").fetchone()[0]
+    assert old == 1_200
+    drain(dsn)
+    converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal + 10)
