@@ -93,7 +93,11 @@ DOWNGRADES = {
               # cost by source, user and task: an attributed query and a gateway document
               "INSERT INTO pgembed.usage (model, purpose, source, app_user, task, tokens) "
               "VALUES ('hash:8', 'query', 'user_query', 'u1', 'ask', 5), "
-              "('hash:8', 'index', 'note_index', 'u2', 'save', 7)"]),
+              "('hash:8', 'index', 'note_index', 'u2', 'save', 7)",
+              # the provider's Batch API: a batch holding a backfill row, given back by the downgrade
+              "INSERT INTO notes VALUES (1, 'a title', 'a body')",
+              "UPDATE pgembed.outbox SET purpose = 'backfill'",
+              "SELECT pgembed.batch_api_claim(name, 10, 3600) FROM pgembed.pipelines"]),
 }
 
 
