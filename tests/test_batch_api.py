@@ -158,6 +158,8 @@ def test_the_command_line_submits_polls_and_lists_batches(conn, dsn, fake_api, m
     listed = runner.invoke(cli_module.app, ["batch", "status", "--json", "--dsn", dsn])
     rows = json.loads(listed.output)
     assert [(r["state"], r["held"]) for r in rows] == [("submitted", 40)]
+    table = runner.invoke(cli_module.app, ["batch", "status", "--dsn", dsn]).output
+    assert "submitted" in table and max(len(line) for line in table.splitlines()) <= 80
     fake_api.batch_api.complete()
     polled = runner.invoke(cli_module.app, ["batch", "poll", "--dsn", dsn])
     assert "completed; collected: 40 rows stored, 0 requeued" in polled.output
