@@ -60,6 +60,8 @@ def test_a_small_backfill_goes_through_a_batch_and_is_billed_at_half_price(conn,
     submitted = batch_api(dsn, lambda api: api.submit(name))
     assert (submitted.rows, submitted.inputs) == (300, 300)
     assert held(conn) == 300 and fake_api.requests == 0
+    # in flight, but waiting for the provider, not for a worker: the queue is not stuck
+    assert conn.execute("SELECT in_flight, oldest_gap FROM pgembed.pipeline_status").fetchone() == (300, None)
     drain(dsn)  # a worker takes nothing the batch holds
     assert fake_api.requests == 0 and held(conn) == 300
     fake_api.batch_api.complete()
