@@ -208,3 +208,35 @@ def test_a_collection_cut_short_is_repeated_without_storing_or_billing_twice(con
     assert old == 1_200
     drain(dsn)
     converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal + 10)
+
+
+def test_lines_are_billed_to_their_purpose_and_cost_center_at_half_price(conn, dsn, fake_api):
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, tenant text, body text)")
+    conn.execute("INSERT INTO docs SELECT g, 't' || (g % 2), 'text ' || g FROM generate_series(1, 60) g")
+    options = pipelines.PipelineOptions(dimensions=64, cost_center="tenant")
+    name = pipelines.create(conn, "docs", "body", MODEL, options)
+    conn.execute("UPDATE pgembed.outbox SET purpose = 'migration' WHERE key->>0 IN "
+                 "(SELECT id::text FROM docs WHERE id <= 20)")
+    submitted = batch_api(dsn, lambda api: api.submit(name))
+    assert submitted.lines == 4, "one line per purpose and cost center"
+    fake_api.batch_api.complete()
+    batch_api(dsn, lambda api: api.poll())
+    rows = conn.execute("SELECT purpose, cost_center, inputs, price_factor FROM pgembed.usage "
+                        "ORDER BY purpose, cost_center").fetchall()
+    assert rows == [("backfill", "t0", 20, 0.5), ("backfill", "t1", 20, 0.5),
+                    ("migration", "t0", 10, 0.5), ("migration", "t1", 10, 0.5)]
+    assert conn.execute("SELECT sum(tokens) FROM pgembed.usage").fetchone()[0] == fake_api.tokens
+    converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal)
+
+
+def test_a_batch_the_provider_failed_gives_every_row_back_and_bills_nothing(conn, dsn, fake_api):
+    name = docs(conn, 80)
+    submitted = batch_api(dsn, lambda api: api.submit(name))
+    fake_api.batch_api.batches[submitted.provider_id or ""]["status"] = "failed"
+    collected = batch_api(dsn, lambda api: api.poll())[0].collected
+    assert collected is not None and (collected.stored, collected.requeued, collected.tokens) == (0, 80, 0)
+    assert usage(conn) == [] and held(conn) == 0
+    assert conn.execute("SELECT state, provider_status FROM pgembed.provider_batches").fetchone() == (
+        "collected", "failed")
+    drain(dsn)
+    converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal)
