@@ -128,7 +128,7 @@ def test_lines_over_a_batch_limit_stay_queued_and_a_refusing_provider_loses_noth
     converge(conn, [expect(name)], api=fake_api, bound=lambda ideal: ideal)
 
 
-def test_bad_requests_are_refused_in_one_line_and_change_nothing(conn, dsn, fake_api):
+def test_bad_requests_are_refused_in_one_line_and_change_nothing(conn, dsn, fake_api, monkeypatch):
     conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
     conn.execute("INSERT INTO notes VALUES (1, 'a note')")
     hashed = pipelines.create(conn, "notes", "body", "hash:16")
@@ -137,6 +137,12 @@ def test_bad_requests_are_refused_in_one_line_and_change_nothing(conn, dsn, fake
     with pytest.raises(BatchAPIError, match="no pipeline 'nope'"):
         batch_api(dsn, lambda api: api.submit("nope"))
     name = docs(conn, 50)
+    with monkeypatch.context() as without_key:
+        without_key.delenv("PGEMBED_OPENAI_API_KEY")
+        without_key.delenv("OPENAI_API_KEY", raising=False)
+        with pytest.raises(ProviderError, match="no API key"):
+            batch_api(dsn, lambda api: api.submit(name))
+    assert held(conn) == 0
     below = batch_api(dsn, lambda api: api.submit(name, threshold=51))
     assert below.batch is None and "under the threshold of 51" in below.reason and held(conn) == 0
     submitted = batch_api(dsn, lambda api: api.submit(name))

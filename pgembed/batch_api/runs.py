@@ -181,6 +181,7 @@ class BatchAPI:
         there are at least `threshold` of them (None: PGEMBED_BATCH_API_MIN_ROWS)."""
         info = await self.pipeline(name)
         threshold = min_rows() if threshold is None else threshold
+        self._client()  # no API key: said before any row is taken from the workers
         result = Submitted(name)
         async with self._pool.connection() as conn:
             row = await (await conn.execute(query("batch_api_backlog"), {"pipeline": name})).fetchone()
