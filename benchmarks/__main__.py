@@ -23,6 +23,8 @@ Scenarios (targets from issue 5; every figure is measured next to its limit in o
                p50/p99 latency added over the direct API's, the cache pass's upstream requests
   write_through commit → searchable p50/p99 with write-through vs a worker on LISTEN, fake API
                at 50 ms; the embedding call itself as the floor
+  batch_api    a backfill through the provider's Batch API: submit, and collect and store, in
+               rows/s vs a worker draining the same rows from the same fake API
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from benchmarks.harness import REPO, SCALES, Bench, Result
 
 SCENARIOS = ("write_path", "backfill", "api_bound", "triggers", "freshness", "scale_out", "memory", "audit",
              "float_path", "quality", "read_path", "storage",
-             "local_model", "late_chunking", "gateway", "write_through")
+             "local_model", "late_chunking", "gateway", "write_through", "batch_api")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

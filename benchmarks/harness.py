@@ -112,6 +112,9 @@ class Scale:
     wt_rate: float = 10.0
     wt_latency: float = 0.05
     wt_backlog: int = 40_000
+    # 17. the provider's Batch API: rows sent as one batch, collected and stored
+    batch_api_rows: int = 20_000
+    batch_api_dims: int = 256
     # CHECKPOINT before each timed step (steadier figures; off for the smoke run)
     checkpoints: bool = True
     # worker settings for in-process drains (pgembed's defaults unless set)
@@ -151,6 +154,7 @@ SCALES: dict[str, Scale] = {
         storage_docs=40, local_docs=20, late_docs=10,
         gateway_clients=10, gateway_requests=2, gateway_paced_requests=1, gateway_think_s=0.2,
         wt_rows=10, wt_rate=20.0, wt_backlog=3_000,
+        batch_api_rows=500,
         checkpoints=False,
     ),
 }

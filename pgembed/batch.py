@@ -121,13 +121,19 @@ class InFlight:
             self._answers.pop(h, None)
 
 
+async def planned(info: PipelineInfo, batch: Batch, queue: Queue) -> tuple[list[Outcome], dict[Key, list[Planned]]]:
+    """The batch's rows read and cut into chunks with their cache keys: what embed_batch
+    embeds, and what a provider batch sends (pgembed.batch_api)."""
+    rows, read_errors = await queue.read(info, [c.key for c in batch.rows])
+    # chunking long rows takes milliseconds each: off the event loop, like the embedding
+    return await asyncio.to_thread(_plan, info, batch, rows, read_errors)
+
+
 async def embed_batch(info: PipelineInfo, batch: Batch, queue: Queue, provider: Provider,
                       requests: asyncio.Semaphore, inflight: InFlight) -> Embedded:
     """`requests` bounds the provider calls in flight; reading and the cache look-up run
     outside it, so the next batch is ready when a request slot frees up."""
-    rows, read_errors = await queue.read(info, [c.key for c in batch.rows])
-    # chunking long rows takes milliseconds each: off the event loop, like the embedding
-    outcomes, texts = await asyncio.to_thread(_plan, info, batch, rows, read_errors)
+    outcomes, texts = await planned(info, batch, queue)
     wanted = {c.hash: c for chunks in texts.values() for c in chunks}
     cached = await queue.cached(list(wanted))
     mine, theirs = inflight.claim([h for h in wanted if h not in cached])

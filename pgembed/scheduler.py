@@ -81,6 +81,7 @@ class ScheduleConfig:
     ivfflat_min_rows: int = 1000
     ivfflat_rebuild_factor: float = 4.0
     eval_every: float | None = 3600.0  # how often to look for aliases whose evaluation is due
+    batch_api_every: float | None = 300.0  # polls provider batches (pgembed/batch_api/job.py)
     extra_jobs: tuple[Job, ...] = ()  # more jobs (tests, extensions), same rules
 
     def __post_init__(self) -> None:
@@ -217,6 +218,12 @@ async def evaluation_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
     return await asyncio.to_thread(work)
 
 
+async def batch_api_job(conn: psycopg.AsyncConnection, ctx: JobContext) -> str:
+    from pgembed.batch_api.job import batch_api_job as poll_batches
+
+    return await poll_batches(conn, ctx)
+
+
 def jobs_for(config: ScheduleConfig) -> list[Job]:
     """The enabled jobs of a configuration, with the settings `pgembed status` may show."""
     table: list[tuple[str, float | None, JobFunction, dict[str, Any]]] = [
@@ -228,6 +235,7 @@ def jobs_for(config: ScheduleConfig) -> list[Job]:
         ("index", config.index_every, index_job,
          {"ivfflat_min_rows": config.ivfflat_min_rows, "rebuild_factor": config.ivfflat_rebuild_factor}),
         ("evaluation", config.eval_every, evaluation_job, {}),
+        ("batch_api", config.batch_api_every, batch_api_job, {}),
     ]
     jobs = [Job(name, every, fn, settings) for name, every, fn, settings in table if every]
     return jobs + list(config.extra_jobs)
@@ -236,7 +244,8 @@ def jobs_for(config: ScheduleConfig) -> list[Job]:
 def disabled_jobs(config: ScheduleConfig) -> list[str]:
     return [name for name, every in (("audit", config.audit_every), ("cleanup", config.cleanup_every),
                                      ("retry", config.retry_every), ("index", config.index_every),
-                                     ("evaluation", config.eval_every))
+                                     ("evaluation", config.eval_every),
+                                     ("batch_api", config.batch_api_every))
             if not every]
 
 

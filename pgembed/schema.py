@@ -26,7 +26,9 @@ DEFINITIONS = (
     "indexes.sql",
     "aliases.sql", "evaluation.sql",  # stable search names and evaluation
     "search.sql", "audit.sql", "fleet.sql", "costs.sql", "ratelimit.sql",
-    "model_migrations.sql", "comments.sql",
+    "model_migrations.sql",
+    "batch_api.sql",  # the provider's Batch API
+    "comments.sql",
     "refresh.sql", "privileges.sql",
 )
 

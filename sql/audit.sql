@@ -400,7 +400,10 @@ SELECT p.name AS pipeline,
        SELECT count(*) FILTER (WHERE pgembed.outbox_state(o.lease_id, o.available_at) = 'queued') AS queued,
               count(*) FILTER (WHERE pgembed.outbox_state(o.lease_id, o.available_at) = 'in_flight') AS in_flight,
               count(*) FILTER (WHERE pgembed.outbox_state(o.lease_id, o.available_at) = 'retrying') AS retrying,
-              min(o.queued_at) AS oldest
+              -- rows out in a provider batch (pgembed/batch_api/) wait for the provider, for
+              -- up to a day, not for a worker: they do not make the queue look stuck
+              min(o.queued_at) FILTER (WHERE NOT (starts_with(coalesce(o.leased_by, ''), 'batch-api:')
+                                                  AND o.available_at > now())) AS oldest
          FROM pgembed.outbox o
         WHERE o.pipeline = p.name) AS q
  CROSS JOIN LATERAL (

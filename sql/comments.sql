@@ -109,3 +109,12 @@ COMMENT ON COLUMN pgembed.model_migrations.estimate IS 'pgembed migrate plan''s 
 COMMENT ON COLUMN pgembed.model_migrations.max_drop IS 'cutover refuses when a metric of the shadow is more than this many points (1 = 0.01) below the active''s';
 COMMENT ON COLUMN pgembed.model_migrations.rollback_window IS 'how long after cutover rollback is possible; then the scheduled cleanup drops from_pipeline';
 COMMENT ON TABLE pgembed.model_migration_events IS 'Each phase of a migration, refused and forced cutovers included, with who and the detail (metrics, reason)';
+
+-- the provider's Batch API
+COMMENT ON TABLE pgembed.provider_batches IS 'Bulk rows sent through the provider''s Batch API (pgembed batch): the outbox rows stay leased to it (lease) until it is collected or cancelled';
+COMMENT ON COLUMN pgembed.provider_batches.state IS 'preparing (rows leased, nothing sent yet), submitted, collected (stored, the rest requeued), cancelled';
+COMMENT ON COLUMN pgembed.provider_batches.provider_status IS 'the provider''s status at the last poll (validating, in_progress, finalizing, completed, expired, failed, cancelling, cancelled)';
+COMMENT ON COLUMN pgembed.provider_batches.provider_id IS 'the provider''s batch id; NULL until the batch was created there';
+COMMENT ON COLUMN pgembed.provider_batches.stored IS 'rows stored by the collection; requeued: rows given back to the outbox (changed, deleted, errored or expired lines)';
+COMMENT ON TABLE pgembed.provider_batch_rows IS 'The outbox rows a provider batch holds, at the version it read: a row whose version has moved on is not stored from the batch';
+COMMENT ON TABLE pgembed.provider_batch_lines IS 'One request line of a provider batch (custom_id line-<line>): the cache keys of its inputs in order, and the purpose and cost center it is billed to';

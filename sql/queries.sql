@@ -88,11 +88,13 @@ SELECT p, (SELECT count(*) FROM pgembed.outbox o WHERE o.pipeline = p) + pgembed
 -- leased_elsewhere --
 -- Rows of the pipelines a worker serves that other workers hold now (in flight): a drain
 -- that found nothing to claim waits for them rather than call the queue empty. With who
--- holds them, for the message when the wait runs out.
+-- holds them, for the message when the wait runs out. Rows out in a provider batch
+-- (pgembed/batch_api/) are no worker's to wait for: they come back when it is collected.
 SELECT count(*), coalesce(pg_catalog.string_agg(DISTINCT coalesce(leased_by, '?'), ', '), '')
   FROM pgembed.outbox
  WHERE pipeline = ANY(%(only)s::text[]) AND lease_id IS NOT NULL
    AND available_at > pg_catalog.now() AND leased_by IS DISTINCT FROM %(worker)s
+   AND NOT pg_catalog.starts_with(leased_by, 'batch-api:')
 
 -- pipeline_exists --
 -- Whether a pipeline a batch was claimed for still exists (same name, same id).
@@ -585,6 +587,7 @@ SELECT pgembed.cleanup_due_migrations()
 -- batch_cache_get --
 -- The cached vectors of one batch's texts, in one round trip (misses are simply absent).
 SELECT content_hash, embedding FROM pgembed.embedding_cache WHERE content_hash = ANY(%(hashes)s::bytea[])
+
 -- ===== pgembed/writethrough.py: embedding named keys at once =====
 
 -- writethrough_target --
@@ -597,3 +600,69 @@ SELECT p.name, pg_catalog.cardinality(p.key_columns) FROM pgembed.pipelines p
 -- Lease exactly these keys of one pipeline (pgembed.claim_keys): one row per key asked for.
 SELECT key, state, version, purpose, attempts, holder, error
   FROM pgembed.claim_keys(%(pipeline)s, %(worker)s, %(lease)s, %(keys)s, %(lease_seconds)s)
+
+-- ===== pgembed/batch_api/: the provider's Batch API =====
+
+-- batch_api_backlog --
+-- Bulk rows of a pipeline ready now: what a batch could take.
+SELECT count(*) FROM pgembed.outbox
+ WHERE pipeline = %(pipeline)s AND available_at <= pg_catalog.now() AND purpose NOT IN ('sync', 'retry')
+
+-- batch_api_claim --
+SELECT batch, lease, claimed FROM pgembed.batch_api_claim(%(pipeline)s, %(limit)s, %(lease_seconds)s)
+
+-- batch_api_rows --
+SELECT key, version, purpose, attempts FROM pgembed.provider_batch_rows WHERE batch = %(batch)s ORDER BY key
+
+-- batch_api_add_line --
+INSERT INTO pgembed.provider_batch_lines (batch, line, purpose, cost_center, hashes)
+VALUES (%(batch)s, %(line)s, %(purpose)s, %(cost_center)s, %(hashes)s::bytea[])
+
+-- batch_api_submitted --
+SELECT pgembed.batch_api_submitted(%(batch)s, %(provider_id)s, %(input_file)s, %(lines)s, %(inputs)s)
+
+-- batch_api_open --
+-- Batches not finished, oldest first (of one pipeline, or all when NULL), and their age.
+SELECT id, pipeline, state, provider_id, lease,
+       pg_catalog.date_part('epoch', pg_catalog.now() - created_at)::float8
+  FROM pgembed.provider_batches
+ WHERE state IN ('preparing', 'submitted') AND (%(pipeline)s::text IS NULL OR pipeline = %(pipeline)s)
+ ORDER BY id
+
+-- batch_api_checked --
+UPDATE pgembed.provider_batches SET provider_status = %(status)s, checked_at = pg_catalog.now()
+ WHERE id = %(batch)s
+
+-- batch_api_release_changed --
+SELECT pgembed.batch_api_release_changed(%(batch)s)
+
+-- batch_api_lines --
+SELECT line, purpose, cost_center, hashes FROM pgembed.provider_batch_lines WHERE batch = %(batch)s
+
+-- batch_api_cache_put --
+-- A batch's vectors into the cache, as an acknowledgement puts a worker's: sorted by hash,
+-- an entry already there kept.
+INSERT INTO pgembed.embedding_cache (content_hash, model, dimensions, embedding, tokens)
+SELECT e.hash, %(model)s, %(dimensions)s, e.embedding, e.tokens
+  FROM unnest(%(hashes)s::bytea[], %(vectors)s, %(tokens)s::int[]) AS e(hash, embedding, tokens)
+ ORDER BY e.hash
+ON CONFLICT (content_hash) DO NOTHING
+
+-- batch_api_finish --
+SELECT finished, requeued
+  FROM pgembed.batch_api_finish(%(batch)s, %(state)s, %(provider_status)s, %(usage)s, %(price_factor)s,
+                                %(stored)s)
+
+-- batch_api_status --
+SELECT id, pipeline, state, provider_status, rows, lines, inputs, held, stored, requeued,
+       created_at, finished_at
+  FROM pgembed.provider_batch_status
+ WHERE %(pipeline)s::text IS NULL OR pipeline = %(pipeline)s
+ ORDER BY id
+
+-- batch_api_analyze --
+-- After a batch leases (or before it gives back) thousands of rows: their lease expiry in the
+-- future is new to the planner, which would otherwise read every leased row through
+-- outbox_claim in each acknowledgement of the pipeline (the batch's and the workers') instead
+-- of looking the keys up. A role that does not own the table gets a warning, not an error.
+ANALYZE pgembed.outbox

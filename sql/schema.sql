@@ -525,3 +525,54 @@ CREATE TABLE pgembed.model_migration_events (
 );
 
 CREATE INDEX model_migration_events_migration ON pgembed.model_migration_events (migration, at);
+
+-- A backfill or migration backlog sent through the provider's Batch API (pgembed.batch_api,
+-- sql/batch_api.sql). Its rows stay in the outbox, leased to the batch for as long as the
+-- provider may take (lease = the outbox rows' lease_id, leased_by 'batch-api:<id>'), so no
+-- worker embeds them meanwhile; a change to one bumps its version as for any lease.
+CREATE TABLE pgembed.provider_batches (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    pipeline        text NOT NULL REFERENCES pgembed.pipelines ON DELETE CASCADE,
+    lease           uuid NOT NULL UNIQUE,
+    model           text NOT NULL,
+    dimensions      int NOT NULL,
+    state           text NOT NULL DEFAULT 'preparing'
+                    CHECK (state IN ('preparing', 'submitted', 'collected', 'cancelled')),
+    provider_status text,  -- the provider's own: validating, in_progress, completed, expired...
+    provider_id     text UNIQUE,
+    input_file      text,
+    rows            int NOT NULL DEFAULT 0,
+    lines           int NOT NULL DEFAULT 0,
+    inputs          int NOT NULL DEFAULT 0,
+    stored          int,
+    requeued        int,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    submitted_at    timestamptz,
+    checked_at      timestamptz,
+    finished_at     timestamptz,
+    CHECK ((state IN ('collected', 'cancelled')) = (finished_at IS NOT NULL))
+);
+
+-- the batches a poll looks at
+CREATE INDEX provider_batches_open ON pgembed.provider_batches (pipeline) WHERE state IN ('preparing', 'submitted');
+
+-- The outbox rows a batch holds, at the version it read: what its collection is fenced by.
+CREATE TABLE pgembed.provider_batch_rows (
+    batch           bigint NOT NULL REFERENCES pgembed.provider_batches ON DELETE CASCADE,
+    key             jsonb NOT NULL,
+    version         bigint NOT NULL,
+    purpose         text NOT NULL,
+    attempts        int NOT NULL,
+    PRIMARY KEY (batch, key)
+);
+
+-- One JSONL line (request) of a batch: custom_id 'line-<line>', the cache keys of its
+-- inputs in order, and who pays for it.
+CREATE TABLE pgembed.provider_batch_lines (
+    batch           bigint NOT NULL REFERENCES pgembed.provider_batches ON DELETE CASCADE,
+    line            int NOT NULL,
+    purpose         text NOT NULL,
+    cost_center     text,
+    hashes          bytea[] NOT NULL,
+    PRIMARY KEY (batch, line)
+);

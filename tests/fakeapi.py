@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import email.parser
+import email.policy
 import functools
 import json
 import math
@@ -119,6 +121,7 @@ class FakeAPI:
         self._connections: set[socket.socket] = set()
         self._base_latency = latency
         self.in_flight = 0  # not reset: requests may be in flight during a reset
+        self.batch_api = FakeBatches(self)  # the Batch API's files and batches (kept across resets)
         self.reset()
 
     # ----------------------------------------------------------------- lifecycle
@@ -318,6 +321,8 @@ class FakeAPI:
                 self.garbage(**arg)
             elif name == "rate_limit":
                 self.rate_limit(**arg)
+            elif name == "batches":
+                self.batch_api.control(arg)
             elif name in ("reverse_data", "floats_only", "canned"):
                 with self._lock:
                     setattr(self, name, bool(arg))
@@ -565,15 +570,23 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: test output is for test failures."""
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/_stats":
+        batch_answer = self._batch_api("GET", b"")
+        if batch_answer is not None:
+            self._send(*batch_answer)
+        elif self.path.rstrip("/") == "/_stats":
             self._send(200, {"Content-Type": "application/json"}, json.dumps(self.api.stats()).encode())
         else:
             self._send(*_error(404, f"no route {self.path}", "not_found"))
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        batch_answer = self._batch_api("POST", raw)
+        if batch_answer is not None:
+            self._send(*batch_answer)
+            return
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             self._send(*_error(400, "body is not valid JSON", "invalid_request_error"))
             return
@@ -592,6 +605,14 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, TypeError) as exc:
             answer = _error(400, str(exc), "invalid_request_error")
         self._send(*answer)
+
+    def _batch_api(self, method: str, raw: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        """The Batch API's routes (FakeBatches), one at a time."""
+        with self.api.batch_api.lock:
+            try:
+                return self.api.batch_api.route(method, self.path.split("?", 1)[0], self.headers, raw)
+            except (ValueError, KeyError, TypeError) as exc:
+                return _error(400, f"bad batch request: {exc}", "invalid_request_error")
 
     def _send(self, status: int, headers: dict[str, str], body: bytes, spread: float = 0.0) -> None:
         try:
@@ -613,6 +634,199 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             # The client gave up (timeout) and closed the connection: nothing to tell it.
             self.close_connection = True
+
+
+# ------------------------------------------------------------------- Batch API
+# The provider's Batch API (tests/test_batch_api*.py): files and batches with the real
+# API's shapes, so that the real openai client uploads, creates, polls and downloads.
+
+
+class FakeBatches:
+    """Files (`POST /v1/files`, multipart; `GET /v1/files/{id}/content`) and batches
+    (`POST /v1/batches`, `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`).
+
+    A created batch is `in_progress` until `complete()` runs its lines (through the fake's
+    own embeddings, so vectors, usage and the counters are the same as for a direct request)
+    or `auto_complete` is set, when it completes as it is created. `fail_lines(match)` makes
+    the lines with an input containing `match` answer 400 (in the error file, as the API
+    does); `expire(done=n)` runs the first n lines and expires the rest (`batch_expired`).
+    Counters: `lines_run`, `inputs_run` (what the batches sent through the embeddings).
+    Over `/_control`: `{"batches": {"complete": true}}`, `{"batches": {"expire": 3}}`,
+    `{"batches": {"auto_complete": true}}`, `{"batches": {"fail_lines": "POISON"}}`.
+    """
+
+    def __init__(self, api: FakeAPI) -> None:
+        self.api = api
+        # its own lock: a batch's lines run through the embeddings, which take the API's
+        self.lock = threading.RLock()
+        self.files: dict[str, dict[str, Any]] = {}
+        self.contents: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.auto_complete = False
+        self.failing: str | None = None
+        self.lines_run = 0
+        self.inputs_run = 0
+        self._ids = 0
+
+    # ------------------------------------------------------------ controls
+
+    def complete(self, batch_id: str | None = None) -> None:
+        """Runs every line of the open batches (or of one) and completes them."""
+        with self.lock:
+            for batch in self._open(batch_id):
+                self._run(batch, None)
+
+    def expire(self, done: int = 0, batch_id: str | None = None) -> None:
+        with self.lock:
+            for batch in self._open(batch_id):
+                self._run(batch, done)
+
+    def fail_lines(self, match: str | None) -> None:
+        with self.lock:
+            self.failing = match
+
+    def control(self, command: dict[str, Any]) -> None:
+        for name, arg in command.items():
+            if name == "complete":
+                self.complete()
+            elif name == "expire":
+                self.expire(int(arg))
+            elif name == "auto_complete":
+                self.auto_complete = bool(arg)
+            elif name == "fail_lines":
+                self.fail_lines(arg)
+            else:
+                raise ValueError(f"unknown batches control {name!r}")
+
+    # -------------------------------------------------------------- routes
+
+    def route(self, method: str, path: str, headers: Any, raw: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        """The answer to a files or batches request; None for any other path."""
+        parts = path.strip("/").split("/")
+        if parts[:1] == ["v1"]:
+            parts = parts[1:]
+        if not parts or parts[0] not in ("files", "batches"):
+            return None
+        if self.api.api_key is not None and headers.get("Authorization") != f"Bearer {self.api.api_key}":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error")
+        if method == "POST" and parts == ["files"]:
+            return self._upload(headers.get("Content-Type", ""), raw)
+        if method == "GET" and len(parts) == 3 and parts[0] == "files" and parts[2] == "content":
+            if parts[1] not in self.contents:
+                return _error(404, f"No such File object: {parts[1]}", "invalid_request_error")
+            return 200, {"Content-Type": "application/octet-stream"}, self.contents[parts[1]]
+        if method == "POST" and parts == ["batches"]:
+            return self._create(json.loads(raw or b"{}"))
+        if len(parts) >= 2 and parts[0] == "batches":
+            batch = self.batches.get(parts[1])
+            if batch is None:
+                return _error(404, f"No batch found with id '{parts[1]}'.", "invalid_request_error")
+            if method == "POST" and parts[2:] == ["cancel"]:
+                if batch["status"] in ("validating", "in_progress", "finalizing"):
+                    self._finish(batch, "cancelled", [], [])
+            elif not (method == "GET" and len(parts) == 2):
+                return _error(404, f"no route {path}", "not_found")
+            return 200, {"Content-Type": "application/json"}, json.dumps(batch).encode()
+        return _error(404, f"no route {path}", "not_found")
+
+    def _new_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-fake{self._ids:06d}"
+
+    def _store_file(self, name: str, purpose: str, content: bytes) -> dict[str, Any]:
+        file = {"id": self._new_id("file"), "object": "file", "bytes": len(content),
+                "created_at": int(time.time()), "filename": name, "purpose": purpose,
+                "status": "processed"}
+        self.files[file["id"]] = file
+        self.contents[file["id"]] = content
+        return file
+
+    def _upload(self, content_type: str, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        if not message.is_multipart():
+            return _error(400, "expected a multipart/form-data upload", "invalid_request_error")
+        fields: dict[str, tuple[str | None, bytes]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            fields[str(name)] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+        if "file" not in fields or "purpose" not in fields:
+            return _error(400, "'file' and 'purpose' are required", "invalid_request_error")
+        file = self._store_file(fields["file"][0] or "upload", fields["purpose"][1].decode(), fields["file"][1])
+        return 200, {"Content-Type": "application/json"}, json.dumps(file).encode()
+
+    def _create(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        file_id = body.get("input_file_id")
+        if file_id not in self.files or self.files[file_id]["purpose"] != "batch":
+            return _error(400, f"Invalid 'input_file_id': {file_id!r}.", "invalid_request_error")
+        if body.get("endpoint") != "/v1/embeddings" or body.get("completion_window") != "24h":
+            return _error(400, "this fake runs /v1/embeddings batches in a 24h window", "invalid_request_error")
+        now = int(time.time())
+        batch: dict[str, Any] = {
+            "id": self._new_id("batch"), "object": "batch", "endpoint": "/v1/embeddings",
+            "errors": None, "input_file_id": file_id, "completion_window": "24h",
+            "status": "in_progress", "output_file_id": None, "error_file_id": None,
+            "created_at": now, "in_progress_at": now, "expires_at": now + 86400,
+            "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
+            "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"),
+        }
+        lines = [json.loads(line) for line in self.contents[file_id].splitlines() if line.strip()]
+        batch["request_counts"]["total"] = len(lines)
+        inputs = sum(len(line["body"]["input"]) for line in lines)
+        problem = ("too many requests" if len(lines) > 50_000 else
+                   "too many embedding inputs" if inputs > 50_000 else
+                   "duplicate custom_id" if len({line["custom_id"] for line in lines}) < len(lines) else None)
+        self.batches[batch["id"]] = batch
+        if problem is not None:
+            batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [
+                {"code": "invalid_file", "message": f"The batch input file is invalid: {problem}.",
+                 "param": None, "line": None}]})
+        elif self.auto_complete:
+            self._run(batch, None)
+        return 200, {"Content-Type": "application/json"}, json.dumps(batch).encode()
+
+    def _open(self, batch_id: str | None) -> list[dict[str, Any]]:
+        return [b for b in self.batches.values()
+                if b["status"] == "in_progress" and batch_id in (None, b["id"])]
+
+    def _run(self, batch: dict[str, Any], done: int | None) -> None:
+        """Each line through the fake's embeddings; `done` lines only, the rest expired."""
+        output: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        content = self.contents[batch["input_file_id"]]
+        for n, line in enumerate(json.loads(x) for x in content.splitlines() if x.strip()):
+            request_id = self._new_id("batch_req")
+            if done is not None and n >= done:
+                errors.append({"id": request_id, "custom_id": line["custom_id"], "response": None,
+                               "error": {"code": "batch_expired", "message": "This request could not be "
+                                         "executed before the completion window expired."}})
+                continue
+            texts = line["body"]["input"]
+            if self.failing is not None and any(self.failing in t for t in texts):
+                status, _, payload = _error(400, "Invalid 'input': rejected by the test server.",
+                                            "invalid_request_error")
+            else:
+                status, _, payload = self.api.handle_embeddings(line["body"], f"Bearer {self.api.api_key}")
+                self.lines_run += 1
+                self.inputs_run += len(texts)
+            answer = {"id": request_id, "custom_id": line["custom_id"], "error": None,
+                      "response": {"status_code": status, "request_id": request_id, "body": json.loads(payload)}}
+            (output if status == 200 else errors).append(answer)
+        self._finish(batch, "completed" if done is None else "expired", output, errors)
+
+    def _finish(self, batch: dict[str, Any], status: str, output: list[dict[str, Any]],
+                errors: list[dict[str, Any]]) -> None:
+        now = int(time.time())
+        batch["status"] = status
+        batch[{"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}[status]] = now
+        for key, lines in (("output_file_id", output), ("error_file_id", errors)):
+            if lines:
+                text = "".join(json.dumps(line) + "\n" for line in lines).encode()
+                batch[key] = self._store_file(f"{batch['id']}_{key}.jsonl", "batch_output", text)["id"]
+        batch["request_counts"].update(completed=len(output), failed=len(errors))
 
 
 def main(argv: list[str] | None = None) -> None:

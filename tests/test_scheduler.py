@@ -27,7 +27,7 @@ from pgembed.worker import Worker, WorkerConfig
 from tests.conftest import drain
 
 OFF = {"audit_every": None, "cleanup_every": None, "retry_every": None, "index_every": None,
-       "eval_every": None}
+       "eval_every": None, "batch_api_every": None}
 
 
 def only(**config: object) -> ScheduleConfig:

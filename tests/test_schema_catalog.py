@@ -97,7 +97,11 @@ DOWNGRADES = {
               # cost by source, user and task: a budget with a headroom, and what it learnt
               "SELECT pgembed.set_rate_limit('b', 10, NULL, 60, 1, NULL, NULL, 0.8)",
               "SELECT pgembed.take_budget('b', 1, 0)",
-              "SELECT pgembed.learn_rate_limit('b', 10, 5, 30, 1000, 900, 30)"]),
+              "SELECT pgembed.learn_rate_limit('b', 10, 5, 30, 1000, 900, 30)",
+              # the provider's Batch API: a batch holding a backfill row, given back by the downgrade
+              "INSERT INTO notes VALUES (1, 'a title', 'a body')",
+              "UPDATE pgembed.outbox SET purpose = 'backfill'",
+              "SELECT pgembed.batch_api_claim(name, 10, 3600) FROM pgembed.pipelines"]),
 }
 
 

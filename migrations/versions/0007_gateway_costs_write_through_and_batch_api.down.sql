@@ -11,7 +11,12 @@
 -- The provider's Batch API
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- rows still out in a batch go back to their place in line: nothing will collect them
+UPDATE pgembed.outbox o SET lease_id = NULL, leased_by = NULL, available_at = LEAST(o.queued_at, now())
+  FROM pgembed.provider_batches b
+ WHERE b.state IN ('preparing', 'submitted') AND o.lease_id = b.lease;
+DROP VIEW pgembed.provider_batch_status;
+DROP TABLE pgembed.provider_batch_lines, pgembed.provider_batch_rows, pgembed.provider_batches;
 
 -- ---------------------------------------------------------------------------------------
 -- Write-through
@@ -68,7 +73,8 @@ BEGIN
                     -- write-through
                     'claim_keys', 'given_keys', 'sync_now', 'wait_synced',
                     -- the provider's Batch API
-                    '',
+                    'batch_api_claim', 'batch_api_submitted', 'batch_api_finish',
+                    'batch_api_release_changed',
                     -- the read path
                     ''
                 ) LOOP

@@ -11,6 +11,7 @@ import typer
 
 from pgembed.cli import costs, dsn, failures, health, quickstart, schema, search, serve, sync_now, worker
 from pgembed.cli.alias import alias_app
+from pgembed.cli.batch import batch_app
 from pgembed.cli.common import out
 from pgembed.cli.eval import eval_app
 from pgembed.cli.migrate import migrate_app
@@ -30,3 +31,4 @@ app.add_typer(ratelimit_app, name="ratelimit")
 app.add_typer(alias_app, name="alias")
 app.add_typer(eval_app, name="eval")
 app.add_typer(migrate_app, name="migrate")
+app.add_typer(batch_app, name="batch")

@@ -431,6 +431,16 @@ class OpenAIProvider:
 # ----------------------------------------------------------------------- helpers
 
 
+def client_from_env(timeout: float | None = None) -> openai.AsyncOpenAI:
+    """A client with the provider's key, base URL and timeout, for the calls that are not
+    embeddings (the Batch API's files and batches: pgembed.batch_api)."""
+    key = _first_env(KEY_VARIABLES)
+    if not key:
+        raise ProviderError(f"no API key: set {KEY_VARIABLES[0]} or {KEY_VARIABLES[1]}")
+    return openai.AsyncOpenAI(api_key=key, base_url=_first_env(URL_VARIABLES) or None,
+                              timeout=_setting(timeout, "PGEMBED_OPENAI_TIMEOUT", 60.0), max_retries=3)
+
+
 def _first_env(names: Iterable[str]) -> str | None:
     for name in names:
         value = os.environ.get(name, "").strip()
