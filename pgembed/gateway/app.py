@@ -3,6 +3,7 @@ batching, cache and ledger are `pgembed.aio.AsyncClient`'s), served by uvicorn.
 
     POST /v1/embeddings   OpenAI's embeddings API (bearer token)
     POST /v1/search       nearest rows of an alias or a pipeline (bearer token)
+    POST /v1/sync         write-through: named rows embedded and stored now (bearer token)
     GET  /healthz         database reachable and its schema at this pgembed's revision
     GET  /metrics         Prometheus
 
@@ -33,8 +34,16 @@ from pgembed.batcher import EmbedError, count_all
 from pgembed.gateway.auth import authorized
 from pgembed.gateway.metrics import GatewayMetrics
 from pgembed.gateway.settings import GatewaySettings
-from pgembed.gateway.wire import ApiError, embeddings_answer, embeddings_request, read_json, search_request
+from pgembed.gateway.wire import (
+    ApiError,
+    embeddings_answer,
+    embeddings_request,
+    read_json,
+    search_request,
+    sync_request,
+)
 from pgembed.pipelines import PipelineError
+from pgembed.writethrough import WriteThrough, WriteThroughError
 
 log = logging.getLogger("pgembed.gateway")
 
@@ -54,6 +63,7 @@ def create_app(dsn: str, settings: GatewaySettings) -> Starlette:
                          concurrency=settings.concurrency, pool_size=settings.pool_size)
     metrics = GatewayMetrics(lambda: client.batcher.depth)
     client.batcher.observer = metrics
+    writer = WriteThrough(client.pool)  # one for the server's life: it keeps its providers
 
     def route(name: str, handler: Handler, *, auth: bool = True) -> Handler:
         async def answer(request: Request) -> Response:
@@ -108,6 +118,16 @@ def create_app(dsn: str, settings: GatewaySettings) -> Starlette:
             {"key": hit.key, "chunk": hit.chunk, "chunk_seq": hit.chunk_seq, "distance": hit.distance}
             for hit in found]})
 
+    async def sync(request: Request) -> Response:
+        """200 when every key is searchable as its row now is; 202 when some are not yet
+        (failed, held or still queued): they stay queued and a worker converges them."""
+        body = sync_request(await read_json(request, settings.max_body_bytes))
+        try:
+            result = await writer.sync(body.target, body.keys, timeout=body.timeout)
+        except WriteThroughError as error:
+            raise ApiError(400, str(error), param="keys") from None
+        return JSONResponse(result.as_dict(), status_code=200 if result.ok else 202)
+
     async def healthz(request: Request) -> Response:
         try:
             async with client.pool.connection(timeout=5) as conn:
@@ -126,11 +146,13 @@ def create_app(dsn: str, settings: GatewaySettings) -> Starlette:
         try:
             yield
         finally:
+            await writer.aclose()
             await client.aclose()
 
     app = Starlette(routes=[
         Route("/v1/embeddings", route("embeddings", embeddings), methods=["POST"]),
         Route("/v1/search", route("search", search), methods=["POST"]),
+        Route("/v1/sync", route("sync", sync), methods=["POST"]),
         Route("/healthz", route("healthz", healthz, auth=False), methods=["GET"]),
         Route("/metrics", route("metrics", prometheus, auth=False), methods=["GET"]),
     ], lifespan=lifespan)

@@ -142,3 +142,30 @@ def search_request(body: dict[str, Any]) -> SearchRequest:
     if filter is not None and not isinstance(filter, dict):
         raise ApiError(400, "'filter' must be an object of source columns and values", param="filter")
     return SearchRequest(target, text, vector, k, filter, body.get("user"))
+
+
+#: the longest a /v1/sync call may wait: past it, a worker converges what is left
+MAX_SYNC_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    target: str
+    keys: list[Any]
+    timeout: float
+
+
+def sync_request(body: dict[str, Any]) -> SyncRequest:
+    """POST /v1/sync's body: a target, its keys (checked against the source's key by
+    pgembed.writethrough), and how long to wait."""
+    target = body.get("target")
+    if not isinstance(target, str) or not target:
+        raise ApiError(400, "'target' must name an alias or a pipeline", param="target")
+    keys = body.get("keys")
+    if not isinstance(keys, list) or not keys:
+        raise ApiError(400, "'keys' must be a non-empty list of the rows' primary keys", param="keys")
+    timeout = body.get("timeout", 10)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= MAX_SYNC_SECONDS:
+        raise ApiError(400, f"'timeout' must be a number of seconds, more than 0 and at most {MAX_SYNC_SECONDS:g}",
+                       param="timeout")
+    return SyncRequest(target, keys, float(timeout))
