@@ -37,11 +37,13 @@ REVOKE SELECT ON pgembed.aliases FROM pgembed_worker;
 -- ---------------------------------------------------------------------------------------
 
 -- The cost views that read the new columns: the 0006 definitions re-applied afterwards
--- cannot CREATE OR REPLACE a view with fewer columns (usage_cost takes cost_daily and
--- cost_by_cost_center with it; they are re-created from 0006 too).
+-- cannot CREATE OR REPLACE a view with fewer columns. usage_cost goes with the views that
+-- read it (0006 re-creates them), named: no CASCADE, so that a DBA's own view on them stops
+-- the downgrade with PostgreSQL's message instead of vanishing.
 DROP VIEW IF EXISTS pgembed.cost_by_user, pgembed.cost_by_task, pgembed.cost_by_attribution,
     pgembed.cost_share_daily, pgembed.cost_source_anomalies;
-DROP VIEW IF EXISTS pgembed.usage_cost CASCADE;
+DROP VIEW IF EXISTS pgembed.model_migration_status, pgembed.cost_daily, pgembed.cost_by_cost_center,
+    pgembed.usage_cost;
 -- what the rate limits learnt, and their headroom (the status view reads them)
 DROP VIEW IF EXISTS pgembed.rate_limit_status;
 ALTER TABLE pgembed.rate_limit_state
