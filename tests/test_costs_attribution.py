@@ -10,29 +10,16 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from pgembed import cli as cli_module
 from pgembed import costs, pipelines
 from pgembed.attribution import Attribution
 from pgembed.search import search
 from tests.conftest import drain
 from tests.fakeapi import fake_token_count
+from tests.test_costs import cli, wide  # noqa: F401 (wide: a fixture)
 
 MODEL = "openai:text-embedding-3-small"  # $0.02 / 1M tokens
 PRICE = Decimal("0.02") / 1_000_000
-runner = CliRunner()
-
-
-def cli(*args: str):
-    return runner.invoke(cli_module.app, list(args), catch_exceptions=False)
-
-
-@pytest.fixture
-def wide(monkeypatch):
-    """Rich would truncate table cells to 80 columns under the test runner."""
-    monkeypatch.setattr(cli_module.out, "width", 250)
-
 
 def past_usage(conn, days_ago: int, purpose: str, tokens: int, *, source: str | None = None,
                user: str | None = None, task: str | None = None, price_factor: float = 1,
@@ -113,7 +100,8 @@ def test_a_worker_batch_is_labelled_with_its_purpose_and_an_attributed_search_wi
     assert works == {("backfill", "indexing"), ("query", "query")}
 
 
-def test_the_top_users_and_tasks_of_a_period_and_of_each_day(conn, dsn, fake_api, wide):
+@pytest.mark.usefixtures("wide")
+def test_the_top_users_and_tasks_of_a_period_and_of_each_day(conn, dsn, fake_api):
     name = notes(conn)
     drain(dsn, batch_size=10)
     attributed_searches(conn, name)
@@ -167,7 +155,8 @@ def test_price_factor_halves_a_batch_rows_spend(conn):
     assert conn.execute("SELECT sum(usd) FROM pgembed.cost_share_daily").fetchone()[0] == Decimal("0.195")
 
 
-def test_a_reindex_far_above_its_usual_is_flagged_by_source_and_task(conn, dsn, fake_api, wide):
+@pytest.mark.usefixtures("wide")
+def test_a_reindex_far_above_its_usual_is_flagged_by_source_and_task(conn, dsn, fake_api):
     for day in range(1, 8):  # a week of ordinary traffic, $0.20 a day each
         past_usage(conn, day, "index", 10_000_000, source="note_index", task="save")
         past_usage(conn, day, "index", 10_000_000, source="reindex", task="nightly")
@@ -195,7 +184,8 @@ def test_a_reindex_far_above_its_usual_is_flagged_by_source_and_task(conn, dsn, 
     assert json.loads(cli("costs", "--json", "--dsn", dsn).output)["source_anomalies"][0]["source"] == "reindex"
 
 
-def test_the_share_command_prints_each_day(conn, dsn, fake_api, wide):
+@pytest.mark.usefixtures("wide")
+def test_the_share_command_prints_each_day(conn, dsn, fake_api):
     name = notes(conn)
     drain(dsn, batch_size=10)
     attributed_searches(conn, name)
