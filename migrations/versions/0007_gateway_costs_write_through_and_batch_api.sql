@@ -44,4 +44,5 @@ ALTER TABLE pgembed.usage ADD COLUMN price_factor numeric NOT NULL DEFAULT 1
 -- The read path
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- No table changes: each pipeline's generated search (pgembed.p<id>_search) is a definition,
+-- made by the refresh that follows (sql/pipelines.sql).
