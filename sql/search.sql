@@ -45,6 +45,8 @@ DECLARE
     source_filter text;
     answered bigint;
     first boolean;
+    single boolean;
+    chunks_per_row float8;
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = pgembed.resolve_pipeline(search.pipeline);
     IF NOT FOUND THEN
@@ -86,35 +88,55 @@ BEGIN
     -- has none), is the pipeline's generated search (pgembed.generate_search_function): a
     -- plan kept by the session. Otherwise the SQL is written for this call.
     source_filter := pgembed.search_filter_sql(p, filter);
-    SELECT c.relrowsecurity INTO rls FROM pg_catalog.pg_class c WHERE c.oid = p.source;
+    -- and the destination's chunks per source row, as the last ANALYZE (or VACUUM) counted
+    SELECT c.relrowsecurity, d.reltuples / nullif(greatest(c.reltuples, 0), 0) INTO rls, chunks_per_row
+      FROM pg_catalog.pg_class c
+      LEFT JOIN pg_catalog.pg_class d ON d.relname = p.destination AND d.relnamespace = 'pgembed'::regnamespace
+                                     AND d.reltuples >= 0
+     WHERE c.oid = p.source;
     IF source_filter IS NULL AND rls IS FALSE AND NOT (p.quantization = 'binary' AND exact) THEN
         nearest := format('SELECT * FROM pgembed.%I($1::%s, $2, $3)', 'p' || p.id || '_search',
                           pgembed.embedding_type(p));
     ELSE
         nearest := pgembed.best_chunk_per_row_sql(pgembed.nearest_chunks_sql(p, exact, source_filter));
     END IF;
+    -- Rows of one chunk each (no chunking, one chunk kept, or as the catalog counts them):
+    -- the first read asks the index for k + 1 chunks, in strict order (no iterative scan),
+    -- out of the candidates a read of k * 4 would search (the same ef_search or probes), so
+    -- the nearest k are the same. It is the answer if it names k + 1 rows and the last is
+    -- farther than the k-th (no tie at the edge, which the reads below break by key); if
+    -- not (a row of several chunks after all, dead rows, a small table), those reads follow.
+    -- (A filtered read would rarely name k + 1 rows: it reads as it did.)
+    single := p.quantization <> 'binary' AND source_filter IS NULL AND rls IS FALSE
+              AND (p.chunking IN ('none', 'truncate') OR chunks_per_row <= 1);
     wanted := k * 4;
     first := true;
     LOOP
         PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted, k * coalesce(p.rerank, 0)))::text,
                            true);
-        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+        PERFORM set_config('hnsw.iterative_scan', CASE WHEN first AND single THEN 'off' ELSE 'relaxed_order' END,
+                           true);
         IF lists IS NOT NULL THEN
             PERFORM set_config('ivfflat.probes', pgembed.ivfflat_probes(lists, greatest(trained, 1), wanted)::text,
                                true);
-            PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
+            PERFORM set_config('ivfflat.iterative_scan',
+                               CASE WHEN first AND single THEN 'off' ELSE 'relaxed_order' END, true);
         END IF;
         IF first THEN
             -- the first read goes straight to the result when it is the answer (k rows, or
             -- all the table has), as most are: no rows collected, no second copy
             RETURN QUERY EXECUTE format(
-                'WITH n AS (%s) SELECT n.key, n.chunk_seq, n.chunk, n.distance FROM n '
-                'WHERE (SELECT count(*) FROM n) >= $3 OR (SELECT coalesce(max(n.read), 0) FROM n) < $2 '
-                'ORDER BY n.distance, n.key', nearest)
-                USING query, wanted, k, filter;
+                'WITH n AS (%s) SELECT n.key, n.chunk_seq, n.chunk, n.distance FROM n WHERE CASE WHEN $5 '
+                'THEN (SELECT count(*) FROM n) > $6 AND (SELECT max(e.distance) FROM (SELECT n.distance FROM n '
+                'ORDER BY n.distance, n.key LIMIT $6) AS e) < (SELECT max(n.distance) FROM n) '
+                'ELSE (SELECT count(*) FROM n) >= $6 OR (SELECT coalesce(max(n.read), 0) FROM n) < $2 END '
+                'ORDER BY n.distance, n.key LIMIT $6', nearest)
+                USING query, CASE WHEN single THEN k + 1 ELSE wanted END, CASE WHEN single THEN k + 1 ELSE k END,
+                      filter, single, k;
             GET DIAGNOSTICS answered = ROW_COUNT;
             EXIT WHEN answered > 0;
             first := false;
+            CONTINUE WHEN single;  -- then the read of k * 4, in relaxed order
         ELSE
             keys := '{}';
             seqs := '{}';
