@@ -13,7 +13,9 @@
 -- iterative scan goes on until k rows pass. A source with row-level security is joined
 -- even without a filter. A pipeline whose index is not built yet (deferred for its
 -- backfill, or an IVFFlat waiting for its rows, or dropped) has no index to read: the
--- search is exact.
+-- search is exact. Without a filter or row-level security the reads are the pipeline's
+-- generated search (pgembed.generate_search_function in pipelines.sql), the same SQL kept
+-- planned by the session.
 
 -- Before 0006: no filter.
 DROP FUNCTION IF EXISTS pgembed.search(text, real[], int);
