@@ -22,7 +22,6 @@ whose other load comes and goes, the CPU ratio moves far less than the latency's
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -116,13 +115,13 @@ def _timed(calls: list[Callable[[], object]]) -> list[float]:
 
 
 def _backend_cpu(pid: int | None) -> float:
-    """CPU seconds a local PostgreSQL backend has used (0 when it is not on this machine):
-    unlike latency, CPU does not grow with the other processes' load on a shared machine."""
+    """CPU seconds a local PostgreSQL backend has run, to the nanosecond (the scheduler's
+    count; 0 when it is not on this machine): unlike latency, CPU does not grow with the
+    other processes' load on a shared machine."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _interleaved(variants: dict[str, list[Callable[[], object]]],
