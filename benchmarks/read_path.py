@@ -15,7 +15,9 @@ that the machine's drifting load falls on all of them alike), go through:
 * the `pgembed search` command, a few times (a process start each).
 
 Recall@10 of pgembed.search against exact search (numpy, brute force over the same
-vectors, in this run) is reported beside the latencies, with the ef_search used.
+vectors, in this run) is reported beside the latencies, with the ef_search used. So is
+each call's CPU, this process's and its PostgreSQL backend's (when local): on a machine
+whose other load comes and goes, the CPU ratio moves far less than the latency's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,11 +76,12 @@ def _at(bench: Bench, rows: int) -> list[Result]:
     query_vectors = [hash_array(q, DIMS).astype(np.float32) for q in queries]
     with bench.database() as dsn, connect(dsn) as conn:
         destination = _load(conn, docs, texts, vectors)
-        conn.execute(sql.SQL("ANALYZE pgembed.{}").format(sql.Identifier(destination)))
+        # the statistics autovacuum keeps (pgembed.search reads chunks per row from them)
+        conn.execute(sql.SQL("ANALYZE docs, pgembed.{}").format(sql.Identifier(destination)))
         ef = _ef_search(conn)
-        latencies = _latencies(bench, conn, dsn, destination, queries, query_vectors, ef)
+        latencies, cpu = _latencies(bench, conn, dsn, destination, queries, query_vectors, ef)
         recall = _recall(conn, vectors, query_vectors)
-    return _results(rows, latencies, recall, ef)
+    return _results(rows, latencies, cpu, recall, ef)
 
 
 def _load(conn: psycopg.Connection, docs: list[tuple[int, str, str]], texts: list[str],
@@ -107,52 +111,71 @@ def _ef_search(conn: psycopg.Connection) -> int:
 
 def _timed(calls: list[Callable[[], object]]) -> list[float]:
     """Seconds of each call, after two untimed ones (plans, caches)."""
-    return _interleaved({"": calls})[""]
+    return _interleaved({"": calls})[0][""]
 
 
-def _interleaved(variants: dict[str, list[Callable[[], object]]]) -> dict[str, list[float]]:
+def _backend_cpu(pid: int | None) -> float:
+    """CPU seconds a local PostgreSQL backend has run, to the nanosecond (the scheduler's
+    count; 0 when it is not on this machine): unlike latency, CPU does not grow with the
+    other processes' load on a shared machine."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _interleaved(variants: dict[str, list[Callable[[], object]]],
+                 backends: dict[str, int] | None = None) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds of each call of each variant, the variants taking turns query by query (after
     two untimed rounds): on a shared machine the load drifts, and a variant timed in a block
     of its own would carry the drift of its minute into its ratio to the others. Who goes
-    first rotates: the first to search near a new query warms the caches for the others."""
+    first rotates: the first to search near a new query warms the caches for the others.
+    Also each variant's CPU seconds a call, this process's and its backend's (`backends`)."""
     names = list(variants)
     rounds = list(zip(*variants.values(), strict=True))
     for calls in rounds[:2]:
         for call in calls:
             call()
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu = dict.fromkeys(names, 0.0)
     for i, calls in enumerate(rounds):
         for j in range(len(names)):
             turn = (i + j) % len(names)
+            pid = (backends or {}).get(names[turn])
+            cpu_before = time.process_time() + _backend_cpu(pid)
             started = time.perf_counter()
             calls[turn]()
             times[names[turn]].append(time.perf_counter() - started)
-    return times
+            cpu[names[turn]] += time.process_time() + _backend_cpu(pid) - cpu_before
+    return times, {name: cpu[name] / max(len(rounds), 1) for name in names}
 
 
 def _latencies(bench: Bench, conn: psycopg.Connection, dsn: str, destination: str, queries: list[str],
-               vectors: list[np.ndarray], ef: int) -> dict[str, list[float]]:
+               vectors: list[np.ndarray], ef: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     raw = sql.SQL("SELECT id, chunk_seq, chunk, embedding <=> %(q)s AS distance FROM pgembed.{} "
                   "ORDER BY embedding <=> %(q)s LIMIT %(k)s").format(sql.Identifier(destination))
     pipeline = conn.execute("SELECT name FROM pgembed.pipelines").fetchone()[0]
     conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef)))
     conn.execute("SET hnsw.iterative_scan = relaxed_order")
     client = Client(dsn)
+    backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    client_backend = client.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
     try:
-        measured = _interleaved({
+        measured, cpu = _interleaved({
             "raw SQL": [lambda v=v: conn.execute(raw, {"q": v, "k": K}, prepare=True).fetchall() for v in vectors],
             "pgembed.search()": [lambda v=v: conn.execute(
                 "SELECT * FROM pgembed.search(%s, %s::real[], %s)", (pipeline, v, K),
                 prepare=True).fetchall() for v in vectors],
             "Client.search(vector)": [lambda v=v: client.search(pipeline, vector=v, k=K) for v in vectors],
             "Client.search(text)": [lambda q=q: client.search(pipeline, q, k=K) for q in queries],
-        })
+        }, {"raw SQL": backend, "pgembed.search()": backend, "Client.search(vector)": client_backend,
+            "Client.search(text)": client_backend})
     finally:
         client.close()
     command = [sys.executable, "-m", "pgembed", "search", pipeline, queries[0], "-k", str(K), "--dsn", dsn]
     measured["pgembed search (CLI)"] = _timed(
         [lambda: subprocess.run(command, cwd=REPO, check=True, capture_output=True)] * bench.scale.read_cli_runs)
-    return measured
+    return measured, cpu
 
 
 def _recall(conn: psycopg.Connection, vectors: np.ndarray, queries: list[np.ndarray]) -> float:
@@ -174,7 +197,8 @@ def _summary(times: list[float]) -> dict[str, Any]:
             "qps": round(len(ms) / (sum(ms) / 1000), 1), "n": len(ms)}
 
 
-def _results(rows: int, latencies: dict[str, list[float]], recall: float, ef: int) -> list[Result]:
+def _results(rows: int, latencies: dict[str, list[float]], cpu: dict[str, float], recall: float,
+             ef: int) -> list[Result]:
     summaries = {name: _summary(times) for name, times in latencies.items()}
     base = summaries["raw SQL"]["p50_ms"]
     label = f"{rows // 1000}k" if rows < 1_000_000 else f"{rows // 1_000_000}M"
@@ -182,8 +206,16 @@ def _results(rows: int, latencies: dict[str, list[float]], recall: float, ef: in
     for name, s in summaries.items():
         r = ratio(s["p50_ms"], base)
         target, met = ("≤ 1.2 × raw SQL", at_most(r, 1.2)) if name == "Client.search(vector)" else ("", None)
+        cpu_ms = round(cpu[name] * 1000, 3) if name in cpu else None
         results.append(Result(NAME, f"{label} {name} p50", s["p50_ms"], "ms", base, "ms", "raw SQL, same vector",
-                              r, target, met, details={**s, "rows": rows, "ef_search": ef}))
+                              r, target, met, details={**s, "rows": rows, "ef_search": ef, "cpu_ms": cpu_ms}))
+    if cpu.get("raw SQL"):
+        # the same calls' CPU, client and server: what the load of a shared machine leaves alone
+        for name in ("pgembed.search()", "Client.search(vector)"):
+            r = ratio(cpu[name], cpu["raw SQL"])
+            results.append(Result(NAME, f"{label} {name} CPU", round(cpu[name] * 1000, 3), "ms",
+                                  round(cpu["raw SQL"] * 1000, 3), "ms", "raw SQL's CPU, same vector", r,
+                                  "reported", at_least(r, 0.0)))
     results.append(Result(NAME, f"{label} recall@{K}", recall, "", 1.0, "", "exact search", recall,
                           "reported", at_least(recall, 0.0), details={"ef_search": ef, "rows": rows}))
     return results

@@ -459,6 +459,7 @@ BEGIN
     END LOOP;
     PERFORM pgembed.grant_pipeline_to_workers(p);
     PERFORM pgembed.bind_pipeline(p);
+    PERFORM pgembed.generate_search_function(p);
 END
 $$;
 

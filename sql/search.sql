@@ -13,7 +13,9 @@
 -- iterative scan goes on until k rows pass. A source with row-level security is joined
 -- even without a filter. A pipeline whose index is not built yet (deferred for its
 -- backfill, or an IVFFlat waiting for its rows, or dropped) has no index to read: the
--- search is exact.
+-- search is exact. Without a filter or row-level security the reads are the pipeline's
+-- generated search (pgembed.generate_search_function in pipelines.sql), the same SQL kept
+-- planned by the session.
 
 -- Before 0006: no filter.
 DROP FUNCTION IF EXISTS pgembed.search(text, real[], int);
@@ -41,6 +43,12 @@ DECLARE
     chunks text[];
     distances float8[];
     read bigint;
+    rls boolean;
+    source_filter text;
+    answered bigint;
+    first boolean;
+    single boolean;
+    chunks_per_row float8;
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = pgembed.resolve_pipeline(search.pipeline);
     IF NOT FOUND THEN
@@ -57,55 +65,113 @@ BEGIN
             USING HINT = 'Embed the query with the pipeline''s model and dimensions.';
     END IF;
     -- whether its index is built (valid) yet, and an IVFFlat index's lists and rows, read
-    -- from the catalog: a caller needs no grant on pgembed's bookkeeping to search
-    SELECT ix.oid IS NULL, (SELECT split_part(o, '=', 2)::int FROM unnest(ix.reloptions) AS o WHERE o LIKE 'lists=%'),
-           ix.reltuples::bigint
-      INTO exact, lists, trained
-      FROM (SELECT) AS one
-      LEFT JOIN LATERAL (SELECT c.oid, c.reloptions, c.reltuples
-                           FROM pg_catalog.pg_index i
-                           JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-                           JOIN pg_catalog.pg_am am ON am.oid = c.relam
-                          WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
-                            AND am.amname = p.index_type AND i.indisvalid
-                          ORDER BY c.oid DESC LIMIT 1) AS ix ON true;
+    -- from the catalog: a caller needs no grant on pgembed's bookkeeping to search. Only a
+    -- binary-quantized pipeline reads otherwise without its index, and only IVFFlat has
+    -- probes: any other reads the same SQL, which the planner runs as an exact scan when
+    -- there is no valid index, so it skips the look-up.
+    exact := false;
+    IF p.index_type = 'ivfflat' OR p.quantization = 'binary' THEN
+        SELECT ix.oid IS NULL, (SELECT split_part(o, '=', 2)::int FROM unnest(ix.reloptions) AS o WHERE o LIKE 'lists=%'),
+               ix.reltuples::bigint
+          INTO exact, lists, trained
+          FROM (SELECT) AS one
+          LEFT JOIN LATERAL (SELECT c.oid, c.reloptions, c.reltuples
+                               FROM pg_catalog.pg_index i
+                               JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+                               JOIN pg_catalog.pg_am am ON am.oid = c.relam
+                              WHERE i.indrelid = format('pgembed.%I', p.destination)::regclass
+                                AND am.amname = p.index_type AND i.indisvalid
+                              ORDER BY c.oid DESC LIMIT 1) AS ix ON true;
+    END IF;
     IF p.index_type = 'ivfflat' AND NOT exact THEN
         lists := coalesce(lists, 100);  -- pgvector's default
     END IF;
-    -- each row's best chunk, best rows first, and (on every row) how many chunks were read:
-    -- fewer than wanted means the table has no more, so a larger read could name no more rows
-    nearest := format(
-        'SELECT b.key, b.chunk_seq, b.chunk, b.distance, b.read FROM ('
-        'SELECT DISTINCT ON (n.key) n.*, count(*) OVER () AS read FROM (%s) AS n '
-        'ORDER BY n.key, n.distance, n.chunk_seq) AS b ORDER BY b.distance, b.key LIMIT $3',
-        pgembed.nearest_chunks_sql(p, exact, pgembed.search_filter_sql(p, filter)));
+    -- The common case, no filter and no row-level security (false: the source exists and
+    -- has none), is the pipeline's generated search (pgembed.generate_search_function): a
+    -- plan kept by the session. Otherwise the SQL is written for this call.
+    source_filter := pgembed.search_filter_sql(p, filter);
+    -- and the destination's chunks per source row, as the last ANALYZE (or VACUUM) counted
+    SELECT c.relrowsecurity, d.reltuples / nullif(greatest(c.reltuples, 0), 0) INTO rls, chunks_per_row
+      FROM pg_catalog.pg_class c
+      LEFT JOIN pg_catalog.pg_class d ON d.relname = p.destination AND d.relnamespace = 'pgembed'::regnamespace
+                                     AND d.reltuples >= 0
+     WHERE c.oid = p.source;
+    IF source_filter IS NULL AND rls IS FALSE AND NOT (p.quantization = 'binary' AND exact) THEN
+        nearest := format('SELECT * FROM pgembed.%I($1::%s, $2, $3)', 'p' || p.id || '_search',
+                          pgembed.embedding_type(p));
+    ELSE
+        nearest := pgembed.best_chunk_per_row_sql(pgembed.nearest_chunks_sql(p, exact, source_filter));
+    END IF;
+    -- Rows of one chunk each (no chunking, one chunk kept, or as the catalog counts them):
+    -- the first read asks the index for k + 1 chunks, in strict order (no iterative scan),
+    -- out of the candidates a read of k * 4 would search (the same ef_search or probes), so
+    -- the nearest k are the same. It is the answer if it names k + 1 rows and the last is
+    -- farther than the k-th (no tie at the edge, which the reads below break by key); if
+    -- not (a row of several chunks after all, dead rows, a small table), those reads follow.
+    -- (A filtered read would rarely name k + 1 rows: it reads as it did.)
+    single := p.quantization <> 'binary' AND source_filter IS NULL AND rls IS FALSE
+              AND (p.chunking IN ('none', 'truncate') OR chunks_per_row <= 1);
     wanted := k * 4;
+    first := true;
     LOOP
         PERFORM set_config('hnsw.ef_search', least(1000, greatest(40, wanted, k * coalesce(p.rerank, 0)))::text,
                            true);
-        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+        PERFORM set_config('hnsw.iterative_scan', CASE WHEN first AND single THEN 'off' ELSE 'relaxed_order' END,
+                           true);
         IF lists IS NOT NULL THEN
             PERFORM set_config('ivfflat.probes', pgembed.ivfflat_probes(lists, greatest(trained, 1), wanted)::text,
                                true);
-            PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
+            PERFORM set_config('ivfflat.iterative_scan',
+                               CASE WHEN first AND single THEN 'off' ELSE 'relaxed_order' END, true);
         END IF;
-        keys := '{}';
-        seqs := '{}';
-        chunks := '{}';
-        distances := '{}';
-        read := 0;
-        FOR r IN EXECUTE nearest USING query, wanted, k, filter LOOP
-            keys := keys || r.key;
-            seqs := seqs || r.chunk_seq;
-            chunks := chunks || r.chunk;
-            distances := distances || r.distance;
-            read := r.read;
-        END LOOP;
-        EXIT WHEN cardinality(keys) >= k OR read < wanted;
+        IF first THEN
+            -- the first read goes straight to the result when it is the answer (k rows, or
+            -- all the table has), as most are: no rows collected, no second copy
+            RETURN QUERY EXECUTE format(
+                'WITH n AS (%s) SELECT n.key, n.chunk_seq, n.chunk, n.distance FROM n WHERE CASE WHEN $5 '
+                'THEN (SELECT count(*) FROM n) > $6 AND (SELECT max(e.distance) FROM (SELECT n.distance FROM n '
+                'ORDER BY n.distance, n.key LIMIT $6) AS e) < (SELECT max(n.distance) FROM n) '
+                'ELSE (SELECT count(*) FROM n) >= $6 OR (SELECT coalesce(max(n.read), 0) FROM n) < $2 END '
+                'ORDER BY n.distance, n.key LIMIT $6', nearest)
+                USING query, CASE WHEN single THEN k + 1 ELSE wanted END, CASE WHEN single THEN k + 1 ELSE k END,
+                      filter, single, k;
+            GET DIAGNOSTICS answered = ROW_COUNT;
+            EXIT WHEN answered > 0;
+            first := false;
+            CONTINUE WHEN single;  -- then the read of k * 4, in relaxed order
+        ELSE
+            keys := '{}';
+            seqs := '{}';
+            chunks := '{}';
+            distances := '{}';
+            read := 0;
+            FOR r IN EXECUTE nearest USING query, wanted, k, filter LOOP
+                keys := keys || r.key;
+                seqs := seqs || r.chunk_seq;
+                chunks := chunks || r.chunk;
+                distances := distances || r.distance;
+                read := r.read;
+            END LOOP;
+            EXIT WHEN cardinality(keys) >= k OR read < wanted;
+        END IF;
         wanted := wanted * 4;
     END LOOP;
     RETURN QUERY SELECT * FROM unnest(keys, seqs, chunks, distances);
 END
+$$;
+
+-- Each row's best chunk among the `nearest` ones (nearest_chunks_sql), best rows first, at
+-- most $3 of them, and (on every row) how many chunks were read: fewer than wanted means
+-- the table has no more, so a larger read could name no more rows. pgembed.search runs it,
+-- and so does a pipeline's generated search (pipelines.sql).
+CREATE OR REPLACE FUNCTION pgembed.best_chunk_per_row_sql(nearest text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('SELECT b.key, b.chunk_seq, b.chunk, b.distance, b.read FROM ('
+                  'SELECT DISTINCT ON (n.key) n.*, count(*) OVER () AS read FROM (%s) AS n '
+                  'ORDER BY n.key, n.distance, n.chunk_seq) AS b ORDER BY b.distance, b.key LIMIT $3', nearest)
 $$;
 
 -- How many IVFFlat lists a search of `wanted` chunks probes: the square root of the lists

@@ -5,7 +5,8 @@
 -- The read path
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- No table changes. The generated searches (p<id>_search) go with 0006's refresh, which
+-- keeps no such functions.
 
 -- ---------------------------------------------------------------------------------------
 -- The provider's Batch API
@@ -78,7 +79,7 @@ BEGIN
                     'batch_api_claim', 'batch_api_submitted', 'batch_api_finish',
                     'batch_api_release_changed',
                     -- the read path
-                    ''
+                    'best_chunk_per_row_sql', 'search_function', 'generate_search_function'
                 ) LOOP
         EXECUTE 'DROP FUNCTION ' || f;
     END LOOP;

@@ -111,4 +111,5 @@ CREATE TABLE pgembed.provider_batch_lines (
 -- The read path
 -- ---------------------------------------------------------------------------------------
 
--- (none yet)
+-- No table changes: each pipeline's generated search (pgembed.p<id>_search) is a definition,
+-- made by the refresh that follows (sql/pipelines.sql).
