@@ -44,7 +44,11 @@ def test_the_api_key_is_never_written_anywhere(form, dsn, db, api, fleet, result
     first = fleet.start(until_empty=True, batch_size=16, max_attempts=1,
                         extra=["--log-level", "debug", "--no-scheduler"],
                         env={"PGEMBED_OPENAI_MAX_ATTEMPTS": "2"})
-    time.sleep(3)
+    # until the wrong key has been refused at least once (a loaded machine starts a worker
+    # slowly: a fixed sleep could end before its first request)
+    deadline = time.monotonic() + 60
+    while not api.stats()["statuses"].get("401") and time.monotonic() < deadline:
+        time.sleep(0.05)
     api.api_key = None
     first.wait(120)
     # the refused batches were put back for the outage backoff: age them instead of waiting
