@@ -286,3 +286,48 @@ AS $$
                                     ' AND ' || source_filter)
                         ELSE '' END AS cond) AS j
 $$;
+
+-- Whether `pipeline` names pipeline `id` and its search is the direct one (a pipeline's
+-- nearest function above): no row-level security on the source (its policies need the
+-- source joined), no binary quantization and no IVFFlat probes to set, and rows of one
+-- chunk each (as pgembed.search decides its first read, search.sql). Read on every call:
+-- an alias may be repointed, a source's row-level security enabled, between two.
+CREATE OR REPLACE FUNCTION pgembed.search_reads_direct(pipeline text, id int)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((SELECT p.quantization = 'none' AND p.index_type IN ('hnsw', 'none') AND NOT c.relrowsecurity
+                            AND (p.chunking IN ('none', 'truncate') OR d.reltuples / nullif(greatest(c.reltuples, 0), 0) <= 1)
+                       FROM pgembed.pipelines p
+                       JOIN pg_catalog.pg_class c ON c.oid = p.source
+                       LEFT JOIN pg_catalog.pg_class d ON d.relname = p.destination
+                                                      AND d.relnamespace = 'pgembed'::regnamespace AND d.reltuples >= 0
+                      WHERE p.name = pgembed.resolve_pipeline(search_reads_direct.pipeline)
+                        AND p.id = search_reads_direct.id), false)
+$$;
+
+-- The body of a pipeline's direct search (pgembed.nearest_function, pipelines.sql).
+CREATE OR REPLACE FUNCTION pgembed.nearest_rows_sql(p pgembed.pipelines)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format(
+        E'SELECT pg_catalog.set_config(''hnsw.ef_search'', least(1000, greatest(40, $3 * 4))::text, true),\n'
+        '       pg_catalog.set_config(''hnsw.iterative_scan'', ''off'', true);\n'
+        'WITH n AS MATERIALIZED (SELECT %1$s, d.chunk_seq, d.chunk, (d.embedding %2$s $2)::float8 AS distance '
+        'FROM pgembed.%3$I d ORDER BY d.embedding %2$s $2 LIMIT $3 + 1), '
+        'r AS (SELECT b.*, row_number() OVER (ORDER BY b.distance, b.key) AS rank, count(*) OVER () AS named, '
+        'max(b.distance) OVER () AS farthest FROM (SELECT DISTINCT ON (%4$s) jsonb_build_object(%5$s) AS key, '
+        'n.chunk_seq, n.chunk, n.distance FROM n ORDER BY %4$s, n.distance, n.chunk_seq) AS b) '
+        'SELECT r.key, r.chunk_seq, r.chunk, r.distance FROM r '
+        'WHERE (SELECT pgembed.search_reads_direct($1, %6$s) AND %7$s.vector_dims($2) = %8$s) AND r.named > $3 '
+        'AND r.rank <= $3 '
+        'AND (SELECT max(e.distance) FROM r AS e WHERE e.rank <= $3) < r.farthest ORDER BY r.rank',
+        pgembed.sql_list('d.%I', p.key_columns),
+        format('OPERATOR(%s.%s)', pgembed.vector_schema(),
+               CASE p.distance WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' ELSE '<#>' END),
+        p.destination, pgembed.sql_list('n.%I', p.key_columns), pgembed.sql_list('%1$L, n.%1$I', p.key_columns),
+        p.id, pgembed.vector_schema(), p.dimensions)
+$$;
