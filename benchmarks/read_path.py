@@ -9,9 +9,7 @@ that the machine's drifting load falls on all of them alike), go through:
   destination, prepared, at the `hnsw.ef_search` pgembed.search sets: the limit;
 * `pgembed.search(pipeline, vector, k)` in SQL;
 * `Client.search(pipeline, vector=...)`: the overhead beyond the embedding call, the
-  figure the target (≤ 1.2 × raw SQL) is about; it goes to the pipeline's direct search
-  (pgembed.p<id>_nearest), and "before" is the same call the way it went before that,
-  through pgembed.search, on the same connection;
+  figure the target (≤ 1.2 × raw SQL) is about;
 * `Client.search(pipeline, text)`: with the embedding (hash provider: near free) and the
   usage ledger;
 * the `pgembed search` command, a few times (a process start each).
@@ -52,11 +50,9 @@ from benchmarks.harness import (
     ratio,
     sha256,
 )
-from pgembed import search
 from pgembed.cache import chunk_key
 from pgembed.client import Client
 from pgembed.providers.hashing import hash_array
-from pgembed.sqlfiles import query
 
 NAME = "read_path"
 DIMS = 384
@@ -171,13 +167,9 @@ def _latencies(bench: Bench, conn: psycopg.Connection, dsn: str, destination: st
                 "SELECT * FROM pgembed.search(%s, %s::real[], %s)", (pipeline, v, K),
                 prepare=True).fetchall() for v in vectors],
             "Client.search(vector)": [lambda v=v: client.search(pipeline, vector=v, k=K) for v in vectors],
-            # the way Client.search went before its direct search: pgembed.search for every call
-            "Client.search(vector) before": [lambda v=v: search.hits(client.conn.execute(
-                query("search"), search.search_params(client.conn, pipeline, v, K, None)).fetchall())
-                for v in vectors],
             "Client.search(text)": [lambda q=q: client.search(pipeline, q, k=K) for q in queries],
         }, {"raw SQL": backend, "pgembed.search()": backend, "Client.search(vector)": client_backend,
-            "Client.search(vector) before": client_backend, "Client.search(text)": client_backend})
+            "Client.search(text)": client_backend})
     finally:
         client.close()
     command = [sys.executable, "-m", "pgembed", "search", pipeline, queries[0], "-k", str(K), "--dsn", dsn]
@@ -186,20 +178,17 @@ def _latencies(bench: Bench, conn: psycopg.Connection, dsn: str, destination: st
     return measured, cpu
 
 
-def _recall(conn: psycopg.Connection, vectors: np.ndarray, queries: list[np.ndarray]) -> tuple[float, float]:
-    """Recall@K against exact cosine search over the same vectors: of pgembed.search in SQL,
-    and of Python's search (its direct search, pgembed.p<id>_nearest, when it answers),
-    which must find the same rows."""
+def _recall(conn: psycopg.Connection, vectors: np.ndarray, queries: list[np.ndarray]) -> float:
+    """Recall@K of pgembed.search against exact cosine search over the same vectors."""
     pipeline = conn.execute("SELECT name FROM pgembed.pipelines").fetchone()[0]
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    found = direct = 0
+    found = 0
     for q in queries:
         exact = {int(i) + 1 for i in np.argsort(-(unit @ (q / np.linalg.norm(q))))[:K]}  # ids start at 1
         got = {int(r[0]["id"]) for r in conn.execute(
             "SELECT key FROM pgembed.search(%s, %s::real[], %s)", (pipeline, q.tolist(), K)).fetchall()}
         found += len(exact & got)
-        direct += len(exact & {int(h.key["id"]) for h in search.search(conn, pipeline, vector=q, k=K)})
-    return found / (K * len(queries)), direct / (K * len(queries))
+    return found / (K * len(queries))
 
 
 def _summary(times: list[float]) -> dict[str, Any]:
@@ -208,7 +197,7 @@ def _summary(times: list[float]) -> dict[str, Any]:
             "qps": round(len(ms) / (sum(ms) / 1000), 1), "n": len(ms)}
 
 
-def _results(rows: int, latencies: dict[str, list[float]], cpu: dict[str, float], recall: tuple[float, float],
+def _results(rows: int, latencies: dict[str, list[float]], cpu: dict[str, float], recall: float,
              ef: int) -> list[Result]:
     summaries = {name: _summary(times) for name, times in latencies.items()}
     base = summaries["raw SQL"]["p50_ms"]
@@ -222,16 +211,11 @@ def _results(rows: int, latencies: dict[str, list[float]], cpu: dict[str, float]
                               r, target, met, details={**s, "rows": rows, "ef_search": ef, "cpu_ms": cpu_ms}))
     if cpu.get("raw SQL"):
         # the same calls' CPU, client and server: what the load of a shared machine leaves alone
-        for name in ("pgembed.search()", "Client.search(vector)", "Client.search(vector) before"):
+        for name in ("pgembed.search()", "Client.search(vector)"):
             r = ratio(cpu[name], cpu["raw SQL"])
             results.append(Result(NAME, f"{label} {name} CPU", round(cpu[name] * 1000, 3), "ms",
                                   round(cpu["raw SQL"] * 1000, 3), "ms", "raw SQL's CPU, same vector", r,
                                   "reported", at_least(r, 0.0)))
-    sql_recall, python_recall = recall
-    results.append(Result(NAME, f"{label} recall@{K}", sql_recall, "", 1.0, "", "exact search", sql_recall,
-                          "reported", at_least(sql_recall, 0.0), details={"ef_search": ef, "rows": rows}))
-    # Python's search goes its own way (the direct search) to the same rows of the same index
-    results.append(Result(NAME, f"{label} Client.search recall@{K}", python_recall, "", sql_recall, "",
-                          "pgembed.search's recall", ratio(python_recall, sql_recall), "= pgembed.search's",
-                          python_recall == sql_recall, details={"ef_search": ef, "rows": rows}))
+    results.append(Result(NAME, f"{label} recall@{K}", recall, "", 1.0, "", "exact search", recall,
+                          "reported", at_least(recall, 0.0), details={"ef_search": ef, "rows": rows}))
     return results

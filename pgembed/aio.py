@@ -33,19 +33,7 @@ from pgembed.batcher import Batcher, EmbedError, Entry, Observer, count_all
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, Provider, ProviderError, make_provider
 from pgembed.ratelimit import RateLimits
-from pgembed.search import (
-    Filter,
-    Hit,
-    cached,
-    check_arguments,
-    direct_candidate,
-    direct_statement,
-    forget,
-    hits,
-    refusal,
-    remember,
-    search_params,
-)
+from pgembed.search import Filter, Hit, check_arguments, hits, refusal, search_params
 from pgembed.sqlfiles import query
 
 # per-input messages that blame the provider's answer, not the input (providers' wording)
@@ -164,11 +152,9 @@ class AsyncClient:
             vector = (await self.embed_spec(spec, [text], Label(target, attribution or Attribution())))[0]
         array = np.asarray(vector, dtype=np.float32)
         async with self.pool.connection() as conn:
-            params = search_params(conn, target, array, k, filter)
             try:
-                rows = await _direct_rows(conn, params) if direct_candidate(params) else []
-                if not rows:
-                    rows = await (await conn.execute(query("search"), params)).fetchall()
+                rows = await (await conn.execute(query("search"),
+                                                 search_params(conn, target, array, k, filter))).fetchall()
             except psycopg.Error as error:
                 raise refusal(error) from error
         return hits(rows)
@@ -276,21 +262,3 @@ def _usage_row(spec: ModelSpec, label: Hashable, usage: Usage, tokens: int, requ
     return {"pipeline": pipeline, "model": spec.model, **attribution.usage_params(),
             "requests": requests, "inputs": usage.misses, "tokens": tokens,
             "cache_hits": usage.hits, "cache_misses": usage.misses}
-
-
-async def _direct_rows(conn: psycopg.AsyncConnection, params: dict[str, Any]) -> list[Any]:
-    """`pgembed.search`'s direct search (`_direct_rows` there) on a pool's connection, in
-    autocommit and idle between two borrowers: a pipeline dropped since the name was looked
-    up only makes this search ask pgembed.search."""
-    pipeline = params["pipeline"]
-    entry = cached(conn, pipeline) or remember(
-        conn, pipeline, await (await conn.execute(query("search_direct_pipeline"), params)).fetchone())
-    if entry is None or not entry[1]:
-        return []
-    try:
-        rows = await (await conn.execute(direct_statement(entry[0]), params, prepare=True)).fetchall()
-    except psycopg.errors.UndefinedFunction:  # the pool's connections are in autocommit
-        rows = []
-    if not rows:
-        forget(conn, pipeline)
-    return rows

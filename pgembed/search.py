@@ -13,13 +13,10 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import numpy as np
 import psycopg
-from psycopg import sql
 from psycopg.adapt import PyFormat
-from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from pgembed import aliases, pipelines, ratelimit
@@ -139,84 +136,11 @@ def search_with_vector(conn: psycopg.Connection, pipeline: str, text: str | None
         vector = query_vector(conn, model_spec(conn, p["model"], p["dimensions"]), text, pipeline, cost_center,
                               attribution)
     array = np.asarray(vector, dtype=np.float32)
-    params = search_params(conn, pipeline, array, k, filter)
     try:
-        rows = _direct_rows(conn, params) if direct_candidate(params) else []
-        if not rows:
-            rows = conn.execute(query("search"), params).fetchall()
+        rows = conn.execute(query("search"), search_params(conn, pipeline, array, k, filter)).fetchall()
     except psycopg.Error as error:
         raise refusal(error) from error
     return hits(rows), array
-
-
-# The direct search (pgembed.p<id>_nearest): per connection, what each name resolved to,
-# (pipeline id, whether its search is direct, searches left before it is looked up again).
-# A name whose search is not direct (row-level security, IVFFlat, chunks per row unknown
-# before the first ANALYZE...) is looked up again now and then: it may become direct.
-Resolved = tuple[int, bool, int]
-_resolved: WeakKeyDictionary[psycopg.Connection | psycopg.AsyncConnection, dict[str, Resolved]] = \
-    WeakKeyDictionary()
-_RECHECK = 64
-
-
-def direct_candidate(params: dict[str, Any]) -> bool:
-    """Whether a search may go the direct way: no filter, and the vector sent as pgvector's
-    type (the generated function takes it as is)."""
-    return params["filter"] is None and isinstance(params["vector"], np.ndarray)
-
-
-def cached(conn: psycopg.Connection | psycopg.AsyncConnection, pipeline: str) -> Resolved | None:
-    """The cached resolution, used only outside a transaction of the caller's: inside
-    one, a stale function name's error would abort the caller's transaction, so a search
-    there looks the name up again in the same transaction."""
-    if conn.info.transaction_status != TransactionStatus.IDLE:
-        return None
-    entry = _resolved.get(conn, {}).get(pipeline)
-    if entry is None or entry[2] <= 0:
-        return None
-    _resolved[conn][pipeline] = (entry[0], entry[1], entry[2] - 1)
-    return entry
-
-
-def remember(conn: psycopg.Connection | psycopg.AsyncConnection, pipeline: str, row: Any) -> Resolved | None:
-    entry = None if row is None else (int(row[0]), bool(row[1]), _RECHECK)
-    names = _resolved.setdefault(conn, {})
-    if entry is None:
-        names.pop(pipeline, None)
-    else:
-        names[pipeline] = entry
-    return entry
-
-
-def forget(conn: psycopg.Connection | psycopg.AsyncConnection, pipeline: str) -> None:
-    """The direct search gave no answer: the name may point elsewhere now."""
-    _resolved.get(conn, {}).pop(pipeline, None)
-
-
-def direct_statement(pipeline_id: int) -> sql.Composed:
-    return sql.SQL(query("search_direct")).format(function=sql.Identifier("pgembed", f"p{pipeline_id}_nearest"))
-
-
-def _direct_rows(conn: psycopg.Connection, params: dict[str, Any]) -> list[Any]:
-    """The direct search's rows, or none when pgembed.search must answer."""
-    pipeline = params["pipeline"]
-    idle = conn.info.transaction_status == TransactionStatus.IDLE
-    entry = cached(conn, pipeline) or remember(
-        conn, pipeline, conn.execute(query("search_direct_pipeline"), params).fetchone())
-    if entry is None or not entry[1]:
-        return []
-    try:
-        rows = conn.execute(direct_statement(entry[0]), params, prepare=True).fetchall()
-    except psycopg.errors.UndefinedFunction:
-        # the pipeline was dropped (and made anew) since the name was looked up
-        if not idle:
-            raise
-        if not conn.autocommit:
-            conn.rollback()  # the failed call's own transaction
-        rows = []
-    if not rows:
-        forget(conn, pipeline)
-    return rows
 
 
 def check_arguments(text: str | None, vector: object, k: int, filter: object) -> None:

@@ -265,19 +265,6 @@ VALUES (%(pipeline)s, %(model)s, %(purpose)s, %(cost_center)s, %(requests)s, %(i
 SELECT key, chunk_seq, chunk, distance
   FROM pgembed.search(%(pipeline)s, %(vector)s::real[], %(k)s, %(filter)s::jsonb)
 
--- search_direct_pipeline --
--- The pipeline a name resolves to and whether its search is the direct one
--- (pgembed.search_reads_direct): pgembed/search.py keeps the answer for its connection.
-SELECT p.id, pgembed.search_reads_direct(%(pipeline)s, p.id)
-  FROM pgembed.pipelines p
- WHERE p.name = pgembed.resolve_pipeline(%(pipeline)s)
-
--- search_direct --
--- A pipeline's direct search (pgembed.p<id>_nearest, sql/pipelines.sql), named by the
--- caller: no rows when pgembed.search must answer instead.
-SELECT key, chunk_seq, chunk, distance
-  FROM {function}(%(pipeline)s, %(vector)s, %(k)s)
-
 -- ===== pgembed/evaluation/beir.py: a pipeline's quality on a BEIR corpus =====
 
 -- evaluation_table --

@@ -118,15 +118,10 @@ def test_an_alias_repointed_between_searches_on_one_connection(conn, dsn):
     assert search.search(conn, "current", vector=hash_vector("lighthouse 3", 8), k=1)[0].key == {"id": 3}
 
 
-# Python's search goes straight to the pipeline's direct search (pgembed.p<id>_nearest), a
-# statement its connection keeps prepared, and asks pgembed.search only when that gives no
-# answer: these prove it is taken, and that a stale name, row-level security enabled since,
-# a pipeline made anew and a wrong vector all end where pgembed.search would.
-
-CALLS = ("SELECT coalesce(sum(calls) FILTER (WHERE funcname ~ '^p[0-9]+_nearest$'), 0), "
-         "coalesce(sum(calls) FILTER (WHERE funcname = 'search'), 0) "
-         "FROM pg_stat_xact_user_functions WHERE schemaname = 'pgembed'")
-
+# Python's search on one connection (its statements kept prepared, as a faster path would
+# keep a name's resolution): an alias repointed to a pipeline of the same size, row-level
+# security enabled since the last search, a pipeline made anew under its name, a vector of
+# another size and the caller's own transaction all end where pgembed.search says.
 
 DIMS = 64
 
@@ -159,33 +154,7 @@ def notes(conn: psycopg.Connection, dsn: str, table: str, word: str) -> str:
     return name
 
 
-def counted(conn: psycopg.Connection, call):
-    """What `call` returns, and how many times it ran a direct search and pgembed.search."""
-    with conn.transaction():
-        conn.execute("SET LOCAL track_functions = 'all'")
-        before = conn.execute(CALLS).fetchone()
-        result = call()
-        after = conn.execute(CALLS).fetchone()
-    return result, int(after[0] - before[0]), int(after[1] - before[1])
-
-
-def test_python_search_takes_the_direct_search_and_answers_as_pgembed_search(conn, dsn):
-    name = notes(conn, dsn, "notes", "lighthouse")
-    vector = near("notes", 4)
-    for k in (1, 3, 9):
-        direct, nearest, written = counted(conn, lambda k=k: search.search(conn, name, vector=vector, k=k))
-        assert (nearest, written) == (1, 0) and len(direct) == k and direct[0].key == {"id": 4}
-        rows = conn.execute(SEARCH, (name, str(vector.tolist()), k, None)).fetchall()
-        assert [(h.key, h.chunk_seq, h.chunk, h.distance) for h in direct] == rows
-    # all the table or more: the read names no k + 1 rows, pgembed.search answers
-    every, nearest, written = counted(conn, lambda: search.search(conn, name, vector=vector, k=10))
-    assert (nearest, written) == (1, 1) and len(every) == 10
-    # a filter is pgembed.search's alone
-    _, nearest, written = counted(conn, lambda: search.search(conn, name, vector=vector, k=2, filter={"id": 4}))
-    assert (nearest, written) == (0, 1)
-
-
-def test_the_direct_search_follows_an_alias_repointed_to_a_pipeline_of_the_same_size(conn, dsn):
+def test_a_search_follows_an_alias_repointed_to_a_pipeline_of_the_same_size(conn, dsn):
     first, second = notes(conn, dsn, "notes", "lighthouse"), notes(conn, dsn, "memos", "harbour")
     aliases.set_alias(conn, "current", first)
     for _ in range(3):  # the name's resolution kept by the connection
@@ -207,7 +176,7 @@ def test_row_level_security_enabled_between_searches_applies(conn, dsn):
                      "TO pgembed_test_reader")
         with psycopg.connect(make_conninfo(dsn, user="pgembed_test_reader"), autocommit=True) as reader:
             register_vector(reader)
-            assert search.search(reader, name, vector=vector, k=1)[0].key == {"id": 3}  # the direct way, kept
+            assert search.search(reader, name, vector=vector, k=1)[0].key == {"id": 3}  # planned and kept
             conn.execute("ALTER TABLE notes ENABLE ROW LEVEL SECURITY")
             conn.execute("CREATE POLICY even ON notes FOR SELECT TO pgembed_test_reader USING (id % 2 = 0)")
             hits = search.search(reader, name, vector=vector, k=3)
@@ -223,7 +192,7 @@ def test_a_pipeline_made_anew_under_its_name_is_searched(conn, dsn):
     assert search.search(conn, name, vector=near("notes", 5), k=1)[0].key == {"id": 5}
     conn.execute("SELECT pgembed.drop_pipeline(%s)", (name,))
     conn.execute("DROP TABLE notes")
-    assert notes(conn, dsn, "notes", "harbour") == name  # another id, another direct search
+    assert notes(conn, dsn, "notes", "harbour") == name  # another id, another destination
     assert search.search(conn, name, vector=near("notes", 5), k=1)[0].chunk == text_of("harbour", 5)
 
 
@@ -235,7 +204,7 @@ def test_a_vector_of_another_size_is_refused_as_pgembed_search_refuses_it(conn, 
     assert search.search(conn, name, vector=near("notes", 5), k=1)[0].key == {"id": 5}
 
 
-def test_the_direct_search_inside_the_callers_transaction(conn, dsn):
+def test_searches_inside_the_callers_transaction(conn, dsn):
     name = notes(conn, dsn, "notes", "lighthouse")
     with psycopg.connect(dsn) as tx:  # not autocommit: each search inside a transaction
         register_vector(tx)

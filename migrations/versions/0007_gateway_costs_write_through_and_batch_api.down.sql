@@ -79,8 +79,7 @@ BEGIN
                     'batch_api_claim', 'batch_api_submitted', 'batch_api_finish',
                     'batch_api_release_changed',
                     -- the read path
-                    'best_chunk_per_row_sql', 'search_function', 'generate_search_function',
-                    'nearest_function', 'nearest_rows_sql', 'search_reads_direct'
+                    'best_chunk_per_row_sql', 'search_function', 'generate_search_function'
                 ) LOOP
         EXECUTE 'DROP FUNCTION ' || f;
     END LOOP;
