@@ -6,10 +6,15 @@ security and repointed aliases to behave as before."""
 
 from __future__ import annotations
 
+import zlib
+
+import numpy as np
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from pgembed import aliases, pipelines, search
+from pgembed.db import register_vector
 from pgembed.pipelines import PipelineError
 from pgembed.providers.hashing import hash_vector
 from tests.conftest import drain
@@ -111,3 +116,100 @@ def test_an_alias_repointed_between_searches_on_one_connection(conn, dsn):
     with pytest.raises(PipelineError, match="holds vectors of 8 dimensions, the query has 16"):
         search.search(conn, "current", vector=hash_vector("lighthouse 2", 16), k=1)
     assert search.search(conn, "current", vector=hash_vector("lighthouse 3", 8), k=1)[0].key == {"id": 3}
+
+
+# Python's search on one connection (its statements kept prepared, as a faster path would
+# keep a name's resolution): an alias repointed to a pipeline of the same size, row-level
+# security enabled since the last search, a pipeline made anew under its name, a vector of
+# another size and the caller's own transaction all end where pgembed.search says.
+
+DIMS = 64
+
+
+def text_of(word: str, n: int) -> str:
+    return f"{word} {n}"
+
+
+def stored(table: str, n: int, dims: int = DIMS) -> np.ndarray:
+    """Row n's stored vector: random, so that no two distances tie (a tie at the k-th row
+    is pgembed.search's to break) as the hash model's few words would."""
+    return np.random.default_rng(zlib.crc32(f"{table} {n}".encode())).standard_normal(dims).astype(np.float32)
+
+
+def near(table: str, n: int, dims: int = DIMS) -> np.ndarray:
+    """A query whose nearest row is row n."""
+    return stored(table, n, dims) + np.float32(0.1)
+
+
+def notes(conn: psycopg.Connection, dsn: str, table: str, word: str) -> str:
+    """A pipeline of one chunk a row (text_of(word, n), n = 1..10), embedded by the worker
+    then given stored(table, n) as its vector, its statistics taken."""
+    conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, body text NOT NULL)")
+    conn.execute(f"INSERT INTO {table} SELECT g, %s || ' ' || g FROM generate_series(1, 10) g", (word,))
+    name = pipelines.create(conn, table, "body", f"hash:{DIMS}", pipelines.PipelineOptions(name=f"{table}_p"))
+    drain(dsn)
+    for n in range(1, 11):
+        conn.execute(f'UPDATE pgembed."{name}" SET embedding = %s WHERE id = %s', (stored(table, n), n))
+    conn.execute(f'ANALYZE {table}, pgembed."{name}"')
+    return name
+
+
+def test_a_search_follows_an_alias_repointed_to_a_pipeline_of_the_same_size(conn, dsn):
+    first, second = notes(conn, dsn, "notes", "lighthouse"), notes(conn, dsn, "memos", "harbour")
+    aliases.set_alias(conn, "current", first)
+    for _ in range(3):  # the name's resolution kept by the connection
+        assert search.search(conn, "current", vector=near("notes", 2), k=2)[0].key == {"id": 2}
+    aliases.set_alias(conn, "current", second)
+    hits = search.search(conn, "current", vector=near("notes", 2), k=2)
+    assert len(hits) == 2 and all(h.chunk.startswith("harbour") for h in hits)
+    assert search.search(conn, "current", vector=near("memos", 7), k=1)[0].key == {"id": 7}
+
+
+def test_row_level_security_enabled_between_searches_applies(conn, dsn):
+    name = notes(conn, dsn, "notes", "lighthouse")
+    vector = near("notes", 3)
+    conn.execute("DROP ROLE IF EXISTS pgembed_test_reader")
+    conn.execute("CREATE ROLE pgembed_test_reader LOGIN")
+    try:
+        conn.execute("GRANT USAGE ON SCHEMA pgembed TO pgembed_test_reader")
+        conn.execute(f'GRANT SELECT ON notes, pgembed.pipelines, pgembed.aliases, pgembed."{name}" '
+                     "TO pgembed_test_reader")
+        with psycopg.connect(make_conninfo(dsn, user="pgembed_test_reader"), autocommit=True) as reader:
+            register_vector(reader)
+            assert search.search(reader, name, vector=vector, k=1)[0].key == {"id": 3}  # planned and kept
+            conn.execute("ALTER TABLE notes ENABLE ROW LEVEL SECURITY")
+            conn.execute("CREATE POLICY even ON notes FOR SELECT TO pgembed_test_reader USING (id % 2 = 0)")
+            hits = search.search(reader, name, vector=vector, k=3)
+            assert len(hits) == 3 and all(h.key["id"] % 2 == 0 for h in hits)
+        assert search.search(conn, name, vector=vector, k=1)[0].key == {"id": 3}, "the owner sees all"
+    finally:
+        conn.execute("DROP OWNED BY pgembed_test_reader")
+        conn.execute("DROP ROLE pgembed_test_reader")
+
+
+def test_a_pipeline_made_anew_under_its_name_is_searched(conn, dsn):
+    name = notes(conn, dsn, "notes", "lighthouse")
+    assert search.search(conn, name, vector=near("notes", 5), k=1)[0].key == {"id": 5}
+    conn.execute("SELECT pgembed.drop_pipeline(%s)", (name,))
+    conn.execute("DROP TABLE notes")
+    assert notes(conn, dsn, "notes", "harbour") == name  # another id, another destination
+    assert search.search(conn, name, vector=near("notes", 5), k=1)[0].chunk == text_of("harbour", 5)
+
+
+def test_a_vector_of_another_size_is_refused_as_pgembed_search_refuses_it(conn, dsn):
+    name = notes(conn, dsn, "notes", "lighthouse")
+    search.search(conn, name, vector=near("notes", 5), k=1)
+    with pytest.raises(PipelineError, match="holds vectors of 64 dimensions, the query has 8"):
+        search.search(conn, name, vector=near("notes", 5, 8), k=1)
+    assert search.search(conn, name, vector=near("notes", 5), k=1)[0].key == {"id": 5}
+
+
+def test_searches_inside_the_callers_transaction(conn, dsn):
+    name = notes(conn, dsn, "notes", "lighthouse")
+    with psycopg.connect(dsn) as tx:  # not autocommit: each search inside a transaction
+        register_vector(tx)
+        for n in (6, 8):
+            assert search.search(tx, name, vector=near("notes", n), k=2)[0].key == {"id": n}
+        tx.execute("INSERT INTO notes VALUES (11, 'kept')")
+        tx.commit()
+        assert tx.execute("SELECT body FROM notes WHERE id = 11").fetchone() == ("kept",)
