@@ -3,8 +3,8 @@
 `Client.search` embeds each query on its own (one `asyncio.run`, one request upstream). An
 async application that serves many users at once calls this client instead: concurrent
 `embed` and `search` calls share upstream requests through `pgembed.batcher.Batcher`, read
-the shared `pgembed.embedding_cache` (one round trip per call, while its texts wait for their
-window: a cached text is answered at once), spend the API key's shared budget
+the shared `pgembed.embedding_cache` (one round trip for the calls of one turn of the event
+loop, while their texts wait for their window: a cached text is answered at once), spend the API key's shared budget
 (`pgembed.ratelimit`), and fill the cache and record their usage under the caller's labels
 (`pgembed.attribution`) right after their callers are answered (`pgembed.recorder`).
 `pgembed serve` is an HTTP front on one of these.
@@ -166,8 +166,9 @@ class AsyncClient:
     # ------------------------------------------------------------------- flush
 
     async def _lookup(self, spec: ModelSpec, entries: list[Entry]) -> None:
-        """One call's new texts in the cache, in one round trip: a text found is answered
-        now. A cache that cannot be read fails them (503) before anything is spent."""
+        """New texts (of the calls of one loop turn) in the cache, in one round trip: a text
+        found is answered now. A cache that cannot be read fails them (503) before anything
+        is spent; a vector the recorder has not written yet is found without a query."""
         keys = [chunk_key(spec.model, spec.dimensions, e.text) for e in entries]
         cached = {key: vector for key in keys if (vector := self.recorder.unwritten(key)) is not None}
         unknown = [key for key in keys if key not in cached]

@@ -122,6 +122,8 @@ class Batcher:
         self._lanes: dict[ModelSpec, _Lane] = {}
         self._known: dict[tuple[ModelSpec, str], Entry] = {}  # waiting or in flight
         self._running: set[asyncio.Task[None]] = set()
+        # per lane, the entries of a lookup about to start, and its task
+        self._gathering: dict[ModelSpec, tuple[list[Entry], asyncio.Task[None]]] = {}
 
     @property
     def depth(self) -> int:
@@ -148,12 +150,26 @@ class Batcher:
             entry.labels.append(label)
             entries.append(entry)
         if new and self._lookup is not None:
-            # attached before anything yields, so that their flush (a task) always finds it
-            looked_up = asyncio.ensure_future(self._lookup(spec, new))
-            for entry in new:
-                entry.looked_up = looked_up
+            self._look_up(spec, new)
         # shielded: a caller that goes away (a client disconnecting) leaves the future to the others
         return list(await asyncio.gather(*(asyncio.shield(entry.future) for entry in entries)))
+
+    def _look_up(self, spec: ModelSpec, entries: list[Entry]) -> None:
+        """The calls of one turn of the event loop share a lookup (under load, one query
+        for many requests); attached before anything yields, so that a flush finds it."""
+        if spec not in self._gathering:
+            group: list[Entry] = []
+            self._gathering[spec] = group, asyncio.ensure_future(self._look_up_group(spec, group))
+        group, task = self._gathering[spec]
+        group += entries
+        for entry in entries:
+            entry.looked_up = task
+
+    async def _look_up_group(self, spec: ModelSpec, group: list[Entry]) -> None:
+        await asyncio.sleep(0)  # the other calls of this turn join the group
+        del self._gathering[spec]
+        assert self._lookup is not None
+        await self._lookup(spec, group)
 
     def _add(self, spec: ModelSpec, text: str, tokens: int) -> Entry:
         lane = self._lanes.setdefault(spec, _Lane())

@@ -300,3 +300,22 @@ def test_answers_do_not_wait_for_the_ledger_and_a_clean_shutdown_writes_it(conn,
     assert conn.execute("SELECT sum(cache_misses), sum(cache_hits), sum(tokens), sum(requests) FROM pgembed.usage "
                         "WHERE app_user = 'w'").fetchone() == (1, 1, fake_api.tokens, 1)
     assert conn.execute("SELECT count(*) FROM pgembed.embedding_cache").fetchone()[0] == 1
+
+
+def test_the_calls_of_one_loop_turn_share_one_lookup():
+    lookups = []
+
+    async def lookup(spec, entries):
+        lookups.append(sorted(e.text for e in entries))
+
+    async def flush(spec, entries):
+        for e in entries:
+            e.future.set_result(np.ones(4, dtype=np.float32))
+
+    async def go():
+        batcher = Batcher(flush, window=0.01, lookup=lookup)
+        await asyncio.gather(*(batcher.embed_all(SPEC, [t, "shared"]) for t in "xy"))
+        await batcher.embed(SPEC, "z")
+
+    asyncio.run(go())
+    assert lookups == [["shared", "x", "y"], ["z"]], "one query for the gather's calls, each text once"
