@@ -319,3 +319,26 @@ def test_the_calls_of_one_loop_turn_share_one_lookup():
 
     asyncio.run(go())
     assert lookups == [["shared", "x", "y"], ["z"]], "one query for the gather's calls, each text once"
+
+
+def test_a_cache_that_cannot_be_read_is_a_503_before_anything_is_spent(conn, dsn, fake_api):
+    conn.execute("ALTER TABLE pgembed.embedding_cache RENAME TO embedding_cache_away")
+    try:
+        results = run(_embed_each(dsn, ["one", "two"]))
+    finally:
+        conn.execute("ALTER TABLE pgembed.embedding_cache_away RENAME TO embedding_cache")
+    assert all(isinstance(r, EmbedError) and r.status == 503 and "embedding cache" in r.message for r in results)
+    assert fake_api.requests == 0
+    assert conn.execute("SELECT count(*) FROM pgembed.usage").fetchone()[0] == 0
+    assert len(run(_embed_each(dsn, ["one"]))[0]) == 1, "the next call works"
+
+
+def test_a_ledger_the_database_refuses_is_logged_with_what_it_dropped(conn, dsn, fake_api, caplog):
+    conn.execute("ALTER TABLE pgembed.usage RENAME TO usage_away")
+    try:
+        with caplog.at_level("WARNING", logger="pgembed.recorder"):
+            (vector,) = run(_embed_each(dsn, ["answered anyway"]))[0]
+    finally:
+        conn.execute("ALTER TABLE pgembed.usage_away RENAME TO usage")
+    assert len(vector) == 1536, "the caller was answered before the write"
+    assert "could not record 1 cache entries and 1 usage rows" in caplog.text
