@@ -3,9 +3,11 @@
 `Client.search` embeds each query on its own (one `asyncio.run`, one request upstream). An
 async application that serves many users at once calls this client instead: concurrent
 `embed` and `search` calls share upstream requests through `pgembed.batcher.Batcher`, read
-and fill the shared `pgembed.embedding_cache` (one round trip per batch), spend the API
-key's shared budget (`pgembed.ratelimit`) and record their usage under the caller's labels
-(`pgembed.attribution`). `pgembed serve` is an HTTP front on one of these.
+the shared `pgembed.embedding_cache` (one round trip for the calls of one turn of the event
+loop, while their texts wait for their window: a cached text is answered at once), spend the API key's shared budget
+(`pgembed.ratelimit`), and fill the cache and record their usage under the caller's labels
+(`pgembed.attribution`) right after their callers are answered (`pgembed.recorder`).
+`pgembed serve` is an HTTP front on one of these.
 
 The ledger adds up to what the provider billed: a batch's usage rows (one per pipeline and
 set of labels in it) share the batch's billed tokens and requests in proportion to their
@@ -15,7 +17,6 @@ was already in flight for another pays nothing: its row counts a cache hit.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
@@ -33,6 +34,7 @@ from pgembed.batcher import Batcher, EmbedError, Entry, Observer, count_all
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, Provider, ProviderError, make_provider
 from pgembed.ratelimit import RateLimits
+from pgembed.recorder import Recorder
 from pgembed.search import Filter, Hit, check_arguments, hits, refusal, search_params
 from pgembed.sqlfiles import query
 
@@ -66,7 +68,9 @@ class AsyncClient:
         self.pool = AsyncConnectionPool(dsn, min_size=1, max_size=pool_size, open=False,
                                         kwargs=db.session_settings("gateway"),
                                         configure=db.register_vector_async)
-        self.batcher = Batcher(self._flush, window=window, max_inputs=max_batch, observer=observer)
+        self.batcher = Batcher(self._flush, window=window, max_inputs=max_batch, observer=observer,
+                               lookup=self._lookup)
+        self.recorder = Recorder(self.pool)
         self._limits = RateLimits(dsn)
         self._providers: dict[ModelSpec, Provider] = {}
         self._models: dict[str, tuple[Any, ...]] = {}
@@ -83,6 +87,7 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
+        await self.recorder.aclose()
         for provider in self._providers.values():
             await provider.aclose()
         await self._limits.aclose()
@@ -127,8 +132,7 @@ class AsyncClient:
                          tokens: Sequence[int] | None = None) -> list[np.ndarray]:
         """`embed` for a spec already read; `tokens`: the texts' counts, when known."""
         counts = await count_all(texts) if tokens is None else tokens
-        return list(await asyncio.gather(*(self.batcher.embed(spec, text, label, n)
-                                           for text, n in zip(texts, counts, strict=True))))
+        return await self.batcher.embed_all(spec, texts, label, counts)
 
     async def search(self, target: str, text: str | None = None, k: int = 5, filter: Filter | None = None,
                      *, vector: Sequence[float] | np.ndarray | None = None,
@@ -161,17 +165,34 @@ class AsyncClient:
 
     # ------------------------------------------------------------------- flush
 
-    async def _flush(self, spec: ModelSpec, entries: list[Entry]) -> None:
-        """One batch: cached vectors first, the rest upstream in one call; every future
-        settled as soon as its vector is known, then the cache and the ledger written."""
+    async def _lookup(self, spec: ModelSpec, entries: list[Entry]) -> None:
+        """New texts (of the calls of one loop turn) in the cache, in one round trip: a text
+        found is answered now. A cache that cannot be read fails them (503) before anything
+        is spent; a vector the recorder has not written yet is found without a query."""
         keys = [chunk_key(spec.model, spec.dimensions, e.text) for e in entries]
-        async with self.pool.connection() as conn:
-            rows = await (await conn.execute(query("batch_cache_get"), {"hashes": keys})).fetchall()
-        cached = {bytes(h): v.to_numpy() for h, v in rows}
-        misses = [i for i, key in enumerate(keys) if key not in cached]
-        for i, key in enumerate(keys):
-            if key in cached:
-                entries[i].future.set_result(cached[key])
+        cached = {key: vector for key in keys if (vector := self.recorder.unwritten(key)) is not None}
+        unknown = [key for key in keys if key not in cached]
+        try:
+            if unknown:
+                async with self.pool.connection() as conn:
+                    rows = await (await conn.execute(query("batch_cache_get"), {"hashes": unknown})).fetchall()
+                cached.update((bytes(h), v.to_numpy()) for h, v in rows)
+        except Exception as error:
+            failure = EmbedError(f"cannot read the embedding cache: {error}", 503)
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(failure)
+            return
+        for entry, key in zip(entries, keys, strict=True):
+            if key in cached and not entry.future.done():
+                entry.future.set_result(cached[key])
+
+    async def _flush(self, spec: ModelSpec, entries: list[Entry]) -> None:
+        """One batch, its cache lookups done: the texts nobody found go upstream in one call,
+        every future settled as soon as its vector is known; the cache entries and the
+        ledger's rows are the recorder's, written after the answers."""
+        keys = [chunk_key(spec.model, spec.dimensions, e.text) for e in entries]
+        misses = [i for i, entry in enumerate(entries) if not entry.future.done()]
         self.batcher.observer.cache(len(entries) - len(misses), len(misses))
         billed = Bill()
         new: list[tuple[bytes, np.ndarray, int]] = []
@@ -197,10 +218,10 @@ class AsyncClient:
                     entry.future.set_result(array)
                     new.append((keys[i], array, counts[j]))
                 billed.weights = {i: counts[j] for j, i in enumerate(misses)}
-        await self._record(spec, entries, set(misses), new, billed)
+        self._record(spec, entries, set(misses), new, billed)
 
-    async def _record(self, spec: ModelSpec, entries: list[Entry], misses: set[int],
-                      new: list[tuple[bytes, np.ndarray, int]], billed: Bill) -> None:
+    def _record(self, spec: ModelSpec, entries: list[Entry], misses: set[int],
+                new: list[tuple[bytes, np.ndarray, int]], billed: Bill) -> None:
         groups: dict[Hashable, Usage] = defaultdict(Usage)
         for i, entry in enumerate(entries):
             payer, *others = entry.labels or [None]
@@ -218,12 +239,8 @@ class AsyncClient:
         requests = apportion(billed.requests, weights)
         params = [_usage_row(spec, label, groups[label], t, r)
                   for label, t, r in zip(labels, tokens, requests, strict=True)]
-        async with self.pool.connection() as conn, conn.cursor() as cur:
-            if new:
-                await cur.executemany(query("query_cache_put"), [
-                    {"hash": key, "model": spec.model, "dimensions": spec.dimensions,
-                     "embedding": vector, "tokens": count} for key, vector, count in new])
-            await cur.executemany(query("query_usage"), params)
+        self.recorder.add([{"hash": key, "model": spec.model, "dimensions": spec.dimensions,
+                            "embedding": vector, "tokens": count} for key, vector, count in new], params)
 
 
 @dataclass

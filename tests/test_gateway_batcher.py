@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import psycopg
 import pytest
 
 from pgembed import pipelines
@@ -223,3 +224,121 @@ def test_a_text_is_sent_again_once_its_batch_is_answered():
 
     asyncio.run(go())
     assert calls == [["again"], ["again"]], "the second finds it in the cache (AsyncClient), not in flight"
+
+
+def test_a_lookup_answers_what_it_finds_at_once_and_a_failed_one_fails_alone():
+    seen = []
+
+    async def lookup(spec, entries):
+        for e in entries:
+            if e.text == "cached":
+                e.future.set_result(np.zeros(4, dtype=np.float32))
+            elif e.text == "broken":
+                e.future.set_exception(EmbedError("cannot read the embedding cache: gone", 503))
+
+    async def flush(spec, entries):
+        seen.append([(e.text, e.future.done()) for e in entries])
+        for e in entries:
+            if not e.future.done():
+                e.future.set_result(np.ones(4, dtype=np.float32))
+
+    async def go():
+        batcher = Batcher(flush, window=3600, lookup=lookup)
+        # a guard, not a timing: without the lookup this would wait for the hour's window
+        first = await asyncio.wait_for(batcher.embed(SPEC, "cached"), 60)
+        waiting = batcher.depth
+        later = asyncio.gather(batcher.embed_all(SPEC, ["fresh", "cached"]), batcher.embed(SPEC, "broken"),
+                               return_exceptions=True)
+        await asyncio.sleep(0)
+        await batcher.aclose()
+        return first, waiting, await later
+
+    first, waiting, (both, broken) = asyncio.run(go())
+    assert first.tolist() == [0.0] * 4 and waiting == 1, "answered while its lane still waits"
+    assert [v.tolist() for v in both] == [[1.0] * 4, [0.0] * 4]
+    assert isinstance(broken, EmbedError) and broken.status == 503 and "cache" in broken.message
+    assert seen == [[("cached", True), ("fresh", False)]], "one entry for both callers; the broken one not sent"
+
+
+def test_a_cache_hit_does_not_wait_for_its_window_and_is_still_counted(conn, dsn, fake_api):
+    run(_embed_each(dsn, ["cached text"]))
+
+    async def go():
+        async with AsyncClient(dsn, window=3600) as client:
+            # a guard, not a timing: answered from the cache, not after the hour's window
+            hit = await asyncio.wait_for(client.embed(["cached text"], MODEL, attribution=Attribution(user="r")), 60)
+            return hit, client.batcher.depth
+
+    (vector,), waiting = run(go())
+    assert waiting == 1, "its lane had not been flushed when it was answered"
+    assert np.array_equal(vector, np.asarray(hash_vector("cached text", 1536), dtype=np.float32))
+    assert fake_api.requests == 1
+    assert conn.execute("SELECT cache_hits, cache_misses, requests, tokens FROM pgembed.usage "
+                        "WHERE app_user = 'r'").fetchall() == [(1, 0, 0, 0)], "counted at the flush on close"
+
+
+def test_answers_do_not_wait_for_the_ledger_and_a_clean_shutdown_writes_it(conn, dsn, fake_api):
+    blocker = psycopg.connect(dsn)
+    blocker.execute("LOCK TABLE pgembed.usage IN SHARE MODE")  # every INSERT into it waits
+
+    async def go():
+        async with AsyncClient(dsn, window=0.01) as client:
+            ask = lambda: client.embed(["written later"], MODEL, attribution=Attribution(user="w"))  # noqa: E731
+            first = await asyncio.wait_for(ask(), 60)
+            again = await asyncio.wait_for(ask(), 60)
+            unwritten = blocker.execute("SELECT count(*) FROM pgembed.usage").fetchone()[0]
+            pending = client.recorder.pending
+            blocker.commit()  # the lock goes: the close writes what is pending
+            return first, again, unwritten, pending
+
+    try:
+        (first,), (again,), unwritten, pending = run(go())
+    finally:
+        blocker.close()
+    assert unwritten == 0 and pending > 0, "both callers were answered while the ledger could not be written"
+    assert np.array_equal(first, again) and fake_api.requests == 1, "the unwritten vector is a cache hit"
+    assert conn.execute("SELECT sum(cache_misses), sum(cache_hits), sum(tokens), sum(requests) FROM pgembed.usage "
+                        "WHERE app_user = 'w'").fetchone() == (1, 1, fake_api.tokens, 1)
+    assert conn.execute("SELECT count(*) FROM pgembed.embedding_cache").fetchone()[0] == 1
+
+
+def test_the_calls_of_one_loop_turn_share_one_lookup():
+    lookups = []
+
+    async def lookup(spec, entries):
+        lookups.append(sorted(e.text for e in entries))
+
+    async def flush(spec, entries):
+        for e in entries:
+            e.future.set_result(np.ones(4, dtype=np.float32))
+
+    async def go():
+        batcher = Batcher(flush, window=0.01, lookup=lookup)
+        await asyncio.gather(*(batcher.embed_all(SPEC, [t, "shared"]) for t in "xy"))
+        await batcher.embed(SPEC, "z")
+
+    asyncio.run(go())
+    assert lookups == [["shared", "x", "y"], ["z"]], "one query for the gather's calls, each text once"
+
+
+def test_a_cache_that_cannot_be_read_is_a_503_before_anything_is_spent(conn, dsn, fake_api):
+    conn.execute("ALTER TABLE pgembed.embedding_cache RENAME TO embedding_cache_away")
+    try:
+        results = run(_embed_each(dsn, ["one", "two"]))
+    finally:
+        conn.execute("ALTER TABLE pgembed.embedding_cache_away RENAME TO embedding_cache")
+    assert all(isinstance(r, EmbedError) and r.status == 503 and "embedding cache" in r.message for r in results)
+    assert fake_api.requests == 0
+    assert conn.execute("SELECT count(*) FROM pgembed.usage").fetchone()[0] == 0
+    assert len(run(_embed_each(dsn, ["one"]))[0]) == 1, "the next call works"
+
+
+def test_a_ledger_the_database_refuses_is_logged_with_what_it_dropped(conn, dsn, fake_api, caplog):
+    conn.execute("ALTER TABLE pgembed.usage RENAME TO usage_away")
+    try:
+        with caplog.at_level("WARNING", logger="pgembed.recorder"):
+            (vector,) = run(_embed_each(dsn, ["answered anyway"]))[0]
+    finally:
+        conn.execute("ALTER TABLE pgembed.usage_away RENAME TO usage")
+    assert len(vector) == 1536, "the caller was answered before the write"
+    assert "could not record 1 cache entries and 1 usage rows" in caplog.text

@@ -18,6 +18,11 @@ from pgembed.gateway.settings import TOKENS_VARIABLE, GatewaySettings, SettingsE
 
 DEFAULTS = GatewaySettings(no_auth=True)
 
+# longer than clients keep an idle connection (httpx, so the OpenAI SDKs: 5 s): at uvicorn's
+# default of 5 s both may close it at once, and a request the client sends on it as the
+# server closes it fails with a read error (the client's APIConnectionError)
+_KEEP_ALIVE_SECONDS = 75
+
 
 def _option(name: str, help_text: str, *names: str, **limits: Any) -> Any:
     return typer.Option(*names, envvar=f"PGEMBED_GATEWAY_{name}", show_envvar=True, help=help_text, **limits)
@@ -79,4 +84,4 @@ def serve(
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: None)
     uvicorn.run(create_app(target, settings), host=host, port=port, log_level=log_level, access_log=False,
-                lifespan="on", timeout_graceful_shutdown=10)
+                lifespan="on", timeout_graceful_shutdown=10, timeout_keep_alive=_KEEP_ALIVE_SECONDS)
