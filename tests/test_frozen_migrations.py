@@ -53,6 +53,13 @@ SHIPPED = {
     # sql/'s definitions as 0005 shipped them, for 0006's downgrade
     "0006_late_chunking_search_names_and_model_migration.down.definitions.sql":
         "1950aa24ee5a22f54bd376210ebde91a58eae9d1e74a1931fa313cafcf29ee35",
+    "0007_gateway_costs_write_through_and_batch_api.sql":
+        "109ef3c1d85a5478b5a7d13c8100fd1c05d5b12ecf587ece9a53660820763048",
+    "0007_gateway_costs_write_through_and_batch_api.down.sql":
+        "32c8476eb45110c03401cb4c6d9b117248952a9ced70e95fb717ea6bb4f07db4",
+    # sql/'s definitions as 0006 shipped them, for 0007's downgrade
+    "0007_gateway_costs_write_through_and_batch_api.down.definitions.sql":
+        "4cfd7e0448c90c447d5469b9381a58e9f54f49c2959fa3103d3c30a4ff17e0a1",
 }
 
 
