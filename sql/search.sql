@@ -25,6 +25,11 @@ DROP FUNCTION IF EXISTS pgembed.nearest_chunks_sql(pgembed.pipelines);
 -- object of its key columns, the chunk that matched and its distance, best first. `filter`
 -- (a JSON object, column => value, or => array of values for IN) keeps the rows whose
 -- source columns equal it.
+-- The index settings it picks (hnsw.*, ivfflat.*) hold for its reads only: it puts back
+-- the caller's values before it returns (the session's, when the caller had set none), so
+-- the rest of the caller's transaction keeps its own ef_search and probes. (A SET clause
+-- would do it too, but a role that is not a superuser may not make one for pgvector's
+-- settings before the library is loaded.)
 CREATE OR REPLACE FUNCTION pgembed.search(pipeline text, query real[], k int DEFAULT 10, filter jsonb DEFAULT NULL)
 RETURNS TABLE (key jsonb, chunk_seq int, chunk text, distance double precision)
 LANGUAGE plpgsql
@@ -49,6 +54,8 @@ DECLARE
     first boolean;
     single boolean;
     chunks_per_row float8;
+    tuned text[] := ARRAY['hnsw.ef_search', 'hnsw.iterative_scan', 'ivfflat.probes', 'ivfflat.iterative_scan'];
+    callers text[] := ARRAY(SELECT current_setting(n, true) FROM unnest(tuned) AS n);
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = pgembed.resolve_pipeline(search.pipeline);
     IF NOT FOUND THEN
@@ -156,6 +163,10 @@ BEGIN
         END IF;
         wanted := wanted * 4;
     END LOOP;
+    -- the reads are done (RETURN QUERY ran its query): the caller's settings again
+    PERFORM set_config(t.n, coalesce(t.v, s.reset_val), true)
+       FROM unnest(tuned, callers) AS t(n, v)
+       JOIN pg_catalog.pg_settings s ON s.name = t.n;
     RETURN QUERY SELECT * FROM unnest(keys, seqs, chunks, distances);
 END
 $$;

@@ -156,13 +156,16 @@ def test_an_ivfflat_index_waits_for_rows_to_train_on_then_search_probes_it(conn,
     assert conn.execute("SELECT lists, rows_at_build FROM pgembed.index_builds").fetchone() == (10, 2400)
     assert conn.execute("SELECT count(*) FROM pgembed.deferred_indexes").fetchone() == (0,)
     conn.execute("SET enable_seqscan = off")
+    # what search probes (it puts the caller's setting back before it returns): sqrt(10
+    # lists) + the lists 40 chunks fill
+    assert conn.execute("SELECT pgembed.ivfflat_probes(10, 2400, 40)").fetchone() == (5,)
     found = total = 0
     for text in ("verse 42 light", "verse 1999", "light", "verse 7"):
         query = hash_array(text, 8)
         with conn.transaction():
             hits = search.search(conn, name, vector=query, k=10)
-            assert conn.execute("SELECT current_setting('ivfflat.probes')").fetchone() == ("5",), \
-                "sqrt(10 lists) + the lists 40 chunks fill"
+            assert conn.execute("SELECT current_setting('ivfflat.probes')").fetchone() == ("1",), \
+                "the caller's probes again after the search"
         kth = exact_distances(conn, name, query, 10)[-1]
         assert len(hits) == 10
         found += sum(h.distance <= kth + 1e-6 for h in hits)

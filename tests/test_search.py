@@ -50,6 +50,20 @@ def test_sql_callers_pass_a_vector(conn, many_chunks):
     assert len(rows) == 5 and len({r[0]["id"] for r in rows}) == 5
 
 
+def test_the_callers_index_settings_are_his_again_after_a_search(conn, many_chunks):
+    """pgembed.search raises ef_search and turns iterative scans on for its own reads; the
+    caller's transaction gets back what it had set (and a session's default stays)."""
+    vector = str(hash_vector("word3 lighthouse", 16))
+    settings = "SELECT current_setting('hnsw.ef_search'), current_setting('hnsw.iterative_scan')"
+    with conn.transaction():
+        conn.execute("SET LOCAL hnsw.ef_search = 77")
+        conn.execute("SELECT count(*) FROM pgembed.search(%s, %s::vector, 50)", (many_chunks, vector))
+        assert conn.execute(settings).fetchone() == ("77", "off")
+    before = conn.execute(settings).fetchone()
+    assert len(search.search(conn, many_chunks, "word3 lighthouse", k=50)) == 50
+    assert conn.execute(settings).fetchone() == before
+
+
 def test_python_callers_pass_a_vector_or_get_the_query_s(conn, many_chunks):
     hits, vector = search.search_with_vector(conn, many_chunks, "word3 lighthouse", k=3)
     assert search.search(conn, many_chunks, vector=vector, k=3) == hits
