@@ -30,13 +30,14 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgembed import db, pipelines
 from pgembed.attribution import Attribution
-from pgembed.batcher import Batcher, EmbedError, Entry, Observer, count_all
+from pgembed.batcher import Batcher, EmbedError, Entry, Observer
 from pgembed.cache import chunk_key
 from pgembed.providers import ModelSpec, Provider, ProviderError, make_provider
 from pgembed.ratelimit import RateLimits
 from pgembed.recorder import Recorder
 from pgembed.search import Filter, Hit, check_arguments, hits, refusal, search_params
 from pgembed.sqlfiles import query
+from pgembed.tokens import count_all
 
 # per-input messages that blame the provider's answer, not the input (providers' wording)
 _PROVIDER_FAULTS = ("embedding API returned", "provider returned")

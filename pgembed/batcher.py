@@ -95,17 +95,6 @@ class _Lane:
     timer: asyncio.TimerHandle | None = None
 
 
-_COUNT_INLINE_CHARS = 200_000
-
-
-async def count_all(texts: Sequence[str]) -> list[int]:
-    """Token counts of a request's texts; a big request is counted off the event loop, which
-    must keep serving the others meanwhile (8k-token inputs take milliseconds each)."""
-    if sum(map(len, texts)) < _COUNT_INLINE_CHARS:
-        return [count_tokens(text) for text in texts]
-    return await asyncio.to_thread(lambda: [count_tokens(text) for text in texts])
-
-
 class Batcher:
     """Lanes of one model and size each; see the module docstring. `max_inputs` caps a
     batch below the provider's own limit (None: the provider's)."""

@@ -16,7 +16,9 @@ characters it is, never rejected or treated as a control token.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+from collections.abc import Callable, Sequence
 
 import tiktoken
 
@@ -59,3 +61,16 @@ def token_bytes(tokens: list[int]) -> list[bytes]:
 def count_tokens(text: str) -> int:
     """How many cl100k tokens an embedding API will bill for `text`."""
     return len(encode(text))
+
+
+#: texts longer than this in all are counted off the event loop
+_COUNT_INLINE_CHARS = 200_000
+
+
+async def count_all(texts: Sequence[str], count: Callable[[str], int] = count_tokens) -> list[int]:
+    """Token counts of a request's texts, for async code: a big request (8k-token inputs
+    take milliseconds each) is counted in a thread, so the event loop keeps serving the
+    others meanwhile."""
+    if sum(map(len, texts)) < _COUNT_INLINE_CHARS:
+        return [count(text) for text in texts]
+    return await asyncio.to_thread(lambda: [count(text) for text in texts])

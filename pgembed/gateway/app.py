@@ -30,7 +30,7 @@ from starlette.routing import Route
 from pgembed import migrate
 from pgembed.aio import AsyncClient, UnknownModel
 from pgembed.attribution import Attribution, AttributionError, from_headers
-from pgembed.batcher import EmbedError, count_all
+from pgembed.batcher import EmbedError
 from pgembed.gateway.auth import authorized
 from pgembed.gateway.metrics import GatewayMetrics
 from pgembed.gateway.settings import GatewaySettings
@@ -43,6 +43,7 @@ from pgembed.gateway.wire import (
     sync_request,
 )
 from pgembed.pipelines import PipelineError
+from pgembed.tokens import count_all
 from pgembed.writethrough import WriteThrough, WriteThroughError
 
 log = logging.getLogger("pgembed.gateway")

@@ -73,6 +73,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from pgembed.providers.base import EmbedResult, ModelSpec, ProviderError, RateLimiter, vector_problem
 from pgembed.providers.response import decode, field, ordered_items, read_body
+from pgembed.tokens import count_all, count_tokens
 
 try:  # the openai client's HTTP library (httpx2 since openai 3): its response has the headers
     from httpx2 import Response as _HttpResponse
@@ -84,7 +85,6 @@ URL_VARIABLES = ("PGEMBED_OPENAI_BASE_URL", "OPENAI_BASE_URL")
 
 _TRANSIENT_STATUS = frozenset({408, 409, 429})
 _REJECT_STATUS = frozenset({400, 413, 422})
-_COUNT_INLINE_CHARS = 200_000
 _KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{3,}")
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -183,7 +183,7 @@ class OpenAIProvider:
         if self.concurrency < 1 or self.max_attempts < 1:
             raise ProviderError("PGEMBED_OPENAI_CONCURRENCY and _MAX_ATTEMPTS must be >= 1")
         self._sleep: Sleep = asyncio.sleep if sleep is None else sleep
-        self._count = token_counter or _default_token_counter()
+        self._count = token_counter or count_tokens
         self._slots = asyncio.Semaphore(self.concurrency)
         self._client = openai.AsyncOpenAI(
             api_key=key,
@@ -219,7 +219,7 @@ class OpenAIProvider:
 
     async def embed(self, texts: list[str]) -> EmbedResult:
         """One vector or one error per input, in input order; raises only ProviderError."""
-        counts = await self._count_all(texts)
+        counts = await count_all(texts, self._count)
         run = _Run(vectors=[None] * len(texts), errors=[None] * len(texts), token_counts=counts)
         sendable = []
         for i, (text, tokens) in enumerate(zip(texts, counts, strict=True)):
@@ -231,12 +231,6 @@ class OpenAIProvider:
         batches = self._batches(sendable, counts)
         await _gather(self._embed_group(batch, texts, run, _SplitBudget.for_batch(len(batch))) for batch in batches)
         return run.result()
-
-    async def _count_all(self, texts: list[str]) -> list[int]:
-        """Token counts; a big batch is counted off the event loop, which must stay live."""
-        if sum(map(len, texts)) < _COUNT_INLINE_CHARS:
-            return [self._count(text) for text in texts]
-        return await asyncio.to_thread(lambda: [self._count(text) for text in texts])
 
     def _input_problem(self, text: str, tokens: int) -> str | None:
         if not text.strip():
@@ -463,12 +457,6 @@ def _setting(given: float | None, variable: str, default: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ProviderError(f"{variable}={raw!r} must be a finite number >= 0")
     return value
-
-
-def _default_token_counter() -> Callable[[str], int]:
-    from pgembed.tokens import count_tokens
-
-    return count_tokens
 
 
 # ------------------------------------------------------------- rate-limit headers
