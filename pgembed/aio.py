@@ -39,6 +39,8 @@ from pgembed.search import Filter, Hit, check_arguments, hits, refusal, search_p
 from pgembed.sqlfiles import query
 from pgembed.tokens import count_all
 
+# a long window (an application's choice) does not keep cache entries from other processes
+_RECORD_DELAY_MAX = 0.020
 # per-input messages that blame the provider's answer, not the input (providers' wording)
 _PROVIDER_FAULTS = ("embedding API returned", "provider returned")
 
@@ -71,7 +73,7 @@ class AsyncClient:
                                         configure=db.register_vector_async)
         self.batcher = Batcher(self._flush, window=window, max_inputs=max_batch, observer=observer,
                                lookup=self._lookup)
-        self.recorder = Recorder(self.pool)
+        self.recorder = Recorder(self.pool, delay=min(window, _RECORD_DELAY_MAX))
         self._limits = RateLimits(dsn)
         self._providers: dict[ModelSpec, Provider] = {}
         self._models: dict[str, tuple[Any, ...]] = {}

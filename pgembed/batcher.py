@@ -36,6 +36,11 @@ from pgembed.tokens import count_tokens
 
 log = logging.getLogger("pgembed.batcher")
 
+#: asyncio's timers fire up to a millisecond late (epoll waits in whole milliseconds, rounded
+#: up, and the loop wakes after that): a window's timer is set this much short of it, so that
+#: a text waits about the window, not the window and a tick
+_TIMER_TICK = 0.001
+
 
 class EmbedError(Exception):
     """One input could not be embedded; `status` is how an HTTP caller hears it (400: the
@@ -170,7 +175,7 @@ class Batcher:
         self._known[spec, text] = entry
         if not lane.entries:
             lane.opened = time.perf_counter()
-            lane.timer = loop.call_later(self.window, self._send, spec, lane)
+            lane.timer = loop.call_later(max(0.0, self.window - _TIMER_TICK), self._send, spec, lane)
         lane.entries.append(entry)
         lane.tokens += tokens
         if len(lane.entries) >= limit:

@@ -3,8 +3,11 @@ rows, so that no caller waits for them (issue 15: the gateway adds at most its w
 
 `AsyncClient` hands each batch's rows to one `Recorder`, which writes them from one task,
 in one transaction and one pipelined round trip per turn; rows added while a turn runs are
-written together by the next one. A vector not yet written is still found (`unwritten`): a
-text asked again meanwhile is a cache hit, not a second upstream input.
+written together by the next one. A turn starts `delay` (the batching window) after the rows
+that open it: by then their callers have their answers (a turn started at once would run its
+statements between the answer's wake-ups), and the turn takes the batches of that window too.
+A vector not yet written is still found (`unwritten`): a text asked again meanwhile is a
+cache hit, not a second upstream input.
 
 `aclose` writes whatever is pending, so a clean shutdown loses nothing. A crash between an
 answer and its turn (milliseconds) loses that batch's usage rows and cache entries: the
@@ -16,6 +19,7 @@ it dropped, as the in-line write before it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -31,8 +35,10 @@ class Recorder:
     """Cache entries (`query_cache_put` parameters) and usage rows (`query_usage`'s),
     written soon after `add`, in the order added."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, delay: float = 0.0) -> None:
         self._pool = pool
+        self._delay = delay
+        self._closing = asyncio.Event()
         self._cache: list[dict[str, Any]] = []
         self._usage: list[dict[str, Any]] = []
         self._vectors: dict[bytes, np.ndarray] = {}  # the cache entries added, until written
@@ -56,6 +62,8 @@ class Recorder:
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        with contextlib.suppress(TimeoutError):  # `aclose` does not wait out the delay
+            await asyncio.wait_for(self._closing.wait(), self._delay)
         while self._cache or self._usage:
             cache, usage, self._cache, self._usage = self._cache, self._usage, [], []
             self._writing = len(cache) + len(usage)
@@ -77,5 +85,6 @@ class Recorder:
 
     async def aclose(self) -> None:
         """Write everything added so far (a clean shutdown loses nothing)."""
+        self._closing.set()
         while self._task is not None and not self._task.done():
             await self._task

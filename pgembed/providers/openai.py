@@ -558,10 +558,16 @@ def _retry_after(exc: BaseException | None) -> float | None:
 
 
 async def _gather(coroutines: Iterable[Awaitable[None]]) -> None:
-    """Run concurrently; the first failure cancels the others and is raised as itself."""
+    """Run concurrently; the first failure cancels the others and is raised as itself. A
+    lone request (a gateway's batch, most of a worker's) is awaited in place: a task costs
+    two more turns of the event loop, on the path of every caller waiting for it."""
+    pending = list(coroutines)
+    if len(pending) == 1:
+        await pending[0]
+        return
     try:
         async with asyncio.TaskGroup() as group:
-            for coroutine in coroutines:
+            for coroutine in pending:
                 group.create_task(coroutine)  # type: ignore[arg-type]
     except BaseExceptionGroup as failures:
         first: BaseException = failures
