@@ -70,6 +70,13 @@ def post(body=None, *, content=None, headers=None, path="/embeddings"):
     return send
 
 
+def get(path):
+    def send(url):
+        answer = httpx.get(f"{url}{path}", headers=AUTH, timeout=60)
+        return answer.status_code, answer.content
+    return send
+
+
 CASES = [
     ("malformed JSON", post(content=b'{"model": "text-embedding-3-small", "input": '), 400, "not valid JSON"),
     ("not UTF-8", post(content=b'{"input": "\xff\xfe"}'), 400, "not valid JSON"),
@@ -101,6 +108,8 @@ CASES = [
     ("search: filter a list", post({"target": "t", "query": "q", "filter": [1]}, path="/search"), 400, "filter"),
     ("search: no token", post({"target": "t", "query": "q"}, headers={"Authorization": ""}, path="/search"),
      401, "Bearer"),
+    ("an unknown route", post(GOOD, path="/chat/completions"), 404, "no such route"),
+    ("a wrong method", get("/embeddings"), 405, "method not allowed"),
     ("unknown fields are ignored", post({**GOOD, "frobnicate": {"deep": [1]}, "extra_body": 3}), 200, "embedding"),
 ]
 

@@ -156,10 +156,20 @@ def create_app(dsn: str, settings: GatewaySettings) -> Starlette:
         Route("/v1/sync", route("sync", sync), methods=["POST"]),
         Route("/healthz", route("healthz", healthz, auth=False), methods=["GET"]),
         Route("/metrics", route("metrics", prometheus, auth=False), methods=["GET"]),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, exception_handlers={404: _no_route, 405: _no_route})
     app.state.client = client
     app.state.metrics = metrics
     return app
+
+
+async def _no_route(request: Request, error: Exception) -> Response:
+    """An unknown path or a wrong method, answered in OpenAI's error shape (an SDK pointed
+    at the gateway for an API it does not serve raises NotFoundError, not a parse error)."""
+    status = getattr(error, "status_code", 404)
+    what = "no such route" if status == 404 else "method not allowed on"
+    message = f"{what}: {request.method} {request.url.path} (the gateway serves /v1/embeddings, /v1/search, /v1/sync)"
+    return JSONResponse(ApiError(status, message).body(), status_code=status,
+                        headers=getattr(error, "headers", None))
 
 
 def _attribution(request: Request, user: Any) -> Attribution:
