@@ -54,8 +54,10 @@ DECLARE
     first boolean;
     single boolean;
     chunks_per_row float8;
-    tuned text[] := ARRAY['hnsw.ef_search', 'hnsw.iterative_scan', 'ivfflat.probes', 'ivfflat.iterative_scan'];
-    callers text[] := ARRAY(SELECT current_setting(n, true) FROM unnest(tuned) AS n);
+    -- the caller's index settings, put back before it returns (NULL: pgvector was not loaded
+    -- yet, so the caller had none); plain expressions, not a query: every search runs them
+    callers text[] := ARRAY[current_setting('hnsw.ef_search', true), current_setting('hnsw.iterative_scan', true),
+                            current_setting('ivfflat.probes', true), current_setting('ivfflat.iterative_scan', true)];
 BEGIN
     SELECT * INTO p FROM pgembed.pipelines q WHERE q.name = pgembed.resolve_pipeline(search.pipeline);
     IF NOT FOUND THEN
@@ -96,7 +98,7 @@ BEGIN
     -- The common case, no filter and no row-level security (false: the source exists and
     -- has none), is the pipeline's generated search (pgembed.generate_search_function): a
     -- plan kept by the session. Otherwise the SQL is written for this call.
-    source_filter := pgembed.search_filter_sql(p, filter);
+    source_filter := CASE WHEN filter IS NOT NULL THEN pgembed.search_filter_sql(p, filter) END;
     -- and the destination's chunks per source row, as the last ANALYZE (or VACUUM) counted
     SELECT c.relrowsecurity, d.reltuples / nullif(greatest(c.reltuples, 0), 0) INTO rls, chunks_per_row
       FROM pg_catalog.pg_class c
@@ -163,10 +165,15 @@ BEGIN
         END IF;
         wanted := wanted * 4;
     END LOOP;
-    -- the reads are done (RETURN QUERY ran its query): the caller's settings again
-    PERFORM set_config(t.n, coalesce(t.v, s.reset_val), true)
-       FROM unnest(tuned, callers) AS t(n, v)
-       JOIN pg_catalog.pg_settings s ON s.name = t.n;
+    -- the reads are done (RETURN QUERY ran its query): the caller's settings again, and the
+    -- defaults where the caller had none (set_config of NULL is SET LOCAL ... TO DEFAULT;
+    -- pg_settings, which builds every setting's row, cost a tenth of a search's time)
+    PERFORM set_config('hnsw.ef_search', callers[1], true);
+    PERFORM set_config('hnsw.iterative_scan', callers[2], true);
+    IF lists IS NOT NULL THEN  -- only an IVFFlat search sets them
+        PERFORM set_config('ivfflat.probes', callers[3], true);
+        PERFORM set_config('ivfflat.iterative_scan', callers[4], true);
+    END IF;
     RETURN QUERY SELECT * FROM unnest(keys, seqs, chunks, distances);
 END
 $$;

@@ -64,6 +64,16 @@ def test_the_callers_index_settings_are_his_again_after_a_search(conn, many_chun
     assert conn.execute(settings).fetchone() == before
 
 
+def test_a_session_that_had_no_index_settings_has_the_defaults_after_a_search(dsn, many_chunks):
+    """A session whose pgvector library was not loaded before the search had no hnsw.*
+    settings to put back: the rest of its transaction runs at pgvector's defaults."""
+    with psycopg.connect(dsn) as fresh:  # one transaction, the search inside it
+        assert fresh.execute("SELECT current_setting('hnsw.ef_search', true)").fetchone() == (None,)
+        fresh.execute("SELECT count(*) FROM pgembed.search(%s, array_fill(0.5::real, ARRAY[16]), 50)", (many_chunks,))
+        assert fresh.execute("SELECT current_setting('hnsw.ef_search'), current_setting('hnsw.iterative_scan')"
+                             ).fetchone() == ("40", "off")
+
+
 def test_python_callers_pass_a_vector_or_get_the_query_s(conn, many_chunks):
     hits, vector = search.search_with_vector(conn, many_chunks, "word3 lighthouse", k=3)
     assert search.search(conn, many_chunks, vector=vector, k=3) == hits
