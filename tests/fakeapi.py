@@ -446,7 +446,6 @@ class FakeAPI:
             + tail[1:].encode()
 
 
-@functools.cache
 class _RateLimit:
     """A true limit per fixed window (what `FakeAPI.rate_limit` set), counted at arrival."""
 
@@ -490,6 +489,7 @@ def _go_duration(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
+@functools.cache
 def _canned_item(index: int, size: int, fmt: str) -> bytes:
     """Dense, as real embeddings are: a float list of hash vectors would be mostly `0.0`."""
     vector = np.random.default_rng(index).standard_normal(size).astype(np.float32)

@@ -193,3 +193,15 @@ def test_the_command_line_sets_a_headroom_and_shows_what_was_learnt(dsn: str, co
                      "--dsn", dsn)
         assert failed.exit_code == 2, (bad, failed.output)
     assert ratelimit.status(conn)[0]["headroom"] == 0.8, "a refused change changes nothing"
+
+
+def test_the_fake_api_s_limit_set_again_starts_from_nothing():
+    """Each limit the fake API is given counts from zero: the same numbers twice (two tests,
+    or two phases of one) are two limits, not one shared counter."""
+    api = FakeAPI()
+    request = {"model": "text-embedding-3-small", "input": "a"}
+    statuses = []
+    for _ in range(2):
+        api.rate_limit(requests=1, window=60)
+        statuses += [api.handle_embeddings(request, "Bearer sk-test")[0] for _ in range(2)]
+    assert statuses == [200, 429, 200, 429]
