@@ -167,7 +167,8 @@ async def _no_route(request: Request, error: Exception) -> Response:
     at the gateway for an API it does not serve raises NotFoundError, not a parse error)."""
     status = getattr(error, "status_code", 404)
     what = "no such route" if status == 404 else "method not allowed on"
-    message = f"{what}: {request.method} {request.url.path} (the gateway serves /v1/embeddings, /v1/search, /v1/sync)"
+    served = ", ".join(path for route in request.app.routes if (path := getattr(route, "path", "")).startswith("/v1/"))
+    message = f"{what}: {request.method} {request.url.path} (the gateway serves {served})"
     return JSONResponse(ApiError(status, message).body(), status_code=status,
                         headers=getattr(error, "headers", None))
 
